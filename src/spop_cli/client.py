@@ -1,0 +1,215 @@
+"""The client side of the listener port: connect, handshake, requests, heartbeats.
+
+Used by listeners (register, pops, acks) and by sources (`spop send`, `spop simulate`, status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .address import Address, parse_address
+from .model import Error, ScreenPopError
+from .protocol import HEARTBEAT, VERSION, FrameDecoder, FrameError, encode
+
+PING = encode({"op": "ping"})
+PONG = encode({"op": "pong"})
+
+
+class HubLink(asyncio.Protocol):
+    """One connection to a hub. Unsolicited frames (pops) go to `on_pop`; loss to `on_lost`."""
+
+    def __init__(
+        self,
+        on_pop: Callable[[dict[str, Any]], None] | None = None,
+        on_lost: Callable[[Exception | None], None] | None = None,
+    ) -> None:
+        self.on_pop = on_pop
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder(1 << 24)  # trust the hub's frames up to 16 MB (status)
+        self._refs = itertools.count(1)
+        self._waiting: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._closed = asyncio.get_running_loop().create_future()
+        self.heartbeat = HEARTBEAT
+        self.last_rx = self.last_tx = time.monotonic()
+        self._beat: asyncio.Task[None] | None = None
+        self.lost = False
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as exc:
+            self._fail(ScreenPopError(Error.SCREENPOP_Framework_Error, f"hub sent a bad frame: {exc.message}"))
+            return
+        for frame in frames:
+            op = frame["op"]
+            if op == "pop":
+                if self.on_pop is not None:
+                    self.on_pop(frame.get("pop") or {})
+            elif op == "ping":
+                self.send(PONG)
+            elif op in ("ok", "welcome", "error"):
+                future = self._waiting.pop(frame.get("ref"), None)
+                if future is not None and not future.done():
+                    future.set_result(frame)
+                elif op == "error":
+                    self._fail(ScreenPopError(_code(frame), frame.get("message", "")))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._beat is not None:
+            self._beat.cancel()
+        error = ScreenPopError(Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "connection to the hub lost")
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)
+        self._waiting.clear()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost(exc)
+
+    # -- out ------------------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.write(data)
+            self.last_tx = time.monotonic()
+
+    async def request(self, op: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        """Send a frame with a fresh `ref`; return the `ok`/`welcome` answer or raise its error."""
+        if self.lost:
+            raise ScreenPopError(Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "not connected")
+        ref = next(self._refs)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[ref] = future
+        self.send(encode({"op": op, "ref": ref, **fields}))
+        try:
+            answer = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self._waiting.pop(ref, None)
+            raise ScreenPopError(
+                Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, f"no answer from the hub to {op!r} in {timeout:g} s"
+            ) from None
+        if answer["op"] == "error":
+            raise ScreenPopError(_code(answer), answer.get("message", ""), ) from None
+        return answer
+
+    def _fail(self, error: ScreenPopError) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)
+        self._waiting.clear()
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort() if self.lost else self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    def start_heartbeat(self, interval: float) -> None:
+        self.heartbeat = interval
+        self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        """Ping when idle; a hub silent for three intervals is dead: abort, so we reconnect."""
+        while not self.lost:
+            await asyncio.sleep(self.heartbeat / 2)
+            now = time.monotonic()
+            if now - self.last_rx > 3 * self.heartbeat:
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            if now - self.last_tx > self.heartbeat:
+                self.send(PING)
+
+
+def _code(frame: dict[str, Any]) -> Error:
+    try:
+        return Error(frame.get("code"))
+    except ValueError:
+        return Error.SCREENPOP_Framework_Error
+
+
+async def connect(
+    address: str | Address,
+    *,
+    token: str | None = None,
+    role: str = "listener",
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+    on_pop: Callable[[dict[str, Any]], None] | None = None,
+    on_lost: Callable[[Exception | None], None] | None = None,
+) -> HubLink:
+    """Connect and shake hands. Unreachable → Cannot_Find_HiPath_ProCenter; refused → the hub's code."""
+    addr = parse_address(address) if isinstance(address, str) else address
+    loop = asyncio.get_running_loop()
+    try:
+        _, link = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: HubLink(on_pop, on_lost),
+                addr.host,
+                addr.port,
+                ssl=ssl_context,
+                server_hostname=addr.host if ssl_context else None,
+            ),
+            timeout,
+        )
+    except (OSError, TimeoutError, ssl.SSLError) as exc:
+        raise ScreenPopError(
+            Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, f"cannot reach the hub at {addr}: {exc or 'timeout'}"
+        ) from None
+    hello: dict[str, Any] = {"version": VERSION, "role": role, "client": "spop-python"}
+    if token:
+        hello["token"] = token
+    try:
+        welcome = await link.request("hello", timeout=timeout, **hello)
+    except ScreenPopError:
+        link.close()
+        raise
+    link.start_heartbeat(float(welcome.get("heartbeat") or HEARTBEAT))
+    return link
+
+
+async def publish(address: str, pops: list[dict[str, Any]] | dict[str, Any], **options: Any) -> list[str]:
+    """Send pops as a source; return their ids once the hub has accepted (and journalled) them."""
+    link = await connect(address, role="source", **options)
+    try:
+        answer = await link.request("publish", pops=pops, timeout=options.get("timeout", 10.0))
+        return list(answer.get("ids", []))
+    finally:
+        link.close()
+
+
+async def send_contacts(address: str, events: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """Send lifecycle events as a source; return what the hub applied (and the pops it made)."""
+    link = await connect(address, role="source", **options)
+    try:
+        answer = await link.request("contact", events=events, timeout=options.get("timeout", 10.0))
+        return {"applied": answer.get("applied", 0), "pops": answer.get("pops", [])}
+    finally:
+        link.close()
+
+
+async def fetch_status_async(address: str, **options: Any) -> dict[str, Any]:
+    link = await connect(address, role="status", **options)
+    try:
+        return (await link.request("status", timeout=options.get("timeout", 10.0)))["status"]
+    finally:
+        link.close()
+
+
+def fetch_status(address: str, token: str | None = None, timeout: float = 5.0, **options: Any) -> dict[str, Any]:
+    """The hub's status (listeners, counters), for `spop status`."""
+    return asyncio.run(fetch_status_async(address, token=token, timeout=timeout, **options))

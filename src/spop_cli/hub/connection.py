@@ -1,0 +1,194 @@
+"""One client connection on the listener port: frames in, frames out. Knows no sockets' lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..model import Error
+from ..protocol import VERSION, FrameDecoder, FrameError, check_client_frame, encode, error_frame
+
+if TYPE_CHECKING:
+    from .server import Hub
+
+PONG = encode({"op": "pong"})
+PING = encode({"op": "ping"})
+
+
+class HubConnection(asyncio.Protocol):
+    """Handshake, registrations, acks, pings, and the source ops (publish, contact, status)."""
+
+    __slots__ = (
+        "hub",
+        "transport",
+        "decoder",
+        "peer",
+        "role",
+        "keys",
+        "last_rx",
+        "last_tx",
+        "opened",
+        "closed",
+        "can_publish",
+    )
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder(hub.config.max_frame)
+        self.peer = "?"
+        self.role: str | None = None  # None until the handshake
+        self.keys: set[tuple[str, str]] = set()
+        self.last_rx = self.last_tx = self.opened = time.monotonic()
+        self.closed = False
+        self.can_publish = False
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if len(self.hub.connections) >= self.hub.config.max_connections:
+            self.hub.counters["refused_connections"] += 1
+            self.fatal(Error.SCREENPOP_Memory_Allocation_Error, "hub at its connection limit")
+            return
+        self.hub.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        try:
+            for frame in self.decoder.feed(data):
+                if self.closed:
+                    return
+                self.handle(check_client_frame(frame))
+        except FrameError as exc:
+            self.hub.counters["frame_errors"] += 1
+            self.hub.log.warning("%s: %s: %s", self.peer, exc.code.value, exc.message)
+            self.fatal(exc.code, exc.message, exc.ref)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.hub.connections.discard(self)
+        for key in self.keys:
+            self.hub.delivery.unsubscribe(key, self)
+        self.keys.clear()
+
+    def pause_writing(self) -> None:
+        # The peer stopped reading and the kernel buffer is full: a frozen desktop.
+        pass
+
+    # -- out ------------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        transport.write(data)
+        self.last_tx = time.monotonic()
+        if transport.get_write_buffer_size() > self.hub.config.max_buffer:
+            # Slow consumer: drop it rather than grow without bound; its pops stay pending
+            # and it gets them again when it comes back and registers.
+            self.hub.counters["slow_consumers_dropped"] += 1
+            self.hub.log.warning("%s: slow consumer, write buffer over limit: disconnected", self.peer)
+            self.closed = True
+            transport.abort()
+
+    def deliver(self, pop_id: str, frame: bytes) -> None:
+        self.write(frame)
+
+    def reply(self, ref: Any, **fields: Any) -> None:
+        frame = {"op": "ok", **fields}
+        if ref is not None:
+            frame["ref"] = ref
+        self.write(encode(frame))
+
+    def error(self, code: Error, message: str, ref: Any = None) -> None:
+        self.write(error_frame(code, message, ref))
+
+    def fatal(self, code: Error, message: str, ref: Any = None) -> None:
+        """An error frame naming the code, then close: the peer broke the protocol."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(error_frame(code, message, ref, fatal=True))
+            self.closed = True
+            self.transport.close()
+
+    # -- in -------------------------------------------------------------------------------
+    def handle(self, frame: dict[str, Any]) -> None:
+        op = frame["op"]
+        ref = frame.get("ref")
+        if op == "ack":
+            if self.role is None:
+                raise FrameError(Error.SCREENPOP_Initialization_Error, "ack before hello", ref)
+            for pop_id in frame["ids"]:
+                self.hub.ack(pop_id)
+            return
+        if op == "ping":
+            self.write(PONG)
+            return
+        if op == "pong":
+            return
+        if op == "hello":
+            self.hello(frame, ref)
+            return
+        if self.role is None:
+            raise FrameError(Error.SCREENPOP_Initialization_Error, f"{op!r} before hello", ref)
+        if op == "register":
+            self.register(frame, ref)
+        elif op == "unregister":
+            key = (frame["media"], frame["resource"])
+            if key in self.keys:
+                self.keys.discard(key)
+                self.hub.delivery.unsubscribe(key, self)
+                self.hub.log.info("%s: unregistered %s %s", self.peer, *key)
+                self.reply(ref)
+            else:
+                self.error(Error.SCREENPOP_Wrong_Status, f"not registered for {key[0]} {key[1]}", ref)
+        elif op == "status":
+            self.reply(ref, status=self.hub.status())
+        elif op == "bye":
+            self.reply(ref)
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+        elif op in ("publish", "contact"):
+            if not self.can_publish:
+                self.error(Error.SCREENPOP_Initialization_Error, "this token may not publish", ref)
+                return
+            body = frame.get("pops" if op == "publish" else "events")
+            asyncio.get_running_loop().create_task(self.hub.ingest_frame(self, op, body, ref))
+
+    def hello(self, frame: dict[str, Any], ref: Any) -> None:
+        if self.role is not None:
+            raise FrameError(Error.SCREENPOP_Wrong_Status, "second hello", ref)
+        rights = self.hub.authorize(frame.get("token"))
+        if rights is None:
+            self.hub.counters["auth_failures"] += 1
+            self.hub.log.warning("%s: wrong or missing token", self.peer)
+            raise FrameError(Error.SCREENPOP_Initialization_Error, "wrong or missing token", ref)
+        self.role = str(frame.get("role") or "listener")
+        self.can_publish = rights == "source"
+        welcome = {
+            "op": "welcome",
+            "version": VERSION,
+            "server": "spop",
+            "heartbeat": self.hub.config.heartbeat,
+            "max_frame": self.hub.config.max_frame,
+        }
+        if ref is not None:
+            welcome["ref"] = ref
+        self.write(encode(welcome))
+
+    def register(self, frame: dict[str, Any], ref: Any) -> None:
+        key = (frame["media"], frame["resource"])
+        if key in self.keys:
+            self.error(
+                Error.SCREENPOP_Already_Registered, f"already registered for {key[0]} {key[1]}", ref
+            )
+            return
+        if len(self.keys) >= self.hub.config.max_registrations:
+            self.error(Error.SCREENPOP_Cannot_Register, "too many registrations on one connection", ref)
+            return
+        self.keys.add(key)
+        self.reply(ref)  # before the pending pops, so the client is Up when they arrive
+        self.hub.delivery.subscribe(key, self)
+        self.hub.log.info("%s: registered %s %s", self.peer, *key)

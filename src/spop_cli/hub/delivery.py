@@ -1,0 +1,148 @@
+"""Delivery: what is pending, who gets it, what is acknowledged. The in-process backend.
+
+This is the one interface a distributed backend (NATS JetStream: a subject per media and resource,
+durable consumers, the message-id duplicate window) would implement in its place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .routing import Key, Routing
+
+
+class Subscriber(Hashable, Protocol):
+    def deliver(self, pop_id: str, frame: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class Pending:
+    id: str
+    key: Key
+    frame: bytes  # the encoded `pop` frame, built once for every subscriber
+    expires: float  # time.time()
+    contact_id: str
+
+
+class InProcessDelivery:
+    """Keeps each pop until a listener of its key acks it, its contact ends, or it expires."""
+
+    def __init__(
+        self,
+        ttl: float = 120.0,
+        dedupe_window: float = 120.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ttl = ttl
+        self.dedupe_window = dedupe_window
+        self.clock = clock
+        self.routing = Routing()
+        self.pending: dict[str, Pending] = {}
+        self._by_key: dict[Key, dict[str, None]] = {}
+        self._by_contact: dict[str, dict[str, None]] = {}
+        self._seen: dict[str, float] = {}  # id → first accepted, insertion-ordered
+        self.delivered = 0
+        self.acked = 0
+        self.expired = 0
+        self.withdrawn = 0
+        self.duplicates = 0
+
+    # -- listeners ------------------------------------------------------------------------
+    def subscribe(self, key: Key, subscriber: Subscriber) -> bool:
+        """Register; pops pending for the key go out at once. False if already registered."""
+        if not self.routing.add(key, subscriber):
+            return False
+        for pop_id in list(self._by_key.get(key, ())):
+            subscriber.deliver(pop_id, self.pending[pop_id].frame)
+            self.delivered += 1
+        return True
+
+    def unsubscribe(self, key: Key, subscriber: Subscriber) -> bool:
+        return self.routing.remove(key, subscriber)
+
+    # -- sources --------------------------------------------------------------------------
+    def is_duplicate(self, pop_id: str) -> bool:
+        return pop_id in self._seen
+
+    def publish(
+        self, pop_id: str, key: Key, frame: bytes, contact_id: str = "", expires: float | None = None
+    ) -> bool:
+        """Hold and fan out a pop. False (and nothing sent) for an id seen within the window."""
+        now = self.clock()
+        if pop_id in self._seen:
+            self.duplicates += 1
+            return False
+        self._seen[pop_id] = now
+        pending = Pending(pop_id, key, frame, expires if expires is not None else now + self.ttl, contact_id)
+        self.pending[pop_id] = pending
+        self._by_key.setdefault(key, {})[pop_id] = None
+        if contact_id:
+            self._by_contact.setdefault(contact_id, {})[pop_id] = None
+        for subscriber in self.routing.subscribers(key):
+            subscriber.deliver(pop_id, frame)
+            self.delivered += 1
+        return True
+
+    def remember(self, pop_id: str, accepted: float) -> None:
+        """A pop already handled before a restart: still a duplicate within the window."""
+        self._seen.setdefault(pop_id, accepted)
+
+    # -- outcomes -------------------------------------------------------------------------
+    def ack(self, pop_id: str) -> Pending | None:
+        pending = self._forget(pop_id)
+        if pending is not None:
+            self.acked += 1
+        return pending
+
+    def withdraw(self, contact_id: str) -> list[Pending]:
+        """The contact ended: its undelivered pops are no longer wanted."""
+        gone = [self._forget(pop_id) for pop_id in list(self._by_contact.get(contact_id, ()))]
+        withdrawn = [p for p in gone if p is not None]
+        self.withdrawn += len(withdrawn)
+        return withdrawn
+
+    def expire(self) -> list[Pending]:
+        """Drop pops past their time and ids past the duplicate window; return the dropped pops."""
+        now = self.clock()
+        expired = [p for p in self.pending.values() if p.expires <= now]
+        for pending in expired:
+            self._forget(pending.id)
+        self.expired += len(expired)
+        horizon = now - self.dedupe_window
+        seen = self._seen
+        while seen:
+            pop_id, first = next(iter(seen.items()))
+            if first > horizon or pop_id in self.pending:
+                break
+            del seen[pop_id]
+        return expired
+
+    def _forget(self, pop_id: str) -> Pending | None:
+        pending = self.pending.pop(pop_id, None)
+        if pending is None:
+            return None
+        ids = self._by_key.get(pending.key)
+        if ids is not None:
+            ids.pop(pop_id, None)
+            if not ids:
+                del self._by_key[pending.key]
+        if pending.contact_id:
+            ids = self._by_contact.get(pending.contact_id)
+            if ids is not None:
+                ids.pop(pop_id, None)
+                if not ids:
+                    del self._by_contact[pending.contact_id]
+        return pending
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "pending": len(self.pending),
+            "delivered": self.delivered,
+            "acked": self.acked,
+            "expired": self.expired,
+            "withdrawn": self.withdrawn,
+            "duplicates": self.duplicates,
+        }

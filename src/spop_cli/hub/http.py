@@ -1,0 +1,144 @@
+"""The hub's HTTP port: ingest (`/v1/pops`, `/v1/contacts`), status, health, OpenAPI."""
+
+from __future__ import annotations
+
+import ssl
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from ..pops import InputError
+
+if TYPE_CHECKING:
+    from .server import Hub
+
+HUB_KEY = web.AppKey("hub", object)
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _problem(status: int, error: str, message: str, **extra: Any) -> web.Response:
+    return _json({"error": error, "message": message, **extra}, status)
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
+def _rights(request: web.Request) -> str | None:
+    hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
+    return hub.authorize(_bearer(request))
+
+
+async def _body(request: web.Request) -> Any:
+    hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
+    limit = hub.config.max_body
+    if request.content_length is not None and request.content_length > limit:
+        raise InputError(413, "too_large", f"body of {request.content_length} bytes over the {limit} limit")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise InputError(413, "too_large", f"body over the {limit} byte limit") from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+
+
+def _source_guard(request: web.Request) -> web.Response | None:
+    rights = _rights(request)
+    if rights is None:
+        return _problem(401, "unauthorized", "wrong or missing bearer token")
+    if rights != "source":
+        return _problem(403, "forbidden", "this token may listen but not publish")
+    return None
+
+
+async def post_pops(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
+    denied = _source_guard(request)
+    if denied is not None:
+        return denied
+    try:
+        ids = await hub.publish(await _body(request))
+    except InputError as exc:
+        hub.counters["rejected"] += 1
+        return _json(exc.to_dict(), exc.status)
+    return _json({"accepted": len(ids), "ids": ids})
+
+
+async def post_contacts(request: web.Request) -> web.Response:
+    from .contacts import ContactEventError
+
+    hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
+    denied = _source_guard(request)
+    if denied is not None:
+        return denied
+    try:
+        body = await _body(request)
+        result = await hub.apply_contacts(body)
+    except InputError as exc:
+        hub.counters["rejected"] += 1
+        return _json(exc.to_dict(), exc.status)
+    except ContactEventError as exc:
+        hub.counters["rejected"] += 1
+        applied = getattr(exc, "applied_result", {"applied": 0, "pops": []})
+        return _json({**exc.to_dict(), **applied}, exc.status)
+    return _json(result)
+
+
+async def get_status(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
+    if _rights(request) is None:
+        return _problem(401, "unauthorized", "wrong or missing bearer token")
+    return _json(hub.status())
+
+
+async def get_health(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
+    return _json({"status": "ok", "version": hub.status()["version"]})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    text = resources.files("spop_cli").joinpath("openapi.json").read_bytes()
+    return web.Response(body=text, content_type="application/json")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error, routing ones included, as a JSON body."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _problem(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+
+
+def make_app(hub: Hub) -> web.Application:
+    app = web.Application(client_max_size=hub.config.max_body, middlewares=[json_errors])
+    app[HUB_KEY] = hub
+    app.router.add_post("/v1/pops", post_pops)
+    app.router.add_post("/v1/contacts", post_contacts)
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/health", get_health)
+    app.router.add_get("/openapi.json", get_openapi)
+    return app
+
+
+async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(make_app(hub), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, hub.config.host, hub.config.http_port or 0, ssl_context=ssl_context, reuse_address=True
+    )
+    await site.start()
+    server = site._server  # the only way aiohttp tells the port picked for 0
+    port = server.sockets[0].getsockname()[1] if server is not None else hub.config.http_port
+    return runner, int(port)

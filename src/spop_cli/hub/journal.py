@@ -1,0 +1,148 @@
+"""The SQLite journal (WAL): accepted, undelivered pops survive a crash. Commits in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pops (
+    id TEXT PRIMARY KEY,
+    media TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    contact_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    accepted REAL NOT NULL,
+    expires REAL NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS pops_done ON pops(done, accepted);
+"""
+
+
+@dataclass(slots=True)
+class JournalRow:
+    id: str
+    media: str
+    resource: str
+    contact_id: str
+    body: bytes
+    accepted: float
+    expires: float
+    done: bool
+
+
+class Journal:
+    """Adds are committed before their future resolves; acks/withdrawals ride the next batch."""
+
+    def __init__(self, path: str | Path, retain: float = 120.0) -> None:
+        self.path = Path(path)
+        self.retain = retain  # how long done rows stay, for the duplicate window across restarts
+        self._db: sqlite3.Connection | None = None
+        self._adds: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._dones: list[tuple[str]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0
+        self.rows_committed = 0
+
+    def open(self) -> list[JournalRow]:
+        """Open (creating it) and return the rows within the retention window."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process death
+        db.executescript(SCHEMA)
+        now = time.time()
+        db.execute("DELETE FROM pops WHERE accepted < ? OR (done = 0 AND expires < ?)", (now - self.retain, now))
+        rows = [
+            JournalRow(*row[:7], bool(row[7]))
+            for row in db.execute(
+                "SELECT id, media, resource, contact_id, body, accepted, expires, done FROM pops ORDER BY rowid"
+            )
+        ]
+        self._db = db
+        return rows
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._writer())
+
+    def add(
+        self, pop_id: str, media: str, resource: str, contact_id: str, body: bytes, expires: float
+    ) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._adds.append(((pop_id, media, resource, contact_id, body, time.time(), expires), future))
+        assert self._wake is not None
+        self._wake.set()
+        return future
+
+    def done(self, pop_id: str) -> None:
+        self._dones.append((pop_id,))
+        if len(self._dones) > 512 and self._wake is not None:
+            self._wake.set()
+
+    async def _writer(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        last_purge = time.monotonic()
+        while True:
+            if not self._closing:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.2)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            adds, self._adds = self._adds, []
+            dones, self._dones = self._dones, []
+            purge = time.monotonic() - last_purge > 5.0
+            if purge:
+                last_purge = time.monotonic()
+            if adds or dones or purge:
+                try:
+                    await loop.run_in_executor(None, self._commit, [a for a, _ in adds], dones, purge)
+                except Exception as exc:  # disk full, locked: the sources get an error, not a 2xx
+                    for _, future in adds:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in adds:
+                        if not future.done():
+                            future.set_result(None)
+            if self._closing and not self._adds and not self._dones:
+                return
+
+    def _commit(self, adds: list[tuple[Any, ...]], dones: list[tuple[str]], purge: bool) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN")
+        if adds:
+            db.executemany("INSERT OR IGNORE INTO pops VALUES (?, ?, ?, ?, ?, ?, ?, 0)", adds)
+        if dones:
+            db.executemany("UPDATE pops SET done = 1 WHERE id = ?", dones)
+        if purge:
+            now = time.time()
+            db.execute(
+                "DELETE FROM pops WHERE accepted < ? OR (done = 0 AND expires < ?)",
+                (now - self.retain, now),
+            )
+        db.execute("COMMIT")
+        self.commits += 1
+        self.rows_committed += len(adds)
+
+    async def close(self) -> None:
+        """Commit what is queued, then close the database."""
+        if self._task is not None:
+            self._closing = True
+            assert self._wake is not None
+            self._wake.set()
+            await self._task
+            self._task = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None

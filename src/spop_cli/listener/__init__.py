@@ -1,0 +1,1 @@
+"""Listeners: the asyncio core and the four vendor-shaped blocking classes."""

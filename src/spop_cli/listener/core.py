@@ -1,0 +1,266 @@
+"""The asyncio listener: the vendor's lifecycle table, reconnection, acks, exactly-once callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from .. import client
+from ..address import parse_address
+from ..diagnostics import open_diagnostics
+from ..model import (
+    Error,
+    ListenerStatus,
+    Media,
+    ScreenPopError,
+    ScreenPopEvent,
+    validate_resource,
+)
+
+S = ListenerStatus
+HANDLED_MEMORY = 4096  # pop ids remembered so a resent pop never runs the callbacks twice
+
+
+class AsyncListener:
+    """Watches one extension or user ID on one hub; many may share a process and a loop."""
+
+    def __init__(
+        self,
+        media: Media | str,
+        *,
+        reconnecting_interval: float = 30.0,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.media = media if isinstance(media, Media) else Media.parse(media)
+        self.reconnecting_interval = reconnecting_interval
+        self.token = token
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        self.status = S.Status_Down
+        self.administration_server_address = ""
+        self.resource = ""
+        self.pops_received = 0
+        self.last_pop: ScreenPopEvent | None = None
+        self.next_retry_at: float | None = None
+        self.log: logging.Logger = logging.getLogger("spop.listener")
+        self._address = ""
+        self._link: client.HubLink | None = None
+        self._pop_callbacks: list[Callable[..., Any]] = []
+        self._status_callbacks: list[Callable[..., Any]] = []
+        self._handled: OrderedDict[str, None] = OrderedDict()
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._resume: S = S.Status_Idle  # the state to come back to after a loss
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- vendor names -----------------------------------------------------------------------
+    @property
+    def extension(self) -> str:
+        return self.resource
+
+    @property
+    def user_id(self) -> str:
+        return self.resource
+
+    # -- callbacks ------------------------------------------------------------------------
+    def on_screen_pop(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Call fn(event) for every pop, once per pop. Returns fn, so it works as a decorator."""
+        self._pop_callbacks.append(fn)
+        return fn
+
+    def on_status_changed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Call fn(old, new) on every status change. Returns fn."""
+        self._status_callbacks.append(fn)
+        return fn
+
+    def _set_status(self, new: S) -> None:
+        old = self.status
+        if old is new:
+            return
+        self.status = new
+        self.log.info("%s %s: %s -> %s", self.media, self.resource or "-", old.value, new.value)
+        for fn in list(self._status_callbacks):
+            try:
+                self._call(fn, old, new)
+            except Exception:
+                self.log.exception("status callback failed")
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        result = fn(*args)
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- the lifecycle table --------------------------------------------------------------
+    async def initialize(self, address: str) -> None:
+        """Down → Idle, once the hub has answered the handshake."""
+        if self.status is not S.Status_Down:
+            raise ScreenPopError(Error.SCREENPOP_Wrong_Status, f"initialize needs Status_Down, not {self.status}")
+        parse_address(address)  # a malformed address is an Initialization_Error, before any I/O
+        self.log = open_diagnostics("listener")
+        self.log.info("%s initialize %s", self.media, address)
+        try:
+            self._link = await self._connect(address)
+        except ScreenPopError as exc:
+            self.log.error("initialize %s failed: %s", address, exc)
+            raise
+        self._address = address
+        self.administration_server_address = address
+        self._set_status(S.Status_Idle)
+
+    async def start_listening(self, resource: str) -> None:
+        """Idle → Up once the hub has registered us for (media, resource)."""
+        if self.status is S.Status_Up:
+            raise ScreenPopError(
+                Error.SCREENPOP_Already_Registered, f"already listening on {self.media} {self.resource}"
+            )
+        if self.status is not S.Status_Idle:
+            raise ScreenPopError(Error.SCREENPOP_Wrong_Status, f"start_listening needs Status_Idle, not {self.status}")
+        try:
+            resource = validate_resource(resource)
+        except ScreenPopError as exc:
+            raise ScreenPopError(Error.SCREENPOP_Cannot_Register, exc.message) from None
+        assert self._link is not None
+        try:
+            await self._link.request("register", timeout=self.timeout, media=self.media.value, resource=resource)
+        except ScreenPopError as exc:
+            self.log.error("start_listening %s failed: %s", resource, exc)
+            if exc.code is Error.SCREENPOP_Cannot_Find_HiPath_ProCenter:
+                raise ScreenPopError(Error.SCREENPOP_Cannot_Register, exc.message) from None
+            raise
+        self.resource = resource
+        self._set_status(S.Status_Up)
+
+    async def stop_listening(self) -> None:
+        """Up or Reconnecting → Idle."""
+        if self.status not in (S.Status_Up, S.Status_Reconnecting):
+            raise ScreenPopError(
+                Error.SCREENPOP_Wrong_Status, f"stop_listening needs Status_Up or Status_Reconnecting, not {self.status}"
+            )
+        self._resume = S.Status_Idle
+        link = self._link
+        if self.status is S.Status_Up and link is not None and not link.lost:
+            try:
+                await link.request("unregister", timeout=self.timeout, media=self.media.value, resource=self.resource)
+            except ScreenPopError as exc:
+                self.log.warning("unregister %s: %s", self.resource, exc)
+        self._set_status(S.Status_Idle)
+
+    async def shutdown(self) -> None:
+        """Idle, Up or Reconnecting → Down (stops listening first); may initialize again after."""
+        if self.status is S.Status_Down:
+            raise ScreenPopError(Error.SCREENPOP_Wrong_Status, "shutdown needs an initialized listener")
+        if self.status is S.Status_Up:
+            await self.stop_listening()
+        self._resume = S.Status_Down
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            self._reconnect_task = None
+        self.next_retry_at = None
+        link, self._link = self._link, None
+        if link is not None:
+            link.on_lost = None
+            if not link.lost:
+                try:
+                    await link.request("bye", timeout=min(self.timeout, 2.0))
+                except ScreenPopError:
+                    pass
+            link.close()
+        self._set_status(S.Status_Down)
+
+    # -- wiring ---------------------------------------------------------------------------
+    async def _connect(self, address: str) -> client.HubLink:
+        return await client.connect(
+            address,
+            token=self.token,
+            timeout=self.timeout,
+            ssl_context=self.ssl_context,
+            on_pop=self._on_pop,
+            on_lost=self._on_lost,
+        )
+
+    def _on_pop(self, data: dict[str, Any]) -> None:
+        pop_id = str(data.get("id", ""))
+        if self.status is not S.Status_Up:
+            return  # not ours any more (stopped): no ack, the hub keeps it for the others
+        link = self._link
+        if pop_id in self._handled:
+            if link is not None:
+                link.send(client.encode({"op": "ack", "id": pop_id}))
+            return
+        try:
+            event = ScreenPopEvent.from_dict(data)
+        except (KeyError, ValueError, TypeError, ScreenPopError) as exc:
+            self.log.error("bad pop from the hub dropped: %s %r", exc, data)
+            return
+        self._handled[pop_id] = None
+        if len(self._handled) > HANDLED_MEMORY:
+            self._handled.popitem(last=False)
+        self.pops_received += 1
+        self.last_pop = event
+        self.log.info(
+            "pop %s %s %s from %s queue %r wait %s",
+            event.id,
+            event.media,
+            event.resource,
+            event.source,
+            event.queue_name,
+            event.wait_time,
+        )
+        for fn in list(self._pop_callbacks):
+            try:
+                self._call(fn, event)
+            except Exception:
+                self.log.exception("screen-pop callback failed for pop %s", pop_id)
+        if link is not None:
+            link.send(client.encode({"op": "ack", "id": pop_id}))
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        if self.status not in (S.Status_Idle, S.Status_Up):
+            return
+        self._resume = self.status
+        self.log.warning("connection to %s lost: %s", self._address, exc or "closed by the hub")
+        self._set_status(S.Status_Reconnecting)
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Back off with jitter, capped by reconnecting_interval; restore the registration."""
+        delay = min(0.25, self.reconnecting_interval)
+        while self._resume is not S.Status_Down:
+            wait = random.uniform(delay / 2, delay)
+            self.next_retry_at = time.monotonic() + wait
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.reconnecting_interval)
+            link: client.HubLink | None = None
+            try:
+                link = await self._connect(self._address)
+                if self._resume is S.Status_Up:
+                    await link.request(
+                        "register", timeout=self.timeout, media=self.media.value, resource=self.resource
+                    )
+            except ScreenPopError as exc:
+                self.log.info("reconnect to %s failed: %s", self._address, exc)
+                if link is not None:
+                    link.on_lost = None
+                    link.close()
+                continue
+            if self._resume is S.Status_Down:  # shut down meanwhile
+                link.on_lost = None
+                link.close()
+                return
+            self._link = link
+            self.next_retry_at = None
+            self._reconnect_task = None
+            self.log.info("reconnected to %s", self._address)
+            if self.status is S.Status_Reconnecting:
+                self._set_status(self._resume)
+            return

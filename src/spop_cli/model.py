@@ -1,0 +1,290 @@
+"""The vendor's object model as pure data: media, pops, contact data, statuses and errors."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+class ListenerStatus(enum.Enum):
+    """The vendor's enListenerStatus, names kept."""
+
+    Status_Down = "Status_Down"
+    Status_Idle = "Status_Idle"
+    Status_Up = "Status_Up"
+    Status_Reconnecting = "Status_Reconnecting"
+    Status_Unknown = "Status_Unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Error(enum.Enum):
+    """The vendor's error enumeration; the names travel on the wire and in CLI output."""
+
+    SCREENPOP_Already_Registered = "SCREENPOP_Already_Registered"
+    SCREENPOP_Cannot_Create_Diags = "SCREENPOP_Cannot_Create_Diags"
+    SCREENPOP_Cannot_Find_HiPath_ProCenter = "SCREENPOP_Cannot_Find_HiPath_ProCenter"
+    SCREENPOP_Cannot_Register = "SCREENPOP_Cannot_Register"
+    SCREENPOP_Framework_Error = "SCREENPOP_Framework_Error"
+    SCREENPOP_Initialization_Error = "SCREENPOP_Initialization_Error"
+    SCREENPOP_Memory_Allocation_Error = "SCREENPOP_Memory_Allocation_Error"
+    SCREENPOP_Wrong_Key = "SCREENPOP_Wrong_Key"
+    SCREENPOP_Wrong_Status = "SCREENPOP_Wrong_Status"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ScreenPopError(Exception):
+    """An error with one of the vendor's codes; `.code` is an `Error`."""
+
+    def __init__(self, code: Error, message: str = "") -> None:
+        self.code = code
+        self.message = message or code.value
+        super().__init__(f"{code.value}: {self.message}" if message else code.value)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code.value, "message": self.message}
+
+
+class Media(enum.Enum):
+    """The four media; the value is the CLI and wire word."""
+
+    telephone = "telephone"
+    callback = "callback"
+    email = "email"
+    webcollab = "webcollab"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, word: str) -> Media:
+        try:
+            return cls(str(word).strip().lower())
+        except ValueError:
+            known = ", ".join(m.value for m in cls)
+            raise ScreenPopError(
+                Error.SCREENPOP_Framework_Error, f"unknown media {word!r} (expected one of {known})"
+            ) from None
+
+    @property
+    def resource_name(self) -> str:
+        """What the guide calls the watched resource for this media."""
+        return "extension" if self is Media.telephone else "user_id"
+
+
+# Text fields each media carries (SPEC §2), besides resource, wait_time and contact_data.
+MEDIA_FIELDS: dict[Media, tuple[str, ...]] = {
+    Media.telephone: (
+        "source",
+        "destination",
+        "queue_name",
+        "contact_description",
+        "from",
+        "redirect",
+    ),
+    Media.callback: ("destination", "queue_name", "contact_description"),
+    Media.email: ("source", "destination", "queue_name", "contact_description"),
+    Media.webcollab: ("source", "destination", "queue_name", "contact_description"),
+}
+TEXT_FIELDS: tuple[str, ...] = (
+    "source",
+    "destination",
+    "queue_name",
+    "contact_description",
+    "from",
+    "redirect",
+)
+MAX_RESOURCE_LEN = 128
+
+
+def validate_resource(resource: Any) -> str:
+    """An extension or user ID: a non-empty printable string of bounded length."""
+    if not isinstance(resource, str):
+        raise ScreenPopError(Error.SCREENPOP_Cannot_Register, "resource must be a string")
+    text = resource.strip()
+    if not text:
+        raise ScreenPopError(Error.SCREENPOP_Cannot_Register, "resource is empty")
+    if len(text) > MAX_RESOURCE_LEN:
+        raise ScreenPopError(
+            Error.SCREENPOP_Cannot_Register,
+            f"resource is {len(text)} characters long (at most {MAX_RESOURCE_LEN})",
+        )
+    if not text.isprintable():
+        raise ScreenPopError(Error.SCREENPOP_Cannot_Register, "resource has control characters")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class ContactDataItem:
+    """One read-only (key, value) pair attached to a contact."""
+
+    key: str
+    value: str
+
+
+class ContactDataCollection:
+    """Ordered key/value pairs: iterate in order, `len()`, lookup by key."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, pairs: Mapping[str, str] | Iterable[tuple[str, str]] | None = None) -> None:
+        items: dict[str, str] = {}
+        if pairs:
+            source = pairs.items() if isinstance(pairs, Mapping) else pairs
+            for key, value in source:
+                items[str(key)] = "" if value is None else str(value)
+        self._items = items
+
+    def __iter__(self) -> Iterator[ContactDataItem]:
+        return (ContactDataItem(k, v) for k, v in self._items.items())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __getitem__(self, key: str) -> str:
+        try:
+            return self._items[key]
+        except KeyError:
+            raise ScreenPopError(Error.SCREENPOP_Wrong_Key, f"no contact data key {key!r}") from None
+
+    def item(self, key: str) -> ContactDataItem:
+        return ContactDataItem(key, self[key])
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self._items.get(key, default)
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def to_dict(self) -> dict[str, str]:
+        return dict(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ContactDataCollection):
+            return list(self._items.items()) == list(other._items.items())
+        if isinstance(other, Mapping):
+            return list(self._items.items()) == [(str(k), str(v)) for k, v in other.items()]
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"ContactDataCollection({list(self._items.items())!r})"
+
+
+def new_pop_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class ScreenPopEvent:
+    """A pop as a listener receives it. Subclasses name the vendor's four event objects."""
+
+    media: Media
+    resource: str
+    id: str = field(default_factory=new_pop_id)
+    contact_id: str = ""
+    created_at: str = field(default_factory=utc_now_iso)
+    source: str = ""
+    destination: str = ""
+    queue_name: str = ""
+    contact_description: str = ""
+    from_: str = ""
+    redirect: str = ""
+    wait_time: int = 0
+    contact_data: ContactDataCollection = field(default_factory=ContactDataCollection)
+
+    @property
+    def extension(self) -> str:
+        return self.resource
+
+    @property
+    def user_id(self) -> str:
+        return self.resource
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire/JSON form: snake_case, `from` not `from_`, every text field a string."""
+        return {
+            "id": self.id,
+            "media": self.media.value,
+            "resource": self.resource,
+            "contact_id": self.contact_id,
+            "created_at": self.created_at,
+            "source": self.source,
+            "destination": self.destination,
+            "queue_name": self.queue_name,
+            "contact_description": self.contact_description,
+            "from": self.from_,
+            "redirect": self.redirect,
+            "wait_time": self.wait_time,
+            "contact_data": self.contact_data.to_dict(),
+        }
+
+    def fields(self) -> dict[str, Any]:
+        """Flat view for templates and environment variables (contact_data stays a dict)."""
+        return self.to_dict()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScreenPopEvent:
+        """Build the media's event class from a validated wire dict."""
+        media = Media.parse(data["media"])
+        event_cls = EVENT_CLASSES[media]
+        return event_cls(
+            media=media,
+            resource=str(data["resource"]),
+            id=str(data.get("id") or new_pop_id()),
+            contact_id=str(data.get("contact_id") or ""),
+            created_at=str(data.get("created_at") or utc_now_iso()),
+            source=str(data.get("source") or ""),
+            destination=str(data.get("destination") or ""),
+            queue_name=str(data.get("queue_name") or ""),
+            contact_description=str(data.get("contact_description") or ""),
+            from_=str(data.get("from") or ""),
+            redirect=str(data.get("redirect") or ""),
+            wait_time=int(data.get("wait_time") or 0),
+            contact_data=ContactDataCollection(data.get("contact_data") or {}),
+        )
+
+
+class ScreenPopTelephoneEvent(ScreenPopEvent):
+    __slots__ = ()
+
+
+class ScreenPopCallbackEvent(ScreenPopEvent):
+    __slots__ = ()
+
+
+class ScreenPopEmailEvent(ScreenPopEvent):
+    __slots__ = ()
+
+
+class ScreenPopWebCollaborationEvent(ScreenPopEvent):
+    __slots__ = ()
+
+
+EVENT_CLASSES: dict[Media, type[ScreenPopEvent]] = {
+    Media.telephone: ScreenPopTelephoneEvent,
+    Media.callback: ScreenPopCallbackEvent,
+    Media.email: ScreenPopEmailEvent,
+    Media.webcollab: ScreenPopWebCollaborationEvent,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChangedEvent:
+    """The vendor's StatusChangedEventArgs: the old and the new status."""
+
+    old: ListenerStatus
+    new: ListenerStatus

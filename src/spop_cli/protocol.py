@@ -1,0 +1,130 @@
+"""Frames between listeners (and sources) and the hub: NDJSON, limits, validation. Pure.
+
+One frame is one JSON object on one line, UTF-8, ended by `\\n`. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .model import Error, Media, ScreenPopError, validate_resource
+
+VERSION = 1
+MAX_FRAME = 64 * 1024  # bytes in one line, newline excluded
+HEARTBEAT = 10.0  # seconds between pings when a side has sent nothing else
+
+# Who may send what. A frame of the wrong direction is a protocol error.
+CLIENT_OPS = frozenset(
+    {"hello", "register", "unregister", "ack", "ping", "pong", "publish", "contact", "status", "bye"}
+)
+HUB_OPS = frozenset({"welcome", "ok", "error", "pop", "ping", "pong"})
+
+
+class FrameError(ScreenPopError):
+    """A frame the peer must not have sent; the connection is closed after the error frame."""
+
+    def __init__(self, code: Error, message: str, ref: Any = None) -> None:
+        super().__init__(code, message)
+        self.ref = ref
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    return orjson.dumps(frame) + b"\n"
+
+
+def error_frame(code: Error, message: str, ref: Any = None, fatal: bool = False) -> bytes:
+    frame: dict[str, Any] = {"op": "error", "code": code.value, "message": message}
+    if ref is not None:
+        frame["ref"] = ref
+    if fatal:
+        frame["fatal"] = True
+    return encode(frame)
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames; bounded memory whatever the peer sends."""
+
+    __slots__ = ("_buffer", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Frames completed by `data`. Raises FrameError on the first bad one (the rest is moot)."""
+        buffer = self._buffer
+        buffer += data
+        if b"\n" not in data:
+            if len(buffer) > self.max_frame:
+                buffer.clear()
+                raise FrameError(
+                    Error.SCREENPOP_Framework_Error,
+                    f"frame longer than {self.max_frame} bytes",
+                )
+            return []
+        *lines, rest = bytes(buffer).split(b"\n")
+        buffer.clear()
+        buffer += rest
+        frames = []
+        for line in lines:
+            if len(line) > self.max_frame:
+                raise FrameError(
+                    Error.SCREENPOP_Framework_Error, f"frame longer than {self.max_frame} bytes"
+                )
+            if not line.strip():
+                continue  # blank lines are keep-alives for humans typing with nc
+            frames.append(decode_line(line))
+        if len(buffer) > self.max_frame:
+            buffer.clear()
+            raise FrameError(
+                Error.SCREENPOP_Framework_Error, f"frame longer than {self.max_frame} bytes"
+            )
+        return frames
+
+
+def decode_line(line: bytes) -> dict[str, Any]:
+    try:
+        frame = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError(Error.SCREENPOP_Framework_Error, f"frame is not valid JSON: {exc}") from None
+    if not isinstance(frame, dict):
+        raise FrameError(Error.SCREENPOP_Framework_Error, "frame is not a JSON object")
+    op = frame.get("op")
+    if not isinstance(op, str):
+        raise FrameError(Error.SCREENPOP_Framework_Error, "frame has no string 'op'")
+    return frame
+
+
+def check_client_frame(frame: dict[str, Any]) -> dict[str, Any]:
+    """Validate a frame a client sent to the hub; raise FrameError naming what is wrong."""
+    op = frame["op"]
+    ref = frame.get("ref")
+    if op not in CLIENT_OPS:
+        if op in HUB_OPS:
+            raise FrameError(Error.SCREENPOP_Framework_Error, f"only the hub may send {op!r}", ref)
+        raise FrameError(Error.SCREENPOP_Framework_Error, f"unknown op {op!r}", ref)
+    if op in ("register", "unregister"):
+        try:
+            frame["media"] = Media.parse(frame.get("media", "")).value
+        except ScreenPopError as exc:
+            raise FrameError(Error.SCREENPOP_Cannot_Register, exc.message, ref) from None
+        try:
+            frame["resource"] = validate_resource(frame.get("resource"))
+        except ScreenPopError as exc:
+            raise FrameError(exc.code, exc.message, ref) from None
+    elif op == "ack":
+        ids = frame.get("ids", [frame.get("id")] if "id" in frame else None)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise FrameError(Error.SCREENPOP_Framework_Error, "ack needs 'id' or 'ids' strings", ref)
+        frame["ids"] = ids
+    elif op == "hello":
+        version = frame.get("version")
+        if version != VERSION:
+            raise FrameError(
+                Error.SCREENPOP_Initialization_Error,
+                f"protocol version {version!r} not supported (hub speaks {VERSION})",
+                ref,
+            )
+    return frame

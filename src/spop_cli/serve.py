@@ -1,0 +1,105 @@
+"""`spop serve`: the hub's options merged (command line > environment > [hub] in the file), then run."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import signal
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .diagnostics import open_diagnostics
+from .hub.server import Hub, HubConfig, default_journal_path
+
+
+class ServeError(Exception):
+    """A hub option or [hub] key that cannot be used; the message names it."""
+
+
+def _file_options(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            table = tomllib.load(handle).get("hub", {})
+    except FileNotFoundError:
+        raise ServeError(f"configuration file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ServeError(f"{path}: {exc}") from None
+    known = {f.name for f in fields(HubConfig)}
+    for key in table:
+        if key not in known:
+            raise ServeError(f"{path}: [hub] {key} = {table[key]!r}: unknown key")
+    return table
+
+
+def build_hub_config(config_path: str | None = None, *, no_journal: bool = False, **options: Any) -> HubConfig:
+    merged: dict[str, Any] = _file_options(config_path)
+    merged.update({k: v for k, v in options.items() if v is not None})
+    if merged.get("http_port") == -1:
+        merged["http_port"] = None
+    try:
+        config = HubConfig(**merged)
+    except TypeError as exc:
+        raise ServeError(str(exc)) from None
+    if no_journal:
+        config.journal = None
+    elif not config.journal:
+        config.journal = str(default_journal_path())
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ServeError("--tls-cert and --tls-key go together")
+    return config
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warnings(config: HubConfig) -> list[str]:
+    """Listening beyond loopback without a token lets anyone on the network read pops."""
+    warnings = []
+    if not is_loopback(config.host):
+        if not config.token and not config.source_token:
+            warnings.append(
+                f"listening on {config.host} without a token: anyone who reaches it can listen and publish"
+            )
+        if not config.tls_cert:
+            warnings.append(f"listening on {config.host} without TLS: pops cross the network in clear")
+    return warnings
+
+
+async def run_hub(config: HubConfig, ready_file: str | None = None) -> None:
+    """Serve until SIGINT or SIGTERM; write the ports to ready_file once listening."""
+    log = open_diagnostics("hub", Path(config.diag_dir) if config.diag_dir else None)
+    hub = Hub(config, log=log)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows
+            pass
+    await hub.start()
+    try:
+        if ready_file:
+            tmp = f"{ready_file}.tmp"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump({"port": hub.port, "http_port": hub.http_port, "pid": os.getpid()}, handle)
+            os.replace(tmp, ready_file)
+        print(
+            f"spop hub: listeners on {config.host} port {hub.port}, http port {hub.http_port},"
+            f" journal {config.journal or 'off'}",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        await hub.stop()
