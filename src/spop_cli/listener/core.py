@@ -60,6 +60,9 @@ class AsyncListener:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._resume: S = S.Status_Idle  # the state to come back to after a loss
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Pops that arrive between our `register` and its answer (pending ones, sent at once)
+        # wait here so callbacks see the listener Up; None when not registering.
+        self._early: list[dict[str, Any]] | None = None
 
     # -- vendor names -----------------------------------------------------------------------
     @property
@@ -130,15 +133,23 @@ class AsyncListener:
         except ScreenPopError as exc:
             raise ScreenPopError(Error.SCREENPOP_Cannot_Register, exc.message) from None
         assert self._link is not None
+        self._early = []
         try:
             await self._link.request("register", timeout=self.timeout, media=self.media.value, resource=resource)
         except ScreenPopError as exc:
+            self._early = None
             self.log.error("start_listening %s failed: %s", resource, exc)
             if exc.code is Error.SCREENPOP_Cannot_Find_HiPath_ProCenter:
                 raise ScreenPopError(Error.SCREENPOP_Cannot_Register, exc.message) from None
             raise
         self.resource = resource
         self._set_status(S.Status_Up)
+        self._flush_early()
+
+    def _flush_early(self) -> None:
+        early, self._early = self._early, None
+        for data in early or ():
+            self._on_pop(data)
 
     async def stop_listening(self) -> None:
         """Up or Reconnecting → Idle."""
@@ -190,6 +201,9 @@ class AsyncListener:
 
     def _on_pop(self, data: dict[str, Any]) -> None:
         pop_id = str(data.get("id", ""))
+        if self._early is not None:
+            self._early.append(data)
+            return
         if self.status is not S.Status_Up:
             return  # not ours any more (stopped): no ack, the hub keeps it for the others
         link = self._link
@@ -244,16 +258,19 @@ class AsyncListener:
             try:
                 link = await self._connect(self._address)
                 if self._resume is S.Status_Up:
+                    self._early = []
                     await link.request(
                         "register", timeout=self.timeout, media=self.media.value, resource=self.resource
                     )
             except ScreenPopError as exc:
+                self._early = None
                 self.log.info("reconnect to %s failed: %s", self._address, exc)
                 if link is not None:
                     link.on_lost = None
                     link.close()
                 continue
             if self._resume is S.Status_Down:  # shut down meanwhile
+                self._early = None
                 link.on_lost = None
                 link.close()
                 return
@@ -263,4 +280,5 @@ class AsyncListener:
             self.log.info("reconnected to %s", self._address)
             if self.status is S.Status_Reconnecting:
                 self._set_status(self._resume)
+            self._flush_early()
             return

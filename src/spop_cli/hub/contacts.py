@@ -1,0 +1,405 @@
+"""Contact lifecycle rules: what a source says happened to a contact becomes screen pops.
+
+Pure logic, no I/O. The hub feeds lifecycle events in (`POST /v1/contacts`) and delivers the
+pops that come out; the rules are in docs/contacts.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from spop_cli.model import (
+    EVENT_CLASSES,
+    MEDIA_FIELDS,
+    ContactDataCollection,
+    Media,
+    ScreenPopError,
+    ScreenPopEvent,
+    validate_resource,
+)
+
+MAX_CONTACT_ID_LEN = 256
+MAX_TEXT_LEN = 1024
+MAX_DATA_KEYS = 256
+MAX_DATA_LEN = 4096
+MAX_BATCH = 1000
+
+CONTACT_TEXT_FIELDS = ("source", "destination", "queue_name", "contact_description")
+TEXT_EVENT_FIELDS = (*CONTACT_TEXT_FIELDS, "from", "redirect")
+CONTACT_FIELDS = ("media", *CONTACT_TEXT_FIELDS, "contact_data")
+QUEUE_FIELDS = ("queue_name", "contact_description", "contact_data")
+
+# What each event takes besides contact_id, event, at and the contact fields.
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "queued": (),
+    "routed": ("resource",),
+    "answered": ("resource",),
+    "consulted": ("from", "resource"),
+    "transferred": ("from", "resource"),
+    "conferenced": ("from", "resource"),
+    "redirected": ("redirect", "resource"),
+    "picked_up": ("resource",),
+    "recalled": ("resource",),
+    "requeued": (),
+    "resumed": ("resource",),
+    "invited": ("from", "resource"),
+    "ended": (),
+}
+POP_EVENTS = frozenset(EVENT_FIELDS) - {"queued", "answered", "requeued", "ended"}
+CREATING_EVENTS = frozenset({"queued", "routed"})
+# After these the contact sits at the event's resource; `from` and `redirect` default to it.
+HOLDING_EVENTS = frozenset(
+    {"routed", "answered", "transferred", "redirected", "picked_up", "recalled", "resumed"}
+)
+ONE_SECOND = timedelta(seconds=1)
+
+
+class ContactEventError(Exception):
+    """A refused lifecycle event: status 400 when malformed, 422 when it does not apply."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        field: str | None = None,
+        index: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.field = field
+        self.index = index
+        # Outcomes of the events of the same batch accepted before this one.
+        self.applied: list[Outcome] = []
+
+    def __str__(self) -> str:
+        where = f" (event {self.index})" if self.index is not None else ""
+        return f"{self.error}: {self.message}{where}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": self.error,
+            "message": self.message,
+            "field": self.field,
+            "index": self.index,
+        }
+
+
+def _malformed(field: str | None, message: str, error: str = "wrong_type") -> ContactEventError:
+    return ContactEventError(400, error, message, field)
+
+
+def _refused(error: str, field: str | None, message: str) -> ContactEventError:
+    return ContactEventError(422, error, message, field)
+
+
+@dataclass
+class Outcome:
+    """What one event produced: pops to deliver, and whether the contact ended."""
+
+    contact_id: str
+    pops: list[ScreenPopEvent] = field(default_factory=list)
+    ended: bool = False
+
+
+@dataclass(slots=True)
+class _Event:
+    """A validated lifecycle event; `None` means the field was not given."""
+
+    contact_id: str
+    kind: str
+    at: datetime | None
+    media: Media | None
+    texts: dict[str, str]
+    contact_data: dict[str, str] | None
+    resource: str
+
+
+@dataclass(slots=True)
+class _Contact:
+    """What the hub knows of one contact between its events."""
+
+    contact_id: str
+    media: Media
+    last_at: datetime
+    last_seen: datetime  # hub clock, for expiry
+    source: str = ""
+    destination: str = ""
+    queue_name: str = ""
+    contact_description: str = ""
+    contact_data: dict[str, str] = field(default_factory=dict)
+    segment_start: datetime | None = None  # None: never queued (a direct call)
+    answered_at: datetime | None = None  # first answer in the current segment
+    holder: str = ""  # resource the contact was last routed to or answered at
+    ended_seen: datetime | None = None
+
+    def wait_time(self, at: datetime) -> int:
+        """Whole seconds (floored) from segment start to the first answer, or to `at` if none."""
+        if self.segment_start is None:
+            return 0
+        return ((self.answered_at or at) - self.segment_start) // ONE_SECOND
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(value: Any, name: str, limit: int = MAX_TEXT_LEN) -> str:
+    if not isinstance(value, str):
+        raise _malformed(name, f"{name} must be a string, not {type(value).__name__}")
+    if len(value) > limit:
+        raise _refused("too_long", name, f"{name} is {len(value)} characters (at most {limit})")
+    return value
+
+
+def _required(event: Mapping[str, Any], name: str) -> Any:
+    value = event.get(name)
+    if value is None:
+        raise _refused("missing_field", name, f"{name} is required")
+    return value
+
+
+def _parse_at(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _malformed("at", f"at must be an ISO 8601 string, not {type(value).__name__}")
+    try:
+        return _utc(datetime.fromisoformat(value))
+    except ValueError:
+        raise _malformed("at", f"at is not an ISO 8601 time: {value[:64]!r}", "bad_time") from None
+
+
+def _parse_data(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise _malformed("contact_data", "contact_data must be an object of string values")
+    if len(value) > MAX_DATA_KEYS:
+        raise _refused(
+            "too_many_keys", "contact_data", f"{len(value)} keys (at most {MAX_DATA_KEYS})"
+        )
+    data: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise _malformed("contact_data", f"contact_data[{key!r}] must be a string")
+        if len(key) > MAX_DATA_LEN or len(item) > MAX_DATA_LEN:
+            raise _refused(
+                "too_long", "contact_data", f"contact_data[{key[:32]!r}] over {MAX_DATA_LEN} chars"
+            )
+        data[key] = item
+    return data
+
+
+def _parse_resource(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _malformed("resource", f"resource must be a string, not {type(value).__name__}")
+    try:
+        return validate_resource(value)
+    except ScreenPopError as exc:
+        raise _refused("invalid_resource", "resource", exc.message) from None
+
+
+def _parse(event: Any) -> _Event:
+    """Check one event's shape and limits; every error names its field."""
+    if not isinstance(event, Mapping):
+        raise _malformed(None, "a contact event must be a JSON object", "not_an_object")
+    contact_id = _text(_required(event, "contact_id"), "contact_id", MAX_CONTACT_ID_LEN)
+    if not contact_id.strip():
+        raise _refused("missing_field", "contact_id", "contact_id is empty")
+    kind = _text(_required(event, "event"), "event")
+    if kind not in EVENT_FIELDS:
+        known = ", ".join(EVENT_FIELDS)
+        raise _refused("unknown_event", "event", f"unknown event {kind[:64]!r} (expected {known})")
+    # Requeueing keeps source and destination: the pilot dialled to requeue is not the destination.
+    contact_fields = QUEUE_FIELDS if kind == "requeued" else CONTACT_FIELDS
+    allowed = {"contact_id", "event", "at", *contact_fields, *EVENT_FIELDS[kind]}
+    for name, value in event.items():
+        if value is not None and name not in allowed:
+            raise _refused(
+                "unexpected_field", str(name), f"{kind} does not take {str(name)[:64]!r}"
+            )
+    texts = {
+        name: _text(event[name], name) for name in TEXT_EVENT_FIELDS if event.get(name) is not None
+    }
+    media = None
+    if event.get("media") is not None:
+        try:
+            media = Media.parse(_text(event["media"], "media"))
+        except ScreenPopError as exc:
+            raise _refused("unknown_media", "media", exc.message) from None
+    data = _parse_data(event["contact_data"]) if event.get("contact_data") is not None else None
+    needs_resource = "resource" in EVENT_FIELDS[kind]
+    resource = _parse_resource(_required(event, "resource")) if needs_resource else ""
+    return _Event(contact_id, kind, _parse_at(event.get("at")), media, texts, data, resource)
+
+
+class ContactTracker:
+    """Every contact's state, updated event by event; no I/O, no clock of its own."""
+
+    def __init__(self, forget_after: float = 300.0, idle_expiry: float = 4 * 3600.0) -> None:
+        if forget_after < 0 or idle_expiry < 0:
+            raise ValueError("forget_after and idle_expiry must be >= 0")
+        self.forget_after = timedelta(seconds=forget_after)
+        self.idle_expiry = timedelta(seconds=idle_expiry)
+        self._contacts: dict[str, _Contact] = {}
+
+    def __len__(self) -> int:
+        return len(self._contacts)
+
+    def apply_batch(self, events: Any, received_at: datetime) -> list[Outcome]:
+        """Apply one event or an array in order; a refusal carries the outcomes before it."""
+        if isinstance(events, Mapping):
+            return [self.apply(events, received_at)]
+        if not isinstance(events, list | tuple):
+            raise _malformed(
+                None, "expected an event object or an array of events", "not_an_object"
+            )
+        if len(events) > MAX_BATCH:
+            raise _refused("too_many_events", None, f"{len(events)} events (at most {MAX_BATCH})")
+        outcomes: list[Outcome] = []
+        for index, event in enumerate(events):
+            try:
+                outcomes.append(self.apply(event, received_at))
+            except ContactEventError as exc:
+                exc.index = index
+                exc.applied = outcomes
+                raise
+        return outcomes
+
+    def apply(self, event: Mapping[str, Any], received_at: datetime) -> Outcome:
+        """Apply one event; a refused event changes nothing."""
+        parsed = _parse(event)
+        seen = _utc(received_at)
+        at = parsed.at or seen
+        contact = self._contacts.get(parsed.contact_id)
+        if contact is None:
+            contact = self._admit(parsed, at, seen)
+        else:
+            self._check(contact, parsed, at)
+        self._update(contact, parsed, at)
+        outcome = Outcome(parsed.contact_id)
+        if parsed.kind in POP_EVENTS:
+            outcome.pops.append(self._pop(contact, parsed, at))
+        if parsed.kind in HOLDING_EVENTS:
+            contact.holder = parsed.resource
+        if parsed.kind == "ended":
+            contact.ended_seen = seen
+            outcome.ended = True
+        contact.last_at = at
+        contact.last_seen = seen
+        self._contacts[parsed.contact_id] = contact
+        return outcome
+
+    def expire(self, now: datetime) -> int:
+        """Forget contacts ended over forget_after ago or idle for idle_expiry (hub clock)."""
+        now = _utc(now)
+        gone = [
+            contact_id
+            for contact_id, contact in self._contacts.items()
+            if now - contact.last_seen >= self.idle_expiry
+            or (contact.ended_seen is not None and now - contact.ended_seen >= self.forget_after)
+        ]
+        for contact_id in gone:
+            del self._contacts[contact_id]
+        return len(gone)
+
+    @staticmethod
+    def _admit(parsed: _Event, at: datetime, seen: datetime) -> _Contact:
+        if parsed.kind not in CREATING_EVENTS:
+            raise _refused(
+                "unknown_contact",
+                "contact_id",
+                f"no contact {parsed.contact_id[:64]!r}: start it with queued or routed",
+            )
+        _check_data_size({}, parsed)
+        return _Contact(parsed.contact_id, parsed.media or Media.telephone, at, seen)
+
+    @staticmethod
+    def _check(contact: _Contact, parsed: _Event, at: datetime) -> None:
+        if contact.ended_seen is not None:
+            raise _refused("contact_ended", "event", f"contact {contact.contact_id!r} has ended")
+        if at < contact.last_at:
+            raise _refused(
+                "time_backwards",
+                "at",
+                f"{_iso(at)} is before the contact's last event {_iso(contact.last_at)}",
+            )
+        if parsed.media is not None and parsed.media is not contact.media:
+            raise _refused(
+                "media_mismatch", "media", f"contact is {contact.media}, not {parsed.media}"
+            )
+        _check_data_size({} if parsed.kind == "requeued" else contact.contact_data, parsed)
+
+    @staticmethod
+    def _update(contact: _Contact, parsed: _Event, at: datetime) -> None:
+        if parsed.kind == "requeued":
+            contact.queue_name = ""
+            contact.contact_description = ""
+            contact.contact_data = {}
+        for name in CONTACT_TEXT_FIELDS:
+            if name in parsed.texts:
+                setattr(contact, name, parsed.texts[name])
+        if parsed.contact_data is not None:
+            contact.contact_data.update(parsed.contact_data)
+        # A contact still waiting keeps its wait when queued again (overflow, a resent event).
+        starts_segment = parsed.kind == "requeued" or (
+            parsed.kind == "queued"
+            and (contact.segment_start is None or contact.answered_at is not None)
+        )
+        if starts_segment:
+            contact.segment_start = at
+            contact.answered_at = None
+        elif parsed.kind == "answered" and contact.answered_at is None:
+            contact.answered_at = at
+
+    @staticmethod
+    def _pop(contact: _Contact, parsed: _Event, at: datetime) -> ScreenPopEvent:
+        values = {
+            "source": contact.source,
+            "destination": contact.destination,
+            "queue_name": contact.queue_name,
+            "contact_description": contact.contact_description,
+            "from": "",
+            "redirect": "",
+        }
+        if "from" in EVENT_FIELDS[parsed.kind]:
+            values["from"] = parsed.texts.get("from", contact.holder)
+        if parsed.kind == "redirected":
+            values["redirect"] = parsed.texts.get("redirect", contact.holder)
+        kept = MEDIA_FIELDS[contact.media]
+        values = {name: (value if name in kept else "") for name, value in values.items()}
+        return EVENT_CLASSES[contact.media](
+            media=contact.media,
+            resource=parsed.resource,
+            contact_id=contact.contact_id,
+            created_at=_iso(at),
+            source=values["source"],
+            destination=values["destination"],
+            queue_name=values["queue_name"],
+            contact_description=values["contact_description"],
+            from_=values["from"],
+            redirect=values["redirect"],
+            wait_time=contact.wait_time(at),
+            contact_data=ContactDataCollection(contact.contact_data),
+        )
+
+
+def _check_data_size(current: Mapping[str, str], parsed: _Event) -> None:
+    """Refuse, before any change, an event whose contact_data would grow past the limit."""
+    if parsed.contact_data is None:
+        return
+    total = len(current.keys() | parsed.contact_data.keys())
+    if total > MAX_DATA_KEYS:
+        raise _refused(
+            "too_many_keys",
+            "contact_data",
+            f"contact would hold {total} keys (at most {MAX_DATA_KEYS})",
+        )

@@ -1,0 +1,131 @@
+"""The vendor's object model: names, contact data, events."""
+
+from __future__ import annotations
+
+import pytest
+
+from spop_cli import (
+    ContactDataCollection,
+    Error,
+    ListenerStatus,
+    ScreenPopError,
+)
+from spop_cli.model import (
+    EVENT_CLASSES,
+    MEDIA_FIELDS,
+    Media,
+    ScreenPopCallbackEvent,
+    ScreenPopEmailEvent,
+    ScreenPopEvent,
+    ScreenPopTelephoneEvent,
+    ScreenPopWebCollaborationEvent,
+)
+
+VENDOR_STATUSES = ["Status_Down", "Status_Idle", "Status_Up", "Status_Reconnecting", "Status_Unknown"]
+VENDOR_ERRORS = [
+    "SCREENPOP_Already_Registered",
+    "SCREENPOP_Cannot_Create_Diags",
+    "SCREENPOP_Cannot_Find_HiPath_ProCenter",
+    "SCREENPOP_Cannot_Register",
+    "SCREENPOP_Framework_Error",
+    "SCREENPOP_Initialization_Error",
+    "SCREENPOP_Memory_Allocation_Error",
+    "SCREENPOP_Wrong_Key",
+    "SCREENPOP_Wrong_Status",
+]
+
+
+@pytest.mark.parametrize("name", VENDOR_STATUSES)
+def test_listener_status_keeps_vendor_names(name: str) -> None:
+    assert getattr(ListenerStatus, name).value == name
+    assert str(getattr(ListenerStatus, name)) == name
+
+
+@pytest.mark.parametrize("name", VENDOR_ERRORS)
+def test_error_keeps_vendor_names(name: str) -> None:
+    error = ScreenPopError(getattr(Error, name), "detail")
+    assert error.code is getattr(Error, name)
+    assert name in str(error)
+
+
+def test_enumerations_are_complete() -> None:
+    assert [s.value for s in ListenerStatus] == VENDOR_STATUSES
+    assert sorted(e.value for e in Error) == sorted(VENDOR_ERRORS)
+
+
+def test_contact_data_is_ordered_iterable_sized_and_keyed() -> None:
+    data = ContactDataCollection([("code1", "chaîne1"), ("b", "2"), ("a", "1")])
+    assert len(data) == 3
+    assert [(item.key, item.value) for item in data] == [("code1", "chaîne1"), ("b", "2"), ("a", "1")]
+    assert data["code1"] == "chaîne1"
+    assert data.item("b").value == "2"
+    assert "a" in data and "zz" not in data
+
+
+def test_contact_data_missing_key_raises_wrong_key() -> None:
+    data = ContactDataCollection({"code1": "chaîne1"})
+    with pytest.raises(ScreenPopError) as info:
+        data["nope"]
+    assert info.value.code is Error.SCREENPOP_Wrong_Key
+    assert "nope" in info.value.message
+
+
+def test_contact_data_items_are_read_only() -> None:
+    item = next(iter(ContactDataCollection({"k": "v"})))
+    with pytest.raises(AttributeError):
+        item.key = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "media, cls",
+    [
+        (Media.telephone, ScreenPopTelephoneEvent),
+        (Media.callback, ScreenPopCallbackEvent),
+        (Media.email, ScreenPopEmailEvent),
+        (Media.webcollab, ScreenPopWebCollaborationEvent),
+    ],
+)
+def test_each_media_has_its_event_class(media: Media, cls: type) -> None:
+    assert EVENT_CLASSES[media] is cls
+    event = ScreenPopEvent.from_dict({"media": media.value, "resource": "r1", "wait_time": 7})
+    assert type(event) is cls
+    assert event.wait_time == 7 and event.resource == "r1"
+
+
+def test_event_round_trips_with_snake_case_and_from() -> None:
+    wire = {
+        "id": "p1",
+        "media": "telephone",
+        "resource": "54321",
+        "contact_id": "c1",
+        "created_at": "2026-01-01T00:00:00.000Z",
+        "source": "12345",
+        "destination": "2468",
+        "queue_name": "File d'attente des ventes",
+        "contact_description": "Ventes",
+        "from": "13579",
+        "redirect": "",
+        "wait_time": 15,
+        "contact_data": {"code1": "chaîne1"},
+    }
+    event = ScreenPopEvent.from_dict(wire)
+    assert event.from_ == "13579" and event.extension == "54321"
+    assert event.to_dict() == wire
+
+
+def test_text_fields_are_never_null() -> None:
+    event = ScreenPopEvent.from_dict({"media": "email", "resource": "u", "source": None})
+    assert all(value is not None for value in event.to_dict().values())
+    assert event.source == ""
+
+
+def test_media_fields_match_the_guide() -> None:
+    assert MEDIA_FIELDS[Media.callback] == ("destination", "queue_name", "contact_description")
+    assert "redirect" in MEDIA_FIELDS[Media.telephone] and "from" in MEDIA_FIELDS[Media.telephone]
+    assert "redirect" not in MEDIA_FIELDS[Media.email]
+
+
+def test_unknown_media_names_the_choices() -> None:
+    with pytest.raises(ScreenPopError) as info:
+        Media.parse("fax")
+    assert "telephone" in info.value.message
