@@ -7,8 +7,8 @@ import threading
 import urllib.request
 
 import pytest
-from conftest import HubThread, wait_for
 
+from conftest import HubThread, wait_for
 from spop_cli import (
     ScreenPopCallbackListener,
     ScreenPopEmailListener,

@@ -6,8 +6,8 @@ import socket
 import threading
 
 import pytest
-from conftest import HubThread, wait_for
 
+from conftest import HubThread, wait_for
 from spop_cli import (
     Error,
     ListenerStatus,

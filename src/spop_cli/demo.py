@@ -21,7 +21,6 @@ SCENARIOS = ("consultation", "requeue", "callback-routed", "email-routed", "webc
 def _render(event: ScreenPopEvent, console: Any) -> None:
     from rich.panel import Panel
     from rich.table import Table
-
     from rich.text import Text
 
     table = Table.grid(padding=(0, 2))

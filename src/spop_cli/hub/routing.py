@@ -39,7 +39,7 @@ class Routing:
     def has(self, key: Key) -> bool:
         return key in self._by_key
 
-    def keys(self) -> Iterator[tuple[Key, int]]:
+    def counts(self) -> Iterator[tuple[Key, int]]:
         for key, subs in self._by_key.items():
             yield key, len(subs)
 

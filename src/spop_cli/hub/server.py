@@ -144,7 +144,9 @@ class Hub:
             if row.done:
                 self.delivery.remember(row.id, row.accepted)
             else:
-                self.delivery.publish(row.id, (row.media, row.resource), row.body, row.contact_id, row.expires)
+                self.delivery.publish(
+                    row.id, (row.media, row.resource), row.body, row.contact_id, row.expires
+                )
                 restored += 1
         self.journal.start()
         self.log.info("journal %s: %d pending pops restored", self.config.journal, restored)
@@ -203,7 +205,9 @@ class Hub:
         self.counters["pops_accepted"] += 1
         if self.journal is not None:
             body = frame
-            return self.journal.add(pop_id, key[0], key[1], pop["contact_id"], body, time.time() + self.config.pop_ttl)
+            return self.journal.add(
+                pop_id, key[0], key[1], pop["contact_id"], body, time.time() + self.config.pop_ttl
+            )
         return None
 
     async def publish(self, pops: Any) -> list[str]:
@@ -274,11 +278,20 @@ class Hub:
             else:
                 conn.reply(ref, **await self.apply_contacts(body))
         except Exception as exc:
-            detail = exc.to_dict() if hasattr(exc, "to_dict") else {"error": "internal", "message": str(exc)}
+            detail = (
+                exc.to_dict()
+                if hasattr(exc, "to_dict")
+                else {"error": "internal", "message": str(exc)}
+            )
             self.counters["rejected"] += 1
             if not isinstance(exc, InputError) and type(exc).__name__ != "ContactEventError":
                 self.log.exception("ingest failed")
-            frame = {"op": "error", "code": Error.SCREENPOP_Framework_Error.value, "message": detail.get("message", str(exc)), "detail": detail}
+            frame = {
+                "op": "error",
+                "code": Error.SCREENPOP_Framework_Error.value,
+                "message": detail.get("message", str(exc)),
+                "detail": detail,
+            }
             if ref is not None:
                 frame["ref"] = ref
             conn.write(orjson.dumps(frame) + b"\n")
@@ -287,7 +300,7 @@ class Hub:
     def status(self) -> dict[str, Any]:
         listeners = [
             {"media": media, "resource": resource, "connections": count}
-            for (media, resource), count in self.delivery.routing.keys()
+            for (media, resource), count in self.delivery.routing.counts()
         ]
         counters = dict(self.counters)
         counters.update(self.delivery.counters())

@@ -1,0 +1,133 @@
+"""The spine's commands for real: `spop serve` as a process, `spop send`, `spop demo`, `--version`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from spop_cli import ScreenPopTelephoneListener, __version__
+from spop_cli.cli import EXIT_CODES, EXIT_REJECTED, cli
+
+SPOP = [sys.executable, "-m", "spop_cli"]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[dict]:
+    ready = tmp_path / "ready.json"
+    env = {**os.environ, "SPOP_DIAG_DIR": str(tmp_path / "diag")}
+    process = subprocess.Popen(
+        [*SPOP, "serve", "--port", "0", "--http-port", "0", "--journal", str(tmp_path / "j.sqlite3"), "--ready-file", str(ready)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        assert time.monotonic() < deadline, "hub did not start"
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    info["address"] = f"{info['port']}@127.0.0.1"
+    info["process"] = process
+    info["diag"] = tmp_path / "diag"
+    yield info
+    process.send_signal(signal.SIGTERM)
+    process.wait(10)
+
+
+def test_version() -> None:
+    result = subprocess.run([*SPOP, "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"spop, version {__version__}"
+
+
+def test_send_reaches_a_listener_with_every_option(served: dict) -> None:
+    listener = ScreenPopTelephoneListener()
+    got = []
+    arrived = threading.Event()
+    listener.on_screen_pop(lambda e: (got.append(e), arrived.set()))
+    listener.initialize(served["address"])
+    listener.start_listening("54321")
+    result = subprocess.run(
+        [
+            *SPOP, "send", "telephone", "54321", "--server", served["address"],
+            "--source", "12345", "--destination", "2468", "--queue", "File d'attente des ventes",
+            "--description", "Ventes", "--from", "13579", "--redirect", "777", "--wait", "15",
+            "--data", "code1=chaîne1", "--data", "url=a=b&c", "--id", "pop-1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "pop-1"
+    assert arrived.wait(5)
+    event = got[0]
+    assert (event.source, event.destination, event.queue_name, event.contact_description) == (
+        "12345", "2468", "File d'attente des ventes", "Ventes",
+    )
+    assert (event.from_, event.redirect, event.wait_time) == ("13579", "777", 15)
+    assert event.contact_data.to_dict() == {"code1": "chaîne1", "url": "a=b&c"}
+    listener.shutdown()
+
+
+def test_send_without_a_hub_names_the_code() -> None:
+    result = CliRunner().invoke(cli, ["send", "telephone", "1", "--server", "1@127.0.0.1", "--timeout", "2"])
+    assert result.exit_code == EXIT_CODES["SCREENPOP_Cannot_Find_HiPath_ProCenter"]
+    assert "SCREENPOP_Cannot_Find_HiPath_ProCenter" in result.output
+
+
+def test_send_bad_input_is_rejected_by_the_hub(served: dict) -> None:
+    result = CliRunner().invoke(cli, ["send", "telephone", " ", "--server", served["address"]])
+    assert result.exit_code == EXIT_REJECTED
+    assert "resource" in result.output
+
+
+def test_send_bad_data_option() -> None:
+    result = CliRunner().invoke(cli, ["send", "telephone", "1", "--data", "novalue"])
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_send_unknown_media() -> None:
+    result = CliRunner().invoke(cli, ["send", "fax", "1"])
+    assert result.exit_code == 2 and "telephone" in result.output
+
+
+def test_serve_refuses_a_busy_port(served: dict) -> None:
+    result = subprocess.run(
+        [*SPOP, "serve", "--port", str(served["port"]), "--http-port", "-1", "--no-journal"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 1 and "cannot listen" in result.stderr
+
+
+def test_serve_warns_when_exposed_without_token(tmp_path: Path) -> None:
+    from spop_cli.serve import build_hub_config, exposure_warnings
+
+    config = build_hub_config(None, host="0.0.0.0", no_journal=True)
+    warnings = exposure_warnings(config)
+    assert any("without a token" in w for w in warnings)
+    assert exposure_warnings(build_hub_config(None, no_journal=True)) == []
+
+
+def test_demo_runs_and_exits_by_itself(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*SPOP, "demo", "--delay", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SPOP_DIAG_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "9/9 pops delivered" in result.stdout
+    assert "54321" in result.stdout and "1111" in result.stdout
