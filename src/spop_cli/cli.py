@@ -175,10 +175,18 @@ def _client_ssl(cafile: str | None):  # type: ignore[no-untyped-def]
 
 
 def _fail_send(exc: Exception) -> None:
-    from .model import Error, ScreenPopError
+    from .client import Rejected
 
-    if isinstance(exc, ScreenPopError) and exc.code is Error.SCREENPOP_Framework_Error and "hub" not in exc.message:
-        click.echo(f"spop: error: rejected by the hub: {exc}", err=True)
+    if isinstance(exc, Rejected):
+        detail = exc.detail
+        where = "".join(
+            f" {name} {detail[name]}" for name in ("index", "field") if detail.get(name) is not None
+        )
+        applied = f"; {detail['applied']} earlier events applied" if detail.get("applied") else ""
+        click.echo(
+            f"spop: error: rejected by the hub ({detail.get('error', '?')}{where}): {exc}{applied}",
+            err=True,
+        )
         raise SystemExit(EXIT_REJECTED)
     fail(exc)
 
@@ -224,3 +232,577 @@ def demo(delay: float) -> None:
 
 
 # --- listen, config, plugins, diag, status (helper B) --------------------------------------
+
+CONFIG_HELP = (
+    "Configuration file (default: $SPOP_CONFIG, else spop/config.toml in the user config dir)."
+)
+MEDIA_WORDS = ["telephone", "callback", "email", "webcollab"]
+
+
+def _config_option(fn):  # type: ignore[no-untyped-def]
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=CONFIG_HELP
+    )(fn)
+
+
+def _plugins_dir_option(fn):  # type: ignore[no-untyped-def]
+    return click.option(
+        "--plugins-dir",
+        "plugin_dirs",
+        multiple=True,
+        type=click.Path(exists=True, file_okay=False),
+        help="Folder of plugin modules to load (repeatable; adds to [plugins] dirs).",
+    )(fn)
+
+
+def _config_fail(problems) -> None:  # type: ignore[no-untyped-def]
+    """Report every configuration problem, then exit EXIT_CONFIG."""
+    for problem in problems:
+        click.echo(f"spop: error: config: {problem}", err=True)
+    raise SystemExit(EXIT_CONFIG)
+
+
+def _load_settings(config_path: str | None, overrides: dict | None = None):  # type: ignore[no-untyped-def,type-arg]
+    from .config import ConfigError, load_settings
+
+    try:
+        return load_settings(config_path, overrides)
+    except ConfigError as exc:
+        _config_fail(exc.problems)
+
+
+def _load_document(config_path: str | None):  # type: ignore[no-untyped-def]
+    """The merged settings without validation (show, plugins, diag must work on a broken file)."""
+    from .config import ConfigError, load_document
+
+    try:
+        return load_document(config_path)
+    except ConfigError as exc:
+        _config_fail(exc.problems)
+
+
+def _plugin_dirs_of(doc: dict, extra: tuple[str, ...] = ()) -> list[str]:  # type: ignore[type-arg]
+    """`[plugins] dirs` of a merged document (if well formed), then the --plugins-dir ones."""
+    dirs = (doc.get("plugins") or {}).get("dirs") if isinstance(doc.get("plugins"), dict) else None
+    listed = [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else []
+    return [*listed, *extra]
+
+
+def _plugin_manager(dirs):  # type: ignore[no-untyped-def]
+    """The plugin manager and its action types, or exit EXIT_CONFIG naming the plugin at fault."""
+    from .plugins import PluginError, action_types, get_plugin_manager
+
+    try:
+        pm = get_plugin_manager(dirs)
+        return pm, action_types(pm)
+    except PluginError as exc:
+        click.echo(f"spop: error: plugins: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+# -- spop config ------------------------------------------------------------------------------
+@cli.group("config")
+def config_group() -> None:
+    """Write, show and check the configuration file."""
+
+
+@config_group.command("init")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+def config_init(path: str | None, force: bool) -> None:
+    """Write a valid starting configuration to PATH (default: the user config file)."""
+    from .config import config_path_from, init_config
+
+    target = path or config_path_from(None)[0]
+    try:
+        written = init_config(target, force=force)
+    except FileExistsError as exc:
+        click.echo(f"spop: error: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    click.echo(str(written))
+
+
+@config_group.command("show")
+@_config_option
+@click.option("--secrets", is_flag=True, help="Show tokens instead of ********.")
+def config_show(config_path: str | None, secrets: bool) -> None:
+    """Print the merged settings (file, environment, defaults) as TOML."""
+    from .config import show_config
+
+    doc, path, sources = _load_document(config_path)
+    from_env = sorted({origin for origin in sources.values() if origin.startswith("SPOP_")})
+    click.echo(f"# file: {path or 'none (defaults)'}")
+    if from_env:
+        click.echo(f"# environment: {', '.join(from_env)}")
+    click.echo(show_config(doc, secrets=secrets), nl=False)
+
+
+@config_group.command("check")
+@_config_option
+@_plugins_dir_option
+def config_check(config_path: str | None, plugin_dirs: tuple[str, ...]) -> None:
+    """Validate the configuration; list every problem with its key and value (exit 12)."""
+    from .config import Problem, check_config
+    from .plugins import PluginError, action_types, get_plugin_manager
+
+    doc, path, sources = _load_document(config_path)
+    problems = []
+    types = None
+    try:
+        types = action_types(get_plugin_manager(_existing(_plugin_dirs_of(doc, plugin_dirs))))
+    except PluginError as exc:
+        problems.append(Problem("plugins", str(exc)))
+    problems[:0] = check_config(doc, types if types is not None else {}, sources)
+    if types is None:  # without plugins, "unknown action plugin" would only repeat the plugin error
+        problems = [p for p in problems if not p.message.startswith("unknown action")]
+    where = str(path) if path else "defaults"
+    if problems:
+        for problem in problems:
+            click.echo(str(problem))
+        click.echo(f"spop: error: {len(problems)} problem(s) in {where}", err=True)
+        raise SystemExit(EXIT_CONFIG)
+    listeners, actions = len(doc.get("listeners", [])), len(doc.get("actions", {}))
+    click.echo(f"{where}: ok ({listeners} listener(s), {actions} action(s))")
+
+
+def _existing(dirs: list[str]) -> list[str]:
+    from pathlib import Path
+
+    return [d for d in dirs if Path(d).expanduser().is_dir()]
+
+
+# -- spop plugins -----------------------------------------------------------------------------
+@cli.command("plugins")
+@_config_option
+@_plugins_dir_option
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def plugins_command(config_path: str | None, plugin_dirs: tuple[str, ...], as_json: bool) -> None:
+    """List every plugin and action type, and where each came from."""
+    from .plugins import list_plugins
+
+    doc, _, _ = _load_document(config_path)
+    pm, types = _plugin_manager(_plugin_dirs_of(doc, plugin_dirs))
+    infos = list_plugins(pm)
+    if as_json:
+        import json
+
+        click.echo(
+            json.dumps(
+                {
+                    "plugins": [
+                        {"name": i.name, "origin": i.origin, "hooks": i.hooks, "actions": i.actions}
+                        for i in infos
+                    ],
+                    "actions": [
+                        {"name": t.name, "plugin": t.plugin_name, "origin": t.origin}
+                        for t in types.values()
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="spop plugins", title_justify="left")
+    for column in ("plugin", "from", "hooks", "action types"):
+        table.add_column(column, overflow="fold")
+    for info in infos:
+        table.add_row(info.name, info.origin, ", ".join(info.hooks), ", ".join(info.actions))
+    Console().print(table)
+
+
+# -- spop diag --------------------------------------------------------------------------------
+@cli.group("diag")
+def diag_group() -> None:
+    """Where the diagnostics files are, and what they say."""
+
+
+def _diag_set(config_path: str | None, hub: bool):  # type: ignore[no-untyped-def]
+    """(set name, directory): SPOP_DIAG_DIR, else the file's [diagnostics] dir ([hub] diag_dir for
+    the hub), else the platform's user log dir."""
+    import os
+    from pathlib import Path
+
+    name = "hub" if hub else "listener"
+    if os.environ.get("SPOP_DIAG_DIR"):
+        return name, None
+    doc, _, _ = _load_document(config_path)
+    section, key = ("hub", "diag_dir") if hub else ("diagnostics", "dir")
+    table = doc.get(section)
+    value = table.get(key) if isinstance(table, dict) else None
+    return name, Path(value).expanduser() if isinstance(value, str) and value else None
+
+
+@diag_group.command("path")
+@click.option("--hub", is_flag=True, help="The hub's set instead of the listeners'.")
+@_config_option
+def diag_path(hub: bool, config_path: str | None) -> None:
+    """Print the current diagnostics file (`.000`); `.001` and `.002` sit beside it."""
+    from .diagnostics import diag_files
+
+    name, directory = _diag_set(config_path, hub)
+    click.echo(str(diag_files(name, directory)[0]))
+
+
+@diag_group.command("tail")
+@click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines, across rotations.")
+@click.option("--hub", is_flag=True, help="The hub's set instead of the listeners'.")
+@_config_option
+def diag_tail(count: int, follow: bool, hub: bool, config_path: str | None) -> None:
+    """Print the last lines of the diagnostics set (.002, .001, .000 in order)."""
+    import sys
+
+    from .diag_reader import follow as follow_set
+    from .diag_reader import last_lines
+
+    name, directory = _diag_set(config_path, hub)
+    for line in last_lines(name, count, directory):
+        sys.stdout.write(line)
+    sys.stdout.flush()
+    if not follow:
+        return
+    try:
+        for line in follow_set(name, directory):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `spop diag tail -f | head`
+        pass
+
+
+# -- spop status ------------------------------------------------------------------------------
+@cli.command("status")
+@click.option(
+    "--server", default=None, help=SERVER_HELP + " Default: $SPOP_SERVER, [server] address."
+)
+@click.option("--token", default=None, help="Token the hub requires (default: $SPOP_TOKEN).")
+@click.option("--json", "as_json", is_flag=True, help="The hub's status as JSON.")
+@click.option(
+    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the hub."
+)
+@click.option(
+    "--cafile",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CA to verify a TLS hub.",
+)
+@_config_option
+def status_command(
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+    timeout: float,
+    cafile: str | None,
+    config_path: str | None,
+) -> None:
+    """Print the hub's listeners and counters."""
+    from .client import fetch_status
+    from .model import ScreenPopError
+
+    settings = _load_settings(
+        config_path, {"server": {"address": server, "token": token, "cafile": cafile}}
+    )
+    ssl_context = settings.server.ssl_context()
+    options = {"ssl_context": ssl_context} if ssl_context else {}
+    try:
+        data = fetch_status(settings.server.address, settings.server.token, timeout, **options)
+    except ScreenPopError as exc:
+        fail(exc)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    facts = ", ".join(
+        f"{key} {data[key]}"
+        for key in ("version", "uptime", "port", "http_port", "connections", "contacts", "pending")
+        if key in data
+    )
+    console.print(f"hub {settings.server.address}: {facts}")
+    listeners = Table(title="listeners", title_justify="left")
+    for column in ("media", "resource", "connections"):
+        listeners.add_column(column)
+    for row in data.get("listeners", []):
+        listeners.add_row(
+            str(row.get("media", "")), str(row.get("resource", "")), str(row.get("connections", ""))
+        )
+    console.print(listeners)
+    counters = Table(title="counters", title_justify="left")
+    counters.add_column("counter")
+    counters.add_column("value", justify="right")
+    for key, value in sorted((data.get("counters") or {}).items()):
+        counters.add_row(key, str(value))
+    console.print(counters)
+
+
+# -- spop listen ------------------------------------------------------------------------------
+@cli.command()
+@click.argument("media", required=False, type=click.Choice(MEDIA_WORDS))
+@click.argument("resource", required=False)
+@click.option(
+    "--server",
+    default=None,
+    help=SERVER_HELP + " Default: $SPOP_SERVER, [server] address, 6000@localhost.",
+)
+@_config_option
+@click.option(
+    "--action",
+    "action_names",
+    multiple=True,
+    metavar="NAME",
+    help="Action to run on each pop: an [actions.NAME] or an action type (repeatable).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per pop on stdout, nothing else there."
+)
+@click.option("--once", is_flag=True, help="Exit after one pop has been handled by every action.")
+@click.option(
+    "--count", type=click.IntRange(min=1), default=None, help="Exit after N pops have been handled."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --once/--count: exit 15 if the pops have not arrived in S seconds; alone: listen S seconds.",
+)
+@click.option("--token", default=None, help="Token the hub requires (default: $SPOP_TOKEN).")
+@click.option(
+    "--reconnecting-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds between reconnect attempts, at most (default 30).",
+)
+@_plugins_dir_option
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the hub to answer.",
+)
+@click.option(
+    "--cafile",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CA to verify a TLS hub (turns TLS on).",
+)
+@click.option("--plain", is_flag=True, help="Plain log lines even on a terminal.")
+def listen(
+    media: str | None,
+    resource: str | None,
+    server: str | None,
+    config_path: str | None,
+    action_names: tuple[str, ...],
+    as_json: bool,
+    once: bool,
+    count: int | None,
+    timeout: float | None,
+    token: str | None,
+    reconnecting_interval: float | None,
+    plugin_dirs: tuple[str, ...],
+    connect_timeout: float,
+    cafile: str | None,
+    plain: bool,
+) -> None:
+    """Pop MEDIA RESOURCE's pops (or every [[listeners]] of the config) and run their actions."""
+    import os
+    import sys
+
+    from .model import ScreenPopError
+
+    if media and not resource:
+        raise click.UsageError("MEDIA needs a RESOURCE (the extension or user ID to watch)")
+    if once and count not in (None, 1):
+        raise click.UsageError("--once and --count disagree")
+    target = 1 if once else count
+    overrides: dict = {  # type: ignore[type-arg]
+        "server": {
+            "address": server,
+            "token": token,
+            "reconnecting_interval": reconnecting_interval,
+            "cafile": cafile,
+        },
+        "plugins": {"dirs": list(plugin_dirs)},
+    }
+    if media:
+        overrides["listeners"] = [{"media": media, "resource": resource, "actions": []}]
+    settings = _load_settings(config_path, overrides)
+    if not settings.listeners:
+        raise click.UsageError(
+            "nothing to listen to: give MEDIA RESOURCE, or [[listeners]] in the configuration"
+        )
+    if settings.diag_dir and not os.environ.get("SPOP_DIAG_DIR"):
+        os.environ["SPOP_DIAG_DIR"] = str(
+            settings.diag_dir
+        )  # where the listener core opens its set
+    pm, types = _plugin_manager([str(d) for d in settings.plugin_dirs])
+    plans = _listen_plans(settings, types, action_names, as_json)
+
+    from .diagnostics import open_diagnostics
+
+    try:
+        logger = open_diagnostics("listener")
+    except ScreenPopError as exc:
+        fail(exc)
+    from .session import ListenSession
+
+    live = sys.stdout.isatty() and not as_json and not plain
+    session = ListenSession(
+        plans,
+        address=settings.server.address,
+        token=settings.server.token,
+        reconnecting_interval=settings.server.reconnecting_interval,
+        ssl_context=settings.server.ssl_context(),
+        connect_timeout=connect_timeout,
+        count=target,
+        plugin_manager=pm,
+        logger=logger,
+        **({} if live else _plain_callbacks(as_json)),
+    )
+    try:
+        outcome = _run(_listen_until_done(session, timeout=timeout, live=live))
+    except KeyboardInterrupt:  # where signal handlers cannot be installed (Windows)
+        raise SystemExit(EXIT_OK) from None
+    if isinstance(outcome, ScreenPopError):
+        fail(outcome)
+    reason, drained = outcome
+    if not live:
+        click.echo(
+            f"spop: {session.received} pop(s), {session.failures} action failure(s)", err=True
+        )
+    if reason == "timeout" and target is not None:
+        click.echo(
+            f"spop: error: timeout: {session.received} of {target} pop(s) in {timeout:g} s",
+            err=True,
+        )
+        raise SystemExit(EXIT_TIMEOUT)
+    if reason == "count" and (session.failures or not drained):
+        why = "still running at exit" if not drained else f"{session.failures} failure(s)"
+        click.echo(f"spop: error: actions failed: {why}", err=True)
+        raise SystemExit(EXIT_ACTION_FAILED)
+    raise SystemExit(EXIT_OK)
+
+
+def _listen_plans(settings, types, extra_actions: tuple[str, ...], as_json: bool):  # type: ignore[no-untyped-def]
+    """One plan per listener; each action name built once (its table, or a bare action type)."""
+    from .actions import ActionConfigError, configure_action
+    from .config import check_config
+    from .session import ListenerPlan
+
+    problems = check_config(settings.document, types, settings.sources)
+    if problems:
+        _config_fail(problems)
+    built: dict = {}  # type: ignore[type-arg]
+    plans = []
+    for entry in settings.listeners:
+        names = list(dict.fromkeys([*entry.actions, *extra_actions]))
+        for name in names:
+            if name in built:
+                continue
+            if name not in settings.actions and name not in types:
+                known = ", ".join(sorted({*settings.actions, *types}))
+                click.echo(
+                    f"spop: error: config: --action {name}: unknown action (known: {known})",
+                    err=True,
+                )
+                raise SystemExit(EXIT_CONFIG)
+            table = dict(settings.actions.get(name, {}))
+            if as_json and table.get("plugin", name) in ("print", "url") and "stream" not in table:
+                table["stream"] = "stderr"  # --json: nothing but pops on stdout
+            try:
+                built[name] = configure_action(types, name, table)
+            except ActionConfigError as exc:
+                click.echo(
+                    f"spop: error: config: actions.{name}.{exc.key}: {exc.message}", err=True
+                )
+                raise SystemExit(EXIT_CONFIG) from None
+        plans.append(ListenerPlan(entry.media, entry.resource, [built[n] for n in names]))
+    return plans
+
+
+def _plain_callbacks(as_json: bool) -> dict:  # type: ignore[type-arg]
+    """Not a terminal: pops as JSON on stdout (--json), everything else as plain lines on stderr."""
+    import sys
+
+    from . import view
+    from .actions.json import pop_line as json_line
+
+    def on_pop(listener, pop) -> None:  # type: ignore[no-untyped-def]
+        if as_json:
+            sys.stdout.write(json_line(pop))
+            sys.stdout.flush()
+        else:
+            click.echo(view.pop_line(listener, pop), err=True)
+
+    def on_status(listener, old, new) -> None:  # type: ignore[no-untyped-def]
+        click.echo(view.status_line(listener, old, new), err=True)
+
+    def on_result(listener, action, pop, outcome) -> None:  # type: ignore[no-untyped-def]
+        click.echo(view.result_line(listener, action, pop, outcome), err=True)
+
+    return {"on_pop": on_pop, "on_status": on_status, "on_result": on_result}
+
+
+async def _listen_until_done(session, *, timeout: float | None, live: bool):  # type: ignore[no-untyped-def]
+    """Start, wait for the pops (or the timeout, or SIGINT/SIGTERM), drain the actions, shut down.
+
+    Returns (reason, drained), or the ScreenPopError that stopped the start.
+    """
+    import asyncio
+    import signal
+
+    from .model import ScreenPopError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    display = refresher = None
+    if live:
+        from rich.live import Live
+
+        from .view import render
+
+        display = Live(
+            render(session.snapshot()),
+            auto_refresh=False,
+            redirect_stdout=True,
+            redirect_stderr=True,
+        )
+        display.start(refresh=True)
+
+        async def refresh() -> None:
+            while True:
+                display.update(render(session.snapshot()), refresh=True)
+                await asyncio.sleep(0.25)
+
+        refresher = loop.create_task(refresh())
+    try:
+        try:
+            await session.start()
+        except ScreenPopError as exc:
+            return exc
+        reason = await session.wait(timeout, stop)
+        # Ctrl-C means now: give running actions a moment, not their whole time limit.
+        grace = (
+            session.drain_timeout() if reason != "stopped" else min(session.drain_timeout(), 3.0)
+        )
+        drained = await session.finish(grace)
+        return reason, drained
+    finally:
+        if refresher is not None:
+            refresher.cancel()
+        if display is not None:
+            display.update(render(session.snapshot()), refresh=True)
+            display.stop()

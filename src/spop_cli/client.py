@@ -20,6 +20,14 @@ PING = encode({"op": "ping"})
 PONG = encode({"op": "pong"})
 
 
+class Rejected(ScreenPopError):
+    """The hub refused a pop or contact event; `detail` names the error, field and index."""
+
+    def __init__(self, code: Error, message: str, detail: dict[str, Any]) -> None:
+        super().__init__(code, message)
+        self.detail = detail
+
+
 class HubLink(asyncio.Protocol):
     """One connection to a hub. Unsolicited frames (pops) go to `on_pop`; loss to `on_lost`."""
 
@@ -81,7 +89,8 @@ class HubLink(asyncio.Protocol):
 
     # -- out ------------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.lost:
+        # is_closing(): after a reset the transport is closed before connection_lost runs
+        if self.transport is not None and not self.lost and not self.transport.is_closing():
             self.transport.write(data)
             self.last_tx = time.monotonic()
 
@@ -101,7 +110,9 @@ class HubLink(asyncio.Protocol):
                 Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, f"no answer from the hub to {op!r} in {timeout:g} s"
             ) from None
         if answer["op"] == "error":
-            raise ScreenPopError(_code(answer), answer.get("message", ""), ) from None
+            if "detail" in answer:  # the hub checked our input and refused it
+                raise Rejected(_code(answer), answer.get("message", ""), answer["detail"])
+            raise ScreenPopError(_code(answer), answer.get("message", ""))
         return answer
 
     def _fail(self, error: ScreenPopError) -> None:

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from ..pops import InputError
+from ..protocol import MAX_DEPTH, nested_deeper
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -46,9 +47,12 @@ async def _body(request: web.Request) -> Any:
     except web.HTTPRequestEntityTooLarge:
         raise InputError(413, "too_large", f"body over the {limit} byte limit") from None
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InputError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nested_deeper(body, MAX_DEPTH):
+        raise InputError(400, "too_deep", f"body nested deeper than {MAX_DEPTH} levels")
+    return body
 
 
 def _source_guard(request: web.Request) -> web.Response | None:
@@ -85,7 +89,9 @@ async def post_contacts(request: web.Request) -> web.Response:
         result = await hub.apply_contacts(body)
     except InputError as exc:
         hub.counters["rejected"] += 1
-        return _json(exc.to_dict(), exc.status)
+        # the same body as a refused event: nothing was applied
+        refused = {"field": None, "index": None, **exc.to_dict(), "applied": 0, "pops": []}
+        return _json(refused, exc.status)
     except ContactEventError as exc:
         hub.counters["rejected"] += 1
         applied = getattr(exc, "applied_result", {"applied": 0, "pops": []})
@@ -101,8 +107,10 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_health(request: web.Request) -> web.Response:
-    hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
-    return _json({"status": "ok", "version": hub.status()["version"]})
+    from .. import __version__
+
+    # not hub.status(): it walks every registration, too much for a probe every few seconds
+    return _json({"status": "ok", "version": __version__})
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -119,6 +127,10 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if exc.status < 400:
             raise
         return _problem(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+    except Exception:
+        hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
+        hub.log.exception("%s %s failed", request.method, request.path)
+        return _problem(500, "internal", "the hub failed on this request; see its diagnostics")
 
 
 def make_app(hub: Hub) -> web.Application:

@@ -190,7 +190,9 @@ class Hub:
             return "source"
         if hmac.compare_digest(given, source.encode()):
             return "source"
-        if self.config.token is not None and hmac.compare_digest(given, self.config.token.encode()):
+        if self.config.token is None:  # only a source token: listening stays open
+            return "listener"
+        if hmac.compare_digest(given, self.config.token.encode()):
             return "listener"
         return None
 
@@ -201,7 +203,8 @@ class Hub:
         key = (pop["media"], pop["resource"])
         frame = encode({"op": "pop", "pop": pop})
         if not self.delivery.publish(pop_id, key, frame, pop["contact_id"]):
-            return None
+            # a resend: answer it once the first copy is committed, not before
+            return self.journal.commit_of(pop_id) if self.journal is not None else None
         self.counters["pops_accepted"] += 1
         if self.journal is not None:
             body = frame
@@ -218,8 +221,9 @@ class Hub:
             await asyncio.gather(*futures)
         return [p["id"] for p in checked]
 
-    def ack(self, pop_id: str) -> None:
-        if self.delivery.ack(pop_id) is not None:
+    def ack(self, pop_id: str, keys: Any = None) -> None:
+        """A listener handled the pop; acks for unknown pops or another key's are only counted."""
+        if self.delivery.ack(pop_id, keys) is not None:
             if self.journal is not None:
                 self.journal.done(pop_id)
         else:
@@ -279,7 +283,7 @@ class Hub:
                 conn.reply(ref, **await self.apply_contacts(body))
         except Exception as exc:
             detail = (
-                exc.to_dict()
+                {**exc.to_dict(), **getattr(exc, "applied_result", {})}
                 if hasattr(exc, "to_dict")
                 else {"error": "internal", "message": str(exc)}
             )
@@ -289,7 +293,7 @@ class Hub:
             frame = {
                 "op": "error",
                 "code": Error.SCREENPOP_Framework_Error.value,
-                "message": detail.get("message", str(exc)),
+                "message": str(exc) or detail.get("message", ""),
                 "detail": detail,
             }
             if ref is not None:

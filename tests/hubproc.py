@@ -1,0 +1,252 @@
+"""Real hubs for the reliability tests: `spop serve` subprocesses, in-process hubs, raw clients.
+
+A `HubProcess` is a hub in its own process, so a test can SIGKILL it and start it again on the
+same ports and journal. `inprocess_hub` is the same hub in the test's own event loop. `RawClient`
+speaks bytes to the listener port, for input no well-behaved client would send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from spop_cli.hub.server import Hub, HubConfig
+
+LOOPBACK = "127.0.0.1"
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
+    """Run one async test body on a fresh loop; the timeout only bounds a hung test."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
+    """Poll (without blocking the loop) until predicate() is true or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return bool(predicate())
+
+
+# -- a hub in this process -------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def inprocess_hub(**options: Any) -> AsyncIterator[Hub]:
+    """A started hub on free loopback ports in the running loop; stopped on exit."""
+    config = {"host": LOOPBACK, "port": 0, "http_port": 0, "heartbeat": 1.0, **options}
+    hub = Hub(HubConfig(**config))
+    await hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.stop()
+
+
+def address_of(hub: Hub) -> str:
+    return f"{hub.port}@{LOOPBACK}"
+
+
+def http_of(hub: Hub, scheme: str = "http") -> str:
+    return f"{scheme}://{LOOPBACK}:{hub.http_port}"
+
+
+# -- a hub in its own process ----------------------------------------------------------------
+
+
+class HubProcess:
+    """`spop serve` as a subprocess: start, SIGKILL, SIGSTOP, restart on the same ports."""
+
+    def __init__(
+        self, workdir: Path, *args: str, journal: bool = True, heartbeat: float = 1.0, host: str = LOOPBACK, env: dict[str, str] | None = None
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.host = host
+        self.env = env or {}
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ready_file = self.workdir / "ready.json"
+        self.journal = self.workdir / "journal.sqlite3" if journal else None
+        self.extra = [*args, "--heartbeat", str(heartbeat)]
+        self.port = 0
+        self.http_port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "spop_cli", "serve", "--host", self.host]
+        cmd += ["--port", str(self.port), "--http-port", str(self.http_port)]
+        cmd += ["--ready-file", str(self.ready_file)]
+        cmd += ["--journal", str(self.journal)] if self.journal else ["--no-journal"]
+        return cmd + self.extra
+
+    def start(self, timeout: float = 20.0) -> HubProcess:
+        """Start (the first time on free ports, then on the same ones) and wait until listening."""
+        self.ready_file.unlink(missing_ok=True)
+        env = {**os.environ, "SPOP_DIAG_DIR": str(self.workdir / "diag"), **self.env}
+        self.starts += 1
+        log = open(self.workdir / f"hub-{self.starts}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"spop serve exited {self.proc.returncode}: {self.output()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"spop serve not ready in {timeout} s: {self.output()}")
+            time.sleep(0.02)
+        ready = json.loads(self.ready_file.read_text())
+        self.port, self.http_port = ready["port"], ready["http_port"]
+        return self
+
+    def output(self) -> str:
+        return (self.workdir / f"hub-{self.starts}.log").read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no final commit."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM: a graceful stop."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> HubProcess:
+        self.kill()
+        return self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss(self) -> int:
+        """Resident memory of the hub process, bytes."""
+        import psutil
+
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    @property
+    def address(self) -> str:
+        return f"{self.port}@{LOOPBACK}"
+
+    @property
+    def http(self) -> str:
+        return f"http://{LOOPBACK}:{self.http_port}"
+
+    def __enter__(self) -> HubProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+# -- raw bytes on the listener port ----------------------------------------------------------
+
+
+class RawClient:
+    """A bare TCP client: send any bytes, read the hub's frames, see it close."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, ssl: Any = None) -> RawClient:
+        reader, writer = await asyncio.open_connection(
+            LOOPBACK, port, ssl=ssl, server_hostname=LOOPBACK if ssl else None, limit=1 << 24
+        )
+        return cls(reader, writer)
+
+    async def send(self, data: bytes | dict[str, Any]) -> None:
+        if isinstance(data, dict):
+            data = orjson.dumps(data) + b"\n"
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def frame(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The next frame, or None once the hub has closed the connection."""
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            return None
+        return orjson.loads(line)
+
+    async def frames_until_closed(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        frames = []
+        while (frame := await self.frame(timeout)) is not None:
+            frames.append(frame)
+        return frames
+
+    async def hello(self, **fields: Any) -> dict[str, Any]:
+        await self.send({"op": "hello", "version": 1, "ref": 0, **fields})
+        welcome = await self.frame()
+        assert welcome is not None
+        return welcome
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a frame with a ref and return the answer to it (pops on the way are skipped)."""
+        ref = f"r{time.monotonic_ns()}"
+        await self.send({"op": op, "ref": ref, **fields})
+        while True:
+            frame = await self.frame()
+            assert frame is not None, f"hub closed the connection instead of answering {op}"
+            if frame.get("ref") == ref:
+                return frame
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+# -- a listener that must keep receiving --------------------------------------------------------
+
+
+class Canary:
+    """A blocking listener on (telephone, canary): after each bad input, it must still get a pop."""
+
+    def __init__(self, address: str, http_port: int, resource: str = "canary") -> None:
+        from spop_cli import ScreenPopTelephoneListener
+
+        self.http_port = http_port
+        self.resource = resource
+        self.got: list[str] = []
+        self.listener = ScreenPopTelephoneListener(reconnecting_interval=0.3)
+        self.listener.on_screen_pop(lambda event: self.got.append(event.source))
+        self.listener.initialize(address)
+        self.listener.start_listening(resource)
+
+    def check(self, label: str, timeout: float = 5.0) -> None:
+        """Publish a pop over HTTP and wait for it: the hub still accepts and delivers."""
+        import urllib.request
+
+        body = orjson.dumps({"media": "telephone", "resource": self.resource, "source": label})
+        request = urllib.request.Request(
+            f"http://{LOOPBACK}:{self.http_port}/v1/pops", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            assert response.status == 200
+        deadline = time.monotonic() + timeout
+        while label not in self.got:
+            assert time.monotonic() < deadline, f"the canary did not get its pop after {label}"
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.listener.shutdown()
