@@ -27,7 +27,27 @@ _LAZY = {
     "hookimpl": "hookspecs",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "ListenerStatus",
+    "Error",
+    "ScreenPopError",
+    "Media",
+    "ContactDataCollection",
+    "ContactDataItem",
+    "ScreenPopEvent",
+    "ScreenPopTelephoneEvent",
+    "ScreenPopCallbackEvent",
+    "ScreenPopEmailEvent",
+    "ScreenPopWebCollaborationEvent",
+    "StatusChangedEvent",
+    "ScreenPopTelephoneListener",
+    "ScreenPopCallbackListener",
+    "ScreenPopEmailListener",
+    "ScreenPopWebCollaborationListener",
+    "AsyncListener",
+    "hookimpl",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hookspecs import hookimpl

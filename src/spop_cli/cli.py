@@ -447,7 +447,15 @@ def diag_path(hub: bool, config_path: str | None) -> None:
 
 
 @diag_group.command("tail")
-@click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option(
+    "-n",
+    "--lines",
+    "count",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Lines to print.",
+)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines, across rotations.")
 @click.option("--hub", is_flag=True, help="The hub's set instead of the listeners'.")
 @_config_option

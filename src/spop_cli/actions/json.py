@@ -1,0 +1,66 @@
+"""Built-in action `json`: append each pop as one JSON line (`path = "-"` for standard output).
+
+One object per line, `pop.to_dict()` plus `received_at`, flushed per pop so a `tail -f` or a log
+shipper sees it at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from ..hookspecs import hookimpl
+from ..model import utc_now_iso
+from . import ActionConfigError, check_keys, option
+
+
+@hookimpl
+def register_actions(register):
+    register("json", JsonAction)
+
+
+def pop_record(pop: Any, received_at: str | None = None) -> dict[str, Any]:
+    """The line written for a pop; `spop listen --json` prints the same."""
+    return {**pop.to_dict(), "received_at": received_at or utc_now_iso()}
+
+
+def pop_line(pop: Any, received_at: str | None = None) -> str:
+    return json.dumps(pop_record(pop, received_at), ensure_ascii=False) + "\n"
+
+
+class JsonAction:
+    """Appends one line per pop; the file opens at the first pop and stays open."""
+
+    def __init__(self, table: dict[str, Any]) -> None:
+        check_keys(table, {"path"})
+        path = option(table, "path", str, "-")
+        if not path:
+            raise ActionConfigError("path", 'must be a file path or "-"')
+        self.path = path
+        self.name = "json"
+        self._file: IO[str] | None = None
+        self._lock = threading.Lock()  # one line at a time, whichever thread runs the pop
+
+    def run(self, pop: Any) -> None:
+        line = pop_line(pop)
+        with self._lock:
+            stream = self._open()
+            stream.write(line)
+            stream.flush()
+
+    def _open(self) -> IO[str]:
+        if self.path == "-":
+            return sys.stdout
+        if self._file is None or self._file.closed:
+            target = Path(self.path).expanduser()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(target, "a", encoding="utf-8")  # noqa: SIM115
+        return self._file
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None and not self._file.closed:
+                self._file.close()

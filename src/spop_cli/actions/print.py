@@ -1,0 +1,72 @@
+"""Built-in action `print`: a rich panel on a terminal, one plain summary line otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..hookspecs import hookimpl
+from . import check_keys, stream_option
+
+
+@hookimpl
+def register_actions(register):
+    register("print", PrintAction)
+
+
+def summary_line(pop: Any) -> str:
+    """One line a person or grep can read: time, media, resource, the fields that are set."""
+    data = pop.to_dict()
+    parts = [data["created_at"], data["media"], data["resource"]]
+    for field in ("source", "destination", "queue_name", "contact_description", "from", "redirect"):
+        if data[field]:
+            parts.append(
+                f"{field}={data[field]!r}" if " " in data[field] else f"{field}={data[field]}"
+            )
+    parts.append(f"wait_time={data['wait_time']}")
+    parts.extend(f"{key}={value!r}" for key, value in data["contact_data"].items())
+    return " ".join(parts)
+
+
+def pop_panel(pop: Any) -> Any:
+    """The pop as a rich Panel: the fields that are set, then the contact data."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    data = pop.to_dict()
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    for field in ("source", "destination", "queue_name", "contact_description", "from", "redirect"):
+        if data[field]:
+            table.add_row(field, data[field])
+    table.add_row("wait_time", f"{data['wait_time']} s")
+    for key, value in data["contact_data"].items():
+        table.add_row(f"[magenta]{key}[/]", value)
+    title = f"{data['media']} pop for {data['resource']}"
+    return Panel(table, title=title, subtitle=data["created_at"], expand=False)
+
+
+class PrintAction:
+    """Shows the pop where the agent looks: the terminal spop runs in."""
+
+    def __init__(self, table: dict[str, Any]) -> None:
+        check_keys(table, {"stream"})
+        self.name = "print"
+        self._stream = stream_option(table)
+
+    def run(self, pop: Any) -> None:
+        stream = self._stream()
+        if _isatty(stream):
+            from rich.console import Console
+
+            Console(file=stream).print(pop_panel(pop))
+        else:
+            stream.write(summary_line(pop) + "\n")
+            stream.flush()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,605 @@
+"""Settings built in one place: command line > environment > config file > defaults.
+
+The merged result keeps the TOML file's shape (a plain dict), so `spop config show` prints it and
+`check_config` names the exact key path and value at fault: `listeners[0].media = "fax": …`.
+Read with tomllib, written with tomli-w.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import ssl
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model import Media, ScreenPopError, validate_resource
+
+DEFAULT_ADDRESS = "6000@localhost"
+ENVIRONMENT = {  # variable → key path it sets
+    "SPOP_SERVER": ("server", "address"),
+    "SPOP_TOKEN": ("server", "token"),
+    "SPOP_DIAG_DIR": ("diagnostics", "dir"),
+}
+SECRET_KEYS = {"token", "source_token"}
+_MISSING = object()
+
+
+def defaults() -> dict[str, Any]:
+    """The settings when nothing else says otherwise, in the file's shape."""
+    return {
+        "server": {"address": DEFAULT_ADDRESS, "reconnecting_interval": 30},
+        "plugins": {"dirs": []},
+        "diagnostics": {},
+        "hub": {
+            "host": "127.0.0.1",
+            "port": 6000,
+            "http_port": 6080,
+            "pop_ttl": 120,
+            "dedupe_window": 120,
+        },
+        "listeners": [],
+        "actions": {},
+    }
+
+
+def default_config_path() -> Path:
+    """The platform's user config dir: `~/.config/spop/config.toml` on Linux."""
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("spop", appauthor=False)) / "config.toml"
+
+
+# -- problems ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong, with the key path and the value at fault."""
+
+    path: str
+    message: str
+    value: Any = _MISSING
+    origin: str = ""  # where the value came from, when not the file
+
+    def __str__(self) -> str:
+        where = self.path
+        if self.value is not _MISSING:
+            where += f" = {_show(self.value)}"
+        if self.origin:
+            where += f" (from {self.origin})"
+        return f"{where}: {self.message}" if where else self.message
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `.problems` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# -- typed view --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerSettings:
+    """How listeners and `spop status` reach the hub."""
+
+    address: str = DEFAULT_ADDRESS
+    reconnecting_interval: float = 30.0
+    token: str | None = None
+    tls: bool = False
+    cafile: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """TLS to the hub when `tls` or `cafile` is set; `cafile` names the CA to trust."""
+        if not (self.tls or self.cafile):
+            return None
+        return ssl.create_default_context(cafile=self.cafile)
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """`spop serve` options from `[hub]`, validated; the names are HubConfig's.
+
+    `options` holds every `[hub]` key (defaults included), ready for `HubConfig(**options)`.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 6000
+    http_port: int = 6080  # -1: no HTTP port
+    token: str | None = None
+    source_token: str | None = None
+    journal: str | None = None  # None: serve's default location
+    pop_ttl: float = 120.0
+    dedupe_window: float = 120.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    media: str
+    resource: str
+    actions: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything spop reads from outside, merged once."""
+
+    config_path: Path | None
+    document: dict[str, Any]  # the merged settings, in the file's shape
+    sources: dict[str, str]  # key path → "command line", "SPOP_SERVER", the file, "default"
+    server: ServerSettings
+    hub: HubSettings
+    plugin_dirs: list[Path]
+    diag_dir: Path | None
+    listeners: list[ListenerSettings]
+    actions: dict[str, dict[str, Any]]
+
+
+def settings_from_document(
+    doc: dict[str, Any], config_path: Path | None, sources: dict[str, str]
+) -> Settings:
+    """The typed view of a merged document that `validate` found no problem in."""
+    server, hub = doc["server"], doc["hub"]
+    diag = doc["diagnostics"].get("dir")
+    return Settings(
+        config_path=config_path,
+        document=doc,
+        sources=sources,
+        server=ServerSettings(
+            address=server["address"],
+            reconnecting_interval=float(server["reconnecting_interval"]),
+            token=server.get("token") or None,
+            tls=bool(server.get("tls", False)),
+            cafile=server.get("cafile"),
+        ),
+        hub=HubSettings(**{k: v for k, v in hub.items() if k in HUB_FIELDS}, options=dict(hub)),
+        plugin_dirs=[Path(d) for d in doc["plugins"]["dirs"]],
+        diag_dir=Path(diag).expanduser() if diag else None,
+        listeners=[
+            ListenerSettings(entry["media"], entry["resource"], list(entry.get("actions", [])))
+            for entry in doc["listeners"]
+        ],
+        actions={name: dict(table) for name, table in doc["actions"].items()},
+    )
+
+
+# -- reading and merging -------------------------------------------------------------------------
+def config_path_from(
+    option: str | Path | None, environ: Mapping[str, str] | None = None
+) -> tuple[Path, bool]:
+    """The file to read and whether it was asked for (`--config`, `SPOP_CONFIG`) or is the default."""
+    environ = os.environ if environ is None else environ
+    if option:
+        return Path(option).expanduser(), True
+    if environ.get("SPOP_CONFIG"):
+        return Path(environ["SPOP_CONFIG"]).expanduser(), True
+    return default_config_path(), False
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse one TOML file; a syntax error becomes a ConfigError naming the file and line."""
+    try:
+        with open(path, "rb") as file:
+            doc = tomllib.load(file)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from None
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), f"cannot read: {exc.strerror or exc}")]) from None
+    # Plugin folders are relative to the file that names them.
+    dirs = doc.get("plugins", {}).get("dirs") if isinstance(doc.get("plugins"), dict) else None
+    if isinstance(dirs, list):
+        doc["plugins"]["dirs"] = [
+            str((path.parent / d).expanduser())
+            if isinstance(d, str) and not Path(d).expanduser().is_absolute()
+            else d
+            for d in dirs
+        ]
+    return doc
+
+
+def load_document(
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[dict[str, Any], Path | None, dict[str, str]]:
+    """Merge defaults < file < environment < `overrides`; return (document, file read, sources).
+
+    Tables merge key by key; arrays replace, except `plugins.dirs`, where the command line adds.
+    """
+    environ = os.environ if environ is None else environ
+    path, asked = config_path_from(config, environ)
+    doc = defaults()
+    sources: dict[str, str] = {}
+    _record(sources, doc, "default")
+    read_from: Path | None = None
+    if path.exists() or asked:
+        if not path.exists():
+            raise ConfigError([Problem(str(path), "config file not found")])
+        file_doc = read_config_file(path)
+        _overlay(doc, file_doc, sources, str(path))
+        read_from = path
+    for variable, (section, key) in ENVIRONMENT.items():
+        if environ.get(variable):
+            doc.setdefault(section, {})[key] = environ[variable]
+            sources[f"{section}.{key}"] = variable
+    if environ.get("SPOP_TOKEN") and isinstance(doc.get("hub"), dict):
+        doc["hub"]["token"] = environ["SPOP_TOKEN"]
+        sources["hub.token"] = "SPOP_TOKEN"
+    if overrides:
+        extra_dirs = (overrides.get("plugins") or {}).get("dirs")
+        rest = {k: v for k, v in overrides.items() if k != "plugins"}
+        _overlay(doc, rest, sources, "command line")
+        if extra_dirs:
+            current = doc["plugins"].get("dirs") if isinstance(doc.get("plugins"), dict) else None
+            doc.setdefault("plugins", {})["dirs"] = [
+                *(current if isinstance(current, list) else []),
+                *map(str, extra_dirs),
+            ]
+            sources["plugins.dirs"] = "command line"
+    return doc, read_from, sources
+
+
+def _overlay(
+    base: dict[str, Any],
+    top: Mapping[str, Any],
+    sources: dict[str, str],
+    origin: str,
+    prefix: str = "",
+) -> None:
+    for key, value in top.items():
+        if value is None:
+            continue  # an option not given on the command line
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _overlay(base[key], value, sources, origin, f"{path}.")
+        else:
+            base[key] = copy.deepcopy(value)
+            _record(sources, {key: value}, origin, prefix)
+
+
+def _record(sources: dict[str, str], doc: Mapping[str, Any], origin: str, prefix: str = "") -> None:
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        sources[path] = origin
+        if isinstance(value, Mapping):
+            _record(sources, value, origin, f"{path}.")
+
+
+def load_settings(
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read, merge and validate; raise ConfigError listing every structural problem."""
+    doc, path, sources = load_document(config, overrides, environ)
+    problems = validate(doc, sources)
+    if problems:
+        raise ConfigError(problems)
+    return settings_from_document(doc, path, sources)
+
+
+# -- validation ---------------------------------------------------------------------------------
+Check = Callable[[Any], str | None]  # a message when the value is wrong
+
+
+def _string(value: Any) -> str | None:
+    return None if isinstance(value, str) else "must be a string"
+
+
+def _nonempty_string(value: Any) -> str | None:
+    return None if isinstance(value, str) and value else "must be a non-empty string"
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _number(minimum: float, strict: bool = True) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "must be a number"
+        if (value <= minimum) if strict else (value < minimum):
+            return f"must be {'greater than' if strict else 'at least'} {minimum:g}"
+        return None
+
+    return check
+
+
+def _port(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "must be an integer port number"
+    return None if 0 <= value <= 65535 else "must be a port number from 0 to 65535"
+
+
+def _address(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return "must be a string like 6000@host"
+    from .address import parse_address
+
+    try:
+        parse_address(value)
+    except ScreenPopError as exc:
+        return f"{exc.code.value}: {exc.message}"
+    return None
+
+
+def _existing_file(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return "must be a file path"
+    return None if Path(value).expanduser().is_file() else "file not found"
+
+
+def _http_port(value: Any) -> str | None:
+    return None if value == -1 and not isinstance(value, bool) else _port(value)
+
+
+def _count(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return "must be a positive integer"
+    return None
+
+
+def _dirs(value: Any) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+        return "must be a list of folder paths"
+    return None
+
+
+SCHEMA: dict[str, dict[str, Check]] = {
+    "server": {
+        "address": _address,
+        "reconnecting_interval": _number(0),
+        "token": _nonempty_string,
+        "tls": _bool,
+        "cafile": _existing_file,
+    },
+    "plugins": {"dirs": _dirs},
+    "diagnostics": {"dir": _nonempty_string},
+    "hub": {  # the names are HubConfig's (`spop serve`); a test keeps the two in step
+        "host": _nonempty_string,
+        "port": _port,
+        "http_port": _http_port,
+        "token": _nonempty_string,
+        "source_token": _nonempty_string,
+        "journal": _string,
+        "pop_ttl": _number(0),
+        "dedupe_window": _number(0, strict=False),
+        "tls_cert": _existing_file,
+        "tls_key": _existing_file,
+        "heartbeat": _number(0),
+        "handshake_timeout": _number(0),
+        "max_frame": _count,
+        "max_buffer": _count,
+        "max_connections": _count,
+        "max_registrations": _count,
+        "max_body": _count,
+        "contact_forget_after": _number(0, strict=False),
+        "contact_idle_expiry": _number(0, strict=False),
+        "diag_dir": _nonempty_string,
+    },
+}
+LISTENER_KEYS = ("media", "resource", "actions")
+HUB_FIELDS = tuple(f for f in HubSettings.__dataclass_fields__ if f != "options")
+SECTIONS = (*SCHEMA, "listeners", "actions")
+
+
+def validate(doc: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> list[Problem]:
+    """Structural problems: unknown sections and keys, wrong types, bad values. No plugins needed."""
+    sources = sources or {}
+    problems: list[Problem] = []
+
+    def problem(path: str, message: str, value: Any = _MISSING) -> None:
+        origin = sources.get(path, "")
+        shown = origin if origin in ENVIRONMENT or origin == "command line" else ""
+        problems.append(Problem(path, message, value, shown))
+
+    for section in doc:
+        if section not in SECTIONS:
+            problem(section, f"unknown section (expected one of {', '.join(SECTIONS)})")
+    for section, checks in SCHEMA.items():
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            problem(section, "must be a table")
+            continue
+        for key, value in table.items():
+            check = checks.get(key)
+            if check is None:
+                problem(
+                    f"{section}.{key}", f"unknown key (expected one of {', '.join(checks)})", value
+                )
+            elif (message := check(value)) is not None:
+                problem(f"{section}.{key}", message, value)
+    plugins_dirs = (
+        doc.get("plugins", {}).get("dirs", []) if isinstance(doc.get("plugins"), dict) else []
+    )
+    if isinstance(plugins_dirs, list):
+        for index, directory in enumerate(plugins_dirs):
+            if isinstance(directory, str) and not Path(directory).expanduser().is_dir():
+                problem(f"plugins.dirs[{index}]", "folder not found", directory)
+    hub = doc.get("hub") if isinstance(doc.get("hub"), dict) else {}
+    if bool(hub.get("tls_cert")) != bool(hub.get("tls_key")):
+        problem("hub.tls_cert", "tls_cert and tls_key go together: set both or neither")
+    _validate_listeners(doc.get("listeners", []), problem)
+    actions = doc.get("actions", {})
+    if not isinstance(actions, dict):
+        problem("actions", "must be a table of [actions.NAME] tables")
+    else:
+        for name, table in actions.items():
+            if not isinstance(table, dict):
+                problem(f"actions.{name}", "must be a table", table)
+            elif "plugin" in table and not isinstance(table["plugin"], str):
+                problem(f"actions.{name}.plugin", "must be a string", table["plugin"])
+    return problems
+
+
+def _validate_listeners(listeners: Any, problem: Callable[..., None]) -> None:
+    if not isinstance(listeners, list):
+        problem("listeners", "must be an array of [[listeners]] tables")
+        return
+    for index, entry in enumerate(listeners):
+        where = f"listeners[{index}]"
+        if not isinstance(entry, dict):
+            problem(where, "must be a table")
+            continue
+        for key, value in entry.items():
+            if key not in LISTENER_KEYS:
+                problem(
+                    f"{where}.{key}",
+                    f"unknown key (expected one of {', '.join(LISTENER_KEYS)})",
+                    value,
+                )
+        media = entry.get("media", _MISSING)
+        if media is _MISSING:
+            problem(f"{where}.media", "missing")
+        elif not isinstance(media, str) or media not in {m.value for m in Media}:
+            problem(
+                f"{where}.media",
+                f"unknown media (expected {', '.join(m.value for m in Media)})",
+                media,
+            )
+        resource = entry.get("resource", _MISSING)
+        if resource is _MISSING:
+            problem(f"{where}.resource", "missing (the extension or user ID to watch)")
+        else:
+            try:
+                validate_resource(resource)
+            except ScreenPopError as exc:
+                problem(f"{where}.resource", exc.message, resource)
+        actions = entry.get("actions", [])
+        if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
+            problem(f"{where}.actions", "must be a list of action names", actions)
+
+
+def check_config(
+    doc: Mapping[str, Any],
+    types: Mapping[str, Any] | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> list[Problem]:
+    """Every problem: structural ones, then each action built from its table (when `types` is given)
+    and each listener's action names resolved."""
+    problems = validate(doc, sources)
+    if types is None:
+        return problems
+    from .actions import ActionConfigError, configure_action
+    from .templates import TemplateError, parse_condition
+
+    actions = doc.get("actions", {}) if isinstance(doc.get("actions"), dict) else {}
+    for name, table in actions.items():
+        if not isinstance(table, dict):
+            continue
+        if "when" in table:  # checked apart, so a bad filter does not hide the type's own problems
+            try:
+                parse_condition(table["when"])
+            except TemplateError as exc:
+                problems.append(Problem(f"actions.{name}.when", str(exc), table["when"]))
+            table = {k: v for k, v in table.items() if k != "when"}
+        try:
+            configure_action(types, name, table)
+        except ActionConfigError as exc:
+            value = table.get("plugin", name) if exc.key == "plugin" else _lookup(table, exc.key)
+            problems.append(Problem(f"actions.{name}.{exc.key}", exc.message, value))
+        except Exception as exc:  # a third-party factory's own error
+            problems.append(Problem(f"actions.{name}", f"{type(exc).__name__}: {exc}"))
+    listeners = doc.get("listeners", [])
+    if isinstance(listeners, list):
+        for index, entry in enumerate(listeners):
+            names = entry.get("actions", []) if isinstance(entry, dict) else []
+            for position, action in enumerate(names if isinstance(names, list) else []):
+                if isinstance(action, str) and action not in actions and action not in types:
+                    known = ", ".join(sorted({*actions, *types}))
+                    problems.append(
+                        Problem(
+                            f"listeners[{index}].actions[{position}]",
+                            f"unknown action (define [actions.{action}] or use one of: {known})",
+                            action,
+                        )
+                    )
+    return problems
+
+
+def _lookup(table: Mapping[str, Any], key: str) -> Any:
+    """The value at `argv[0]` or `env.CRM` in an action table, or _MISSING."""
+    value: Any = table
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        try:
+            value = value[int(part[1:-1])] if part.startswith("[") else value[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return _MISSING
+    return value
+
+
+# -- writing --------------------------------------------------------------------------------------
+STARTER_HEADER = """\
+# spop configuration. Every key is described in config.example.toml and docs/configuration.md.
+# Precedence: command-line options > environment (SPOP_SERVER, SPOP_TOKEN, SPOP_DIAG_DIR,
+# SPOP_CONFIG) > this file > defaults. Check it with `spop config check`.
+
+"""
+STARTER_FOOTER = """
+# More actions to add to a listener's `actions` list:
+#
+# [actions.crm]
+# plugin = "url"
+# url = "https://crm.example.com/search?phone={source}&queue={queue_name}"
+# when = { queue_name = "Ventes*" }
+#
+# [actions.hook]
+# plugin = "command"
+# argv = ["/usr/local/bin/on-pop", "{source}", "{contact_data[code1]}"]
+# timeout = 10
+#
+# [actions.log]
+# plugin = "json"
+# path = "/var/log/spop/pops.ndjson"
+"""
+
+
+def starter_document() -> dict[str, Any]:
+    return {
+        "server": {"address": DEFAULT_ADDRESS, "reconnecting_interval": 30},
+        "plugins": {"dirs": []},
+        "listeners": [{"media": "telephone", "resource": "13579", "actions": ["screen"]}],
+        "actions": {"screen": {"plugin": "print"}},
+    }
+
+
+def init_config(path: str | Path, force: bool = False) -> Path:
+    """Write a valid starting file; refuse to replace one unless `force`."""
+    import tomli_w
+
+    target = Path(path).expanduser()
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists (use --force to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(
+        STARTER_HEADER + tomli_w.dumps(starter_document()) + STARTER_FOOTER, encoding="utf-8"
+    )
+    return target
+
+
+def show_config(doc: Mapping[str, Any], secrets: bool = False) -> str:
+    """The merged settings as TOML; tokens hidden unless `secrets`."""
+    import tomli_w
+
+    shown = copy.deepcopy(dict(doc))
+    if not secrets:
+        for section in ("server", "hub"):
+            table = shown.get(section)
+            if isinstance(table, dict):
+                for key in SECRET_KEYS & set(table):
+                    table[key] = "********"
+    return tomli_w.dumps(shown)

@@ -1,0 +1,274 @@
+"""Runs a listener's actions for each pop, each action on its own queue and worker.
+
+A failing, slow or hanging action delays nobody: every action has its own asyncio queue, a sync
+`run` goes to a daemon thread of its own (a hung one cannot hold the process at exit, as a
+thread-pool worker would), and each run has a time limit. Results go to `on_result` and to the
+diagnostics logger; plugin hooks (`spop_screen_pop`, `spop_status_changed`) run on a worker too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .actions import DEFAULT_TIMEOUT, ActionError, ActionSkipped, ConfiguredAction
+
+MAX_QUEUED = 10_000  # pops waiting for one action before further ones are reported as failed
+HOOK_TIMEOUT = 30.0
+
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one pop in one action."""
+
+    status: str  # "ok", "failed" or "skipped"
+    duration: float = 0.0  # seconds spent in run()
+    error: str = ""  # why it failed or was skipped
+
+
+class _Slot:
+    """One action's queue and worker."""
+
+    def __init__(self, action: ConfiguredAction) -> None:
+        self.action = action
+        self.queue: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue(MAX_QUEUED)
+        self.worker: asyncio.Task[None] | None = None
+
+
+class ActionDispatcher:
+    """`submit(pop, listener)` queues the pop for every action and returns at once."""
+
+    def __init__(
+        self,
+        actions: Iterable[ConfiguredAction | Any],
+        logger: logging.Logger | None = None,
+        on_result: Callable[[str, Any, Outcome], Any] | None = None,
+        *,
+        plugin_manager: Any = None,
+    ) -> None:
+        self.actions = [_configured(action) for action in actions]
+        self.log = logger or logging.getLogger("spop.listener")
+        self.on_result = on_result
+        self.plugin_manager = plugin_manager
+        self.failures = 0
+        self.pending = 0  # (pop, action) pairs queued or running
+        self.counts: Counter[str] = Counter()
+        self._slots = [_Slot(action) for action in self.actions]
+        self._hooks: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(MAX_QUEUED)
+        self._hook_worker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- in -------------------------------------------------------------------------------
+    def submit(self, pop: Any, listener: Any = None) -> None:
+        """Queue the pop for each action, then for the `spop_screen_pop` hook. Never blocks."""
+        if self._closed:
+            raise RuntimeError("dispatcher is closed")
+        for slot in self._slots:
+            self._start(slot)
+            try:
+                slot.queue.put_nowait((pop, listener))
+                self.pending += 1
+            except asyncio.QueueFull:
+                self._report(
+                    slot.action, pop, Outcome(FAILED, 0.0, f"{MAX_QUEUED} pops already waiting")
+                )
+        self._call_hook("spop_screen_pop", pop=pop, listener=listener)
+
+    def status_changed(self, listener: Any, old: Any, new: Any) -> None:
+        """Pass a listener's status change to the `spop_status_changed` hook."""
+        self._call_hook("spop_status_changed", listener=listener, old=old, new=new)
+
+    # -- out ------------------------------------------------------------------------------
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued pop has been through every action (and hook); False on timeout."""
+        waits = [slot.queue.join() for slot in self._slots]
+        if self._hook_worker is not None:
+            waits.append(self._hooks.join())
+        if not waits:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop the workers and close the actions that hold files or sessions."""
+        self._closed = True
+        for task in [slot.worker for slot in self._slots] + [self._hook_worker]:
+            if task is not None and not task.done():
+                task.cancel()
+        for configured in self.actions:
+            close = getattr(configured.action, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    self.log.exception("closing action %s failed", configured.name)
+
+    # -- workers --------------------------------------------------------------------------
+    def _start(self, slot: _Slot) -> None:
+        if slot.worker is None:
+            slot.worker = asyncio.get_running_loop().create_task(
+                self._work(slot), name=f"spop-action-{slot.action.name}"
+            )
+
+    async def _work(self, slot: _Slot) -> None:
+        while True:
+            pop, _listener = await slot.queue.get()
+            try:
+                outcome = await self._run(slot.action, pop)
+                self._report(slot.action, pop, outcome)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in reporting must not stop the worker
+                self.log.exception("action %s: reporting failed", slot.action.name)
+            finally:
+                self.pending -= 1
+                slot.queue.task_done()
+
+    async def _run(self, configured: ConfiguredAction, pop: Any) -> Outcome:
+        if configured.when is not None:
+            why = configured.when.mismatch(pop)
+            if why is not None:
+                return Outcome(SKIPPED, 0.0, f"when: {why}")
+        run = configured.action.run
+        deadline = asyncio.timeout(configured.timeout)
+        started = time.monotonic()
+        try:
+            async with deadline:
+                if inspect.iscoroutinefunction(run):
+                    await run(pop)
+                else:
+                    result = await run_in_thread(run, pop, name=configured.name)
+                    if inspect.isawaitable(result):
+                        await result
+        except TimeoutError as exc:
+            # Our deadline, or a timeout inside the action (a socket's, say): say which.
+            error = (
+                f"timed out after {configured.timeout:g} s"
+                if deadline.expired()
+                else _describe(exc)
+            )
+            return Outcome(FAILED, time.monotonic() - started, error)
+        except ActionSkipped as exc:
+            return Outcome(SKIPPED, time.monotonic() - started, str(exc) or "skipped")
+        except Exception as exc:
+            return Outcome(FAILED, time.monotonic() - started, _describe(exc))
+        return Outcome(OK, time.monotonic() - started)
+
+    def _report(self, configured: ConfiguredAction, pop: Any, outcome: Outcome) -> None:
+        self.counts[outcome.status] += 1
+        pop_id = getattr(pop, "id", "?")
+        if outcome.status == FAILED:
+            self.failures += 1
+            self.log.error(
+                "action %s (%s) failed for pop %s after %.3f s: %s",
+                configured.name,
+                configured.type,
+                pop_id,
+                outcome.duration,
+                outcome.error,
+            )
+        elif outcome.status == SKIPPED:
+            self.log.info("action %s skipped pop %s: %s", configured.name, pop_id, outcome.error)
+        else:
+            self.log.info(
+                "action %s ok for pop %s in %.3f s", configured.name, pop_id, outcome.duration
+            )
+        if self.on_result is not None:
+            try:
+                self.on_result(configured.name, pop, outcome)
+            except Exception:
+                self.log.exception("on_result callback failed")
+
+    def _call_hook(self, hook_name: str, **kwargs: Any) -> None:
+        pm = self.plugin_manager
+        if pm is None or self._closed or not getattr(pm.hook, hook_name).get_hookimpls():
+            return
+        if self._hook_worker is None:
+            self._hook_worker = asyncio.get_running_loop().create_task(
+                self._work_hooks(), name="spop-hooks"
+            )
+        try:
+            self._hooks.put_nowait((hook_name, kwargs))
+        except asyncio.QueueFull:
+            self.log.error("hook %s dropped: %d calls already waiting", hook_name, MAX_QUEUED)
+
+    async def _work_hooks(self) -> None:
+        while True:
+            hook_name, kwargs = await self._hooks.get()
+            try:
+                # One implementation at a time, so one broken plugin does not hide a pop from the rest.
+                for impl in getattr(self.plugin_manager.hook, hook_name).get_hookimpls():
+                    call = functools.partial(
+                        impl.function, **{k: v for k, v in kwargs.items() if k in impl.argnames}
+                    )
+                    try:
+                        await asyncio.wait_for(run_in_thread(call, name=hook_name), HOOK_TIMEOUT)
+                    except TimeoutError:
+                        self.log.error(
+                            "hook %s of %s timed out after %g s",
+                            hook_name,
+                            impl.plugin_name,
+                            HOOK_TIMEOUT,
+                        )
+                    except Exception as exc:
+                        self.log.error(
+                            "hook %s of %s failed: %s", hook_name, impl.plugin_name, _describe(exc)
+                        )
+            finally:
+                self._hooks.task_done()
+
+
+def run_in_thread(fn: Callable[..., Any], *args: Any, name: str = "action") -> asyncio.Future[Any]:
+    """Run fn(*args) in a new daemon thread; the future gets its result or exception."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # timed out and cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, not swallowed
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name=f"spop-{name}", daemon=True).start()
+    return future
+
+
+def _configured(action: ConfiguredAction | Any) -> ConfiguredAction:
+    """Accept bare action objects too (tests, embedding): no filter, their own or the default timeout."""
+    if isinstance(action, ConfiguredAction):
+        return action
+    name = getattr(action, "name", type(action).__name__)
+    return ConfiguredAction(
+        name, name, action, None, float(getattr(action, "timeout", None) or DEFAULT_TIMEOUT)
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, ActionError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,21 @@
+"""The whole plugin contract at a glance: every hook spop calls, with what a plugin does with it."""
+
+from pluggy import HookimplMarker, HookspecMarker
+
+hookspec = HookspecMarker("spop")
+hookimpl = HookimplMarker("spop")
+
+
+@hookspec
+def register_actions(register):
+    """Register action types: call register(name, factory); factory(config_table) returns an action."""
+
+
+@hookspec
+def spop_screen_pop(pop, listener):
+    """See every pop a listener receives (after its actions are queued); return value ignored."""
+
+
+@hookspec
+def spop_status_changed(listener, old, new):
+    """See every listener status change: old and new are ListenerStatus values."""

@@ -1,0 +1,283 @@
+"""One `spop listen` run: many listeners in one loop, each with its dispatcher; counting and stopping.
+
+No terminal I/O here: the command line passes callbacks and renders `snapshot()` (see view.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .actions import ConfiguredAction
+from .dispatch import ActionDispatcher, Outcome
+from .model import ListenerStatus, ScreenPopError
+
+RECENT_POPS = 12
+
+
+@dataclass(frozen=True)
+class ListenerPlan:
+    """What to listen to and what to do with its pops."""
+
+    media: str
+    resource: str
+    actions: Sequence[ConfiguredAction] = ()
+
+
+@dataclass(frozen=True)
+class ListenerRow:
+    media: str
+    resource: str
+    status: str
+    pops_received: int
+    last_pop_at: float | None  # time.time() of the last pop
+    last_source: str
+    last_queue: str
+    retry_in: float | None  # seconds to the next reconnect attempt
+    failures: int
+    actions: tuple[str, ...]
+
+
+@dataclass
+class PopRow:
+    received_at: float
+    media: str
+    resource: str
+    pop_id: str
+    source: str
+    queue: str
+    description: str
+    wait_time: int
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the live view shows, copied at one instant."""
+
+    server: str
+    listeners: tuple[ListenerRow, ...]
+    pops: tuple[PopRow, ...]  # newest first
+    failures: int
+    pending: int
+    target: int | None  # pops to wait for (--once / --count)
+
+
+@dataclass
+class _Entry:
+    plan: ListenerPlan
+    listener: Any
+    dispatcher: ActionDispatcher
+    last_pop_at: float | None = None  # time.time() of its last pop
+
+
+class ListenSession:
+    """Starts the listeners, feeds their pops to the dispatchers, ends on count, timeout or stop."""
+
+    def __init__(
+        self,
+        plans: Sequence[ListenerPlan],
+        *,
+        address: str,
+        token: str | None = None,
+        reconnecting_interval: float = 30.0,
+        ssl_context: Any = None,
+        connect_timeout: float = 10.0,
+        count: int | None = None,
+        plugin_manager: Any = None,
+        logger: logging.Logger | None = None,
+        on_pop: Callable[[Any, Any], None] | None = None,
+        on_status: Callable[[Any, ListenerStatus, ListenerStatus], None] | None = None,
+        on_result: Callable[[Any, str, Any, Outcome], None] | None = None,
+        listener_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        self.plans = list(plans)
+        self.address = address
+        self.token = token
+        self.reconnecting_interval = reconnecting_interval
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self.count = count
+        self.plugin_manager = plugin_manager
+        self.log = logger or logging.getLogger("spop.listener")
+        self.on_pop = on_pop
+        self.on_status = on_status
+        self.on_result = on_result
+        self.listener_factory = listener_factory
+        self.entries: list[_Entry] = []
+        self.received = 0
+        self.recent: deque[PopRow] = deque(maxlen=RECENT_POPS)
+        self._rows: dict[str, PopRow] = {}
+        self._enough = asyncio.Event()
+
+    @property
+    def failures(self) -> int:
+        return sum(entry.dispatcher.failures for entry in self.entries)
+
+    @property
+    def pending(self) -> int:
+        return sum(entry.dispatcher.pending for entry in self.entries)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Initialize and start every listener; on the first error shut the others down and raise."""
+        factory = self.listener_factory
+        if factory is None:
+            from .listener.core import AsyncListener
+
+            factory = AsyncListener
+        for plan in self.plans:
+            listener = factory(
+                plan.media,
+                reconnecting_interval=self.reconnecting_interval,
+                token=self.token,
+                ssl_context=self.ssl_context,
+                timeout=self.connect_timeout,
+            )
+            entry = _Entry(plan, listener, self._dispatcher(listener, plan))
+            listener.on_screen_pop(lambda event, entry=entry: self._received(entry, event))
+            listener.on_status_changed(lambda old, new, entry=entry: self._status(entry, old, new))
+            self.entries.append(entry)
+        try:
+            for entry in self.entries:
+                await entry.listener.initialize(self.address)
+                await entry.listener.start_listening(entry.plan.resource)
+        except ScreenPopError:
+            await self.finish(drain_timeout=0)
+            raise
+
+    async def wait(self, timeout: float | None = None, stop: asyncio.Event | None = None) -> str:
+        """Until `count` pops arrived ("count"), `timeout` passed ("timeout") or `stop` is set ("stopped")."""
+        waiters = {asyncio.ensure_future(self._enough.wait()): "count"}
+        if stop is not None:
+            waiters[asyncio.ensure_future(stop.wait())] = "stopped"
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in waiters:
+                task.cancel()
+        if not done:
+            return "timeout"
+        # A pop and a signal at the same instant: the pop count wins, it is what was asked for.
+        reasons = {waiters[task] for task in done}
+        return "count" if "count" in reasons else "stopped"
+
+    async def finish(self, drain_timeout: float | None = None) -> bool:
+        """Stop listening, let the actions finish (drain), shut down. False if actions were still busy."""
+        for entry in self.entries:
+            if entry.listener.status in (
+                ListenerStatus.Status_Up,
+                ListenerStatus.Status_Reconnecting,
+            ):
+                await self._quietly(entry.listener.stop_listening())
+        drained = True
+        if drain_timeout is None or drain_timeout > 0:
+            results = await asyncio.gather(
+                *(e.dispatcher.drain(drain_timeout) for e in self.entries)
+            )
+            drained = all(results)
+        for entry in self.entries:
+            if entry.listener.status is not ListenerStatus.Status_Down:
+                await self._quietly(entry.listener.shutdown())
+            entry.dispatcher.close()
+        return drained
+
+    def drain_timeout(self) -> float:
+        """Long enough for the slowest action's time limit, plus a margin."""
+        limits = [a.timeout for entry in self.entries for a in entry.dispatcher.actions]
+        return max(limits, default=0.0) + 5.0
+
+    async def _quietly(self, call: Any) -> None:
+        try:
+            await call
+        except ScreenPopError as exc:
+            self.log.warning("while stopping: %s", exc)
+
+    # -- callbacks ------------------------------------------------------------------------
+    def _dispatcher(self, listener: Any, plan: ListenerPlan) -> ActionDispatcher:
+        def on_result(action_name: str, pop: Any, outcome: Outcome) -> None:
+            row = self._rows.get(getattr(pop, "id", ""))
+            if row is not None:
+                row.outcomes[action_name] = outcome
+            if self.on_result is not None:
+                self.on_result(listener, action_name, pop, outcome)
+
+        return ActionDispatcher(
+            plan.actions, self.log, on_result, plugin_manager=self.plugin_manager
+        )
+
+    def _received(self, entry: _Entry, event: Any) -> None:
+        # Quick and non-blocking: the listener acks the pop to the hub once this returns.
+        self.received += 1
+        entry.last_pop_at = time.time()
+        row = PopRow(
+            entry.last_pop_at,
+            str(event.media),
+            event.resource,
+            event.id,
+            event.source,
+            event.queue_name,
+            event.contact_description,
+            event.wait_time,
+        )
+        if len(self.recent) == self.recent.maxlen:
+            self._rows.pop(self.recent[-1].pop_id, None)
+        self.recent.appendleft(row)
+        self._rows[event.id] = row
+        entry.dispatcher.submit(event, entry.listener)
+        if self.on_pop is not None:
+            self.on_pop(entry.listener, event)
+        if self.count is not None and self.received >= self.count:
+            self._enough.set()
+
+    def _status(self, entry: _Entry, old: ListenerStatus, new: ListenerStatus) -> None:
+        entry.dispatcher.status_changed(entry.listener, old, new)
+        if self.on_status is not None:
+            self.on_status(entry.listener, old, new)
+
+    # -- the view's data ------------------------------------------------------------------
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        now = time.monotonic() if now is None else now
+        rows = []
+        for entry in self.entries:
+            listener, last = entry.listener, entry.listener.last_pop
+            retry_at = listener.next_retry_at
+            rows.append(
+                ListenerRow(
+                    media=str(listener.media),
+                    resource=listener.resource or entry.plan.resource,
+                    status=str(listener.status),
+                    pops_received=listener.pops_received,
+                    last_pop_at=entry.last_pop_at,
+                    last_source=last.source if last is not None else "",
+                    last_queue=last.queue_name if last is not None else "",
+                    retry_in=max(0.0, retry_at - now)
+                    if retry_at is not None
+                    and listener.status is ListenerStatus.Status_Reconnecting
+                    else None,
+                    failures=entry.dispatcher.failures,
+                    actions=tuple(a.name for a in entry.dispatcher.actions),
+                )
+            )
+        pops = tuple(
+            PopRow(
+                r.received_at,
+                r.media,
+                r.resource,
+                r.pop_id,
+                r.source,
+                r.queue,
+                r.description,
+                r.wait_time,
+                dict(r.outcomes),
+            )
+            for r in self.recent
+        )
+        return Snapshot(self.address, tuple(rows), pops, self.failures, self.pending, self.count)

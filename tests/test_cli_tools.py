@@ -1,0 +1,244 @@
+"""`spop config`, `spop plugins`, `spop diag` with CliRunner and real files; `diag tail -f` as a process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from spop_cli.cli import EXIT_CONFIG, cli
+from spop_cli.diagnostics import NumberedRotatingHandler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch) -> Path:
+    """No user config file, no SPOP_* leaking in from the caller's shell."""
+    path = tmp_path / "user-config" / "config.toml"
+    monkeypatch.setattr("spop_cli.config.default_config_path", lambda: path)
+    for name in ("SPOP_CONFIG", "SPOP_SERVER", "SPOP_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return path
+
+
+def spop(*args: str, **kwargs) -> object:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False, **kwargs)
+
+
+# -- config --------------------------------------------------------------------------------------
+def test_config_init_show_check(tmp_path: Path) -> None:
+    path = tmp_path / "spop.toml"
+    result = spop("config", "init", str(path))
+    assert result.exit_code == 0 and result.output.strip() == str(path)
+    result = spop("config", "check", "--config", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{path}: ok (1 listener(s), 1 action(s))\n"
+    result = spop("config", "show", "--config", str(path))
+    assert result.exit_code == 0
+    assert result.output.startswith(f"# file: {path}\n")
+    shown = tomllib.loads(result.output)
+    assert shown["listeners"] == [
+        {"media": "telephone", "resource": "13579", "actions": ["screen"]}
+    ]
+    assert shown["hub"]["port"] == 6000  # defaults are merged in
+
+
+def test_config_init_default_path_and_refusal(isolated: Path) -> None:
+    assert spop("config", "init").output.strip() == str(isolated)
+    assert isolated.exists()
+    result = CliRunner().invoke(cli, ["config", "init"])
+    assert result.exit_code == EXIT_CONFIG
+    assert "already exists (use --force" in result.output
+    assert spop("config", "init", "--force").exit_code == 0
+
+
+def test_config_show_merges_environment_and_hides_tokens(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "spop.toml"
+    path.write_text('[server]\ntoken = "s3cret"\n')
+    monkeypatch.setenv("SPOP_SERVER", "6100@pbx")
+    result = spop("config", "show", "--config", str(path))
+    assert "# environment: SPOP_DIAG_DIR, SPOP_SERVER" in result.output
+    shown = tomllib.loads(result.output)
+    assert shown["server"]["address"] == "6100@pbx"
+    assert shown["server"]["token"] == "********"
+    assert "s3cret" in spop("config", "show", "--config", str(path), "--secrets").output
+
+
+def test_config_check_lists_every_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        "[server]\nreconnecting_interval = 0\n"
+        '[[listeners]]\nmedia = "fax"\nresource = "1"\nactions = ["crm"]\n'
+        '[actions.crm]\nplugin = "url"\nurl = "https://crm/?q={sourc}"\n'
+    )
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(path)])
+    assert result.exit_code == EXIT_CONFIG
+    lines = result.stdout.splitlines()
+    assert lines[0] == "server.reconnecting_interval = 0: must be greater than 0"
+    assert lines[1].startswith('listeners[0].media = "fax": unknown media')
+    assert lines[2].startswith('actions.crm.url = "https://crm/?q={sourc}": unknown field {sourc}')
+    assert len(lines) == 3
+    assert f"3 problem(s) in {path}" in result.stderr
+
+
+def test_config_check_with_a_broken_plugin(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "broken.py").write_text("raise RuntimeError('boom')\n")
+    path = tmp_path / "spop.toml"
+    path.write_text('[plugins]\ndirs = ["plugins"]\n[actions.x]\nplugin = "mine"\n')
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(path)])
+    assert result.exit_code == EXIT_CONFIG
+    assert (
+        f"plugins: plugin file {plugins / 'broken.py'} failed to import: line 1: RuntimeError: boom"
+        in result.stdout
+    )
+
+
+def test_config_check_of_the_example() -> None:
+    result = spop("config", "check", "--config", str(ROOT / "config.example.toml"))
+    assert result.exit_code == 0, result.output
+
+
+def test_a_missing_config_file_is_exit_12(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["config", "show", "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == EXIT_CONFIG
+    assert "config file not found" in result.stderr
+
+
+# -- plugins -------------------------------------------------------------------------------------
+def test_plugins_json_says_where_each_came_from() -> None:
+    result = spop("plugins", "--json", "--plugins-dir", str(ROOT / "plugins"))
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    origins = {p["name"]: p["origin"] for p in data["plugins"]}
+    assert origins["spop_cli.actions.print"] == "built-in"
+    assert origins["webhook"] == str(ROOT / "plugins" / "webhook.py")
+    actions = {a["name"]: a for a in data["actions"]}
+    assert set(actions) >= {"print", "command", "url", "json", "webhook", "notify"}
+    assert actions["notify"] == {
+        "name": "notify",
+        "plugin": "notify",
+        "origin": str(ROOT / "plugins" / "notify.py"),
+    }
+
+
+def test_plugins_table_and_config_dirs(tmp_path: Path) -> None:
+    path = tmp_path / "spop.toml"
+    path.write_text(f'[plugins]\ndirs = ["{ROOT / "plugins"}"]\n')
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["plugins", "--config", str(path)])
+    assert result.exit_code == 0
+    assert "built-in" in result.output and "webhook" in result.output and "notify" in result.output
+
+
+def test_plugins_with_a_clash_is_exit_12(tmp_path: Path) -> None:
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "mine.py").write_text(
+        "from spop_cli import hookimpl\n\n@hookimpl\ndef register_actions(register):\n    register('json', object)\n"
+    )
+    result = CliRunner().invoke(cli, ["plugins", "--plugins-dir", str(tmp_path / "p")])
+    assert result.exit_code == EXIT_CONFIG
+    assert "action 'json' is registered twice" in result.stderr
+
+
+# -- diag ------------------------------------------------------------------------------------------
+def test_diag_path(diag_dir: Path) -> None:
+    assert spop("diag", "path").output.strip() == str(diag_dir / "listener.000")
+    assert spop("diag", "path", "--hub").output.strip() == str(diag_dir / "hub.000")
+
+
+def test_diag_path_from_the_config_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("SPOP_DIAG_DIR")
+    path = tmp_path / "spop.toml"
+    path.write_text(
+        f'[diagnostics]\ndir = "{tmp_path / "logs"}"\n[hub]\ndiag_dir = "{tmp_path / "hublogs"}"\n'
+    )
+    assert spop("diag", "path", "--config", str(path)).output.strip() == str(
+        tmp_path / "logs" / "listener.000"
+    )
+    assert spop("diag", "path", "--hub", "--config", str(path)).output.strip() == str(
+        tmp_path / "hublogs" / "hub.000"
+    )
+
+
+def write_rotating(directory: Path, name: str, lines: list[str], max_bytes: int) -> None:
+    """Write through the real rotating handler, as a listener or the hub does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handler = NumberedRotatingHandler(directory, name, max_bytes=max_bytes)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for line in lines:
+        handler.emit(logging.LogRecord("spop.test", logging.INFO, __file__, 0, line, None, None))
+    handler.close()
+
+
+def test_diag_tail_reads_the_set_oldest_first(diag_dir: Path) -> None:
+    lines = [f"line {n:03d}" for n in range(60)]
+    write_rotating(diag_dir, "listener", lines, max_bytes=200)  # ~20 lines a file
+    present = [
+        p for p in (diag_dir / "listener.002", diag_dir / "listener.001", diag_dir / "listener.000")
+    ]
+    assert all(p.exists() for p in present)
+    assert not (diag_dir / "listener.003").exists()
+    kept = "".join(p.read_text() for p in present).splitlines()
+    assert spop("diag", "tail", "-n", "5").output.splitlines() == kept[-5:]
+    assert spop("diag", "tail", "-n", "1000").output.splitlines() == kept  # across the three files
+    assert spop("diag", "tail", "-n", "0").output == ""
+
+
+def test_diag_tail_hub_set(diag_dir: Path) -> None:
+    write_rotating(diag_dir, "hub", ["hub started"], max_bytes=10_000)
+    assert spop("diag", "tail", "--hub").output == "hub started\n"
+    assert spop("diag", "tail").output == ""  # no listener set yet: nothing, not an error
+
+
+def test_diag_tail_follows_across_rotations(diag_dir: Path) -> None:
+    write_rotating(diag_dir, "listener", ["before"], max_bytes=10_000)
+    env = {**os.environ, "SPOP_DIAG_DIR": str(diag_dir)}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "spop_cli", "diag", "tail", "-n", "1", "-f"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in follower.stdout], daemon=True
+    ).start()
+    try:
+        assert lines.get(timeout=20) == "before\n"  # it has started following
+        # 300 lines through the real handler, rotating about every 20 lines, in bursts.
+        directory = diag_dir
+        handler = NumberedRotatingHandler(directory, "listener", max_bytes=400)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        seen: list[str] = []
+        for n in range(300):
+            handler.emit(
+                logging.LogRecord(
+                    "spop.test", logging.INFO, __file__, 0, f"event {n:04d}", None, None
+                )
+            )
+            if n % 10 == 9:
+                # A burst is half a file: the set keeps three, so nothing may be lost as long
+                # as the follower keeps up burst by burst; wait for it (bounded) instead of sleeping.
+                deadline = time.monotonic() + 20
+                while len(seen) < n + 1 and time.monotonic() < deadline:
+                    try:
+                        seen.append(lines.get(timeout=1).rstrip("\n"))
+                    except queue.Empty:
+                        pass
+        handler.close()
+        assert seen == [f"event {n:04d}" for n in range(300)]  # none lost, none doubled, in order
+    finally:
+        follower.terminate()
+        follower.wait(10)

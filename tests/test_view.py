@@ -1,0 +1,51 @@
+"""The live view is a pure function of a snapshot: render it and read the text."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from spop_cli.dispatch import Outcome
+from spop_cli.session import ListenerRow, PopRow, Snapshot
+from spop_cli.view import render
+
+
+def text_of(snapshot: Snapshot) -> str:
+    console = Console(record=True, width=180, color_system=None)
+    console.print(render(snapshot))
+    return console.export_text()
+
+
+def test_rows_countdown_and_failures() -> None:
+    rows = (
+        ListenerRow(
+            "telephone",
+            "13579",
+            "Status_Up",
+            3,
+            1_700_000_000.0,
+            "12345",
+            "Ventes",
+            None,
+            0,
+            ("screen",),
+        ),
+        ListenerRow("email", "agent7", "Status_Reconnecting", 0, None, "", "", 12.4, 2, ("hook",)),
+    )
+    pops = (
+        PopRow(
+            1_700_000_000.0, "telephone", "13579", "p1", "12345", "Ventes", "Sales", 10,
+            {"screen": Outcome("ok", 0.01), "hook": Outcome("failed", 10.0, "timed out after 10 s"),
+             "crm": Outcome("skipped", 0.0, "when: ...")},
+        ),
+    )  # fmt: skip
+    text = text_of(Snapshot("6000@hub", rows, pops, failures=2, pending=1, target=5))
+    assert "spop listen · hub 6000@hub" in text
+    assert "Status_Reconnecting" in text and "in 12 s" in text
+    assert "Status_Up" in text and "Ventes" in text
+    assert "✓ screen" in text and "✗ hook (timed out after 10 s)" in text and "– crm" in text
+    assert "3/5 pops" in text and "1 action runs pending" in text and "2 action failures" in text
+
+
+def test_an_empty_snapshot_renders() -> None:
+    text = text_of(Snapshot("6000@hub", (), (), failures=0, pending=0, target=None))
+    assert "latest pops" in text and "0 action failures" in text
