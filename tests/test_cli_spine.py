@@ -131,3 +131,18 @@ def test_demo_runs_and_exits_by_itself(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "9/9 pops delivered" in result.stdout
     assert "54321" in result.stdout and "1111" in result.stdout
+
+
+def test_serve_options_merge_file_then_environment_then_command_line(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from spop_cli.serve import ServeError, build_hub_config
+
+    config = tmp_path / "spop.toml"
+    config.write_text('[hub]\nport = 7001\nhttp_port = 7081\npop_ttl = 30\ntoken = "from-file"\n')
+    monkeypatch.setenv("SPOP_TOKEN", "from-env")
+    merged = build_hub_config(str(config), port=7002, no_journal=True)
+    assert (merged.port, merged.http_port, merged.pop_ttl) == (7002, 7081, 30)
+    assert merged.token == "from-env" and merged.journal is None
+    config.write_text("[hub]\nport = \"many\"\n")
+    with pytest.raises(ServeError) as info:
+        build_hub_config(str(config))
+    assert "hub.port" in str(info.value)

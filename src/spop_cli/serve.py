@@ -7,8 +7,6 @@ import ipaddress
 import json
 import os
 import signal
-import tomllib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +18,22 @@ class ServeError(Exception):
     """A hub option or [hub] key that cannot be used; the message names it."""
 
 
-def _file_options(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
+def build_hub_config(
+    config_path: str | None = None, *, no_journal: bool = False, **options: Any
+) -> HubConfig:
+    """Command line > environment > `[hub]` of the file > defaults, through the one Settings."""
+    from .config import ConfigError, load_settings
+
+    given = {k: v for k, v in options.items() if v is not None}
     try:
-        with open(path, "rb") as handle:
-            table = tomllib.load(handle).get("hub", {})
-    except FileNotFoundError:
-        raise ServeError(f"configuration file {path} not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ServeError(f"{path}: {exc}") from None
-    known = {f.name for f in fields(HubConfig)}
-    for key in table:
-        if key not in known:
-            raise ServeError(f"{path}: [hub] {key} = {table[key]!r}: unknown key")
-    return table
-
-
-def build_hub_config(config_path: str | None = None, *, no_journal: bool = False, **options: Any) -> HubConfig:
-    merged: dict[str, Any] = _file_options(config_path)
-    merged.update({k: v for k, v in options.items() if v is not None})
+        settings = load_settings(config_path, overrides={"hub": given})
+    except ConfigError as exc:
+        raise ServeError(str(exc)) from None
+    merged = dict(settings.hub.options)
     if merged.get("http_port") == -1:
         merged["http_port"] = None
+    if settings.diag_dir and not merged.get("diag_dir"):
+        merged["diag_dir"] = str(settings.diag_dir)
     try:
         config = HubConfig(**merged)
     except TypeError as exc:
