@@ -15,6 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from typing import Any
 import orjson
 
 from spop_cli.hub.server import Hub, HubConfig
+from spop_cli.listener.core import AsyncListener
 
 LOOPBACK = "127.0.0.1"
 
@@ -31,7 +35,9 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
+async def until(
+    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01
+) -> bool:
     """Poll (without blocking the loop) until predicate() is true or the timeout passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,7 +77,13 @@ class HubProcess:
     """`spop serve` as a subprocess: start, SIGKILL, SIGSTOP, restart on the same ports."""
 
     def __init__(
-        self, workdir: Path, *args: str, journal: bool = True, heartbeat: float = 1.0, host: str = LOOPBACK, env: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        *args: str,
+        journal: bool = True,
+        heartbeat: float = 1.0,
+        host: str = LOOPBACK,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.host = host
@@ -183,12 +195,20 @@ class RawClient:
         self.writer.write(data)
         await self.writer.drain()
 
-    async def frame(self, timeout: float = 5.0) -> dict[str, Any] | None:
-        """The next frame, or None once the hub has closed the connection."""
-        line = await asyncio.wait_for(self.reader.readline(), timeout)
-        if not line:
-            return None
-        return orjson.loads(line)
+    async def frame(self, timeout: float = 5.0, pings: bool = False) -> dict[str, Any] | None:
+        """The next frame, or None once the hub has closed the connection.
+
+        Pings are answered and skipped unless `pings` (then they are returned, unanswered).
+        """
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                return None
+            frame = orjson.loads(line)
+            if pings or frame.get("op") != "ping":
+                return frame
+            with contextlib.suppress(ConnectionError):
+                await self.send(b'{"op":"pong"}\n')
 
     async def frames_until_closed(self, timeout: float = 5.0) -> list[dict[str, Any]]:
         frames = []
@@ -239,7 +259,9 @@ class Canary:
 
         body = orjson.dumps({"media": "telephone", "resource": self.resource, "source": label})
         request = urllib.request.Request(
-            f"http://{LOOPBACK}:{self.http_port}/v1/pops", data=body, headers={"Content-Type": "application/json"}
+            f"http://{LOOPBACK}:{self.http_port}/v1/pops",
+            data=body,
+            headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             assert response.status == 200
@@ -250,3 +272,152 @@ class Canary:
 
     def close(self) -> None:
         self.listener.shutdown()
+
+
+# -- pops and counting listeners ----------------------------------------------------------------
+
+
+def pop(resource: str = "13579", media: str = "telephone", **fields: Any) -> dict[str, Any]:
+    """A pop as a source sends it."""
+    return {"media": media, "resource": resource, **fields}
+
+
+class Counting:
+    """An AsyncListener whose callbacks count every pop id (to see one run twice)."""
+
+    def __init__(self, media: str = "telephone", **options: Any) -> None:
+        self.listener = AsyncListener(
+            media, reconnecting_interval=options.pop("reconnecting_interval", 0.3), **options
+        )
+        self.calls: Counter[str] = Counter()
+        self.sources: list[str] = []
+        self.listener.on_screen_pop(self._on_pop)
+
+    def _on_pop(self, event: Any) -> None:
+        self.calls[event.id] += 1
+        self.sources.append(event.source)
+
+    async def up(self, address: str, resource: str) -> Counting:
+        await self.listener.initialize(address)
+        await self.listener.start_listening(resource)
+        return self
+
+    def twice(self) -> list[str]:
+        return [pop_id for pop_id, n in self.calls.items() if n > 1]
+
+
+def http_post(url: str, body: Any) -> tuple[int, Any]:
+    """POST JSON; the status and the decoded answer, errors included."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+# -- listeners in another process ---------------------------------------------------------------
+
+LISTENER_SCRIPT = r"""
+import asyncio, collections, json, signal, sys
+from spop_cli.listener.core import AsyncListener
+from spop_cli.model import ListenerStatus
+
+async def main(address, prefix, count, interval):
+    calls = collections.Counter()
+    seen = collections.defaultdict(set)
+    losses = collections.Counter()
+    listeners = []
+
+    async def start(i):
+        listener = AsyncListener("telephone", reconnecting_interval=interval, timeout=60)
+        listener.on_screen_pop(lambda event: (calls.update([event.id]), seen[event.resource].add(event.id)))
+        listener.on_status_changed(lambda old, new: losses.update([new is ListenerStatus.Status_Reconnecting]))
+        await listener.initialize(address)
+        await listener.start_listening(f"{prefix}{i}" if count > 1 else prefix)
+        listeners.append(listener)
+
+    await asyncio.gather(*(start(i) for i in range(count)))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    while True:
+        up = sum(listener.status is ListenerStatus.Status_Up for listener in listeners)
+        twice = sum(1 for n in calls.values() if n > 1)
+        by_resource = {resource: len(ids) for resource, ids in seen.items()}
+        report = {"up": up, "pops": len(calls), "calls": sum(calls.values()), "twice": twice}
+        print(json.dumps({**report, "by_resource": by_resource, "losses": losses[True]}), flush=True)
+        if stop.is_set():
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except asyncio.TimeoutError:
+            pass
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+"""
+
+
+class ListenerProcess:
+    """`count` AsyncListeners (telephone, `prefix`N) in one subprocess, reporting every 0.2 s:
+    how many are Up, how many pop ids reached their callbacks (in all, per resource), how many
+    did so twice, and how many times a listener went Reconnecting."""
+
+    def __init__(
+        self, workdir: Path, address: str, prefix: str, count: int = 1, interval: float = 1.0
+    ) -> None:
+        import threading
+
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        script = self.workdir / "listeners.py"
+        script.write_text(LISTENER_SCRIPT)
+        env = {**os.environ, "SPOP_DIAG_DIR": str(self.workdir / "diag")}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), address, prefix, str(count), str(interval)],
+            stdout=subprocess.PIPE,
+            stderr=open(self.workdir / "listeners.err", "wb"),  # noqa: SIM115
+            env=env,
+        )
+        self.state: dict[str, Any] = {
+            "up": 0,
+            "pops": 0,
+            "calls": 0,
+            "twice": 0,
+            "by_resource": {},
+            "losses": 0,
+        }
+        self.reports = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.state = json.loads(line)
+            self.reports += 1
+
+    def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.state):
+                return True
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.workdir / "listeners.err").read_text())
+            time.sleep(0.05)
+        return predicate(self.state)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .model import TEXT_FIELDS, Media, ScreenPopError, new_pop_id, utc_now_iso, validate_resource
+from .protocol import shown
 
 MAX_TEXT = 1024
 MAX_DATA_ITEMS = 256
@@ -75,7 +76,7 @@ def normalize_pop(data: Any) -> dict[str, Any]:
         raise InputError(400, "not_an_object", "a pop must be a JSON object")
     unknown = [k for k in data if k not in KNOWN]
     if unknown:
-        raise InputError(422, "unknown_field", f"unknown field {unknown[0]!r}", unknown[0])
+        raise InputError(422, "unknown_field", f"unknown field {shown(unknown[0])}", unknown[0][:64])
     if "media" not in data:
         raise InputError(422, "missing_field", "media is required", "media")
     try:
@@ -86,7 +87,7 @@ def normalize_pop(data: Any) -> dict[str, Any]:
         raise InputError(
             422,
             "unknown_media",
-            f"unknown media {data['media']!r} (expected telephone, callback, email, webcollab)",
+            f"unknown media {shown(data['media'])} (expected telephone, callback, email, webcollab)",
             "media",
         )
     if "resource" not in data:

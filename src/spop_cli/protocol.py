@@ -14,6 +14,7 @@ from .model import Error, Media, ScreenPopError, validate_resource
 VERSION = 1
 MAX_FRAME = 64 * 1024  # bytes in one line, newline excluded
 HEARTBEAT = 10.0  # seconds between pings when a side has sent nothing else
+MAX_DEPTH = 64  # arrays and objects nested in one frame or body; a pop needs 4
 
 # Who may send what. A frame of the wrong direction is a protocol error.
 CLIENT_OPS = frozenset(
@@ -94,7 +95,31 @@ def decode_line(line: bytes) -> dict[str, Any]:
     op = frame.get("op")
     if not isinstance(op, str):
         raise FrameError(Error.SCREENPOP_Framework_Error, "frame has no string 'op'")
+    # counting brackets is cheap; only a frame with many is walked
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and nested_deeper(frame, MAX_DEPTH):
+        raise FrameError(Error.SCREENPOP_Framework_Error, f"frame nested deeper than {MAX_DEPTH} levels")
     return frame
+
+
+def shown(value: Any, limit: int = 64) -> str:
+    """A refused value as an error message names it: a short repr, never the whole input."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("…" if len(value) > limit else "")
+    return f"<{type(value).__name__}>"
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """True when arrays/objects in `value` nest deeper than `limit` (orjson parses any depth,
+    but repr() and orjson.dumps() of what we echo back do not)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def check_client_frame(frame: dict[str, Any]) -> dict[str, Any]:
@@ -104,12 +129,17 @@ def check_client_frame(frame: dict[str, Any]) -> dict[str, Any]:
     if op not in CLIENT_OPS:
         if op in HUB_OPS:
             raise FrameError(Error.SCREENPOP_Framework_Error, f"only the hub may send {op!r}", ref)
-        raise FrameError(Error.SCREENPOP_Framework_Error, f"unknown op {op!r}", ref)
+        raise FrameError(Error.SCREENPOP_Framework_Error, f"unknown op {shown(op)}", ref)
     if op in ("register", "unregister"):
+        media = frame.get("media", "")
         try:
-            frame["media"] = Media.parse(frame.get("media", "")).value
-        except ScreenPopError as exc:
-            raise FrameError(Error.SCREENPOP_Cannot_Register, exc.message, ref) from None
+            frame["media"] = Media.parse(media if isinstance(media, str) and len(media) <= 64 else "").value
+        except ScreenPopError:
+            raise FrameError(
+                Error.SCREENPOP_Cannot_Register,
+                f"unknown media {shown(media)} (expected one of telephone, callback, email, webcollab)",
+                ref,
+            ) from None
         try:
             frame["resource"] = validate_resource(frame.get("resource"))
         except ScreenPopError as exc:

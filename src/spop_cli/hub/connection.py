@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..model import Error
@@ -31,6 +32,9 @@ class HubConnection(asyncio.Protocol):
         "opened",
         "closed",
         "can_publish",
+        "paused",
+        "replaying",
+        "backlog",
     )
 
     def __init__(self, hub: Hub) -> None:
@@ -43,10 +47,15 @@ class HubConnection(asyncio.Protocol):
         self.last_rx = self.last_tx = self.opened = time.monotonic()
         self.closed = False
         self.can_publish = False
+        self.paused = False  # the transport's buffer is over its high-water mark
+        self.replaying = False  # inside register(): pending pops are being handed over
+        self.backlog: deque[str] = deque()  # ids of pending pops owed, sent as the peer reads
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # pause (and hold the replay of pending pops) well before the slow-consumer limit
+        transport.set_write_buffer_limits(high=min(64 * 1024, self.hub.config.max_buffer // 4))  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if len(self.hub.connections) >= self.hub.config.max_connections:
@@ -73,10 +82,24 @@ class HubConnection(asyncio.Protocol):
         for key in self.keys:
             self.hub.delivery.unsubscribe(key, self)
         self.keys.clear()
+        self.backlog.clear()
 
     def pause_writing(self) -> None:
-        # The peer stopped reading and the kernel buffer is full: a frozen desktop.
-        pass
+        # The peer reads slower than we write: hold the replay of pending pops (live pops still
+        # go out, bounded by max_buffer).
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._replay()
+
+    def _replay(self) -> None:
+        """Send owed pending pops while the transport takes them; skip those gone meanwhile."""
+        pending = self.hub.delivery.pending
+        while self.backlog and not self.paused and not self.closed:
+            entry = pending.get(self.backlog.popleft())
+            if entry is not None and entry.key in self.keys:
+                self.write(entry.frame)
 
     # -- out ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -94,6 +117,11 @@ class HubConnection(asyncio.Protocol):
             transport.abort()
 
     def deliver(self, pop_id: str, frame: bytes) -> None:
+        if self.replaying and (self.paused or self.backlog):
+            # A registration's pending pops go out as fast as the peer reads them: a large
+            # backlog must not look like a slow consumer (it would be dropped on every return).
+            self.backlog.append(pop_id)
+            return
         self.write(frame)
 
     def reply(self, ref: Any, **fields: Any) -> None:
@@ -120,7 +148,7 @@ class HubConnection(asyncio.Protocol):
             if self.role is None:
                 raise FrameError(Error.SCREENPOP_Initialization_Error, "ack before hello", ref)
             for pop_id in frame["ids"]:
-                self.hub.ack(pop_id)
+                self.hub.ack(pop_id, self.keys)
             return
         if op == "ping":
             self.write(PONG)
@@ -190,5 +218,9 @@ class HubConnection(asyncio.Protocol):
             return
         self.keys.add(key)
         self.reply(ref)  # before the pending pops, so the client is Up when they arrive
-        self.hub.delivery.subscribe(key, self)
+        self.replaying = True
+        try:
+            self.hub.delivery.subscribe(key, self)
+        finally:
+            self.replaying = False
         self.hub.log.info("%s: registered %s %s", self.peer, *key)

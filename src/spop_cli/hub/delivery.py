@@ -7,7 +7,7 @@ durable consumers, the message-id duplicate window) would implement in its place
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Container, Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -91,10 +91,13 @@ class InProcessDelivery:
         self._seen.setdefault(pop_id, accepted)
 
     # -- outcomes -------------------------------------------------------------------------
-    def ack(self, pop_id: str) -> Pending | None:
-        pending = self._forget(pop_id)
-        if pending is not None:
-            self.acked += 1
+    def ack(self, pop_id: str, keys: Container[Key] | None = None) -> Pending | None:
+        """The pop was handled. Only a listener of its key (in `keys`, when given) may say so."""
+        pending = self.pending.get(pop_id)
+        if pending is None or (keys is not None and pending.key not in keys):
+            return None
+        self._forget(pop_id)
+        self.acked += 1
         return pending
 
     def withdraw(self, contact_id: str) -> list[Pending]:

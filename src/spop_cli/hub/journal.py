@@ -22,6 +22,9 @@ CREATE TABLE IF NOT EXISTS pops (
 );
 CREATE INDEX IF NOT EXISTS pops_done ON pops(done, accepted);
 """
+# A row goes once it is past the duplicate window AND no longer owed (handled or expired): a pop
+# still pending outlives the window when pop_ttl is longer than dedupe_window.
+PURGE = "DELETE FROM pops WHERE accepted < ? AND (done = 1 OR expires < ?)"
 
 
 @dataclass(slots=True)
@@ -45,6 +48,7 @@ class Journal:
         self._db: sqlite3.Connection | None = None
         self._adds: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._dones: list[tuple[str]] = []
+        self._uncommitted: dict[str, asyncio.Future[None]] = {}  # id → its commit, while pending
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -59,7 +63,7 @@ class Journal:
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process death
         db.executescript(SCHEMA)
         now = time.time()
-        db.execute("DELETE FROM pops WHERE accepted < ? OR (done = 0 AND expires < ?)", (now - self.retain, now))
+        db.execute(PURGE, (now - self.retain, now))
         rows = [
             JournalRow(*row[:7], bool(row[7]))
             for row in db.execute(
@@ -78,9 +82,15 @@ class Journal:
     ) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._adds.append(((pop_id, media, resource, contact_id, body, time.time(), expires), future))
+        self._uncommitted[pop_id] = future
+        future.add_done_callback(lambda _: self._uncommitted.pop(pop_id, None))
         assert self._wake is not None
         self._wake.set()
         return future
+
+    def commit_of(self, pop_id: str) -> asyncio.Future[None] | None:
+        """The commit of a pop added but not yet committed, else None (committed or unknown)."""
+        return self._uncommitted.get(pop_id)
 
     def done(self, pop_id: str) -> None:
         self._dones.append((pop_id,))
@@ -121,17 +131,18 @@ class Journal:
         db = self._db
         assert db is not None
         db.execute("BEGIN")
-        if adds:
-            db.executemany("INSERT OR IGNORE INTO pops VALUES (?, ?, ?, ?, ?, ?, ?, 0)", adds)
-        if dones:
-            db.executemany("UPDATE pops SET done = 1 WHERE id = ?", dones)
-        if purge:
-            now = time.time()
-            db.execute(
-                "DELETE FROM pops WHERE accepted < ? OR (done = 0 AND expires < ?)",
-                (now - self.retain, now),
-            )
-        db.execute("COMMIT")
+        try:
+            if adds:
+                db.executemany("INSERT OR IGNORE INTO pops VALUES (?, ?, ?, ?, ?, ?, ?, 0)", adds)
+            if dones:
+                db.executemany("UPDATE pops SET done = 1 WHERE id = ?", dones)
+            if purge:
+                now = time.time()
+                db.execute(PURGE, (now - self.retain, now))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")  # else every later BEGIN fails: one bad batch, no journal
+            raise
         self.commits += 1
         self.rows_committed += len(adds)
 

@@ -140,8 +140,9 @@ class Hub:
         self.journal = Journal(self.config.journal, retain=max(self.config.dedupe_window, 1.0))
         rows = self.journal.open()
         restored = 0
+        now = time.time()
         for row in rows:
-            if row.done:
+            if row.done or row.expires <= now:  # handled or expired: only a duplicate now
                 self.delivery.remember(row.id, row.accepted)
             else:
                 self.delivery.publish(

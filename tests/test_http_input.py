@@ -1,0 +1,256 @@
+"""Bad input on the HTTP port: each gets a precise status and JSON body, and the hub serves on.
+
+One hub for the module (HTTP body limit lowered to 64 KiB), one canary listener that must still
+get a pop after every bad request, and hypothesis posting arbitrary bodies through a real server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import HubThread
+from hubproc import Canary
+from spop_cli.pops import InputError, normalize_pops
+
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubThread]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPOP_DIAG_DIR", str(tmp_path_factory.mktemp("diag")))
+        running = HubThread(max_body=MAX_BODY)
+        yield running
+        running.close()
+
+
+@pytest.fixture(scope="module")
+def canary(hub: HubThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Canary]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPOP_DIAG_DIR", str(tmp_path_factory.mktemp("diag")))
+        bird = Canary(hub.address, hub.options["http_port"])
+        yield bird
+        bird.close()
+
+
+def post(
+    hub: HubThread,
+    path: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+) -> tuple[int, Any]:
+    """One request on a fresh connection; the JSON answer decoded (raw text when it is not JSON)."""
+    conn = http.client.HTTPConnection("127.0.0.1", hub.options["http_port"], timeout=10)
+    try:
+        conn.request(
+            method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+        )
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            return response.status, json.loads(raw)
+        except ValueError:
+            return response.status, raw.decode(errors="replace")
+    finally:
+        conn.close()
+
+
+BAD_BODIES = [
+    (b"not json", 400, "invalid_json"),
+    (b"\xff\xfe\x00{", 400, "invalid_json"),
+    (b'{"media": "telephone", "resource": "\xc3\x28"}', 400, "invalid_json"),
+    (b'{"media": "telephone", "resource": "1"', 400, "invalid_json"),
+    (b"", 400, "invalid_json"),
+    (b"[" * 200 + b"]" * 200, 400, "too_deep"),
+    (
+        b'{"media": "telephone", "resource": "1", "contact_data": '
+        + b'{"a": ' * 100
+        + b"1"
+        + b"}" * 101,
+        400,
+        "too_deep",
+    ),
+    (b'"a string"', 400, "not_an_object"),
+    (b"42", 400, "not_an_object"),
+    (b'{"media": "fax", "resource": "1"}', 422, "unknown_media"),
+    (b'{"media": ["telephone"], "resource": "1"}', 422, "unknown_media"),
+    (b'{"media": "telephone", "resource": ""}', 422, "bad_resource"),
+    (b'{"media": "telephone", "resource": "   "}', 422, "bad_resource"),
+    (b'{"media": "telephone", "resource": "' + b"9" * 129 + b'"}', 422, "bad_resource"),
+    (b'{"media": "telephone", "resource": "1\\u0000"}', 422, "bad_resource"),
+    (b'{"media": "telephone", "resource": 13579}', 422, "bad_resource"),
+    (b'{"media": "telephone", "resource": "1", "wait_time": "ten"}', 422, "wrong_type"),
+    (b'{"media": "telephone", "resource": "1", "source": {"x": 1}}', 422, "wrong_type"),
+    (b'{"media": "telephone", "resource": "1", "contact_data": {"k": ["v"]}}', 422, "wrong_type"),
+    (
+        b'{"media": "telephone", "resource": "1", "queue_name": "' + b"q" * 1025 + b'"}',
+        422,
+        "too_long",
+    ),
+    (b'{"media": "telephone", "resource": "1", "' + b"x" * 5000 + b'": 1}', 422, "unknown_field"),
+]
+
+
+@pytest.mark.parametrize(
+    "body, status, error", BAD_BODIES, ids=[f"{e}-{i}" for i, (_, _, e) in enumerate(BAD_BODIES)]
+)
+def test_bad_body_gets_precise_error_and_hub_serves_on(
+    hub: HubThread, canary: Canary, body: bytes, status: int, error: str
+) -> None:
+    got_status, answer = post(hub, "/v1/pops", body)
+    assert (got_status, answer["error"]) == (status, error), answer
+    assert (
+        answer["message"] and len(answer["message"]) < 400
+    )  # names the fault, never echoes the input
+    canary.check(f"after-{error}")
+
+
+def test_body_over_the_limit_is_413(hub: HubThread, canary: Canary) -> None:
+    big = json.dumps(
+        {"media": "telephone", "resource": "1", "contact_description": "x" * MAX_BODY}
+    ).encode()
+    status, answer = post(hub, "/v1/pops", big)
+    assert status == 413 and answer["error"] == "too_large"
+    canary.check("after-413")
+
+
+def test_chunked_body_over_the_limit_is_413(hub: HubThread, canary: Canary) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", hub.options["http_port"], timeout=10)
+    chunks = (
+        b"[" + b'{"media":"telephone","resource":"1"},' * 100 for _ in range(30)
+    )  # ~110 KB, no length
+    try:
+        conn.request(
+            "POST",
+            "/v1/pops",
+            body=chunks,
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
+        )
+        response = conn.getresponse()
+        status, answer = response.status, json.loads(response.read())
+    except (BrokenPipeError, ConnectionResetError):
+        pytest.fail("the hub cut the connection instead of answering 413")
+    finally:
+        conn.close()
+    assert status == 413 and answer["error"] == "too_large"
+    canary.check("after-chunked-413")
+
+
+def test_wrong_path_and_method_are_json(hub: HubThread, canary: Canary) -> None:
+    status, answer = post(hub, "/v1/nothing", b"{}")
+    assert status == 404 and answer["error"] == "not_found"
+    status, answer = post(hub, "/v1/pops", b"", method="GET")
+    assert status == 405 and answer["error"] == "method_not_allowed"
+    canary.check("after-404-405")
+
+
+def test_contacts_endpoint_refuses_garbage_too(hub: HubThread, canary: Canary) -> None:
+    status, answer = post(hub, "/v1/contacts", b"\xff garbage")
+    assert status == 400 and answer["error"] == "invalid_json"
+    status, answer = post(hub, "/v1/contacts", b"[" * 100 + b"]" * 100)
+    assert status == 400 and answer["error"] == "too_deep"
+    canary.check("after-contacts-garbage")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+        + bytes(range(256)),  # a TLS hello to a plain port
+        b"GARBAGE / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/pops HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
+        b'POST /v1/pops HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"media"',  # then silence
+        bytes(range(256)) * 40 + b"\r\n\r\n",
+    ],
+    ids=["tls-hello", "bad-method", "long-header", "truncated-body", "random-bytes"],
+)
+def test_non_http_bytes_on_the_http_port(hub: HubThread, canary: Canary, raw: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", hub.options["http_port"]), timeout=5) as sock:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)  # a truncated body ends here: the peer went away mid-request
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    # aiohttp's parser answers what is not HTTP (plain text: such a peer reads no JSON anyway)
+    assert answer == b"" or answer.split(b" ")[1] in (b"400", b"413", b"431"), answer[:200]
+    canary.check(f"after-raw-{raw[:8]!r}")
+
+
+# -- hypothesis against the real server -------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+pops = st.fixed_dictionaries(
+    {},
+    optional={
+        "media": st.sampled_from(["telephone", "email", "Callback", "webcollab", "fax"]) | values,
+        "resource": st.sampled_from(["13579", "", " x ", "\t", "a" * 129])
+        | st.text(max_size=10)
+        | values,
+        "id": st.text(max_size=10) | values,
+        "wait_time": st.integers(-2, 10**10) | values,
+        "contact_data": st.dictionaries(st.text(max_size=6), scalars, max_size=3) | values,
+        "destination": values,
+        "queue": values,
+    },
+)
+
+
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(body=pops | st.lists(pops, max_size=3) | values)
+def test_the_server_agrees_with_normalize_pops(hub: HubThread, body: Any) -> None:
+    try:
+        expected = normalize_pops(body)
+    except InputError as exc:
+        status, answer = post(hub, "/v1/pops", json.dumps(body).encode())
+        assert (status, answer["error"]) == (exc.status, exc.error)
+        assert answer.get("field") == exc.field and answer.get("index") == exc.index
+        return
+    status, answer = post(hub, "/v1/pops", json.dumps(body).encode())
+    assert status == 200 and answer["accepted"] == len(expected)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(raw=st.binary(max_size=300))
+def test_random_bytes_as_a_body(hub: HubThread, raw: bytes) -> None:
+    status, answer = post(hub, "/v1/pops", raw)
+    assert status in (200, 400, 422), answer
+    assert isinstance(answer, dict) and ("ids" in answer if status == 200 else answer["error"])
+
+
+def test_hub_still_serves_after_the_fuzzing(hub: HubThread, canary: Canary) -> None:
+    canary.check("after-fuzz")
+    assert hub.status()["counters"]["rejected"] > 0

@@ -1,0 +1,224 @@
+"""Durable: an accepted pop is in the SQLite journal before the source hears `ok`, and a hub killed
+with SIGKILL and started again on the same journal delivers every pop it had accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hubproc import (
+    Counting,
+    HubProcess,
+    RawClient,
+    address_of,
+    http_of,
+    http_post,
+    inprocess_hub,
+    pop,
+    run,
+    until,
+)
+from spop_cli import client
+from spop_cli.hub.journal import Journal
+from spop_cli.hub.server import default_journal_path
+from spop_cli.serve import build_hub_config
+
+
+def rows(path: Path) -> dict[str, int]:
+    """id → done, read by another connection, as a crash would find them."""
+    with sqlite3.connect(path) as db:
+        return dict(db.execute("SELECT id, done FROM pops"))
+
+
+# -- the journal alone -----------------------------------------------------------------------
+
+
+def test_journal_commits_in_batches_and_reopens(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        journal = Journal(path, retain=60)
+        assert journal.open() == []
+        journal.start()
+        adds = [
+            journal.add(f"p{i}", "telephone", "1", "", b"{}", time.time() + 60) for i in range(2000)
+        ]
+        await asyncio.gather(*adds)
+        assert len(rows(path)) == 2000  # committed when the futures resolve
+        assert journal.commits <= 20  # batched, not one commit per pop
+        journal.done("p0")
+        await journal.close()  # commits what is queued
+
+    run(body())
+    reopened = Journal(path, retain=60).open()
+    assert len(reopened) == 2000
+    assert [r.id for r in reopened if r.done] == ["p0"]
+    assert reopened[1].media == "telephone" and reopened[1].body == b"{}"
+
+
+def test_journal_forgets_expired_and_old_rows_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        journal = Journal(path, retain=60)
+        journal.open()
+        journal.start()
+        await asyncio.gather(
+            journal.add("expired", "telephone", "1", "", b"{}", time.time() - 1),
+            journal.add("live", "telephone", "1", "", b"{}", time.time() + 60),
+            journal.add("handled", "telephone", "1", "", b"{}", time.time() + 60),
+        )
+        journal.done("handled")
+        await journal.close()
+
+    run(body())
+    # within the duplicate window every id is kept (the expired one too, to stay a duplicate)
+    assert {(r.id, r.done) for r in Journal(path, retain=60).open()} == {
+        ("expired", False),
+        ("live", False),
+        ("handled", True),
+    }
+    # past it, only what is still owed: a pending pop outlives the window when pop_ttl is longer
+    assert [(r.id, r.done) for r in Journal(path, retain=0).open()] == [("live", False)]
+
+
+def test_a_failed_commit_is_an_error_to_the_source_and_the_journal_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(path)) as hub:
+            hub.journal._db.execute("PRAGMA busy_timeout = 50")
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
+            status, answer = await asyncio.to_thread(
+                http_post, f"{http_of(hub)}/v1/pops", pop(id="blocked-http")
+            )
+            assert status == 500 and answer["error"] == "internal"
+            with pytest.raises(Exception, match="locked"):
+                await client.publish(address_of(hub), pop(id="blocked-frame"))
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            assert await client.publish(address_of(hub), pop(id="after")) == ["after"]
+            assert "after" in rows(path)
+
+    run(body())
+
+
+# -- accepted means committed ------------------------------------------------------------------
+
+
+def test_ok_and_2xx_come_after_the_commit(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(path)) as hub:
+            for i in range(20):
+                [pop_id] = await client.publish(address_of(hub), pop(source=str(i)))
+                assert pop_id in rows(path)
+                status, answer = await asyncio.to_thread(
+                    http_post, f"{http_of(hub)}/v1/pops", [pop(), pop()]
+                )
+                assert status == 200 and set(answer["ids"]) <= set(rows(path))
+
+    run(body())
+
+
+def test_default_journal_location() -> None:
+    assert build_hub_config().journal == str(default_journal_path())
+    assert default_journal_path().name == "journal.sqlite3"
+    assert build_hub_config(no_journal=True).journal is None
+
+
+# -- across restarts -----------------------------------------------------------------------------
+
+
+def test_sigkill_loses_no_accepted_pop(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path).start()
+    try:
+        sent = [client_publish(hub.address, pop("13579", source=str(i))) for i in range(50)]
+        status, answer = http_post(
+            f"{hub.http}/v1/pops", [pop("13579", source=f"h{i}") for i in range(50)]
+        )
+        sent += answer["ids"]
+        hub.restart()  # SIGKILL right after the last `ok`, then the same ports and journal
+
+        async def body() -> None:
+            listener = await Counting().up(hub.address, "13579")
+            assert await until(lambda: len(listener.calls) == 100, 10)
+            assert set(listener.calls) == set(sent) and listener.twice() == []
+            await listener.listener.shutdown()
+
+        run(body())
+    finally:
+        hub.kill()
+
+
+def client_publish(address: str, body: Any) -> str:
+    return run(client.publish(address, body))[0]
+
+
+def test_acked_pops_are_not_redelivered_after_a_restart_and_ids_stay_duplicates(
+    tmp_path: Path,
+) -> None:
+    hub = HubProcess(tmp_path).start()
+    try:
+
+        async def handled() -> None:
+            listener = await Counting().up(hub.address, "13579")
+            await client.publish(hub.address, [pop(id=f"call-{i}") for i in range(10)])
+            assert await until(lambda: len(listener.calls) == 10)
+            await listener.listener.shutdown()
+
+        run(handled())
+        hub.stop()  # SIGTERM: the acks are committed on the way out
+        assert all(rows(hub.journal).values())
+        hub.start()
+
+        async def after() -> None:
+            raw = await RawClient.open(hub.port)
+            await raw.hello()
+            await raw.request("register", media="telephone", resource="13579")
+            # resent by a source that never heard back: still the same pops
+            assert await client.publish(hub.address, pop(id="call-3")) == ["call-3"]
+            await client.publish(hub.address, pop(source="marker"))
+            assert (await raw.frame())["pop"]["source"] == "marker"  # nothing came before it
+            status = await client.fetch_status_async(hub.address)
+            assert status["counters"]["duplicates"] == 1
+            raw.close()
+
+        run(after())
+    finally:
+        hub.kill()
+
+
+def test_expired_pops_are_not_restored_but_stay_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(path), pop_ttl=0.2) as hub:
+            await hub.publish(pop(id="late"))
+        await asyncio.sleep(0.3)
+        async with inprocess_hub(journal=str(path), pop_ttl=0.2) as hub:
+            assert hub.status()["pending"] == 0
+            await hub.publish(pop(id="late"))
+            assert hub.status()["counters"]["duplicates"] == 1
+
+    run(body())
+
+
+def test_pending_pops_outlive_a_shorter_duplicate_window(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(path), pop_ttl=60, dedupe_window=0.1) as hub:
+            await hub.publish(pop(id="still-owed"))
+        await asyncio.sleep(1.1)  # past the window (at least 1 s in the journal)
+        async with inprocess_hub(journal=str(path), pop_ttl=60, dedupe_window=0.1) as hub:
+            assert list(hub.delivery.pending) == ["still-owed"]
+
+    run(body())
