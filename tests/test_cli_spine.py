@@ -146,3 +146,12 @@ def test_serve_options_merge_file_then_environment_then_command_line(tmp_path: P
     with pytest.raises(ServeError) as info:
         build_hub_config(str(config))
     assert "hub.port" in str(info.value)
+
+
+def test_serve_warns_when_only_publishing_is_protected() -> None:
+    from spop_cli.serve import build_hub_config, exposure_warnings
+
+    config = build_hub_config(None, host="0.0.0.0", source_token="s3cret", no_journal=True)
+    assert any("only a source token" in w for w in exposure_warnings(config))
+    config = build_hub_config(None, host="0.0.0.0", token="t", source_token="s", no_journal=True)
+    assert not any("token" in w for w in exposure_warnings(config))

@@ -64,6 +64,10 @@ def exposure_warnings(config: HubConfig) -> list[str]:
             warnings.append(
                 f"listening on {config.host} without a token: anyone who reaches it can listen and publish"
             )
+        elif not config.token:
+            warnings.append(
+                f"listening on {config.host} with only a source token: anyone who reaches it can listen"
+            )
         if not config.tls_cert:
             warnings.append(f"listening on {config.host} without TLS: pops cross the network in clear")
     return warnings
