@@ -11,6 +11,7 @@ MAX_TEXT = 1024
 MAX_DATA_ITEMS = 256
 MAX_DATA_TEXT = 4096
 MAX_ID = 128
+MAX_CONTACT_ID = 256  # as hub/contacts.py: a tracked contact may also be popped directly
 KNOWN = frozenset(
     {"id", "media", "resource", "contact_id", "created_at", "wait_time", "contact_data", *TEXT_FIELDS}
 )
@@ -95,7 +96,7 @@ def normalize_pop(data: Any) -> dict[str, Any]:
     try:
         resource = validate_resource(data["resource"])
     except ScreenPopError as exc:
-        raise InputError(422, "bad_resource", exc.message, "resource") from None
+        raise InputError(422, "invalid_resource", exc.message, "resource") from None
     wait = data.get("wait_time", 0)
     if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0 or wait > 10**9:
         raise InputError(422, "wrong_type", "wait_time must be a whole number of seconds ≥ 0", "wait_time")
@@ -104,7 +105,7 @@ def normalize_pop(data: Any) -> dict[str, Any]:
         "id": pop_id,
         "media": media.value,
         "resource": resource,
-        "contact_id": _text(data, "contact_id", MAX_ID),
+        "contact_id": _text(data, "contact_id", MAX_CONTACT_ID),
         "created_at": _text(data, "created_at", 64) or utc_now_iso(),
     }
     for name in TEXT_FIELDS:
