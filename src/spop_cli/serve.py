@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import json
 import os
@@ -85,6 +86,10 @@ async def run_hub(config: HubConfig, ready_file: str | None = None) -> None:
         except (NotImplementedError, RuntimeError):  # Windows
             pass
     await hub.start()
+    # What exists now lives as long as the hub: keep it out of every future collection, so
+    # full collections walk only what pops and connections made (they were 25-160 ms pauses).
+    gc.collect()
+    gc.freeze()
     try:
         if ready_file:
             tmp = f"{ready_file}.tmp"

@@ -35,6 +35,7 @@ class HubConnection(asyncio.Protocol):
         "paused",
         "replaying",
         "backlog",
+        "out",
     )
 
     def __init__(self, hub: Hub) -> None:
@@ -50,6 +51,7 @@ class HubConnection(asyncio.Protocol):
         self.paused = False  # the transport's buffer is over its high-water mark
         self.replaying = False  # inside register(): pending pops are being handed over
         self.backlog: deque[str] = deque()  # ids of pending pops owed, sent as the peer reads
+        self.out: list[bytes] = []  # frames written this loop iteration, flushed together
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,11 +102,27 @@ class HubConnection(asyncio.Protocol):
             entry = pending.get(self.backlog.popleft())
             if entry is not None and entry.key in self.keys:
                 self.write(entry.frame)
+                self.flush()  # straight through, so pause_writing can stop the replay in time
 
     # -- out ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
+        """Queue a frame; the hub flushes every written connection once per loop iteration,
+        so a commit's answers or a burst of pops leave in one system call."""
+        if self.closed:
+            return
+        out = self.out
+        out.append(data)
+        if len(out) == 1:
+            self.hub.mark_dirty(self)
+
+    def flush(self) -> None:
         transport = self.transport
-        if self.closed or transport is None:
+        out = self.out
+        if not out or transport is None:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if self.closed:
             return
         transport.write(data)
         self.last_tx = time.monotonic()
@@ -117,10 +135,14 @@ class HubConnection(asyncio.Protocol):
             transport.abort()
 
     def deliver(self, pop_id: str, frame: bytes) -> None:
-        if self.replaying and (self.paused or self.backlog):
-            # A registration's pending pops go out as fast as the peer reads them: a large
-            # backlog must not look like a slow consumer (it would be dropped on every return).
-            self.backlog.append(pop_id)
+        if self.replaying:
+            if self.paused or self.backlog:
+                # A registration's pending pops go out as fast as the peer reads them: a large
+                # backlog must not look like a slow consumer (it would be dropped on every return).
+                self.backlog.append(pop_id)
+            else:
+                self.write(frame)
+                self.flush()
             return
         self.write(frame)
 
@@ -136,6 +158,7 @@ class HubConnection(asyncio.Protocol):
     def fatal(self, code: Error, message: str, ref: Any = None) -> None:
         """An error frame naming the code, then close: the peer broke the protocol."""
         if self.transport is not None and not self.closed:
+            self.flush()
             self.transport.write(error_frame(code, message, ref, fatal=True))
             self.closed = True
             self.transport.close()
@@ -175,6 +198,7 @@ class HubConnection(asyncio.Protocol):
             self.reply(ref, status=self.hub.status())
         elif op == "bye":
             self.reply(ref)
+            self.flush()
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
@@ -182,8 +206,12 @@ class HubConnection(asyncio.Protocol):
             if not self.can_publish:
                 self.error(Error.SCREENPOP_Initialization_Error, "this token may not publish", ref)
                 return
-            body = frame.get("pops" if op == "publish" else "events")
-            asyncio.get_running_loop().create_task(self.hub.ingest_frame(self, op, body, ref))
+            if op == "publish":
+                self.hub.publish_frame(self, frame.get("pops"), ref)
+            else:
+                asyncio.get_running_loop().create_task(
+                    self.hub.ingest_frame(self, op, frame.get("events"), ref)
+                )
 
     def hello(self, frame: dict[str, Any], ref: Any) -> None:
         if self.role is not None:

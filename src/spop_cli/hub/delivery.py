@@ -68,14 +68,25 @@ class InProcessDelivery:
         return pop_id in self._seen
 
     def publish(
-        self, pop_id: str, key: Key, frame: bytes, contact_id: str = "", expires: float | None = None
+        self,
+        pop_id: str,
+        key: Key,
+        frame: bytes,
+        contact_id: str = "",
+        expires: float | None = None,
+        dedupe: bool = True,
     ) -> bool:
-        """Hold and fan out a pop. False (and nothing sent) for an id seen within the window."""
+        """Hold and fan out a pop. False (and nothing sent) for an id seen within the window.
+
+        `dedupe=False` for ids the hub made itself: they cannot come twice, so they need no
+        place in the duplicate window (at 20,000 pops/s that window would hold millions).
+        """
         now = self.clock()
-        if pop_id in self._seen:
+        if pop_id in self._seen or pop_id in self.pending:
             self.duplicates += 1
             return False
-        self._seen[pop_id] = now
+        if dedupe:
+            self._seen[pop_id] = now
         pending = Pending(pop_id, key, frame, expires if expires is not None else now + self.ttl, contact_id)
         self.pending[pop_id] = pending
         self._by_key.setdefault(key, {})[pop_id] = None

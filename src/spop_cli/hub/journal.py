@@ -46,7 +46,9 @@ class Journal:
         self.path = Path(path)
         self.retain = retain  # how long done rows stay, for the duplicate window across restarts
         self._db: sqlite3.Connection | None = None
-        self._adds: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._adds: list[tuple[Any, ...]] = []
+        self._batch: asyncio.Future[None] | None = None  # the commit every queued add waits for
+        self._batch_ids: list[str] = []
         self._dones: list[tuple[str]] = []
         self._uncommitted: dict[str, asyncio.Future[None]] = {}  # id → its commit, while pending
         self._wake: asyncio.Event | None = None
@@ -80,13 +82,16 @@ class Journal:
     def add(
         self, pop_id: str, media: str, resource: str, contact_id: str, body: bytes, expires: float
     ) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._adds.append(((pop_id, media, resource, contact_id, body, time.time(), expires), future))
-        self._uncommitted[pop_id] = future
-        future.add_done_callback(lambda _: self._uncommitted.pop(pop_id, None))
-        assert self._wake is not None
-        self._wake.set()
-        return future
+        """Queue a row; the returned future (shared by the whole batch) resolves on its commit."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = asyncio.get_running_loop().create_future()
+            assert self._wake is not None
+            self._wake.set()
+        self._adds.append((pop_id, media, resource, contact_id, body, time.time(), expires))
+        self._batch_ids.append(pop_id)
+        self._uncommitted[pop_id] = batch
+        return batch
 
     def commit_of(self, pop_id: str) -> asyncio.Future[None] | None:
         """The commit of a pop added but not yet committed, else None (committed or unknown)."""
@@ -109,21 +114,25 @@ class Journal:
                     pass
             self._wake.clear()
             adds, self._adds = self._adds, []
+            batch, self._batch = self._batch, None
+            ids, self._batch_ids = self._batch_ids, []
             dones, self._dones = self._dones, []
             purge = time.monotonic() - last_purge > 5.0
             if purge:
                 last_purge = time.monotonic()
             if adds or dones or purge:
                 try:
-                    await loop.run_in_executor(None, self._commit, [a for a, _ in adds], dones, purge)
+                    await loop.run_in_executor(None, self._commit, adds, dones, purge)
                 except Exception as exc:  # disk full, locked: the sources get an error, not a 2xx
-                    for _, future in adds:
-                        if not future.done():
-                            future.set_exception(exc)
+                    if batch is not None and not batch.done():
+                        batch.set_exception(exc)
+                        batch.exception()  # retrieved: those who wait get it; none is no leak
                 else:
-                    for _, future in adds:
-                        if not future.done():
-                            future.set_result(None)
+                    if batch is not None and not batch.done():
+                        batch.set_result(None)
+                finally:
+                    for pop_id in ids:
+                        self._uncommitted.pop(pop_id, None)
             if self._closing and not self._adds and not self._dones:
                 return
 

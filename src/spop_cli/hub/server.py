@@ -66,6 +66,7 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._contacts: Any = None
         self.journal: Any = None
+        self._dirty: list[HubConnection] = []  # connections with frames to flush
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -155,32 +156,65 @@ class Hub:
     async def _housekeeping(self) -> None:
         """Expiry, contact forgetting, handshake timeouts, heartbeats and dead peers."""
         interval = max(0.05, min(1.0, self.config.heartbeat / 2))
+        slices = self._slices(5)  # every connection is checked once per interval, a fifth a tick
+        last_sweep = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
-            for pending in self.delivery.expire():
-                self.log.warning(
-                    "pop %s for %s %s expired undelivered after %.0f s",
-                    pending.id,
-                    *pending.key,
-                    self.config.pop_ttl,
-                )
-                if self.journal is not None:
-                    self.journal.done(pending.id)
-            if self._contacts is not None:
-                self._contacts.expire(datetime.now(UTC))
-            now = time.monotonic()
-            hb = self.config.heartbeat
-            for conn in list(self.connections):
-                if conn.role is None and now - conn.opened > self.config.handshake_timeout:
-                    conn.fatal(Error.SCREENPOP_Initialization_Error, "no hello in time")
-                elif now - conn.last_rx > 3 * hb:
-                    self.counters["dead_peers"] += 1
-                    self.log.warning("%s: silent for %.1f s: closed", conn.peer, now - conn.last_rx)
-                    conn.closed = True
-                    if conn.transport is not None:
-                        conn.transport.abort()
-                elif now - conn.last_tx > hb:
-                    conn.write(PING)
+            await asyncio.sleep(interval / 5)
+            self._check_connections(next(slices))
+            if time.monotonic() - last_sweep >= interval:
+                last_sweep = time.monotonic()
+                self._sweep()
+
+    def _sweep(self) -> None:
+        for pending in self.delivery.expire():
+            self.log.warning(
+                "pop %s for %s %s expired undelivered after %.0f s",
+                pending.id,
+                *pending.key,
+                self.config.pop_ttl,
+            )
+            if self.journal is not None:
+                self.journal.done(pending.id)
+        if self._contacts is not None:
+            self._contacts.expire(datetime.now(UTC))
+
+    def _slices(self, count: int) -> Any:
+        """Endless slices of the connections, `count` per round, so no tick walks them all
+        (10,000 pings at once stall the loop for 100 ms)."""
+        while True:
+            snapshot = list(self.connections)
+            step = max(1, -(-len(snapshot) // count))
+            for start in range(0, max(len(snapshot), 1), step):
+                yield snapshot[start : start + step]
+
+    def _check_connections(self, conns: list[HubConnection]) -> None:
+        now = time.monotonic()
+        hb = self.config.heartbeat
+        for conn in conns:
+            if conn.closed:
+                continue
+            if conn.role is None and now - conn.opened > self.config.handshake_timeout:
+                conn.fatal(Error.SCREENPOP_Initialization_Error, "no hello in time")
+            elif now - conn.last_rx > 3 * hb:
+                self.counters["dead_peers"] += 1
+                self.log.warning("%s: silent for %.1f s: closed", conn.peer, now - conn.last_rx)
+                conn.closed = True
+                if conn.transport is not None:
+                    conn.transport.abort()
+            elif now - conn.last_tx > hb:
+                conn.write(PING)
+
+    # -- writes ---------------------------------------------------------------------------
+    def mark_dirty(self, conn: HubConnection) -> None:
+        """Flush `conn` at the end of this loop iteration, with every other written connection."""
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._dirty.append(conn)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
 
     # -- auth -----------------------------------------------------------------------------
     def authorize(self, token: Any) -> str | None:
@@ -198,29 +232,63 @@ class Hub:
         return None
 
     # -- pops -----------------------------------------------------------------------------
-    def accept(self, pop: dict[str, Any]) -> asyncio.Future[None] | None:
+    def accept(self, pop: dict[str, Any], dedupe: bool = True) -> asyncio.Future[None] | None:
         """Fan a checked pop out now; the future resolves when the journal has committed it."""
         pop_id = pop["id"]
         key = (pop["media"], pop["resource"])
         frame = encode({"op": "pop", "pop": pop})
-        if not self.delivery.publish(pop_id, key, frame, pop["contact_id"]):
+        if not self.delivery.publish(pop_id, key, frame, pop["contact_id"], dedupe=dedupe):
             # a resend: answer it once the first copy is committed, not before
             return self.journal.commit_of(pop_id) if self.journal is not None else None
         self.counters["pops_accepted"] += 1
         if self.journal is not None:
-            body = frame
             return self.journal.add(
-                pop_id, key[0], key[1], pop["contact_id"], body, time.time() + self.config.pop_ttl
+                pop_id, key[0], key[1], pop["contact_id"], frame, time.time() + self.config.pop_ttl
             )
         return None
 
+    def publish_now(self, pops: Any) -> tuple[list[str], asyncio.Future[Any] | None]:
+        """Check and accept one pop or a list at once; return their ids and what to await for
+        their commit (None: nothing to wait for). Raises InputError before accepting any."""
+        checked = normalize_pops(pops)
+        given = pops if isinstance(pops, list) else [pops]
+        commits: list[asyncio.Future[None]] = []
+        for pop, raw in zip(checked, given, strict=True):
+            commit = self.accept(pop, dedupe=bool(raw.get("id")))
+            if commit is not None and (not commits or commits[-1] is not commit):
+                commits.append(commit)  # pops of one journal batch share one future
+        ids = [p["id"] for p in checked]
+        if not commits:
+            return ids, None
+        if len(commits) == 1:
+            return ids, commits[0]
+        return ids, asyncio.gather(*commits)
+
     async def publish(self, pops: Any) -> list[str]:
         """Check, accept and commit one pop or a list; raises InputError before accepting any."""
-        checked = normalize_pops(pops)
-        futures = [f for f in (self.accept(p) for p in checked) if f is not None]
-        if futures:
-            await asyncio.gather(*futures)
-        return [p["id"] for p in checked]
+        ids, commit = self.publish_now(pops)
+        if commit is not None:
+            await commit
+        return ids
+
+    def publish_frame(self, conn: HubConnection, pops: Any, ref: Any) -> None:
+        """A `publish` frame: no task per frame; the answer rides the journal batch's commit."""
+        try:
+            ids, commit = self.publish_now(pops)
+        except InputError as exc:
+            self._refuse(conn, exc, ref)
+            return
+        if commit is None:
+            conn.reply(ref, ids=ids)
+            return
+
+        def answer(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                self._refuse(conn, done.exception() or RuntimeError("cancelled"), ref)
+            else:
+                conn.reply(ref, ids=ids)
+
+        commit.add_done_callback(answer)
 
     def ack(self, pop_id: str, keys: Any = None) -> None:
         """A listener handled the pop; acks for unknown pops or another key's are only counted."""
@@ -275,31 +343,31 @@ class Hub:
         return result
 
     async def ingest_frame(self, conn: HubConnection, op: str, body: Any, ref: Any) -> None:
-        """A `publish` or `contact` frame from a source on the listener port."""
+        """A `contact` frame from a source on the listener port."""
         try:
-            if op == "publish":
-                ids = await self.publish(body)
-                conn.reply(ref, ids=ids)
-            else:
-                conn.reply(ref, **await self.apply_contacts(body))
+            conn.reply(ref, **await self.apply_contacts(body))
         except Exception as exc:
-            detail = (
-                {**exc.to_dict(), **getattr(exc, "applied_result", {})}
-                if hasattr(exc, "to_dict")
-                else {"error": "internal", "message": str(exc)}
-            )
-            self.counters["rejected"] += 1
-            if not isinstance(exc, InputError) and type(exc).__name__ != "ContactEventError":
-                self.log.exception("ingest failed")
-            frame = {
-                "op": "error",
-                "code": Error.SCREENPOP_Framework_Error.value,
-                "message": str(exc) or detail.get("message", ""),
-                "detail": detail,
-            }
-            if ref is not None:
-                frame["ref"] = ref
-            conn.write(orjson.dumps(frame) + b"\n")
+            self._refuse(conn, exc, ref)
+
+    def _refuse(self, conn: HubConnection, exc: BaseException, ref: Any) -> None:
+        """An error frame carrying the refusal's detail (error, field, index, what was applied)."""
+        detail = (
+            {**exc.to_dict(), **getattr(exc, "applied_result", {})}  # type: ignore[attr-defined]
+            if hasattr(exc, "to_dict")
+            else {"error": "internal", "message": str(exc)}
+        )
+        self.counters["rejected"] += 1
+        if not hasattr(exc, "to_dict"):
+            self.log.error("ingest failed: %r", exc)
+        frame: dict[str, Any] = {
+            "op": "error",
+            "code": Error.SCREENPOP_Framework_Error.value,
+            "message": str(exc) or detail.get("message", ""),
+            "detail": detail,
+        }
+        if ref is not None:
+            frame["ref"] = ref
+        conn.write(orjson.dumps(frame) + b"\n")
 
     # -- status ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

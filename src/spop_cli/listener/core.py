@@ -63,6 +63,7 @@ class AsyncListener:
         # Pops that arrive between our `register` and its answer (pending ones, sent at once)
         # wait here so callbacks see the listener Up; None when not registering.
         self._early: list[dict[str, Any]] | None = None
+        self._acks: list[str] = []
 
     # -- vendor names -----------------------------------------------------------------------
     @property
@@ -206,10 +207,8 @@ class AsyncListener:
             return
         if self.status is not S.Status_Up:
             return  # not ours any more (stopped): no ack, the hub keeps it for the others
-        link = self._link
         if pop_id in self._handled:
-            if link is not None:
-                link.send(client.encode({"op": "ack", "id": pop_id}))
+            self._ack(pop_id)
             return
         try:
             event = ScreenPopEvent.from_dict(data)
@@ -235,8 +234,19 @@ class AsyncListener:
                 self._call(fn, event)
             except Exception:
                 self.log.exception("screen-pop callback failed for pop %s", pop_id)
-        if link is not None:
-            link.send(client.encode({"op": "ack", "id": pop_id}))
+        self._ack(pop_id)
+
+    def _ack(self, pop_id: str) -> None:
+        """Acks of one loop iteration leave as one frame (`ids`), after the callbacks ran."""
+        if not self._acks:
+            asyncio.get_running_loop().call_soon(self._send_acks)
+        self._acks.append(pop_id)
+
+    def _send_acks(self) -> None:
+        ids, self._acks = self._acks, []
+        link = self._link
+        if ids and link is not None:
+            link.send(client.encode({"op": "ack", "ids": ids}))
 
     def _on_lost(self, exc: Exception | None) -> None:
         if self.status not in (S.Status_Idle, S.Status_Up):
