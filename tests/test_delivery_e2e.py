@@ -181,3 +181,29 @@ def test_http_bad_pop_in_an_array_names_its_index_and_accepts_none(hub: HubThrea
     )
     assert status == 422 and answer["index"] == 2
     assert hub.status()["counters"].get("pops_accepted", 0) == 0
+
+
+def test_ack_goes_out_before_stop_listening(hub: HubThread) -> None:
+    """Acks are batched per loop iteration; stopping right after a pop must not strand them
+    (the hub takes acks only from a registered key, and would redeliver the pop)."""
+    import asyncio
+
+    from spop_cli import AsyncListener
+
+    async def scenario() -> None:
+        listener = AsyncListener("telephone")
+        arrived = asyncio.Event()
+        listener.on_screen_pop(lambda event: arrived.set())
+        await listener.initialize(hub.address)
+        await listener.start_listening("13579")
+        sending = asyncio.ensure_future(
+            asyncio.to_thread(hub.publish, {"media": "telephone", "resource": "13579"})
+        )
+        await arrived.wait()  # woken by the callback itself, before the ack is flushed
+        await listener.stop_listening()  # in the same iteration the pop's ack was queued in
+        await listener.shutdown()
+        await sending
+
+    asyncio.run(scenario())
+    assert wait_for(lambda: hub.status()["counters"].get("acked") == 1, timeout=2)
+    assert hub.status()["pending"] == 0

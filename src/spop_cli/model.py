@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -184,8 +185,17 @@ def new_pop_id() -> str:
     return uuid.uuid4().hex
 
 
+_last_iso: tuple[int, str] = (0, "")
+
+
 def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now, UTC, to the millisecond; one formatting per millisecond however many pops."""
+    global _last_iso
+    now_ms = time.time_ns() // 1_000_000
+    if _last_iso[0] != now_ms:
+        moment = datetime.fromtimestamp(now_ms / 1000, UTC)
+        _last_iso = (now_ms, moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+    return _last_iso[1]
 
 
 @dataclass(slots=True)

@@ -39,6 +39,8 @@ class InputError(Exception):
 
 def _text(data: dict[str, Any], name: str, limit: int = MAX_TEXT) -> str:
     value = data.get(name)
+    if value.__class__ is str and len(value) <= limit:  # the common case, first and cheap
+        return value
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -53,6 +55,13 @@ def contact_data_from(value: Any, field: str = "contact_data") -> dict[str, str]
     """An object of string keys to scalar values, order kept, bounded."""
     if value is None:
         return {}
+    if value.__class__ is dict and len(value) <= MAX_DATA_ITEMS:
+        # the common case: short string keys and values, taken as they are
+        for key, item in value.items():
+            if item.__class__ is not str or not key or len(key) > MAX_DATA_TEXT or len(item) > MAX_DATA_TEXT:
+                break
+        else:
+            return value
     if not isinstance(value, dict):
         raise InputError(422, "wrong_type", f"{field} must be an object of key/value strings", field)
     if len(value) > MAX_DATA_ITEMS:

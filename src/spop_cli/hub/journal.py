@@ -46,9 +46,14 @@ class Journal:
         self.path = Path(path)
         self.retain = retain  # how long done rows stay, for the duplicate window across restarts
         self._db: sqlite3.Connection | None = None
-        self._adds: list[tuple[Any, ...]] = []
+        self._adds: list[tuple[Any, ...] | None] = []
         self._batch: asyncio.Future[None] | None = None  # the commit every queued add waits for
         self._batch_ids: list[str] = []
+        # Rows queued but not yet taken by the writer, by id → (index in _adds, remember).
+        # A pop acknowledged before its batch is written needs no durability: its row is dropped,
+        # or written already done when its id must stay a duplicate across a restart.
+        self._queued: dict[str, tuple[int, bool]] = {}
+        self.skipped = 0  # rows never written because their pop was handled first
         self._dones: list[tuple[str]] = []
         self._uncommitted: dict[str, asyncio.Future[None]] = {}  # id → its commit, while pending
         self._wake: asyncio.Event | None = None
@@ -80,15 +85,26 @@ class Journal:
         self._task = asyncio.get_running_loop().create_task(self._writer())
 
     def add(
-        self, pop_id: str, media: str, resource: str, contact_id: str, body: bytes, expires: float
+        self,
+        pop_id: str,
+        media: str,
+        resource: str,
+        contact_id: str,
+        body: bytes,
+        expires: float,
+        remember: bool = True,
     ) -> asyncio.Future[None]:
-        """Queue a row; the returned future (shared by the whole batch) resolves on its commit."""
+        """Queue a row; the returned future (shared by the whole batch) resolves on its commit.
+
+        `remember`: the id came from the source, so it must stay a duplicate after a restart.
+        """
         batch = self._batch
         if batch is None:
             batch = self._batch = asyncio.get_running_loop().create_future()
             assert self._wake is not None
             self._wake.set()
-        self._adds.append((pop_id, media, resource, contact_id, body, time.time(), expires))
+        self._queued[pop_id] = (len(self._adds), remember)
+        self._adds.append((pop_id, media, resource, contact_id, body, time.time(), expires, 0))
         self._batch_ids.append(pop_id)
         self._uncommitted[pop_id] = batch
         return batch
@@ -98,6 +114,14 @@ class Journal:
         return self._uncommitted.get(pop_id)
 
     def done(self, pop_id: str) -> None:
+        """The pop was acknowledged, withdrawn or expired."""
+        queued = self._queued.pop(pop_id, None)
+        if queued is not None:
+            index, remember = queued
+            row = self._adds[index]
+            self._adds[index] = (*row[:7], 1) if remember and row is not None else None
+            self.skipped += not remember
+            return
         self._dones.append((pop_id,))
         if len(self._dones) > 512 and self._wake is not None:
             self._wake.set()
@@ -113,7 +137,9 @@ class Journal:
                 except TimeoutError:
                     pass
             self._wake.clear()
-            adds, self._adds = self._adds, []
+            adds = [row for row in self._adds if row is not None]
+            self._adds = []
+            self._queued.clear()
             batch, self._batch = self._batch, None
             ids, self._batch_ids = self._batch_ids, []
             dones, self._dones = self._dones, []
@@ -142,7 +168,7 @@ class Journal:
         db.execute("BEGIN")
         try:
             if adds:
-                db.executemany("INSERT OR IGNORE INTO pops VALUES (?, ?, ?, ?, ?, ?, ?, 0)", adds)
+                db.executemany("INSERT OR IGNORE INTO pops VALUES (?, ?, ?, ?, ?, ?, ?, ?)", adds)
             if dones:
                 db.executemany("UPDATE pops SET done = 1 WHERE id = ?", dones)
             if purge:

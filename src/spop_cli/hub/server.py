@@ -243,7 +243,13 @@ class Hub:
         self.counters["pops_accepted"] += 1
         if self.journal is not None:
             return self.journal.add(
-                pop_id, key[0], key[1], pop["contact_id"], frame, time.time() + self.config.pop_ttl
+                pop_id,
+                key[0],
+                key[1],
+                pop["contact_id"],
+                frame,
+                time.time() + self.config.pop_ttl,
+                remember=dedupe,
             )
         return None
 

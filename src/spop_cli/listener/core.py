@@ -159,6 +159,7 @@ class AsyncListener:
                 Error.SCREENPOP_Wrong_Status, f"stop_listening needs Status_Up or Status_Reconnecting, not {self.status}"
             )
         self._resume = S.Status_Idle
+        self._send_acks()  # before `unregister`: the hub takes acks only from a registered key
         link = self._link
         if self.status is S.Status_Up and link is not None and not link.lost:
             try:
