@@ -119,7 +119,8 @@ class Journal:
         if queued is not None:
             index, remember = queued
             row = self._adds[index]
-            self._adds[index] = (*row[:7], 1) if remember and row is not None else None
+            # a handled pop's row only keeps its id a duplicate: no body to write
+            self._adds[index] = (*row[:4], b"", *row[5:7], 1) if remember and row is not None else None
             self.skipped += not remember
             return
         self._dones.append((pop_id,))
