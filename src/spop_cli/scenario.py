@@ -13,18 +13,10 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from .model import TEXT_FIELDS
+
 TOP_KEYS = {"description", "events", "expect"}
-POP_TEXT_KEYS = (
-    "contact_id",
-    "media",
-    "resource",
-    "source",
-    "destination",
-    "queue_name",
-    "contact_description",
-    "from",
-    "redirect",
-)
+POP_TEXT_KEYS = ("contact_id", "media", "resource", *TEXT_FIELDS)
 EXPECT_KEYS = {*POP_TEXT_KEYS, "wait_time", "contact_data"}
 
 
