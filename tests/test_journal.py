@@ -222,3 +222,24 @@ def test_pending_pops_outlive_a_shorter_duplicate_window(tmp_path: Path) -> None
             assert list(hub.delivery.pending) == ["still-owed"]
 
     run(body())
+
+
+def test_a_batch_whose_pops_were_all_handled_before_the_write_still_answers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A pop acked before its batch is written is dropped from the batch; its source still
+    waits on the batch's commit, which must resolve although nothing is left to write."""
+
+    async def body() -> None:
+        journal = Journal(tmp_path / "j.sqlite3")
+        journal.open()
+        journal.start()
+        commit = journal.add("hub-made", "telephone", "1", "", b"{}", time.time() + 60, remember=False)
+        journal.done("hub-made")  # acked in the same loop iteration, before the writer ran
+        await asyncio.wait_for(commit, 5)
+        kept = journal.add("source-id", "telephone", "1", "", b"{}", time.time() + 60, remember=True)
+        journal.done("source-id")
+        await asyncio.wait_for(kept, 5)
+        await journal.close()
+
+    run(body())
+    rows = sqlite3.connect(tmp_path / "j.sqlite3").execute("SELECT id, done, body FROM pops").fetchall()
+    assert rows == [("source-id", 1, b"")]  # the source's id stays a duplicate; no body kept

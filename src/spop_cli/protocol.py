@@ -89,6 +89,10 @@ def decode_line(line: bytes) -> dict[str, Any]:
     try:
         frame = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
+        if too_deep_for_parser(exc):
+            raise FrameError(
+                Error.SCREENPOP_Framework_Error, f"frame nested deeper than {MAX_DEPTH} levels"
+            ) from None
         raise FrameError(Error.SCREENPOP_Framework_Error, f"frame is not valid JSON: {exc}") from None
     if not isinstance(frame, dict):
         raise FrameError(Error.SCREENPOP_Framework_Error, "frame is not a JSON object")
@@ -99,6 +103,12 @@ def decode_line(line: bytes) -> dict[str, Any]:
     if line.count(b"[") + line.count(b"{") > MAX_DEPTH and nested_deeper(frame, MAX_DEPTH):
         raise FrameError(Error.SCREENPOP_Framework_Error, f"frame nested deeper than {MAX_DEPTH} levels")
     return frame
+
+
+def too_deep_for_parser(exc: ValueError) -> bool:
+    """orjson ≥ 3.9 refuses deep nesting itself ("depth limit exceeded"); older ones parse it and
+    leave it to `nested_deeper`. Either way the peer hears the same error."""
+    return "depth limit" in str(exc) or "recursion" in str(exc).lower()
 
 
 def shown(value: Any, limit: int = 64) -> str:

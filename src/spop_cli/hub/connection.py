@@ -122,7 +122,7 @@ class HubConnection(asyncio.Protocol):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        if self.closed:
+        if self.closed or transport.is_closing():  # uvloop raises on a closed transport
             return
         transport.write(data)
         self.last_tx = time.monotonic()

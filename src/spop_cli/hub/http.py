@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from ..pops import InputError
-from ..protocol import MAX_DEPTH, nested_deeper
+from ..protocol import MAX_DEPTH, nested_deeper, too_deep_for_parser
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -49,6 +49,8 @@ async def _body(request: web.Request) -> Any:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if too_deep_for_parser(exc):
+            raise InputError(400, "too_deep", f"body nested deeper than {MAX_DEPTH} levels") from None
         raise InputError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nested_deeper(body, MAX_DEPTH):
         raise InputError(400, "too_deep", f"body nested deeper than {MAX_DEPTH} levels")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class Journal:
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._writer())
+        self._task.add_done_callback(_report_end)
 
     def add(
         self,
@@ -147,19 +149,22 @@ class Journal:
             purge = time.monotonic() - last_purge > 5.0
             if purge:
                 last_purge = time.monotonic()
+            error: Exception | None = None
             if adds or dones or purge:
                 try:
                     await loop.run_in_executor(None, self._commit, adds, dones, purge)
                 except Exception as exc:  # disk full, locked: the sources get an error, not a 2xx
-                    if batch is not None and not batch.done():
-                        batch.set_exception(exc)
-                        batch.exception()  # retrieved: those who wait get it; none is no leak
+                    error = exc
+            # Resolved even when every row of the batch was dropped (all handled before the
+            # write): its sources wait on it.
+            if batch is not None and not batch.done():
+                if error is None:
+                    batch.set_result(None)
                 else:
-                    if batch is not None and not batch.done():
-                        batch.set_result(None)
-                finally:
-                    for pop_id in ids:
-                        self._uncommitted.pop(pop_id, None)
+                    batch.set_exception(error)
+                    batch.exception()  # retrieved: those who wait get it; none is no leak
+            for pop_id in ids:
+                self._uncommitted.pop(pop_id, None)
             if self._closing and not self._adds and not self._dones:
                 return
 
@@ -193,3 +198,9 @@ class Journal:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    """A writer that dies would leave every source waiting: say so loudly."""
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("spop.hub").error("journal writer died", exc_info=task.exception())

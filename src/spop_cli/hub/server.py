@@ -160,10 +160,13 @@ class Hub:
         last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(interval / 5)
-            self._check_connections(next(slices))
-            if time.monotonic() - last_sweep >= interval:
-                last_sweep = time.monotonic()
-                self._sweep()
+            try:
+                self._check_connections(next(slices))
+                if time.monotonic() - last_sweep >= interval:
+                    last_sweep = time.monotonic()
+                    self._sweep()
+            except Exception:  # housekeeping must outlive any one bad connection or contact
+                self.log.exception("housekeeping failed")
 
     def _sweep(self) -> None:
         for pending in self.delivery.expire():
@@ -214,7 +217,10 @@ class Hub:
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception:  # one broken transport must not strand the others' frames
+                self.log.exception("%s: write failed", conn.peer)
 
     # -- auth -----------------------------------------------------------------------------
     def authorize(self, token: Any) -> str | None:
