@@ -471,3 +471,20 @@ def test_expiry_ignores_the_sources_clock():
 def test_negative_expiry_is_refused():
     with pytest.raises(ValueError):
         ContactTracker(forget_after=-1)
+
+
+def test_a_time_that_overflows_is_refused_and_earlier_events_stay_applied() -> None:
+    from datetime import UTC, datetime
+
+    from spop_cli.hub.contacts import ContactEventError, ContactTracker
+
+    tracker = ContactTracker()
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    events = [
+        {"contact_id": "c", "event": "routed", "resource": "13579"},
+        {"contact_id": "c", "event": "answered", "resource": "13579", "at": "0001-01-01T00:00:00+01:00"},
+    ]
+    with pytest.raises(ContactEventError) as info:
+        tracker.apply_batch(events, now)
+    assert (info.value.status, info.value.field, info.value.index) == (400, "at", 1)
+    assert len(info.value.applied) == 1 and info.value.applied[0].pops[0].resource == "13579"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 
 import pytest
 
 from conftest import HubThread, wait_for
 from spop_cli import (
+    ListenerStatus,
     ScreenPopCallbackListener,
     ScreenPopEmailListener,
     ScreenPopTelephoneListener,
@@ -207,3 +209,52 @@ def test_ack_goes_out_before_stop_listening(hub: HubThread) -> None:
     asyncio.run(scenario())
     assert wait_for(lambda: hub.status()["counters"].get("acked") == 1, timeout=2)
     assert hub.status()["pending"] == 0
+
+
+def test_blocking_listener_acks_only_after_its_callback_returned(hub: HubThread) -> None:
+    """A desktop that dies inside its callback must get the pop again: no ack before it returns."""
+    listener = ScreenPopTelephoneListener()
+    entered, release = threading.Event(), threading.Event()
+
+    @listener.on_screen_pop
+    def slow(event) -> None:  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(10)
+
+    listener.initialize(hub.address)
+    listener.start_listening("13579")
+    hub.publish({"media": "telephone", "resource": "13579"})
+    assert entered.wait(5)
+    time.sleep(0.2)  # room for a premature ack to arrive
+    assert hub.status()["pending"] == 1
+    release.set()
+    assert wait_for(lambda: hub.status()["pending"] == 0)
+    assert hub.status()["counters"]["acked"] == 1
+    listener.shutdown()
+
+
+def test_shutdown_during_a_reconnect_attempt_closes_its_connection(hub: HubThread) -> None:
+    """A hub that accepts but never answers: shutting down mid-handshake leaves no socket open."""
+    import socket as sockets
+
+    listener = ScreenPopTelephoneListener(reconnecting_interval=0.2, timeout=30)
+    listener.initialize(hub.address)
+    listener.start_listening("13579")
+    port = hub.options["port"]
+    hub.stop()
+    mute = sockets.socket()
+    mute.setsockopt(sockets.SOL_SOCKET, sockets.SO_REUSEADDR, 1)
+    mute.bind(("127.0.0.1", port))
+    mute.listen()
+    mute.settimeout(10)
+    try:
+        peer, _ = mute.accept()  # the listener's reconnect attempt, waiting for `welcome`
+        peer.settimeout(5)
+        assert b"hello" in peer.recv(4096)
+        listener.shutdown()
+        assert listener.status is ListenerStatus.Status_Down
+        assert peer.recv(4096) == b""  # closed by the listener, not left open
+        peer.close()
+    finally:
+        mute.close()
+        hub.start()

@@ -77,12 +77,15 @@ def test_journal_forgets_expired_and_old_rows_on_open(tmp_path: Path) -> None:
         await journal.close()
 
     run(body())
-    # within the duplicate window every id is kept (the expired one too, to stay a duplicate)
-    assert {(r.id, r.done) for r in Journal(path, retain=60).open()} == {
-        ("expired", False),
+    # within the duplicate window every id is kept (the expired one too, to stay a duplicate;
+    # it is marked done and reported as expired while the hub was down)
+    reopened = Journal(path, retain=60)
+    assert {(r.id, r.done) for r in reopened.open()} == {
+        ("expired", True),
         ("live", False),
         ("handled", True),
     }
+    assert reopened.expired_while_down == [("expired", "telephone", "1")]
     # past it, only what is still owed: a pending pop outlives the window when pop_ttl is longer
     assert [(r.id, r.done) for r in Journal(path, retain=0).open()] == [("live", False)]
 
@@ -243,3 +246,42 @@ def test_a_batch_whose_pops_were_all_handled_before_the_write_still_answers(tmp_
     run(body())
     rows = sqlite3.connect(tmp_path / "j.sqlite3").execute("SELECT id, done, body FROM pops").fetchall()
     assert rows == [("source-id", 1, b"")]  # the source's id stays a duplicate; no body kept
+
+
+def test_a_resend_after_a_failed_commit_waits_for_the_retried_commit(tmp_path: Path) -> None:
+    """The failed batch's rows are tried again first; a source resending one of them (same id)
+    is answered only once its row is on disk, never `ok` for a row that was not written."""
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(path)) as hub:
+            hub.journal._db.execute("PRAGMA busy_timeout = 50")
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(Exception, match="locked"):
+                await client.publish(address_of(hub), pop(id="retry-me"))
+            # while the database stays locked, a resend is refused again, never `ok`
+            with pytest.raises(Exception, match="locked"):
+                await client.publish(address_of(hub), pop(id="retry-me"))
+            assert "retry-me" not in rows(path)
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            assert await client.publish(address_of(hub), pop(id="retry-me")) == ["retry-me"]
+            assert "retry-me" in rows(path)  # the `ok` came with the row on disk
+
+    run(body())
+
+
+def test_one_cancelled_caller_does_not_cancel_the_batch_for_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(path)) as hub:
+            impatient = asyncio.ensure_future(hub.publish(pop(id="impatient")))
+            patient = asyncio.ensure_future(hub.publish(pop(id="patient")))
+            await asyncio.sleep(0)  # both accepted into the same batch
+            impatient.cancel()
+            assert await asyncio.wait_for(patient, 5) == ["patient"]
+            assert {"impatient", "patient"} <= set(rows(path))
+
+    run(body())

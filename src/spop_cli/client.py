@@ -186,7 +186,8 @@ async def connect(
         hello["token"] = token
     try:
         welcome = await link.request("hello", timeout=timeout, **hello)
-    except ScreenPopError:
+    except BaseException:  # refused, timed out, or cancelled: never leave the socket open
+        link.on_lost = None
         link.close()
         raise
     link.start_heartbeat(float(welcome.get("heartbeat") or HEARTBEAT))

@@ -210,7 +210,7 @@ class HubConnection(asyncio.Protocol):
                 self.hub.publish_frame(self, frame.get("pops"), ref)
             else:
                 asyncio.get_running_loop().create_task(
-                    self.hub.ingest_frame(self, op, frame.get("events"), ref)
+                    self.hub.ingest_frame(self, frame.get("events"), ref)
                 )
 
     def hello(self, frame: dict[str, Any], ref: Any) -> None:

@@ -175,7 +175,7 @@ def _parse_at(value: Any) -> datetime | None:
         raise _malformed("at", f"at must be an ISO 8601 string, not {type(value).__name__}")
     try:
         return _utc(datetime.fromisoformat(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # year 1 with an offset overflows on conversion
         raise _malformed("at", f"at is not an ISO 8601 time: {value[:64]!r}", "bad_time") from None
 
 
@@ -272,6 +272,11 @@ class ContactTracker:
                 exc.index = index
                 exc.applied = outcomes
                 raise
+            except Exception as exc:  # a rule we got wrong: refuse this event, keep the others
+                error = ContactEventError(422, "not_applicable", f"event cannot be applied: {exc!r}"[:300])
+                error.index = index
+                error.applied = outcomes
+                raise error from exc
         return outcomes
 
     def apply(self, event: Mapping[str, Any], received_at: datetime) -> Outcome:

@@ -55,6 +55,8 @@ class Journal:
         # or written already done when its id must stay a duplicate across a restart.
         self._queued: dict[str, tuple[int, bool]] = {}
         self.skipped = 0  # rows never written because their pop was handled first
+        self._retry: list[tuple[Any, ...]] = []
+        self.expired_while_down: list[tuple[str, str, str]] = []  # rows of a failed batch, tried again first
         self._dones: list[tuple[str]] = []
         self._uncommitted: dict[str, asyncio.Future[None]] = {}  # id → its commit, while pending
         self._wake: asyncio.Event | None = None
@@ -71,6 +73,14 @@ class Journal:
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process death
         db.executescript(SCHEMA)
         now = time.time()
+        # pops that expired undelivered while the hub was down: counted and named, not silent
+        self.expired_while_down = [
+            (row[0], row[1], row[2])
+            for row in db.execute(
+                "SELECT id, media, resource FROM pops WHERE done = 0 AND expires < ?", (now,)
+            )
+        ]
+        db.execute("UPDATE pops SET done = 1 WHERE done = 0 AND expires < ?", (now,))
         db.execute(PURGE, (now - self.retain, now))
         rows = [
             JournalRow(*row[:7], bool(row[7]))
@@ -140,7 +150,8 @@ class Journal:
                 except TimeoutError:
                     pass
             self._wake.clear()
-            adds = [row for row in self._adds if row is not None]
+            adds = self._retry + [row for row in self._adds if row is not None]
+            self._retry = []
             self._adds = []
             self._queued.clear()
             batch, self._batch = self._batch, None
@@ -165,8 +176,20 @@ class Journal:
                     batch.exception()  # retrieved: those who wait get it; none is no leak
             for pop_id in ids:
                 self._uncommitted.pop(pop_id, None)
-            if self._closing and not self._adds and not self._dones:
+            if error is not None and adds:
+                self._requeue(adds)
+            if self._closing and (error is not None or (not self._adds and not self._dones)):
                 return
+
+    def _requeue(self, rows: list[tuple[Any, ...]]) -> None:
+        """A failed batch's rows go first into the next one; a source resending one of them
+        waits for that commit (`commit_of`), never gets an `ok` for a row not written."""
+        if self._batch is None:
+            self._batch = asyncio.get_running_loop().create_future()
+        for row in rows:
+            self._uncommitted[row[0]] = self._batch
+            self._batch_ids.append(row[0])
+        self._retry = rows
 
     def _commit(self, adds: list[tuple[Any, ...]], dones: list[tuple[str]], purge: bool) -> None:
         db = self._db

@@ -140,6 +140,9 @@ class Hub:
 
         self.journal = Journal(self.config.journal, retain=max(self.config.dedupe_window, 1.0))
         rows = self.journal.open()
+        for pop_id, media, resource in self.journal.expired_while_down:
+            self.log.warning("pop %s for %s %s expired undelivered while the hub was down", pop_id, media, resource)
+        self.delivery.expired += len(self.journal.expired_while_down)
         restored = 0
         now = time.time()
         for row in rows:
@@ -280,7 +283,9 @@ class Hub:
         """Check, accept and commit one pop or a list; raises InputError before accepting any."""
         ids, commit = self.publish_now(pops)
         if commit is not None:
-            await commit
+            # shielded: the batch's future is shared; one cancelled caller must not cancel it
+            # for every other source of the batch
+            await asyncio.shield(commit)
         return ids
 
     def publish_frame(self, conn: HubConnection, pops: Any, ref: Any) -> None:
@@ -295,8 +300,10 @@ class Hub:
             return
 
         def answer(done: asyncio.Future[Any]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                self._refuse(conn, done.exception() or RuntimeError("cancelled"), ref)
+            if done.cancelled():
+                self._refuse(conn, RuntimeError("the journal commit was cancelled"), ref)
+            elif done.exception() is not None:
+                self._refuse(conn, done.exception(), ref)  # type: ignore[arg-type]
             else:
                 conn.reply(ref, ids=ids)
 
@@ -342,19 +349,19 @@ class Hub:
             for event in outcome.pops:
                 pop = event.to_dict()
                 pop_ids.append(pop["id"])
-                future = self.accept(pop)
-                if future is not None:
+                future = self.accept(pop, dedupe=False)  # the hub made the id
+                if future is not None and future not in futures:
                     futures.append(future)
         self.counters["contact_events"] += len(outcomes)
         if futures:
-            await asyncio.gather(*futures)
+            await asyncio.shield(asyncio.gather(*futures))
         result = {"applied": len(outcomes), "pops": pop_ids}
         if error is not None:
             error.applied_result = result  # type: ignore[attr-defined]
             raise error
         return result
 
-    async def ingest_frame(self, conn: HubConnection, op: str, body: Any, ref: Any) -> None:
+    async def ingest_frame(self, conn: HubConnection, body: Any, ref: Any) -> None:
         """A `contact` frame from a source on the listener port."""
         try:
             conn.reply(ref, **await self.apply_contacts(body))

@@ -32,6 +32,31 @@ def background_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
+_Item = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[None] | None"]
+
+
+def _dispatch(
+    events: queue.SimpleQueue[_Item | None], loop: asyncio.AbstractEventLoop, log: Any
+) -> None:
+    """Run callbacks in order; a slow one delays only this listener's later callbacks."""
+    while True:
+        item = events.get()
+        if item is None:
+            return
+        fn, args, handled = item
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("callback %r failed", fn)
+        if handled is not None:
+            loop.call_soon_threadsafe(_resolve, handled)
+
+
+def _resolve(handled: asyncio.Future[None]) -> None:
+    if not handled.done():
+        handled.set_result(None)
+
+
 class _BlockingListener:
     """Blocking lifecycle calls; callbacks run in order on this listener's own thread."""
 
@@ -40,8 +65,15 @@ class _BlockingListener:
     def __init__(self, reconnecting_interval: float = 30.0, *, token: str | None = None, **options: Any) -> None:
         self._loop = background_loop()
         self._core = self._run_sync(self._make_core(reconnecting_interval, token, options))
-        self._events: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._dispatch, name=f"spop-{self.MEDIA}-callbacks", daemon=True)
+        self._events: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        # The thread holds the queue, not the listener, so a dropped listener is collected
+        # (and __del__ ends the thread).
+        self._thread = threading.Thread(
+            target=_dispatch,
+            args=(self._events, self._loop, self._core.log),
+            name=f"spop-{self.MEDIA}-callbacks",
+            daemon=True,
+        )
         self._thread.start()
 
     async def _make_core(self, interval: float, token: str | None, options: dict[str, Any]) -> AsyncListener:
@@ -49,18 +81,6 @@ class _BlockingListener:
 
     def _run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def _dispatch(self) -> None:
-        # A slow callback delays only this listener's later callbacks, never the hub link.
-        while True:
-            item = self._events.get()
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:
-                self._core.log.exception("callback %r failed", fn)
 
     # -- the vendor's methods -------------------------------------------------------------
     def initialize(self, address: str) -> None:
@@ -77,13 +97,23 @@ class _BlockingListener:
 
     # -- callbacks ------------------------------------------------------------------------
     def on_screen_pop(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """fn(event) for every pop, on this listener's callback thread. Returns fn."""
-        self._core.on_screen_pop(lambda event: self._events.put((fn, (event,))))
+        """fn(event) for every pop, on this listener's callback thread. Returns fn.
+
+        The pop is acknowledged to the hub once fn has returned (or raised)."""
+        events, loop = self._events, self._loop
+
+        def hand_off(event: Any) -> asyncio.Future[None]:
+            handled = loop.create_future()
+            events.put((fn, (event,), handled))
+            return handled
+
+        self._core.on_screen_pop(hand_off)
         return fn
 
     def on_status_changed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """fn(old, new) on every status change, in order with the pops. Returns fn."""
-        self._core.on_status_changed(lambda old, new: self._events.put((fn, (old, new))))
+        events = self._events
+        self._core.on_status_changed(lambda old, new: events.put((fn, (old, new), None)))
         return fn
 
     # -- the vendor's properties ----------------------------------------------------------

@@ -97,12 +97,15 @@ class AsyncListener:
             except Exception:
                 self.log.exception("status callback failed")
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any] | None:
+        """Call fn; an awaitable result runs on as a task, returned so the caller may wait."""
         result = fn(*args)
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if not inspect.isawaitable(result):
+            return None
+        task = asyncio.ensure_future(result)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- the lifecycle table --------------------------------------------------------------
     async def initialize(self, address: str) -> None:
@@ -230,12 +233,22 @@ class AsyncListener:
             event.queue_name,
             event.wait_time,
         )
+        pending = []
         for fn in list(self._pop_callbacks):
             try:
-                self._call(fn, event)
+                task = self._call(fn, event)
             except Exception:
                 self.log.exception("screen-pop callback failed for pop %s", pop_id)
-        self._ack(pop_id)
+                continue
+            if task is not None:
+                pending.append(task)
+        if not pending:
+            self._ack(pop_id)
+            return
+        # A callback that returned an awaitable (an async callback, or a blocking listener's
+        # hand-off to its thread) has handled the pop only when that completes: ack then.
+        done = asyncio.gather(*pending, return_exceptions=True)
+        done.add_done_callback(lambda _: self._ack(pop_id))
 
     def _ack(self, pop_id: str) -> None:
         """Acks of one loop iteration leave as one frame (`ids`), after the callbacks ran."""
@@ -280,6 +293,12 @@ class AsyncListener:
                     link.on_lost = None
                     link.close()
                 continue
+            except BaseException:  # shut down mid-attempt: close what was opened
+                self._early = None
+                if link is not None:
+                    link.on_lost = None
+                    link.close()
+                raise
             if self._resume is S.Status_Down:  # shut down meanwhile
                 self._early = None
                 link.on_lost = None
