@@ -74,11 +74,6 @@ class Media(enum.Enum):
                 Error.SCREENPOP_Framework_Error, f"unknown media {word!r} (expected one of {known})"
             ) from None
 
-    @property
-    def resource_name(self) -> str:
-        """What the guide calls the watched resource for this media."""
-        return "extension" if self is Media.telephone else "user_id"
-
 
 # Text fields each media carries (SPEC §2), besides resource, wait_time and contact_data.
 MEDIA_FIELDS: dict[Media, tuple[str, ...]] = {
@@ -241,10 +236,6 @@ class ScreenPopEvent:
             "wait_time": self.wait_time,
             "contact_data": self.contact_data.to_dict(),
         }
-
-    def fields(self) -> dict[str, Any]:
-        """Flat view for templates and environment variables (contact_data stays a dict)."""
-        return self.to_dict()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScreenPopEvent:
