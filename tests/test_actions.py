@@ -394,3 +394,50 @@ def test_environment_keeps_the_process_environment(monkeypatch) -> None:
     action = CommandAction({"argv": ["true"]})
     assert action.environment(make_pop())["KEEP_ME"] == "yes"
     assert os.environ.get("SPOP_SOURCE") is None  # never leaks into our own environment
+
+
+# A caller's text must never be read as Rich markup: not a clickable link, not a crash.
+HOSTILE_SOURCES = ["[link=https://evil.example]Call bank[/link]", "[/]", "[bold]x[/bold] [red]"]
+
+
+@pytest.mark.parametrize("source", HOSTILE_SOURCES)
+def test_print_panel_shows_caller_text_literally(source: str, monkeypatch) -> None:
+    from rich.console import Console
+
+    from spop_cli.actions.print import pop_panel
+
+    pop = guide_pop(source=source, contact_data={"[/]": source})
+    forced = io.StringIO()
+    Console(file=forced, force_terminal=True, color_system="truecolor", width=200).print(
+        pop_panel(pop)
+    )
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    terminal = FakeTerminal()
+    PrintAction({"stream": terminal}).run(pop)  # the action's own console, in terminal mode
+    for out in (forced.getvalue(), terminal.getvalue()):
+        assert "\x1b[" in out  # really rendered for a terminal
+        assert source in out
+        assert "\x1b]8;" not in out  # no OSC-8 hyperlink
+
+
+@pytest.mark.skipif(not Path("/usr/bin/sort").exists(), reason="needs /usr/bin/sort")
+def test_double_dash_keeps_a_dash_value_from_being_an_option(tmp_path: Path) -> None:
+    pwned = tmp_path / "pwned"
+    (tmp_path / "in.txt").write_text("b\na\n")
+    pop = make_pop(source=f"-o{pwned}")
+    unguarded = CommandAction(
+        {"argv": ["/usr/bin/sort", "{source}", "in.txt"], "cwd": str(tmp_path)}
+    )
+    assert [key for key, _ in unguarded.warnings] == ["argv[1]"]
+    unguarded.run(pop)
+    assert pwned.exists()  # the review's finding: the caller picked sort's output file
+    pwned.unlink()
+    guarded = CommandAction(
+        {"argv": ["/usr/bin/sort", "--", "{source}", "in.txt"], "cwd": str(tmp_path)}
+    )
+    assert guarded.warnings == []
+    with pytest.raises(ActionError, match="exited with status"):
+        guarded.run(pop)  # sort looks for a file named "-o…" and fails; it writes nothing
+    assert not pwned.exists()

@@ -155,3 +155,54 @@ def test_serve_warns_when_only_publishing_is_protected() -> None:
     assert any("only a source token" in w for w in exposure_warnings(config))
     config = build_hub_config(None, host="0.0.0.0", token="t", source_token="s", no_journal=True)
     assert not any("token" in w for w in exposure_warnings(config))
+
+
+# -- serve: a bad journal, certificate or diagnostics folder is a message, not a traceback ------
+def serve_fails(
+    tmp_path: Path, *args: str, diag: Path | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SPOP_DIAG_DIR": str(diag or tmp_path / "diag")}
+    return subprocess.run(
+        [*SPOP, "serve", "--port", "0", "--http-port", "-1", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+
+
+def test_serve_with_a_corrupt_journal_is_exit_12(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.sqlite3"
+    journal.write_bytes(os.urandom(8192))
+    result = serve_fails(tmp_path, "--journal", str(journal))
+    assert result.returncode == 12, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"spop: error: hub.journal: cannot open the journal {journal}: " in result.stderr
+
+
+def test_serve_with_a_journal_folder_that_cannot_be_made_is_exit_12(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    journal = tmp_path / "afile" / "journal.sqlite3"
+    result = serve_fails(tmp_path, "--journal", str(journal))
+    assert result.returncode == 12, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"hub.journal: cannot open the journal {journal}" in result.stderr
+
+
+def test_serve_with_a_bad_certificate_is_exit_12(tmp_path: Path) -> None:
+    pem = tmp_path / "bad.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    result = serve_fails(tmp_path, "--no-journal", "--tls-cert", str(pem), "--tls-key", str(pem))
+    assert result.returncode == 12, result.stderr
+    assert "Traceback" not in result.stderr and "cannot listen" not in result.stderr
+    assert "spop: error: hub.tls_cert/hub.tls_key: cannot load the certificate" in result.stderr
+    assert str(pem) in result.stderr
+
+
+def test_serve_with_a_diagnostics_folder_that_is_a_file_is_exit_6(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    result = serve_fails(tmp_path, "--no-journal", diag=afile)
+    assert result.returncode == EXIT_CODES["SCREENPOP_Cannot_Create_Diags"], result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"SCREENPOP_Cannot_Create_Diags: cannot create diagnostics in {afile}" in result.stderr

@@ -242,3 +242,88 @@ def test_diag_tail_follows_across_rotations(diag_dir: Path) -> None:
     finally:
         follower.terminate()
         follower.wait(10)
+
+
+# -- messages, not tracebacks ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        pytest.param(
+            "/proc/nope/x.toml",
+            "No such file or directory",
+            marks=pytest.mark.skipif(not Path("/proc").is_dir(), reason="Linux /proc"),
+        ),
+        ("afile/x.toml", "(afile)"),  # its folder is a file
+    ],
+)
+def test_config_init_where_it_cannot_write_is_exit_12(
+    tmp_path: Path, monkeypatch, where: str, reason: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    result = CliRunner().invoke(cli, ["config", "init", where])
+    assert result.exit_code == EXIT_CONFIG, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"spop: error: cannot write {where}: ")
+    assert reason in result.stderr
+
+
+@pytest.mark.parametrize("command", [["tail"], ["tail", "-f"], ["path"], ["tail", "--hub"]])
+def test_diag_folder_that_is_a_file_is_exit_6(tmp_path: Path, monkeypatch, command) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("SPOP_DIAG_DIR", str(afile))
+    result = CliRunner().invoke(cli, ["diag", *command])
+    assert result.exit_code == 6, result.output  # SCREENPOP_Cannot_Create_Diags, as for a listener
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr == (
+        f"spop: error: SCREENPOP_Cannot_Create_Diags: cannot read diagnostics in {afile}:"
+        " not a directory\n"
+    )
+
+
+def test_diag_folder_from_the_config_that_is_a_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("SPOP_DIAG_DIR", raising=False)
+    (tmp_path / "afile").write_text("")
+    path = tmp_path / "spop.toml"
+    path.write_text(f'[diagnostics]\ndir = "{tmp_path / "afile"}"\n')
+    result = CliRunner().invoke(cli, ["diag", "tail", "--config", str(path)])
+    assert result.exit_code == 6 and "not a directory" in result.stderr
+
+
+def test_config_check_warns_about_a_template_before_double_dash(tmp_path: Path) -> None:
+    path = tmp_path / "spop.toml"
+    path.write_text(
+        '[[listeners]]\nmedia = "telephone"\nresource = "13579"\nactions = ["sorted"]\n'
+        '[actions.sorted]\nplugin = "command"\nargv = ["/usr/bin/sort", "{source}", "in.txt"]\n'
+    )
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(path)])
+    assert result.exit_code == 0, result.output  # a warning leaves the status alone
+    assert result.stdout.splitlines() == [
+        "warning: actions.sorted.argv[1] = \"{source}\": a value starting with '-' would be read"
+        ' as an option: put a literal "--" before the templated arguments'
+        " (or pass the value as SPOP_<FIELD>)",
+        f"{path}: ok (1 listener(s), 1 action(s), 1 warning(s))",
+    ]
+    # With a real problem too: the warning is listed, the status is the problem's.
+    path.write_text(path.read_text() + "[server]\nreconnecting_interval = 0\n")
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(path)])
+    assert result.exit_code == EXIT_CONFIG
+    assert result.stdout.startswith("warning: actions.sorted.argv[1]")
+    assert "1 problem(s)" in result.stderr
+    # The example and the starter file warn about nothing.
+    example = spop("config", "check", "--config", str(ROOT / "config.example.toml"))
+    assert "warning" not in example.output
+
+
+def test_status_shows_the_hubs_text_literally(monkeypatch) -> None:
+    hostile = "[link=https://evil.example]Call bank[/link]"
+    status = {
+        "version": "[/]",
+        "listeners": [{"media": "telephone", "resource": hostile, "connections": 1}],
+        "counters": {"[/]": 1},
+    }
+    monkeypatch.setattr("spop_cli.client.fetch_status", lambda *args, **kwargs: status)
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["status", "--server", "6000@h"])
+    assert result.exit_code == 0, result.output
+    assert "version [/]" in result.stdout and hostile in result.stdout

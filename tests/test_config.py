@@ -354,3 +354,49 @@ def test_config_example_at_the_root_checks_clean_with_the_example_plugins() -> N
     assert [str(p) for p in check_config(doc, types, sources)] == []
     documented = tomllib.loads(path.read_text())
     assert set(documented) == {"server", "plugins", "diagnostics", "hub", "listeners", "actions"}
+
+
+# -- warnings: valid but risky --------------------------------------------------------------------
+def warnings_of(doc: dict, types: dict | None = None) -> list[str]:
+    from spop_cli.config import review_config
+
+    problems, warnings = review_config(doc, types or builtin_types())
+    assert problems == []
+    return [str(w) for w in warnings]
+
+
+@pytest.mark.parametrize(
+    ("argv", "warned"),
+    [
+        (["/usr/bin/sort", "{source}", "in.txt"], ["argv[1]"]),
+        (["/usr/bin/sort", "{source}", "--", "{queue_name}"], ["argv[1]"]),
+        (["prog", "{source}", "{contact_data[code1]}"], ["argv[1]", "argv[2]"]),
+        (["/usr/bin/sort", "--", "{source}", "{contact_data[code1]}"], []),
+        (["prog", "--phone={source}", "x{queue_name}"], []),  # a literal start keeps them options
+        (["prog", "-v", "in.txt"], []),
+    ],
+)
+def test_a_templated_argument_before_double_dash_is_a_warning(
+    argv: list[str], warned: list[str]
+) -> None:
+    doc = {"actions": {"hook": {"plugin": "command", "argv": argv}}}
+    messages = warnings_of(doc)
+    assert [m.split(" = ")[0] for m in messages] == [f"actions.hook.{key}" for key in warned]
+    for message in messages:
+        assert '"--"' in message and "option" in message
+    assert check_config(doc, builtin_types()) == []  # a warning is not a problem
+
+
+def test_the_starter_and_the_example_put_double_dash_before_templates(tmp_path: Path) -> None:
+    from spop_cli.config import STARTER_FOOTER
+
+    # The starter's commented actions, uncommented, are a valid file without warnings.
+    lines = [line[2:] for line in STARTER_FOOTER.splitlines() if line.startswith("# ")]
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("[actions.")) :]
+    starter = tomllib.loads("\n".join(line for line in lines if not line.startswith("#")))
+    assert "--" in starter["actions"]["hook"]["argv"]
+    assert warnings_of(starter) == []
+    doc, _, _ = load_document(ROOT / "config.example.toml", environ={})
+    types = action_types(build_plugin_manager([ROOT / "plugins"], entry_points=False))
+    assert warnings_of(doc, types) == []
+    assert "--" in doc["actions"]["hook"]["argv"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 
 from spop_cli.dispatch import Outcome
@@ -49,3 +50,32 @@ def test_rows_countdown_and_failures() -> None:
 def test_an_empty_snapshot_renders() -> None:
     text = text_of(Snapshot("6000@hub", (), (), failures=0, pending=0, target=None))
     assert "latest pops" in text and "0 action failures" in text
+
+
+@pytest.mark.parametrize("source", ["[link=https://evil.example]Call bank[/link]", "[/]"])
+def test_caller_text_is_never_markup(source: str) -> None:
+    import io
+
+    rows = (
+        ListenerRow(
+            "telephone",
+            "13579",
+            "Status_Up",
+            1,
+            1_700_000_000.0,
+            source,
+            source,
+            None,
+            0,
+            ("screen",),
+        ),
+    )
+    pops = (
+        PopRow(1_700_000_000.0, "telephone", "13579", "p1", source, source, source, 10, {}),
+    )  # fmt: skip
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, color_system="truecolor", width=400)
+    console.print(render(Snapshot("6000@hub", rows, pops, failures=0, pending=0, target=None)))
+    text = out.getvalue()
+    assert "\x1b]8;" not in text  # no OSC-8 hyperlink
+    assert text.count(source) == 5  # listener source and queue, pop source, queue, description

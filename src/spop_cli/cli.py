@@ -103,9 +103,35 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, **o
         raise SystemExit(EXIT_CONFIG) from None
     for warning in config_warnings(config):
         click.echo(f"spop: warning: {warning}", err=True)
+    import sqlite3
+    import ssl
+    from pathlib import Path
+
+    from .model import ScreenPopError
+
+    def journal_fails(reason: object) -> None:
+        click.echo(
+            f"spop: error: hub.journal: cannot open the journal {config.journal}: {reason}",
+            err=True,
+        )
+        raise SystemExit(EXIT_CONFIG) from None
+
     try:
         _run(run_hub(config, ready_file=ready_file))
+    except sqlite3.Error as exc:
+        journal_fails(exc)
+    except ssl.SSLError as exc:  # an OSError too: before it, or a bad PEM reads "cannot listen"
+        click.echo(
+            f"spop: error: hub.tls_cert/hub.tls_key: cannot load the certificate {config.tls_cert}"
+            f" and key {config.tls_key}: {exc}",
+            err=True,
+        )
+        raise SystemExit(EXIT_CONFIG) from None
+    except ScreenPopError as exc:  # the diagnostics folder cannot be made
+        fail(exc)
     except OSError as exc:
+        if exc.filename and config.journal and Path(config.journal).is_relative_to(exc.filename):
+            journal_fails(exc)  # its folder cannot be made
         click.echo(f"spop: error: cannot listen: {exc}", err=True)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
@@ -316,8 +342,14 @@ def config_init(path: str | None, force: bool) -> None:
     target = path or config_path_from(None)[0]
     try:
         written = init_config(target, force=force)
-    except FileExistsError as exc:
-        click.echo(f"spop: error: {exc}", err=True)
+    except OSError as exc:
+        if exc.strerror is None:  # init_config's own refusal: the file exists
+            click.echo(f"spop: error: {exc}", err=True)
+        else:  # a folder that cannot be made, no permission, a read-only disk
+            where = (
+                f" ({exc.filename})" if exc.filename and str(exc.filename) != str(target) else ""
+            )
+            click.echo(f"spop: error: cannot write {target}: {exc.strerror}{where}", err=True)
         raise SystemExit(EXIT_CONFIG) from None
     click.echo(str(written))
 
@@ -341,8 +373,11 @@ def config_show(config_path: str | None, secrets: bool) -> None:
 @_config_option
 @_plugins_dir_option
 def config_check(config_path: str | None, plugin_dirs: tuple[str, ...]) -> None:
-    """Validate the configuration; list every problem with its key and value (exit 12)."""
-    from .config import Problem, check_config
+    """Validate the configuration; list every problem with its key and value (exit 12).
+
+    Warnings (risky but valid settings) are listed too, and leave the exit status alone.
+    """
+    from .config import Problem, review_config
     from .plugins import PluginError, action_types, get_plugin_manager
 
     doc, path, sources = _load_document(config_path)
@@ -352,17 +387,21 @@ def config_check(config_path: str | None, plugin_dirs: tuple[str, ...]) -> None:
         types = action_types(get_plugin_manager(_existing(_plugin_dirs_of(doc, plugin_dirs))))
     except PluginError as exc:
         problems.append(Problem("plugins", str(exc)))
-    problems[:0] = check_config(doc, types if types is not None else {}, sources)
+    found, warnings = review_config(doc, types if types is not None else {}, sources)
+    problems[:0] = found
     if types is None:  # without plugins, "unknown action plugin" would only repeat the plugin error
         problems = [p for p in problems if not p.message.startswith("unknown action")]
     where = str(path) if path else "defaults"
+    for warning in warnings:
+        click.echo(f"warning: {warning}")
     if problems:
         for problem in problems:
             click.echo(str(problem))
         click.echo(f"spop: error: {len(problems)} problem(s) in {where}", err=True)
         raise SystemExit(EXIT_CONFIG)
     listeners, actions = len(doc.get("listeners", [])), len(doc.get("actions", {}))
-    click.echo(f"{where}: ok ({listeners} listener(s), {actions} action(s))")
+    warned = f", {len(warnings)} warning(s)" if warnings else ""
+    click.echo(f"{where}: ok ({listeners} listener(s), {actions} action(s){warned})")
 
 
 def _existing(dirs: list[str]) -> list[str]:
@@ -421,18 +460,35 @@ def diag_group() -> None:
 
 def _diag_set(config_path: str | None, hub: bool):  # type: ignore[no-untyped-def]
     """(set name, directory): SPOP_DIAG_DIR, else the file's [diagnostics] dir ([hub] diag_dir for
-    the hub), else the platform's user log dir."""
+    the hub), else the platform's user log dir. A directory that is a file: exit 6."""
     import os
     from pathlib import Path
 
+    from .diagnostics import diag_dir
+
     name = "hub" if hub else "listener"
-    if os.environ.get("SPOP_DIAG_DIR"):
-        return name, None
-    doc, _, _ = _load_document(config_path)
-    section, key = ("hub", "diag_dir") if hub else ("diagnostics", "dir")
-    table = doc.get(section)
-    value = table.get(key) if isinstance(table, dict) else None
-    return name, Path(value).expanduser() if isinstance(value, str) and value else None
+    directory = None
+    if not os.environ.get("SPOP_DIAG_DIR"):
+        doc, _, _ = _load_document(config_path)
+        section, key = ("hub", "diag_dir") if hub else ("diagnostics", "dir")
+        table = doc.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        directory = Path(value).expanduser() if isinstance(value, str) and value else None
+    folder = directory or diag_dir()
+    if folder.exists() and not folder.is_dir():
+        _diag_fail(folder, "not a directory")
+    return name, folder
+
+
+def _diag_fail(folder: object, reason: object) -> None:
+    """The set cannot be read: the status a listener gets for the same folder (6)."""
+    from .model import Error, ScreenPopError
+
+    fail(
+        ScreenPopError(
+            Error.SCREENPOP_Cannot_Create_Diags, f"cannot read diagnostics in {folder}: {reason}"
+        )
+    )
 
 
 @diag_group.command("path")
@@ -467,12 +523,12 @@ def diag_tail(count: int, follow: bool, hub: bool, config_path: str | None) -> N
     from .diag_reader import last_lines
 
     name, directory = _diag_set(config_path, hub)
-    for line in last_lines(name, count, directory):
-        sys.stdout.write(line)
-    sys.stdout.flush()
-    if not follow:
-        return
     try:
+        for line in last_lines(name, count, directory):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        if not follow:
+            return
         for line in follow_set(name, directory):
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -480,6 +536,8 @@ def diag_tail(count: int, follow: bool, hub: bool, config_path: str | None) -> N
         pass
     except BrokenPipeError:  # `spop diag tail -f | head`
         pass
+    except OSError as exc:  # a file of the set we may not read
+        _diag_fail(directory, exc.strerror or exc)
 
 
 # -- spop status ------------------------------------------------------------------------------
@@ -527,27 +585,29 @@ def status_command(
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # What the hub says is shown as Text, never read as markup.
     console = Console()
     facts = ", ".join(
         f"{key} {data[key]}"
         for key in ("version", "uptime", "port", "http_port", "connections", "contacts", "pending")
         if key in data
     )
-    console.print(f"hub {settings.server.address}: {facts}")
+    console.print(Text(f"hub {settings.server.address}: {facts}"))
     listeners = Table(title="listeners", title_justify="left")
     for column in ("media", "resource", "connections"):
         listeners.add_column(column)
     for row in data.get("listeners", []):
         listeners.add_row(
-            str(row.get("media", "")), str(row.get("resource", "")), str(row.get("connections", ""))
+            *(Text(str(row.get(key, ""))) for key in ("media", "resource", "connections"))
         )
     console.print(listeners)
     counters = Table(title="counters", title_justify="left")
     counters.add_column("counter")
     counters.add_column("value", justify="right")
     for key, value in sorted((data.get("counters") or {}).items()):
-        counters.add_row(key, str(value))
+        counters.add_row(Text(str(key)), Text(str(value)))
     console.print(counters)
 
 

@@ -491,9 +491,20 @@ def check_config(
 ) -> list[Problem]:
     """Every problem: structural ones, then each action built from its table (when `types` is given)
     and each listener's action names resolved."""
+    return review_config(doc, types, sources)[0]
+
+
+def review_config(
+    doc: Mapping[str, Any],
+    types: Mapping[str, Any] | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> tuple[list[Problem], list[Problem]]:
+    """(problems, warnings): `check_config`'s problems, and what the built actions call risky but
+    valid (their `warnings`), which stops nothing."""
     problems = validate(doc, sources)
+    warnings: list[Problem] = []
     if types is None:
-        return problems
+        return problems, warnings
     from .actions import ActionConfigError, configure_action
     from .templates import TemplateError, parse_condition
 
@@ -508,12 +519,15 @@ def check_config(
                 problems.append(Problem(f"actions.{name}.when", str(exc), table["when"]))
             table = {k: v for k, v in table.items() if k != "when"}
         try:
-            configure_action(types, name, table)
+            configured = configure_action(types, name, table)
         except ActionConfigError as exc:
             value = table.get("plugin", name) if exc.key == "plugin" else _lookup(table, exc.key)
             problems.append(Problem(f"actions.{name}.{exc.key}", exc.message, value))
         except Exception as exc:  # a third-party factory's own error
             problems.append(Problem(f"actions.{name}", f"{type(exc).__name__}: {exc}"))
+        else:
+            for key, message in getattr(configured.action, "warnings", None) or ():
+                warnings.append(Problem(f"actions.{name}.{key}", message, _lookup(table, key)))
     listeners = doc.get("listeners", [])
     if isinstance(listeners, list):
         for index, entry in enumerate(listeners):
@@ -528,7 +542,7 @@ def check_config(
                             action,
                         )
                     )
-    return problems
+    return problems, warnings
 
 
 def _lookup(table: Mapping[str, Any], key: str) -> Any:
@@ -559,7 +573,9 @@ STARTER_FOOTER = """
 #
 # [actions.hook]
 # plugin = "command"
-# argv = ["/usr/local/bin/on-pop", "{source}", "{contact_data[code1]}"]
+# # Each {template} fills one argument, but a value starting with "-" would still be read as
+# # an option by many programs: the literal "--" ends the options before the caller's values.
+# argv = ["/usr/local/bin/on-pop", "--", "{source}", "{contact_data[code1]}"]
 # timeout = 10
 #
 # [actions.log]

@@ -28,8 +28,9 @@ def render(snapshot: Snapshot) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    # Pop fields are the caller's text: always Text, never markup (a `[link=…]` stays literal).
     listeners = Table(
-        title=f"spop listen · hub {snapshot.server}", title_justify="left", expand=True
+        title=Text(f"spop listen · hub {snapshot.server}"), title_justify="left", expand=True
     )
     for column in (
         "media",
@@ -54,10 +55,10 @@ def render(snapshot: Snapshot) -> Any:
     for pop in snapshot.pops:
         pops.add_row(
             clock(pop.received_at),
-            f"{pop.media} {pop.resource}",
-            pop.source,
-            pop.queue,
-            pop.description,
+            Text(f"{pop.media} {pop.resource}"),
+            Text(pop.source),
+            Text(pop.queue),
+            Text(pop.description),
             f"{pop.wait_time} s",
             _outcomes(pop.outcomes),
         )
@@ -79,13 +80,13 @@ def _listener_cells(row: ListenerRow) -> list[Any]:
 
     retry = f"in {row.retry_in:.0f} s" if row.retry_in is not None else ""
     return [
-        row.media,
-        row.resource,
+        Text(row.media),
+        Text(row.resource),
         Text(row.status, style=STATUS_STYLE.get(row.status, "")),
         str(row.pops_received),
         clock(row.last_pop_at),
-        row.last_source,
-        row.last_queue,
+        Text(row.last_source),
+        Text(row.last_queue),
         retry,
         Text(str(row.failures), style="bold red" if row.failures else "dim"),
     ]

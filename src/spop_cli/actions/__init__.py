@@ -9,11 +9,13 @@ An action type is registered by a plugin through the `register_actions(register)
         timeout = 5.0                    # optional: seconds the dispatcher waits for run()
         def run(self, pop): ...          # or `async def run(self, pop)`; raise to report a failure
         def close(self): ...             # optional: release files or sessions at exit
+        warnings = [("argv[1]", "…")]    # optional: (key, message) pairs for risky but valid options
 
 A sync `run` is called in a thread of its own, an async one on the event loop; either way a slow
 or hanging action delays nobody else. Raise `ActionSkipped` to report a skip, anything else (best an
 `ActionError` with a readable message) to report a failure. A factory validates its table and raises
-`ActionConfigError(key, message)`, so `spop config check` can name the key at fault before any pop.
+`ActionConfigError(key, message)`, so `spop config check` can name the key at fault before any pop;
+`warnings` are printed by the check without failing it.
 """
 
 from __future__ import annotations

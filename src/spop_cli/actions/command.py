@@ -2,7 +2,10 @@
 
 Never through a shell: `argv` is a list, each `{field}` template fills exactly one argument, and
 the program (argv[0]) is literal, so a caller's number can neither add arguments nor pick the
-program. Every field is also exported as `SPOP_<FIELD>`, contact data as `SPOP_DATA_<KEY>`.
+program. One argument can still be an option, though: `sort {source}` with the source
+`-o/tmp/x` writes a file. So templated arguments belong after a literal `--`, and
+`spop config check` warns about any that comes before one. Every field is also exported as
+`SPOP_<FIELD>`, contact data as `SPOP_DATA_<KEY>`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from typing import Any
 
 from ..hookspecs import hookimpl
-from ..templates import TemplateError, parse_template, pop_fields
+from ..templates import FieldRef, Template, TemplateError, parse_template, pop_fields
 from . import ActionConfigError, ActionError, check_keys, option, positive_seconds
 
 DEFAULT_TIMEOUT = 10.0
@@ -51,6 +54,21 @@ def pop_environment(pop: Any) -> dict[str, str]:
         env[f"SPOP_DATA_{env_name(key)}"] = _clean(value)
     env["SPOP_CONTACT_DATA"] = _clean(json.dumps(data, ensure_ascii=False))
     return env
+
+
+def unguarded_arguments(argv: list[Template]) -> list[int]:
+    """Indexes of the arguments a caller's value starts, before any literal `--`.
+
+    A value starting with `-` there is read as an option by most programs. `--phone={source}`
+    is not one of them: its literal start keeps it what it is.
+    """
+    unguarded = []
+    for index, template in enumerate(argv[1:], start=1):
+        if template.is_literal and template.text == "--":
+            break
+        if template.parts and isinstance(template.parts[0], FieldRef):
+            unguarded.append(index)
+    return unguarded
 
 
 def _clean(value: Any) -> str:
@@ -86,6 +104,14 @@ class CommandAction:
         self.kill_after = positive_seconds(table, "timeout", DEFAULT_TIMEOUT)
         self.timeout = self.kill_after + KILL_GRACE
         self.name = "command"
+        self.warnings = [
+            (
+                f"argv[{index}]",
+                "a value starting with '-' would be read as an option: put a literal "
+                '"--" before the templated arguments (or pass the value as SPOP_<FIELD>)',
+            )
+            for index in unguarded_arguments(self.argv)
+        ]
 
     def command_line(self, pop: Any) -> list[str]:
         return [_clean(template.render(pop)) for template in self.argv]

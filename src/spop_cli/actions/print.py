@@ -31,19 +31,21 @@ def pop_panel(pop: Any) -> Any:
     """The pop as a rich Panel: the fields that are set, then the contact data."""
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text
 
+    # Every value from the pop goes in as Text: a caller's `[link=…]` must stay literal, not markup.
     data = pop.to_dict()
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column()
     for field in ("source", "destination", "queue_name", "contact_description", "from", "redirect"):
         if data[field]:
-            table.add_row(field, data[field])
+            table.add_row(field, Text(data[field]))
     table.add_row("wait_time", f"{data['wait_time']} s")
     for key, value in data["contact_data"].items():
-        table.add_row(f"[magenta]{key}[/]", value)
-    title = f"{data['media']} pop for {data['resource']}"
-    return Panel(table, title=title, subtitle=data["created_at"], expand=False)
+        table.add_row(Text(key, style="magenta"), Text(value))
+    title = Text(f"{data['media']} pop for {data['resource']}")
+    return Panel(table, title=title, subtitle=Text(data["created_at"]), expand=False)
 
 
 class PrintAction:
