@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 import time
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -171,3 +173,17 @@ def answer(obj: dict[str, Any]) -> None:
 def rss_of(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def wait_count(
+    cond: threading.Condition, count: Callable[[], int], target: int, timeout: float
+) -> bool:
+    """Wait on `cond` until count() reaches target; False when timeout passes first."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while count() < target:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            cond.wait(left)
+    return True

@@ -24,7 +24,16 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
-from _common import MEDIA, Recorder, answer, raise_nofile, resource_name, split_id, wire_pop
+from _common import (
+    MEDIA,
+    Recorder,
+    answer,
+    raise_nofile,
+    resource_name,
+    split_id,
+    wait_count,
+    wire_pop,
+)
 
 monotonic_ns = time.monotonic_ns
 loads = orjson.loads
@@ -191,14 +200,7 @@ class Publisher:
             self.cond.notify_all()
 
     def wait_acks(self, target: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.acks < target:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-        return True
+        return wait_count(self.cond, lambda: self.acks, target, timeout)
 
     def open_loop(self, run: str, rate: float, duration: float, n: int) -> dict[str, Any]:
         total = max(1, int(rate * duration))

@@ -27,7 +27,16 @@ import time
 from typing import Any
 
 import orjson
-from _common import MEDIA, Recorder, answer, raise_nofile, resource_name, source_pop, split_id
+from _common import (
+    MEDIA,
+    Recorder,
+    answer,
+    raise_nofile,
+    resource_name,
+    source_pop,
+    split_id,
+    wait_count,
+)
 
 monotonic_ns = time.monotonic_ns
 loads = orjson.loads
@@ -275,14 +284,7 @@ class Publisher:
                     self.cond.notify_all()
 
     def wait_oks(self, target: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.oks < target:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-        return True
+        return wait_count(self.cond, lambda: self.oks, target, timeout)
 
     def open_loop(self, run: str, rate: float, duration: float, n: int) -> dict[str, Any]:
         """Each pop at its intended time start + i/rate; the time is in the pop, not the send."""
