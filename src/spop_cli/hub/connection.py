@@ -126,7 +126,8 @@ class HubConnection(asyncio.Protocol):
             return
         transport.write(data)
         self.last_tx = time.monotonic()
-        if transport.get_write_buffer_size() > self.hub.config.max_buffer:
+        # below the high-water mark (pause_writing not called) the buffer cannot be over the limit
+        if self.paused and transport.get_write_buffer_size() > self.hub.config.max_buffer:
             # Slow consumer: drop it rather than grow without bound; its pops stay pending
             # and it gets them again when it comes back and registers.
             self.hub.counters["slow_consumers_dropped"] += 1

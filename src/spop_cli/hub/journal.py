@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,6 @@ class Journal:
         self._db: sqlite3.Connection | None = None
         self._adds: list[tuple[Any, ...] | None] = []
         self._batch: asyncio.Future[None] | None = None  # the commit every queued add waits for
-        self._batch_ids: list[str] = []
         # Rows queued but not yet taken by the writer, by id → (index in _adds, remember).
         # A pop acknowledged before its batch is written needs no durability: its row is dropped,
         # or written already done when its id must stay a duplicate across a restart.
@@ -58,7 +58,13 @@ class Journal:
         self._retry: list[tuple[Any, ...]] = []
         self.expired_while_down: list[tuple[str, str, str]] = []  # rows of a failed batch, tried again first
         self._dones: list[tuple[str]] = []
-        self._uncommitted: dict[str, asyncio.Future[None]] = {}  # id → its commit, while pending
+        # The batch being written: its rows' ids (queued and retried) and its commit.
+        self._inflight: tuple[Container[str], Container[str], asyncio.Future[None] | None] = (
+            (),
+            (),
+            None,
+        )
+        self._retry_ids: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -117,13 +123,16 @@ class Journal:
             self._wake.set()
         self._queued[pop_id] = (len(self._adds), remember)
         self._adds.append((pop_id, media, resource, contact_id, body, time.time(), expires, 0))
-        self._batch_ids.append(pop_id)
-        self._uncommitted[pop_id] = batch
         return batch
 
     def commit_of(self, pop_id: str) -> asyncio.Future[None] | None:
         """The commit of a pop added but not yet committed, else None (committed or unknown)."""
-        return self._uncommitted.get(pop_id)
+        if pop_id in self._queued or pop_id in self._retry_ids:
+            return self._batch
+        queued, retried, inflight = self._inflight
+        if inflight is not None and (pop_id in queued or pop_id in retried):
+            return inflight
+        return None
 
     def done(self, pop_id: str) -> None:
         """The pop was acknowledged, withdrawn or expired."""
@@ -151,11 +160,10 @@ class Journal:
                     pass
             self._wake.clear()
             adds = self._retry + [row for row in self._adds if row is not None]
-            self._retry = []
-            self._adds = []
-            self._queued.clear()
             batch, self._batch = self._batch, None
-            ids, self._batch_ids = self._batch_ids, []
+            self._inflight = (self._queued, self._retry_ids, batch)
+            self._retry, self._retry_ids = [], set()
+            self._adds, self._queued = [], {}
             dones, self._dones = self._dones, []
             purge = time.monotonic() - last_purge > 5.0
             if purge:
@@ -174,8 +182,7 @@ class Journal:
                 else:
                     batch.set_exception(error)
                     batch.exception()  # retrieved: those who wait get it; none is no leak
-            for pop_id in ids:
-                self._uncommitted.pop(pop_id, None)
+            self._inflight = ((), (), None)
             if error is not None and adds:
                 self._requeue(adds)
             if self._closing and (error is not None or (not self._adds and not self._dones)):
@@ -186,10 +193,8 @@ class Journal:
         waits for that commit (`commit_of`), never gets an `ok` for a row not written."""
         if self._batch is None:
             self._batch = asyncio.get_running_loop().create_future()
-        for row in rows:
-            self._uncommitted[row[0]] = self._batch
-            self._batch_ids.append(row[0])
         self._retry = rows
+        self._retry_ids = {row[0] for row in rows}
 
     def _commit(self, adds: list[tuple[Any, ...]], dones: list[tuple[str]], purge: bool) -> None:
         db = self._db
