@@ -18,6 +18,19 @@ GUIDE_POP: dict[str, Any] = {
 }
 
 
+# A pop's fields when nothing set them: what scenario expectations leave out.
+EMPTY_POP: dict[str, Any] = {
+    "source": "",
+    "destination": "",
+    "queue_name": "",
+    "contact_description": "",
+    "from": "",
+    "redirect": "",
+    "wait_time": 0,
+    "contact_data": {},
+}
+
+
 def guide_pop(**changes: Any) -> ScreenPopEvent:
     """The routed call as a listener receives it; `changes` use the wire names (`from`, not `from_`)."""
     return ScreenPopEvent.from_dict({**GUIDE_POP, **changes})

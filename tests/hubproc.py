@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +421,29 @@ class ListenerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._reader.join(5)
+
+
+def module_hub_fixtures(**options: Any) -> tuple[Any, Any]:
+    """A module's `hub` (a HubThread with `options`) and `canary` (a listener that must still be
+    served after every bad input) fixtures, each writing diagnostics in its own tmp dir."""
+    import pytest
+
+    from conftest import HubThread
+
+    @pytest.fixture(scope="module")
+    def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubThread]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SPOP_DIAG_DIR", str(tmp_path_factory.mktemp("diag")))
+            running = HubThread(**options)
+            yield running
+            running.close()
+
+    @pytest.fixture(scope="module")
+    def canary(hub: HubThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Canary]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SPOP_DIAG_DIR", str(tmp_path_factory.mktemp("diag")))
+            bird = Canary(hub.address, hub.options["http_port"])
+            yield bird
+            bird.close()
+
+    return hub, canary

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import HubThread, wait_for
+from guide_pops import EMPTY_POP as GUIDE_EMPTY_POP
 from spop_cli import (
     Error,
     ScreenPopCallbackListener,
@@ -33,16 +34,7 @@ LISTENERS = {
     "email": ScreenPopEmailListener,
     "webcollab": ScreenPopWebCollaborationListener,
 }
-EMPTY_POP = {
-    "source": "",
-    "destination": "",
-    "queue_name": "",
-    "contact_description": "",
-    "from": "",
-    "redirect": "",
-    "wait_time": 0,
-    "contact_data": [],
-}
+EMPTY_POP = {**GUIDE_EMPTY_POP, "contact_data": []}  # pairs, so order is compared
 
 
 def post(hub: HubThread, body: Any = None, *, raw: bytes | None = None) -> tuple[int, Any]:

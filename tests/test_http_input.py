@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,28 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import HubThread
-from hubproc import Canary
+from hubproc import Canary, module_hub_fixtures
 from spop_cli.pops import InputError, normalize_pops
 
 MAX_BODY = 64 * 1024
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubThread]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPOP_DIAG_DIR", str(tmp_path_factory.mktemp("diag")))
-        running = HubThread(max_body=MAX_BODY)
-        yield running
-        running.close()
-
-
-@pytest.fixture(scope="module")
-def canary(hub: HubThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Canary]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPOP_DIAG_DIR", str(tmp_path_factory.mktemp("diag")))
-        bird = Canary(hub.address, hub.options["http_port"])
-        yield bird
-        bird.close()
+hub, canary = module_hub_fixtures(max_body=MAX_BODY)
 
 
 def post(

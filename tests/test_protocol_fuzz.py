@@ -6,7 +6,6 @@ never raises anything else and never holds more than one frame's worth of bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -15,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import HubThread
-from hubproc import Canary, RawClient, run
+from hubproc import Canary, RawClient, module_hub_fixtures, run
 from spop_cli.model import TEXT_FIELDS, Error
 from spop_cli.pops import InputError, normalize_pops
 from spop_cli.protocol import (
@@ -277,22 +276,7 @@ def test_normalize_pops_accepts_or_names_the_field(body: Any) -> None:
 # -- the same bad input against a real hub's listener port --------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubThread]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPOP_DIAG_DIR", str(tmp_path_factory.mktemp("diag")))
-        running = HubThread()
-        yield running
-        running.close()
-
-
-@pytest.fixture(scope="module")
-def canary(hub: HubThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Canary]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPOP_DIAG_DIR", str(tmp_path_factory.mktemp("diag")))
-        bird = Canary(hub.address, hub.options["http_port"])
-        yield bird
-        bird.close()
+hub, canary = module_hub_fixtures()
 
 
 HELLO = encode({"op": "hello", "version": 1, "ref": 0})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from guide_pops import EMPTY_POP as GUIDE_EMPTY_POP
 from spop_cli.hub.contacts import ContactTracker
 from spop_cli.scenario import Scenario, builtin_names, load_scenario, timeline
 
@@ -33,16 +34,7 @@ OVERVIEW = {
     "webcollab-invitation": "webcollab",
     "webcollab-requeue-transfer": "webcollab",
 }
-EMPTY_POP = {
-    "source": "",
-    "destination": "",
-    "queue_name": "",
-    "contact_description": "",
-    "from": "",
-    "redirect": "",
-    "wait_time": 0,
-    "contact_data": [],
-}
+EMPTY_POP = {**GUIDE_EMPTY_POP, "contact_data": []}  # pairs, so order is compared
 
 
 def ordered(pop: dict) -> dict:

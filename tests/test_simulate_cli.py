@@ -16,22 +16,13 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import wait_for
+from guide_pops import EMPTY_POP
 from hubproc import HubProcess
 from spop_cli import ScreenPopCallbackListener, ScreenPopTelephoneListener
 from spop_cli.cli import EXIT_CONFIG, EXIT_REJECTED, cli
 from spop_cli.scenario import builtin_names, load_scenario
 
 GUIDE = ["routed-call", "consultation", "requeue"]
-EMPTY_POP = {
-    "source": "",
-    "destination": "",
-    "queue_name": "",
-    "contact_description": "",
-    "from": "",
-    "redirect": "",
-    "wait_time": 0,
-    "contact_data": {},
-}
 CALLBACK_SCENARIO = """\
 description = "A callback from the web site, routed to user agent7 after 42 s."
 
