@@ -187,3 +187,19 @@ def wait_count(
                 return False
             cond.wait(left)
     return True
+
+
+def load_args(roles: list[str]) -> Any:
+    """The command line every load process takes: its role, the server, how many and on how many
+    connections; raises the open-file limit for them."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=roles)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--conns", type=int, default=1)
+    args = parser.parse_args()
+    raise_nofile()
+    return args

@@ -28,7 +28,7 @@ from _common import (
     MEDIA,
     Recorder,
     answer,
-    raise_nofile,
+    load_args,
     resource_name,
     split_id,
     wait_count,
@@ -287,14 +287,7 @@ def run_publisher(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["subscribers", "publisher"])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--n", type=int, default=1)
-    parser.add_argument("--conns", type=int, default=1)
-    args = parser.parse_args()
-    raise_nofile()
+    args = load_args(["subscribers", "publisher"])
     if args.role == "publisher":
         run_publisher(args)
         return
