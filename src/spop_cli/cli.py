@@ -94,10 +94,11 @@ def _run(coro):  # type: ignore[no-untyped-def]
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None, help="Write the bound ports as JSON here once listening.")
 def serve(config_path: str | None, ready_file: str | None, no_journal: bool, **options: object) -> None:
     """Run the hub: the listener port, the HTTP port, the journal."""
-    from .serve import ServeError, build_hub_config, run_hub
+    from .serve import ServeError, build_hub_config, build_sources, run_hub
 
     try:
         config = build_hub_config(config_path, no_journal=no_journal, **options)
+        sources = build_sources(config_path)
     except ServeError as exc:
         click.echo(f"spop: error: {exc}", err=True)
         raise SystemExit(EXIT_CONFIG) from None
@@ -117,7 +118,7 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, **o
         raise SystemExit(EXIT_CONFIG) from None
 
     try:
-        _run(run_hub(config, ready_file=ready_file))
+        _run(run_hub(config, ready_file=ready_file, sources=sources))
     except sqlite3.Error as exc:
         journal_fails(exc)
     except ssl.SSLError as exc:  # an OSError too: before it, or a bad PEM reads "cannot listen"
@@ -377,14 +378,16 @@ def config_check(config_path: str | None, plugin_dirs: tuple[str, ...]) -> None:
 
     Warnings (risky but valid settings) are listed too, and leave the exit status alone.
     """
-    from .config import Problem, review_config
-    from .plugins import PluginError, action_types, get_plugin_manager
+    from .config import Problem, review_config, review_sources
+    from .plugins import PluginError, action_types, get_plugin_manager, source_types
 
     doc, path, sources = _load_document(config_path)
     problems = []
     types = None
     try:
-        types = action_types(get_plugin_manager(_existing(_plugin_dirs_of(doc, plugin_dirs))))
+        pm = get_plugin_manager(_existing(_plugin_dirs_of(doc, plugin_dirs)))
+        types = action_types(pm)
+        problems.extend(review_sources(doc, source_types(pm)))
     except PluginError as exc:
         problems.append(Problem("plugins", str(exc)))
     found, warnings = review_config(doc, types if types is not None else {}, sources)
@@ -874,3 +877,131 @@ async def _listen_until_done(session, *, timeout: float | None, live: bool):  # 
         if display is not None:
             display.update(render(session.snapshot()), refresh=True)
             display.stop()
+
+
+# -- spop source ------------------------------------------------------------------------------
+@cli.command("source")
+@click.argument("name", required=False)
+@_config_option
+@_plugins_dir_option
+@click.option(
+    "--list",
+    "list_types",
+    is_flag=True,
+    help="List the installed source types and the configured sources.",
+)
+@click.option(
+    "--check", is_flag=True, help="Try the source's link (log in, show what it sees) and exit."
+)
+@click.option(
+    "--server", default=None, help=f"{SERVER_HELP} Default: [server] address of the config."
+)
+@click.option(
+    "--token", default=None, help="Source token the hub requires. Default: [server] token."
+)
+@click.option(
+    "--listen",
+    default=None,
+    help="HOST:PORT for a webhook source's own HTTP port (default [sources.NAME] listen, else 127.0.0.1:6081).",
+)
+def source_command(
+    name: str | None,
+    config_path: str | None,
+    plugin_dirs: tuple[str, ...],
+    list_types: bool,
+    check: bool,
+    server: str | None,
+    token: str | None,
+    listen: str | None,
+) -> None:
+    """Run one source beside a hub: a PBX or a webhook receiver that sends contact events.
+
+    NAME is a [sources.NAME] table of the config file, or a source type with its defaults.
+
+    \b
+    Examples:
+      spop source --list
+      spop source asterisk --config /etc/spop/source.toml
+      spop source asterisk --check
+    """
+    from .plugins import PluginError, source_types
+    from .sources import SourceError, configured_sources, make_source
+
+    overrides: dict = {"server": {}}  # type: ignore[type-arg]
+    if server:
+        overrides["server"]["address"] = server
+    if token:
+        overrides["server"]["token"] = token
+    settings = _load_settings(config_path, overrides)
+    pm, _ = _plugin_manager([*map(str, settings.plugin_dirs), *plugin_dirs])
+    try:
+        types = source_types(pm)
+    except PluginError as exc:
+        click.echo(f"spop: error: plugins: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    configured = configured_sources(settings.document)
+    if list_types or not name:
+        if not name and not list_types:
+            click.echo("spop: error: name a source to run, or use --list", err=True)
+            raise SystemExit(EXIT_USAGE)
+        for kind in sorted(types):
+            t = types[kind]
+            click.echo(f"{kind:<12} {t.description or '-'}  ({t.origin}, {t.plugin_name})")
+        for source_name, table in configured.items():
+            state = "" if table.get("enabled", True) else ", disabled in spop serve"
+            click.echo(f"[sources.{source_name}] type {table['type']}{state}")
+        if not types:
+            click.echo("no source types installed")
+        return
+    table = configured.get(name, {"type": name})
+    try:
+        source = make_source(types, name, table)
+    except SourceError as exc:
+        key = f"sources.{name}.{exc.key}" if exc.key else f"sources.{name}"
+        click.echo(f"spop: error: config: {key}: {exc.message}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    import logging
+
+    from .diagnostics import open_diagnostics
+
+    log = open_diagnostics("source", settings.diag_dir)
+    echo = logging.StreamHandler()  # what the diagnostics file gets, on stderr too
+    echo.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(echo)
+    if check:
+        from .sources import RemoteSink, SourceContext
+
+        async def run_check() -> bool:
+            ctx = SourceContext(RemoteSink(settings.server.address), log, name)
+            return await source.check(ctx, click.echo)
+
+        try:
+            ok = _run(run_check())
+        except SourceError as exc:
+            click.echo(f"spop: error: {name}: {exc}", err=True)
+            raise SystemExit(EXIT_CODES["SCREENPOP_Cannot_Find_HiPath_ProCenter"]) from None
+        raise SystemExit(EXIT_OK if ok else EXIT_CODES["SCREENPOP_Cannot_Find_HiPath_ProCenter"])
+    from .sources.standalone import run_standalone
+
+    def ready(port: object) -> None:
+        where = f", webhooks on port {port}" if port is not None else ""
+        click.echo(f"spop source {name}: sending to {settings.server.address}{where}", err=True)
+
+    try:
+        _run(
+            run_standalone(
+                name,
+                source,
+                address=settings.server.address,
+                token=settings.server.token,
+                ssl_context=settings.server.ssl_context(),
+                listen=listen or table.get("listen"),
+                log=log,
+                ready=ready,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        click.echo(f"spop: error: cannot listen: {exc}", err=True)
+        raise SystemExit(1) from None

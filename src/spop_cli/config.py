@@ -27,6 +27,8 @@ ENVIRONMENT = {  # variable → key path it sets
     "SPOP_DIAG_DIR": ("diagnostics", "dir"),
 }
 SECRET_KEYS = {"token", "source_token"}
+# in [sources.NAME] tables, any key naming one of these is hidden by `config show`
+SOURCE_SECRET_WORDS = ("secret", "token", "password")
 _MISSING = object()
 
 
@@ -45,6 +47,7 @@ def defaults() -> dict[str, Any]:
         },
         "listeners": [],
         "actions": {},
+        "sources": {},
     }
 
 
@@ -394,7 +397,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
 }
 LISTENER_KEYS = ("media", "resource", "actions")
 HUB_FIELDS = tuple(f for f in HubSettings.__dataclass_fields__ if f != "options")
-SECTIONS = (*SCHEMA, "listeners", "actions")
+SECTIONS = (*SCHEMA, "listeners", "actions", "sources")
 
 
 def validate(doc: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> list[Problem]:
@@ -443,6 +446,46 @@ def validate(doc: Mapping[str, Any], sources: Mapping[str, str] | None = None) -
                 problem(f"actions.{name}", "must be a table", table)
             elif "plugin" in table and not isinstance(table["plugin"], str):
                 problem(f"actions.{name}.plugin", "must be a string", table["plugin"])
+    _validate_sources(doc.get("sources", {}), problem)
+    return problems
+
+
+def _validate_sources(sources: Any, problem: Callable[..., None]) -> None:
+    """The framework's keys of `[sources.NAME]`; the source's own keys are its factory's to check."""
+    if not isinstance(sources, dict):
+        problem("sources", "must be a table of [sources.NAME] tables")
+        return
+    for name, table in sources.items():
+        if not isinstance(table, dict):
+            problem(f"sources.{name}", "must be a table", table)
+            continue
+        if "type" in table and (not isinstance(table["type"], str) or not table["type"]):
+            problem(f"sources.{name}.type", "must be a source type name", table["type"])
+        if "enabled" in table and (message := _bool(table["enabled"])) is not None:
+            problem(f"sources.{name}.enabled", message, table["enabled"])
+        if "listen" in table:
+            from .sources.standalone import parse_listen
+
+            try:
+                parse_listen(table["listen"]) if isinstance(table["listen"], str) else parse_listen("")
+            except ValueError as exc:
+                problem(f"sources.{name}.listen", str(exc), table["listen"])
+
+
+def review_sources(doc: Mapping[str, Any], types: Mapping[str, Any]) -> list[Problem]:
+    """Each `[sources.NAME]` built by its type's factory; a SourceError names the key at fault."""
+    from .sources import SourceError, configured_sources, make_source
+
+    problems = []
+    for name, table in configured_sources(doc).items():
+        try:
+            make_source(types, name, table)
+        except SourceError as exc:
+            key = f"sources.{name}.{exc.key}" if exc.key else f"sources.{name}"
+            value = _lookup(table, exc.key) if exc.key else _MISSING
+            problems.append(Problem(key, exc.message, value))
+        except Exception as exc:  # a third-party factory's own error
+            problems.append(Problem(f"sources.{name}", f"{type(exc).__name__}: {exc}"))
     return problems
 
 
@@ -618,4 +661,10 @@ def show_config(doc: Mapping[str, Any], secrets: bool = False) -> str:
             if isinstance(table, dict):
                 for key in SECRET_KEYS & set(table):
                     table[key] = "********"
+        sources = shown.get("sources")
+        for table in sources.values() if isinstance(sources, dict) else ():
+            if isinstance(table, dict):
+                for key in table:
+                    if any(word in key.lower() for word in SOURCE_SECRET_WORDS):
+                        table[key] = "********"
     return tomli_w.dumps(shown)

@@ -19,3 +19,9 @@ def spop_screen_pop(pop, listener):
 @hookspec
 def spop_status_changed(listener, old, new):
     """See every listener status change: old and new are ListenerStatus values."""
+
+
+@hookspec
+def register_sources(register):
+    """Register source types: call register(name, factory, description); factory(config_table)
+    returns a `spop_cli.sources.Source` that turns an outside system's events into contact events."""

@@ -23,6 +23,7 @@ from . import hookspecs
 
 ENTRY_POINT_GROUP = "spop"
 BUILTIN_ACTIONS = ("print", "command", "url", "json")
+BUILTIN_SOURCES: tuple[str, ...] = ()  # modules of spop_cli.sources registered as built-ins
 BUILTIN = "built-in"
 
 
@@ -41,11 +42,23 @@ class ActionType:
 
 
 @dataclass(frozen=True)
+class SourceType:
+    """A registered source type: `factory(config_table)` returns a `spop_cli.sources.Source`."""
+
+    name: str
+    factory: Callable[[dict[str, Any]], Any]
+    plugin_name: str
+    origin: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class PluginInfo:
     name: str
     origin: str
     hooks: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
 
 
 class PluginManager(pluggy.PluginManager):
@@ -57,6 +70,7 @@ class PluginManager(pluggy.PluginManager):
         self.origins: dict[str, str] = {}
         self.loaded_files: dict[Path, str] = {}
         self._action_types: dict[str, ActionType] | None = None
+        self._source_types: dict[str, SourceType] | None = None
 
     def add_plugin(self, plugin: Any, name: str, origin: str) -> None:
         """Register one plugin; a second plugin with the same name is an error naming both."""
@@ -73,6 +87,7 @@ class PluginManager(pluggy.PluginManager):
             raise PluginError(f"plugin {name!r} from {origin} is invalid: {exc}") from None
         self.origins[name] = origin
         self._action_types = None
+        self._source_types = None
 
 
 def build_plugin_manager(
@@ -83,6 +98,9 @@ def build_plugin_manager(
     for action in BUILTIN_ACTIONS:
         module = importlib.import_module(f"{__package__}.actions.{action}")
         pm.add_plugin(module, f"spop_cli.actions.{action}", BUILTIN)
+    for source in BUILTIN_SOURCES:
+        module = importlib.import_module(f"{__package__}.sources.{source}")
+        pm.add_plugin(module, f"spop_cli.sources.{source}", BUILTIN)
     if entry_points:
         load_entry_points(pm)
     for directory in plugin_dirs:
@@ -155,28 +173,24 @@ def _where(exc: BaseException, path: Path) -> str:
     return f"{line}{type(exc).__name__}: {exc}"
 
 
-def action_types(pm: PluginManager) -> dict[str, ActionType]:
-    """Every registered action type by name; the same name registered twice is a PluginError."""
-    if pm._action_types is not None:
-        return pm._action_types
-    types: dict[str, ActionType] = {}
-    # Called one implementation at a time so each registration knows its plugin.
-    for impl in pm.hook.register_actions.get_hookimpls():
+def _collect(pm: PluginManager, hook: str, kind: str, make: Callable[..., Any]) -> dict[str, Any]:
+    """Call each implementation of a `register_*` hook in turn, so every registration knows its
+    plugin; the same name registered twice is a PluginError naming both plugins."""
+    types: dict[str, Any] = {}
+    for impl in getattr(pm.hook, hook).get_hookimpls():
         origin = pm.origins.get(impl.plugin_name, "?")
 
-        def register(
-            name: str, factory: Callable[[dict[str, Any]], Any], *, _impl=impl, _origin=origin
-        ) -> None:
+        def register(name: str, factory: Any, *args: Any, _impl=impl, _origin=origin) -> None:
             if not isinstance(name, str) or not name:
                 raise PluginError(
-                    f"plugin {_impl.plugin_name!r} ({_origin}) registered an action with no name"
+                    f"plugin {_impl.plugin_name!r} ({_origin}) registered {kind} with no name"
                 )
             if name in types:
                 raise PluginError(
-                    f"action {name!r} is registered twice: by {types[name].plugin_name} ({types[name].origin}) "
+                    f"{kind} {name!r} is registered twice: by {types[name].plugin_name} ({types[name].origin}) "
                     f"and by {_impl.plugin_name} ({_origin})"
                 )
-            types[name] = ActionType(name, factory, _impl.plugin_name, _origin)
+            types[name] = make(name, factory, _impl.plugin_name, _origin, *args)
 
         try:
             impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
@@ -184,20 +198,35 @@ def action_types(pm: PluginManager) -> dict[str, ActionType]:
             raise
         except Exception as exc:
             raise PluginError(
-                f"plugin {impl.plugin_name!r} ({origin}) failed in register_actions: {type(exc).__name__}: {exc}"
+                f"plugin {impl.plugin_name!r} ({origin}) failed in {hook}: {type(exc).__name__}: {exc}"
             ) from None
-    pm._action_types = types
     return types
+
+
+def action_types(pm: PluginManager) -> dict[str, ActionType]:
+    """Every registered action type by name; the same name registered twice is a PluginError."""
+    if pm._action_types is None:
+        pm._action_types = _collect(pm, "register_actions", "action", ActionType)
+    return pm._action_types
+
+
+def source_types(pm: PluginManager) -> dict[str, SourceType]:
+    """Every registered source type by name (`register(name, factory, description="")`)."""
+    if pm._source_types is None:
+        pm._source_types = _collect(pm, "register_sources", "source", SourceType)
+    return pm._source_types
 
 
 def list_plugins(pm: PluginManager) -> list[PluginInfo]:
     """Every plugin with its origin, the hooks it implements and the action types it registered."""
     types = action_types(pm)
+    sources = source_types(pm)
     infos = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
             continue
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
         actions = sorted(t.name for t in types.values() if t.plugin_name == name)
-        infos.append(PluginInfo(name, pm.origins.get(name, "?"), hooks, actions))
+        own_sources = sorted(t.name for t in sources.values() if t.plugin_name == name)
+        infos.append(PluginInfo(name, pm.origins.get(name, "?"), hooks, actions, own_sources))
     return infos

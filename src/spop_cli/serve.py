@@ -74,10 +74,51 @@ def exposure_warnings(config: HubConfig) -> list[str]:
     return warnings
 
 
-async def run_hub(config: HubConfig, ready_file: str | None = None) -> None:
+def build_sources(config_path: str | None, plugin_dirs: list[str] | None = None) -> dict[str, Any]:
+    """The `[sources.NAME]` tables of the hub's file (not `enabled = false`), built; ServeError
+    names the key at fault."""
+    from .config import ConfigError, load_settings
+    from .plugins import PluginError, get_plugin_manager, source_types
+    from .sources import SourceError, configured_sources, make_source
+
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        raise ServeError(str(exc)) from None
+    tables = {
+        name: table
+        for name, table in configured_sources(settings.document).items()
+        if table.get("enabled", True)
+    }
+    if not tables:
+        return {}
+    try:
+        types = source_types(
+            get_plugin_manager([*map(str, settings.plugin_dirs), *(plugin_dirs or [])])
+        )
+    except PluginError as exc:
+        raise ServeError(f"plugins: {exc}") from None
+    built = {}
+    for name, table in tables.items():
+        try:
+            built[name] = make_source(types, name, table)
+        except SourceError as exc:
+            key = f"sources.{name}.{exc.key}" if exc.key else f"sources.{name}"
+            raise ServeError(f"{key}: {exc.message}") from None
+    return built
+
+
+async def run_hub(
+    config: HubConfig, ready_file: str | None = None, sources: dict[str, Any] | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM; write the ports to ready_file once listening."""
     log = open_diagnostics("hub", Path(config.diag_dir) if config.diag_dir else None)
     hub = Hub(config, log=log)
+    if sources:
+        from .sources import HubSink
+        from .sources.runner import SourceRunner
+
+        hub.sources = SourceRunner(sources, HubSink(hub), log.getChild("source"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -67,6 +67,9 @@ class Hub:
         self._contacts: Any = None
         self.journal: Any = None
         self._dirty: list[HubConnection] = []  # connections with frames to flush
+        self.sources: Any = (
+            None  # a SourceRunner: sources run inside the hub, routes on its HTTP port
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -88,6 +91,8 @@ class Hub:
 
             self._http_runner, self.http_port = await start_http(self, ssl_context)
         self._tasks.append(loop.create_task(self._housekeeping()))
+        if self.sources is not None:
+            await self.sources.start()
         self.log.info(
             "hub listening on %s port %s, http %s, journal %s",
             self.config.host,
@@ -97,6 +102,8 @@ class Hub:
         )
 
     async def stop(self) -> None:
+        if self.sources is not None:
+            await self.sources.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
