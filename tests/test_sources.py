@@ -160,3 +160,11 @@ def test_framework_keys_are_validated(tmp_path: Path, table: dict[str, object]) 
     result = CliRunner().invoke(cli, ["config", "check", "--config", str(config)])
     assert result.exit_code == 12
     assert f"sources.front.{next(iter(table))}" in result.output
+
+
+def test_plugins_lists_source_types(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["plugins", "--json", "--plugins-dir", str(DATA)])
+    assert result.exit_code == 0, result.output
+    plugins = {p["name"]: p for p in json.loads(result.output)["plugins"]}
+    assert plugins["ticker_source"]["sources"] == ["ticker"]
+    assert plugins["ticker_source"]["hooks"] == ["register_sources"]

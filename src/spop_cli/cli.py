@@ -432,7 +432,13 @@ def plugins_command(config_path: str | None, plugin_dirs: tuple[str, ...], as_js
             json.dumps(
                 {
                     "plugins": [
-                        {"name": i.name, "origin": i.origin, "hooks": i.hooks, "actions": i.actions}
+                        {
+                            "name": i.name,
+                            "origin": i.origin,
+                            "hooks": i.hooks,
+                            "actions": i.actions,
+                            "sources": i.sources,
+                        }
                         for i in infos
                     ],
                     "actions": [
@@ -448,10 +454,16 @@ def plugins_command(config_path: str | None, plugin_dirs: tuple[str, ...], as_js
     from rich.table import Table
 
     table = Table(title="spop plugins", title_justify="left")
-    for column in ("plugin", "from", "hooks", "action types"):
+    for column in ("plugin", "from", "hooks", "action types", "source types"):
         table.add_column(column, overflow="fold")
     for info in infos:
-        table.add_row(info.name, info.origin, ", ".join(info.hooks), ", ".join(info.actions))
+        table.add_row(
+            info.name,
+            info.origin,
+            ", ".join(info.hooks),
+            ", ".join(info.actions),
+            ", ".join(info.sources),
+        )
     Console().print(table)
 
 
