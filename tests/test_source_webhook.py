@@ -160,6 +160,28 @@ def test_an_event_no_rule_matches_is_answered_and_ignored() -> None:
     assert answers == [{"applied": 0, "pops": [], "matched": []}] and status["contacts"] == 0
 
 
+def test_queued_before_initiated_still_pops_with_the_queue_wait() -> None:
+    async def body(hub: Any, desk: Desk, bridge: EventBridge) -> Any:
+        await bridge.play(CALL["QUEUED"])  # EventBridge does not promise order
+        late = await bridge.post(CALL["INITIATED"])
+        await bridge.play(CALL["CONNECTED_TO_AGENT"])
+        return late, await desk.settled(hub, 1)
+
+    (status, answer), pops = run(scenario(connect_table(), [("telephone", "13579")], body))
+    assert (status, answer["error"], answer["rule"]) == (422, "time_backwards", "initiated")
+    assert (pops[0]["wait_time"], pops[0]["media"]) == (12, "telephone")
+
+
+def test_connected_after_disconnected_is_refused() -> None:
+    async def body(hub: Any, desk: Desk, bridge: EventBridge) -> Any:
+        await bridge.play(CALL["INITIATED"], CALL["QUEUED"], CALL["DISCONNECTED"])
+        return await bridge.post(CALL["CONNECTED_TO_AGENT"]), hub.status()
+
+    (status, answer), hub_status = run(scenario(connect_table(), [], body))
+    assert (status, answer["error"], answer["rule"]) == (422, "contact_ended", "connected")
+    assert hub_status["pending"] == 0
+
+
 # --- media, transfers -----------------------------------------------------------------------------
 
 
