@@ -100,7 +100,13 @@ def test_task_created_is_queued_and_pops_nobody() -> None:
 
 
 def test_task_queue_entered_is_queued_with_the_queue_name() -> None:
-    pops, _ = plays("task.created", "task-queue.entered", "reservation.created", count=1)
+    async def body(hub: Any, desk: Desk, router: TaskRouter) -> Any:
+        await router.play("task.created", "task-queue.entered")
+        # a reservation without the queue's name: the pop shows the one the task entered
+        assert (await router.post(event("reservation.created", TaskQueueName="")))[0] == 204
+        return await desk.settled(hub, 1)
+
+    pops = run(scenario(TABLE, [("telephone", "13579")], body))
     assert pops[0]["queue_name"] == "Ventes"
 
 

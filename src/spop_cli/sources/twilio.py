@@ -274,6 +274,9 @@ class TwilioSource(Source):
                         **self._contact(params, attributes),
                     }
                 )
+            queue = self._queue(params)
+            if queue:  # the queue that offers the task: a routed pop shows it
+                base["queue_name"] = queue
             if holder is not None and holder != resource:
                 events.append(
                     {**base, "event": "transferred", "from": holder, "resource": resource}
@@ -313,13 +316,19 @@ class TwilioSource(Source):
             fields["source"] = customer[:1024]
         if dialled:
             fields["destination"] = dialled[:1024]
-        queue = params.get("TaskQueueName") or self.queue_names.get(params.get("TaskQueueSid", ""))
+        queue = self._queue(params)
         if queue:
             fields["queue_name"] = queue[:1024]
         data = _contact_data(attributes, self.data_attributes)
         if data:
             fields["contact_data"] = data
         return fields
+
+    def _queue(self, params: Mapping[str, str]) -> str:
+        name = params.get("TaskQueueName") or self.queue_names.get(
+            params.get("TaskQueueSid", ""), ""
+        )
+        return name[:1024]
 
     def _resource(self, params: Mapping[str, str]) -> str:
         attributes = _json_object(params.get("WorkerAttributes"), "WorkerAttributes")
