@@ -49,7 +49,6 @@ TEXT_FIELDS = ("id", "contact_id", "at", "media", "source", "destination", "queu
 FIELDS = (*TEXT_FIELDS, "contact_description", "resource", "from", "redirect")
 FILTERS = ("upper", "lower")
 PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-MISSING = None
 
 
 # -- templates -------------------------------------------------------------------------------------
