@@ -178,6 +178,56 @@ def test_a_new_reservation_on_an_accepted_task_is_a_transfer() -> None:
     assert transfer["id"] == EVENTS["reservation.created.transfer"]["Sid"]
 
 
+def test_a_transfer_made_as_a_new_task_continues_the_contact() -> None:
+    """Twilio's blind-transfer pattern: a new task naming the original one, then the original
+    task completed; the contact goes on until the new task ends."""
+    second = "WT" + "8" * 32
+    attributes = json.dumps({"original_task_sid": TASK, "type": "transfer"})
+
+    def of_second(name: str, sid: str, **changes: str) -> dict[str, str]:
+        return event(name, TaskSid=second, TaskAttributes=attributes, Sid=sid, **changes)
+
+    async def body(hub: Any, desk: Desk, router: TaskRouter) -> Any:
+        await router.play("task.created", "reservation.created", "reservation.accepted")
+        steps = [
+            of_second(
+                "task.created", "EV" + "a1" * 16, Timestamp=str(1715677200 + 60), TaskAge="0"
+            ),
+            event("task.completed", Timestamp=str(1715677200 + 61)),  # the original, while moving
+            of_second(
+                "reservation.created.transfer", "EV" + "a2" * 16, Timestamp=str(1715677200 + 70)
+            ),
+            of_second(
+                "reservation.accepted.transfer", "EV" + "a3" * 16, Timestamp=str(1715677200 + 72)
+            ),
+        ]
+        for params in steps:
+            assert (await router.post(params))[0] == 204
+        pops = await desk.settled(hub, 2)
+        before_end = hub.status()["contacts"]
+        done = await router.post(
+            of_second("task.completed", "EV" + "a4" * 16, Timestamp=str(1715677200 + 200))
+        )
+        late = await router.post(
+            event("reservation.accepted.transfer", Timestamp=str(1715677200 + 201))
+        )
+        return pops, before_end, done[0], late
+
+    pops, contacts, done, (late_status, late) = run(
+        scenario(TABLE, [("telephone", "13579"), ("telephone", "bob")], body)
+    )
+    transfer = pops[1]
+    assert (transfer["contact_id"], transfer["resource"], transfer["from"]) == (
+        TASK,
+        "bob",
+        "13579",
+    )
+    assert (transfer["source"], transfer["wait_time"]) == ("+33123456789", 10)
+    assert transfer["contact_data"]["original_task_sid"] == TASK
+    assert (contacts, done) == (1, 204)
+    assert (late_status, late["error"]) == (422, "contact_ended")  # the new task's end ended it
+
+
 @pytest.mark.parametrize("refusal", ["reservation.rejected", "reservation.timeout"])
 def test_a_transfer_turned_down_is_recalled_to_the_worker_who_had_it(refusal: str) -> None:
     pops, _ = plays(

@@ -61,6 +61,7 @@ OPTIONS = {
     "queue_names": "table: TaskQueueSid -> queue name, when TaskQueueName is not sent",
     "data_attributes": "task attributes copied into contact_data (default: all)",
     "use_timestamps": "send TaskRouter's Timestamp as each event's `at` (default true)",
+    "transfer_attributes": "task attributes naming the task a new (transfer) task continues",
 }
 
 
@@ -141,9 +142,15 @@ class TwilioSource(Source):
         self.use_timestamps = options.get("use_timestamps", True)
         if not isinstance(self.use_timestamps, bool):
             raise SourceError("must be true or false", "use_timestamps")
-        # task → resource of the worker who accepted it: a new reservation is then a transfer
+        self.transfer_attributes = _strings(
+            options, "transfer_attributes", ["original_task_sid", "originalTaskSid"]
+        )
+        # contact → resource of the worker who accepted it: a new reservation is then a transfer
         self._holders: OrderedDict[str, str] = OrderedDict()
-        self._known: OrderedDict[str, None] = OrderedDict()  # tasks already queued at the hub
+        self._known: OrderedDict[str, None] = OrderedDict()  # contacts already queued at the hub
+        # a transfer made as a new task: its sid → the contact (the first task's sid) it continues
+        self._aliases: OrderedDict[str, str] = OrderedDict()
+        self._open: OrderedDict[str, set[str]] = OrderedDict()  # contact → its tasks not ended
 
     def __repr__(self) -> str:  # never the token
         return f"TwilioSource(path={self.path!r}, public_url={self.public_url!r})"
@@ -174,10 +181,13 @@ class TwilioSource(Source):
             if exc.status != 403:
                 ctx.log.warning("%s: %s (%s)", what, exc.message, exc.error)
             return problem(exc.status, exc.error, exc.message)
+        kind, task = dict(params).get("EventType", ""), dict(params).get("TaskSid", "")
         if not events:
-            ctx.log.debug("%s: %s ignored", what, dict(params).get("EventType"))
+            if kind in TASK_ENDS:  # a task of a transfer ended; the contact's other task goes on
+                self._forget_task(task)
+            ctx.log.debug("%s: %s ignored", what, kind)
             return _no_content()
-        task = events[0]["contact_id"]
+        contact = events[0]["contact_id"]
         status, body = await deliver(
             ctx.sink,
             events,
@@ -192,7 +202,7 @@ class TwilioSource(Source):
             return problem(
                 status, body.get("error", "refused"), body.get("message", ""), **_rest(body)
             )
-        self._remember(events, task)
+        self._remember(task, contact, events)
         return _no_content()
 
     # -- reading and checking ----------------------------------------------------------------------
@@ -249,22 +259,25 @@ class TwilioSource(Source):
             return []  # task.updated, task.transfer-*, reservation.canceled, worker.*, …
         if not task:
             raise WebhookError(400, "missing_parameter", f"{kind} without TaskSid")
-        base: dict[str, Any] = {"contact_id": task, "id": _event_id(params, kind)}
+        attributes = {} if kind in TASK_ENDS else _attributes(params)
+        contact = self._contact_of(task, attributes)
+        base: dict[str, Any] = {"contact_id": contact, "id": _event_id(params, kind)}
         at = self._at(params) if self.use_timestamps else None
         if at is not None:
             base["at"] = at
         if kind in TASK_ENDS:
+            if self._open.get(contact, set()) - {task}:
+                return []  # a transfer's new task goes on: the contact is not over
             return [{**base, "event": "ended"}]
-        attributes = _attributes(params)
         if kind in TASK_QUEUED:
             if kind == "task.created" and at is not None:
                 base["at"] = self._created_at(params) or at
             return [{**base, "event": "queued", **self._contact(params, attributes)}]
         resource = self._resource(params)
-        holder = self._holders.get(task)
+        holder = self._holders.get(contact)
         if kind == "reservation.created":
             events = []
-            if task not in self._known:  # task.created never came (filtered, or before a start)
+            if contact not in self._known:  # task.created never came (filtered, or before a start)
                 events.append(
                     {
                         **base,
@@ -290,18 +303,39 @@ class TwilioSource(Source):
             return [{**base, "event": "recalled", "resource": holder}]
         return []  # a first offer turned down: TaskRouter offers the task to the next worker
 
-    def _remember(self, events: list[dict[str, Any]], task: str) -> None:
-        """What the hub has now taken about a task: queued there, and who holds it."""
+    def _contact_of(self, task: str, attributes: Mapping[str, Any]) -> str:
+        """The contact a task belongs to: its own sid, or, for a task made to transfer another
+        (an attribute of `transfer_attributes` names that one), the contact the other belongs to."""
+        if task in self._aliases:
+            return self._aliases[task]
+        original = _first(attributes, self.transfer_attributes)
+        if original and original != task and (original in self._open or original in self._aliases):
+            return self._aliases.get(original, original)
+        return task
+
+    def _forget_task(self, task: str) -> None:
+        contact = self._aliases.pop(task, task)
+        tasks = self._open.get(contact)
+        if tasks is not None:
+            tasks.discard(task)
+
+    def _remember(self, task: str, contact: str, events: list[dict[str, Any]]) -> None:
+        """What the hub has now taken: which contact a task is part of, that the contact is
+        queued there, who holds it, and its end (forgetting it all)."""
         kinds = {event["event"] for event in events}
-        if kinds & {"queued", "routed", "transferred"}:
-            _bounded_set(self._known, task, None)
-        if "answered" in kinds:
-            _bounded_set(self._holders, task, events[-1]["resource"])
-        if "recalled" in kinds:
-            _bounded_set(self._holders, task, events[-1]["resource"])
         if "ended" in kinds:
-            self._holders.pop(task, None)
-            self._known.pop(task, None)
+            for sid in self._open.pop(contact, set()) | {task}:
+                self._aliases.pop(sid, None)
+            self._holders.pop(contact, None)
+            self._known.pop(contact, None)
+            return
+        if contact != task:
+            _bounded_set(self._aliases, task, contact)
+        _bounded_set(self._open, contact, self._open.get(contact, set()) | {task})
+        if kinds & {"queued", "routed", "transferred"}:
+            _bounded_set(self._known, contact, None)
+        if kinds & {"answered", "recalled"}:
+            _bounded_set(self._holders, contact, events[-1]["resource"])
 
     def _contact(self, params: Mapping[str, str], attributes: Mapping[str, Any]) -> dict[str, Any]:
         media = self.channels.get(params.get("TaskChannelUniqueName", ""), self.default_media)
