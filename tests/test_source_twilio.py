@@ -99,9 +99,11 @@ def test_task_created_is_queued_and_pops_nobody() -> None:
     assert pops == [] and status["contacts"] == 1 and status["counters"]["contact_events"] == 1
 
 
-def test_task_queue_entered_is_queued_with_the_queue_name() -> None:
+@pytest.mark.parametrize("kind", ["task-queue.entered", "task-queue.moved"])
+def test_entering_a_queue_is_queued_with_the_queue_name(kind: str) -> None:
     async def body(hub: Any, desk: Desk, router: TaskRouter) -> Any:
-        await router.play("task.created", "task-queue.entered")
+        await router.play("task.created")
+        assert (await router.post(event("task-queue.entered", EventType=kind)))[0] == 204
         # a reservation without the queue's name: the pop shows the one the task entered
         assert (await router.post(event("reservation.created", TaskQueueName="")))[0] == 204
         return await desk.settled(hub, 1)
@@ -282,10 +284,11 @@ def test_a_task_cancelled_while_ringing_withdraws_the_pop_not_delivered() -> Non
     assert pops == [] and status["pending"] == 0 and status["counters"]["withdrawn"] == 1
 
 
-@pytest.mark.parametrize("end", ["task.canceled", "task.completed", "task.wrapup"])
+@pytest.mark.parametrize("end", ["task.canceled", "task.completed", "task.wrapup", "task.deleted"])
 def test_task_end_events_end_the_contact(end: str) -> None:
     async def body(hub: Any, desk: Desk, router: TaskRouter) -> Any:
-        await router.play("task.created", end)
+        await router.play("task.created")
+        assert (await router.post(event("task.completed", EventType=end)))[0] == 204
         # a late reservation for the ended task is refused by the hub: the contact is over
         return await router.post(
             event("reservation.accepted", Timestamp=EVENTS["task.completed"]["Timestamp"])
