@@ -556,3 +556,21 @@ def test_serve_refuses_a_twilio_source_without_a_token(tmp_path: Path) -> None:
     )
     assert done.returncode == 12
     assert "sources.tw.auth_token: no auth token" in done.stdout + done.stderr
+
+
+def test_the_same_call_under_uvloop() -> None:
+    """`spop serve` runs uvloop: the whole call once more on it."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def body(hub: Any, desk: Desk, router: TaskRouter) -> Any:
+        await router.play(
+            "task.created", "task-queue.entered", "reservation.created", "reservation.accepted"
+        )
+        await router.play("reservation.created", "task.completed")  # a retry, then the end
+        return await desk.settled(hub, 1), hub.status()
+
+    pops, status = uvloop.run(scenario(TABLE, [("telephone", "13579")], body))
+    assert [(p["resource"], p["wait_time"], p["queue_name"]) for p in pops] == [
+        ("13579", 10, "Ventes")
+    ]
+    assert (status["counters"]["duplicate_events"], status["contacts"]) == (1, 1)
