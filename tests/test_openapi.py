@@ -106,7 +106,7 @@ def test_every_contact_event_is_documented() -> None:
     for kind, ref in mapping.items():
         schema = DOC["components"]["schemas"][ref.rsplit("/", 1)[1]]
         assert schema["properties"]["event"] == {"const": kind}
-        takes = set(schema["properties"]) - {"contact_id", "event", "at"}
+        takes = set(schema["properties"]) - {"id", "contact_id", "event", "at"}
         contact_fields = (
             set(QUEUE_FIELDS)
             if kind == "requeued"

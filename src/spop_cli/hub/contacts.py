@@ -6,6 +6,8 @@ pops that come out; the rules are in docs/contacts.md.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,6 +24,8 @@ from spop_cli.model import (
 )
 
 MAX_CONTACT_ID_LEN = 256
+MAX_EVENT_ID_LEN = 256
+MAX_POP_ID_LEN = 128  # as pops.MAX_ID: a pop id derived from an event id must fit it
 MAX_TEXT_LEN = 1024
 MAX_DATA_KEYS = 256
 MAX_DATA_LEN = 4096
@@ -105,6 +109,8 @@ class Outcome:
     contact_id: str
     pops: list[ScreenPopEvent] = field(default_factory=list)
     ended: bool = False
+    event_id: str | None = None  # the event's `id`: its pop's id derives from it
+    duplicate: bool = False  # an id applied within the window: answered, nothing changed
 
 
 @dataclass(slots=True)
@@ -118,6 +124,7 @@ class _Event:
     texts: dict[str, str]
     contact_data: dict[str, str] | None
     resource: str
+    event_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -220,7 +227,7 @@ def _parse(event: Any) -> _Event:
         raise _refused("unknown_event", "event", f"unknown event {kind[:64]!r} (expected {known})")
     # Requeueing keeps source and destination: the pilot dialled to requeue is not the destination.
     contact_fields = QUEUE_FIELDS if kind == "requeued" else CONTACT_FIELDS
-    allowed = {"contact_id", "event", "at", *contact_fields, *EVENT_FIELDS[kind]}
+    allowed = {"id", "contact_id", "event", "at", *contact_fields, *EVENT_FIELDS[kind]}
     for name, value in event.items():
         if value is not None and name not in allowed:
             raise _refused(
@@ -238,18 +245,79 @@ def _parse(event: Any) -> _Event:
     data = _parse_data(event["contact_data"]) if event.get("contact_data") is not None else None
     needs_resource = "resource" in EVENT_FIELDS[kind]
     resource = _parse_resource(_required(event, "resource")) if needs_resource else ""
-    return _Event(contact_id, kind, _parse_at(event.get("at")), media, texts, data, resource)
+    event_id = _parse_event_id(event.get("id"))
+    return _Event(
+        contact_id, kind, _parse_at(event.get("at")), media, texts, data, resource, event_id
+    )
+
+
+def _parse_event_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    event_id = _text(value, "id", MAX_EVENT_ID_LEN)
+    if not event_id:
+        raise _refused("missing_field", "id", "id is empty (leave it out instead)")
+    return event_id
+
+
+def pop_id_for(event_id: str) -> str:
+    """The id of the pop an event with this id makes: the event id itself when it fits a pop id,
+    else a digest of it. Stable, so the journal's pop duplicate window also catches an event
+    repeated across a hub restart (when the event window, in memory, has been lost)."""
+    if len(event_id) <= MAX_POP_ID_LEN:
+        return event_id
+    return "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()[:32]
+
+
+class EventIds:
+    """Ids of events applied within the last `window` seconds (hub clock): a platform retrying a
+    webhook, or a source resending a batch whose answer it lost, is applied once."""
+
+    def __init__(self, window: float) -> None:
+        self.window = timedelta(seconds=window)
+        self._seen: OrderedDict[str, datetime] = OrderedDict()  # id → when applied, oldest first
+        self.duplicates = 0
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def seen(self, event_id: str, now: datetime) -> bool:
+        """True (and counted) when `event_id` was applied less than `window` before `now`."""
+        self.expire(now)
+        if event_id in self._seen:
+            self.duplicates += 1
+            return True
+        return False
+
+    def add(self, event_id: str, now: datetime) -> None:
+        self._seen[event_id] = now
+        self._seen.move_to_end(event_id)
+
+    def expire(self, now: datetime) -> None:
+        horizon = now - self.window
+        seen = self._seen
+        while seen:
+            first_id, first = next(iter(seen.items()))
+            if first > horizon:
+                break
+            del seen[first_id]
 
 
 class ContactTracker:
     """Every contact's state, updated event by event; no I/O, no clock of its own."""
 
-    def __init__(self, forget_after: float = 300.0, idle_expiry: float = 4 * 3600.0) -> None:
-        if forget_after < 0 or idle_expiry < 0:
-            raise ValueError("forget_after and idle_expiry must be >= 0")
+    def __init__(
+        self,
+        forget_after: float = 300.0,
+        idle_expiry: float = 4 * 3600.0,
+        dedupe_window: float = 120.0,
+    ) -> None:
+        if forget_after < 0 or idle_expiry < 0 or dedupe_window < 0:
+            raise ValueError("forget_after, idle_expiry and dedupe_window must be >= 0")
         self.forget_after = timedelta(seconds=forget_after)
         self.idle_expiry = timedelta(seconds=idle_expiry)
         self._contacts: dict[str, _Contact] = {}
+        self.event_ids = EventIds(dedupe_window)
 
     def __len__(self) -> int:
         return len(self._contacts)
@@ -283,6 +351,8 @@ class ContactTracker:
         """Apply one event; a refused event changes nothing."""
         parsed = _parse(event)
         seen = _utc(received_at)
+        if parsed.event_id is not None and self.event_ids.seen(parsed.event_id, seen):
+            return Outcome(parsed.contact_id, event_id=parsed.event_id, duplicate=True)
         at = parsed.at or seen
         contact = self._contacts.get(parsed.contact_id)
         if contact is None:
@@ -290,9 +360,12 @@ class ContactTracker:
         else:
             self._check(contact, parsed, at)
         self._update(contact, parsed, at)
-        outcome = Outcome(parsed.contact_id)
+        outcome = Outcome(parsed.contact_id, event_id=parsed.event_id)
         if parsed.kind in POP_EVENTS:
-            outcome.pops.append(self._pop(contact, parsed, at))
+            pop = self._pop(contact, parsed, at)
+            if parsed.event_id is not None:
+                pop.id = pop_id_for(parsed.event_id)
+            outcome.pops.append(pop)
         if parsed.kind in HOLDING_EVENTS:
             contact.holder = parsed.resource
         if parsed.kind == "ended":
@@ -301,6 +374,8 @@ class ContactTracker:
         contact.last_at = at
         contact.last_seen = seen
         self._contacts[parsed.contact_id] = contact
+        if parsed.event_id is not None:
+            self.event_ids.add(parsed.event_id, seen)
         return outcome
 
     def expire(self, now: datetime) -> int:
@@ -314,6 +389,7 @@ class ContactTracker:
         ]
         for contact_id in gone:
             del self._contacts[contact_id]
+        self.event_ids.expire(now)
         return len(gone)
 
     @staticmethod

@@ -333,6 +333,7 @@ class Hub:
             self._contacts = ContactTracker(
                 forget_after=self.config.contact_forget_after,
                 idle_expiry=self.config.contact_idle_expiry,
+                dedupe_window=self.config.dedupe_window,
             )
         return self._contacts
 
@@ -356,7 +357,9 @@ class Hub:
             for event in outcome.pops:
                 pop = event.to_dict()
                 pop_ids.append(pop["id"])
-                future = self.accept(pop, dedupe=False)  # the hub made the id
+                # an id derived from the event's id may come again (a retried webhook after a
+                # restart): keep it in the journal's duplicate window; the hub's own need not
+                future = self.accept(pop, dedupe=outcome.event_id is not None)
                 if future is not None and future not in futures:
                     futures.append(future)
         self.counters["contact_events"] += len(outcomes)
@@ -403,6 +406,9 @@ class Hub:
         ]
         counters = dict(self.counters)
         counters.update(self.delivery.counters())
+        counters["duplicate_events"] = (
+            self._contacts.event_ids.duplicates if self._contacts is not None else 0
+        )
         return {
             "version": _version(),
             "pid": os.getpid(),

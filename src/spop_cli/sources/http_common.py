@@ -1,0 +1,86 @@
+"""What the webhook sources (twilio, webhook) share: JSON problems, the body limit, and handing
+mapped events to the sink with the hub's refusal turned into an HTTP answer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import ContactSink
+
+MAX_BODY = 1024 * 1024
+# hub refusals that say the body was malformed (400); the others do not apply (422)
+MALFORMED = frozenset({"not_an_object", "wrong_type", "bad_time", "invalid_json", "too_deep"})
+
+
+class WebhookError(Exception):
+    """A request the source refuses: its HTTP status, error code and a message naming the fix."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+def problem(status: int, error: str, message: str, **extra: Any) -> web.Response:
+    body = {"error": error, "message": message, **extra}
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The raw body, refused (413) over `limit` before it is all read when the length is known."""
+    if request.content_length is not None and request.content_length > limit:
+        raise WebhookError(413, "too_large", f"body of {request.content_length} bytes over {limit}")
+    try:
+        raw = await request.content.read(limit + 1)
+    except (ConnectionError, ValueError) as exc:
+        raise WebhookError(400, "bad_body", f"body could not be read: {exc}") from None
+    if len(raw) > limit:
+        raise WebhookError(413, "too_large", f"body over the {limit} byte limit")
+    return raw
+
+
+def refusal_of(exc: Exception) -> dict[str, Any] | None:
+    """The hub's refusal detail (error, message, field, index, applied, pops) from either sink's
+    exception, or None when `exc` is not a refusal (the hub could not be reached)."""
+    from ..client import Rejected
+    from ..hub.contacts import ContactEventError
+
+    if isinstance(exc, ContactEventError):
+        return {**exc.to_dict(), **getattr(exc, "applied_result", {})}
+    if isinstance(exc, Rejected):
+        return dict(exc.detail)
+    return None
+
+
+async def deliver(
+    sink: ContactSink,
+    events: list[dict[str, Any]],
+    log: logging.Logger,
+    what: str,
+    *,
+    ok_errors: frozenset[str] = frozenset(),
+) -> tuple[int, dict[str, Any]]:
+    """Send events; (HTTP status, body). 200 with `{applied, pops}` once the hub has committed;
+    a refusal keeps the hub's status and body (events before the refused one stay applied), except
+    a refusal whose error is in `ok_errors` on an `ended` event (the contact is already over);
+    503 when the hub cannot be reached, so the platform retries."""
+    try:
+        return 200, await sink.send(events)
+    except Exception as exc:
+        detail = refusal_of(exc)
+        if detail is None:
+            log.error("%s: the hub did not take %d event(s): %s", what, len(events), exc)
+            return 503, {"error": "hub_unavailable", "message": f"the hub did not answer: {exc}"}
+        index = detail.get("index")
+        event = events[index] if isinstance(index, int) and 0 <= index < len(events) else {}
+        over = detail.get("error") in ok_errors and event.get("event") == "ended"
+        if over and index == len(events) - 1:
+            return 200, {"applied": detail.get("applied", 0), "pops": detail.get("pops", [])}
+        status = 400 if detail.get("error") in MALFORMED else 422
+        log.warning("%s: the hub refused event %s: %s", what, index, detail.get("message"))
+        return status, detail
