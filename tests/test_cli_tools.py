@@ -202,6 +202,37 @@ def test_diag_tail_hub_set(diag_dir: Path) -> None:
     assert spop("diag", "tail").output == ""  # no listener set yet: nothing, not an error
 
 
+def test_diag_tail_follows_from_where_the_last_lines_ended(diag_dir: Path) -> None:
+    """Lines written between the last ones printed and the first poll are not lost (issue 17)."""
+    from spop_cli.diag_reader import follow, tail
+
+    diag_dir.mkdir()
+    (diag_dir / "listener.000").write_text("one\ntwo\n")
+    lines, handle = tail("listener", 1, diag_dir)
+    assert lines == ["two\n"]
+    with open(diag_dir / "listener.000", "a") as file:  # written before following starts
+        file.write("three\nfour\n")
+    seen: list[str] = []
+    for line in follow("listener", diag_dir, start=handle, poll=0.01, stop=lambda: len(seen) >= 2):
+        seen.append(line)
+    assert seen == ["three\n", "four\n"]
+
+
+def test_diag_tail_with_no_set_yet_follows_the_file_from_its_start(diag_dir: Path) -> None:
+    from spop_cli.diag_reader import follow, tail
+
+    lines, handle = tail("listener", 5, diag_dir)
+    assert (lines, handle) == ([], None)
+    diag_dir.mkdir()
+    (diag_dir / "listener.000").write_text("first\n")
+    seen: list[str] = []
+    for line in follow(
+        "listener", diag_dir, start=handle, from_end=False, poll=0.01, stop=lambda: len(seen) >= 1
+    ):
+        seen.append(line)
+    assert seen == ["first\n"]
+
+
 def test_diag_tail_follows_across_rotations(diag_dir: Path) -> None:
     write_rotating(diag_dir, "listener", ["before"], max_bytes=10_000)
     env = {**os.environ, "SPOP_DIAG_DIR": str(diag_dir)}
@@ -216,10 +247,9 @@ def test_diag_tail_follows_across_rotations(diag_dir: Path) -> None:
         target=lambda: [lines.put(line) for line in follower.stdout], daemon=True
     ).start()
     try:
-        assert lines.get(timeout=20) == "before\n"  # it has started following
+        assert lines.get(timeout=20) == "before\n"  # it has read the set
         # 300 lines through the real handler, rotating about every 20 lines, in bursts.
-        directory = diag_dir
-        handler = NumberedRotatingHandler(directory, "listener", max_bytes=400)
+        handler = NumberedRotatingHandler(diag_dir, "listener", max_bytes=400)
         handler.setFormatter(logging.Formatter("%(message)s"))
         seen: list[str] = []
         for n in range(300):
@@ -230,13 +260,16 @@ def test_diag_tail_follows_across_rotations(diag_dir: Path) -> None:
             )
             if n % 10 == 9:
                 # A burst is half a file: the set keeps three, so nothing may be lost as long
-                # as the follower keeps up burst by burst; wait for it (bounded) instead of sleeping.
-                deadline = time.monotonic() + 20
+                # as the follower keeps up burst by burst. A lost line never comes: fail at the
+                # first burst that stays short, not after waiting out every one.
+                deadline = time.monotonic() + 15
                 while len(seen) < n + 1 and time.monotonic() < deadline:
                     try:
-                        seen.append(lines.get(timeout=1).rstrip("\n"))
+                        seen.append(lines.get(timeout=0.5).rstrip("\n"))
                     except queue.Empty:
                         pass
+                assert seen == [f"event {k:04d}" for k in range(len(seen))], seen[-5:]
+                assert len(seen) == n + 1, f"burst ending at {n}: only {len(seen)} lines"
         handler.close()
         assert seen == [f"event {n:04d}" for n in range(300)]  # none lost, none doubled, in order
     finally:

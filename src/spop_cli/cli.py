@@ -520,16 +520,20 @@ def diag_tail(count: int, follow: bool, hub: bool, config_path: str | None) -> N
     import sys
 
     from .diag_reader import follow as follow_set
-    from .diag_reader import last_lines
+    from .diag_reader import tail
 
     name, directory = _diag_set(config_path, hub)
+    handle = None
     try:
-        for line in last_lines(name, count, directory):
+        lines, handle = tail(name, count, directory)
+        for line in lines:
             sys.stdout.write(line)
         sys.stdout.flush()
         if not follow:
             return
-        for line in follow_set(name, directory):
+        # From where the last lines ended: a line written meanwhile is not lost. No `.000` yet:
+        # read it from its start once it appears.
+        for line in follow_set(name, directory, start=handle, from_end=False):
             sys.stdout.write(line)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -538,6 +542,9 @@ def diag_tail(count: int, follow: bool, hub: bool, config_path: str | None) -> N
         pass
     except OSError as exc:  # a file of the set we may not read
         _diag_fail(directory, exc.strerror or exc)
+    finally:
+        if handle is not None and not handle.closed:
+            handle.close()
 
 
 # -- spop status ------------------------------------------------------------------------------
