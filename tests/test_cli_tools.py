@@ -359,4 +359,4 @@ def test_status_shows_the_hubs_text_literally(monkeypatch) -> None:
     monkeypatch.setattr("spop_cli.client.fetch_status", lambda *args, **kwargs: status)
     result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["status", "--server", "6000@h"])
     assert result.exit_code == 0, result.output
-    assert "version [/]" in result.stdout and hostile in result.stdout
+    assert "(spop [/])" in result.stdout and hostile in result.stdout
