@@ -368,3 +368,33 @@ def test_live_view_on_a_terminal(hub: HubThread, tmp_path: Path) -> None:
     assert "✓ print" in final
     assert "1/1 pops" in final
     assert "telephone pop for 13579" in screen  # the print action's panel, above the live view
+
+
+def test_a_relative_program_runs_from_any_folder(hub: HubThread, tmp_path: Path) -> None:
+    """The systemd unit starts `spop listen` from /: `./hooks/append.py` is the config's."""
+    hooks = tmp_path / "conf" / "hooks"
+    hooks.mkdir(parents=True)
+    script = hooks / "append.py"
+    script.write_text(f"#!{sys.executable}\n{APPEND_ARGV}")
+    script.chmod(0o755)
+    config = tmp_path / "conf" / "config.toml"
+    config.write_text(
+        '[[listeners]]\nmedia = "telephone"\nresource = "13579"\nactions = ["hook"]\n\n'
+        '[actions.hook]\nplugin = "command"\nargv = ["./hooks/append.py", "--", "{source}"]\n'
+    )
+    out = tmp_path / "out.ndjson"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "SPOP_DIAG_DIR": str(tmp_path / "diag"), "OUT": str(out)}
+    for name in ("SPOP_CONFIG", "SPOP_SERVER", "SPOP_TOKEN"):
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spop_cli", "listen", "--config", str(config),
+         "--server", hub.address, "--once", "--timeout", "30"],
+        cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_registered(hub, process, "13579")
+    hub.publish(GUIDE_POP)
+    code, _, err = finish(process)
+    assert code == 0, err
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [["--", "12345"]]
