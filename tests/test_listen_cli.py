@@ -119,7 +119,7 @@ path = "{tmp_path / "pops.ndjson"}"
     logged = [json.loads(line) for line in (tmp_path / "pops.ndjson").read_text().splitlines()]
     assert sorted(pop["resource"] for pop in logged) == ["13579", "agent7"]
     assert "action hook ok" in err
-    assert "spop: 2 pop(s), 0 action failure(s)" in err
+    assert "spop: 2 pops, 0 action failures" in err
 
 
 def test_a_failed_action_makes_once_exit_14(hub: HubThread, tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_timeout_without_pops_exits_15(hub: HubThread, tmp_path: Path) -> None:
     )
     code, _, err = finish(process)
     assert code == EXIT_TIMEOUT, err
-    assert "spop: error: timeout: 0 of 1 pop(s) in 1 s" in err
+    assert "spop: error: timeout: 0 of 1 pop in 1 s" in err
 
 
 def test_timeout_alone_listens_that_long_and_exits_0(hub: HubThread, tmp_path: Path) -> None:

@@ -522,11 +522,13 @@ def config_check(config_path: str | None, plugin_dirs: tuple[str, ...]) -> None:
     if problems:
         for problem in problems:
             click.echo(str(problem))
-        click.echo(f"spop: error: {len(problems)} problem(s) in {where}", err=True)
+        click.echo(f"spop: error: {_plural(len(problems), 'problem')} in {where}", err=True)
         raise SystemExit(EXIT_CONFIG)
     listeners, actions = len(doc.get("listeners", [])), len(doc.get("actions", {}))
-    warned = f", {len(warnings)} warning(s)" if warnings else ""
-    click.echo(f"{where}: ok ({listeners} listener(s), {actions} action(s){warned})")
+    warned = f", {_plural(len(warnings), 'warning')}" if warnings else ""
+    click.echo(
+        f"{where}: ok ({_plural(listeners, 'listener')}, {_plural(actions, 'action')}{warned})"
+    )
 
 
 def _existing(dirs: list[str]) -> list[str]:
@@ -837,16 +839,17 @@ def listen(
     reason, drained = outcome
     if not live:
         click.echo(
-            f"spop: {session.received} pop(s), {session.failures} action failure(s)", err=True
+            f"spop: {_plural(session.received, 'pop')}, {_plural(session.failures, 'action failure')}",
+            err=True,
         )
     if reason == "timeout" and target is not None:
         click.echo(
-            f"spop: error: timeout: {session.received} of {target} pop(s) in {timeout:g} s",
+            f"spop: error: timeout: {session.received} of {_plural(target, 'pop')} in {timeout:g} s",
             err=True,
         )
         raise SystemExit(EXIT_TIMEOUT)
     if reason == "count" and (session.failures or not drained):
-        why = "still running at exit" if not drained else f"{session.failures} failure(s)"
+        why = "still running at exit" if not drained else _plural(session.failures, "failure")
         click.echo(f"spop: error: actions failed: {why}", err=True)
         raise SystemExit(EXIT_ACTION_FAILED)
     raise SystemExit(EXIT_OK)

@@ -18,6 +18,11 @@ STATUS_STYLE = {
 OUTCOME_MARK = {OK: ("✓", "green"), FAILED: ("✗", "bold red"), SKIPPED: ("–", "dim")}
 
 
+def plural(count: int, word: str) -> str:
+    """`1 pop`, `0 pops`, `2 pops`."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def clock(at: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(at)) if at else ""
 
@@ -219,6 +224,7 @@ def result_line(listener: Any, action: str, pop: Any, outcome: Outcome) -> str:
 def listener_rows_plain(snapshot: Snapshot) -> list[str]:
     """One line per listener, for the end of a plain run."""
     return [
-        f"{row.media} {row.resource}: {row.status}, {row.pops_received} pop(s), {row.failures} failure(s)"
+        f"{row.media} {row.resource}: {row.status}, {plural(row.pops_received, 'pop')},"
+        f" {plural(row.failures, 'failure')}"
         for row in snapshot.listeners
     ]
