@@ -360,3 +360,36 @@ def test_status_shows_the_hubs_text_literally(monkeypatch) -> None:
     result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["status", "--server", "6000@h"])
     assert result.exit_code == 0, result.output
     assert "(spop [/])" in result.stdout and hostile in result.stdout
+
+
+def test_config_show_names_unknown_keys_and_exits_12(tmp_path: Path) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text('[server]\naddres = "6000@pbx"\n\n[sever]\nx = 1\n')
+    result = spop("config", "show", "--config", str(path))
+    assert result.exit_code == EXIT_CONFIG
+    assert 'addres = "6000@pbx"' in result.stdout  # still shown
+    errors = result.stderr.splitlines()
+    assert errors[0].startswith("spop: error: config: sever: unknown section")
+    assert errors[1].startswith('spop: error: config: server.addres = "6000@pbx": unknown key')
+    assert errors[2] == (
+        f"spop: error: 2 unknown names in {path} (spop config check lists every problem)"
+    )
+
+
+def test_config_show_of_a_good_file_is_exit_0(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text('[server]\naddress = "6000@pbx"\n')
+    result = spop("config", "show", "--config", str(path))
+    assert result.exit_code == 0
+    assert result.stderr == ""
+
+
+def test_plugins_at_80_columns_keeps_every_name_and_path_whole(tmp_path: Path) -> None:
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(
+        cli, ["plugins", "--plugins-dir", str(ROOT / "plugins")]
+    )
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    for name in ("spop_cli.actions.print", "spop_cli.actions.command", "spop_cli.actions.json"):
+        assert name in lines
+    assert f"  from          {ROOT / 'plugins' / 'webhook.py'}" in lines

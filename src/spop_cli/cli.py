@@ -184,7 +184,8 @@ def _run(coro):  # type: ignore[no-untyped-def]
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate: TLS on both ports.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key for --tls-cert.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None, help="Write the bound ports as JSON here once listening.")
-def serve(config_path: str | None, ready_file: str | None, no_journal: bool, **options: object) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="A line per pop and per listener registration on standard output.")
+def serve(config_path: str | None, ready_file: str | None, no_journal: bool, verbose: bool, **options: object) -> None:
     """Run the hub: the listener port, the HTTP port, the journal."""
     from .serve import ServeError, build_hub_config, run_hub
 
@@ -209,7 +210,7 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, **o
         raise SystemExit(EXIT_CONFIG) from None
 
     try:
-        _run(run_hub(config, ready_file=ready_file))
+        _run(run_hub(config, ready_file=ready_file, verbose=verbose))
     except sqlite3.Error as exc:
         journal_fails(exc)
     except ssl.SSLError as exc:  # an OSError too: before it, or a bad PEM reads "cannot listen"
@@ -483,8 +484,12 @@ def config_init(path: str | None, force: bool) -> None:
 @_config_option
 @click.option("--secrets", is_flag=True, help="Show tokens instead of ********.")
 def config_show(config_path: str | None, secrets: bool) -> None:
-    """Print the merged settings (file, environment, defaults) as TOML."""
-    from .config import show_config
+    """Print the merged settings (file, environment, defaults) as TOML.
+
+    A section or key spop does not know (a typo: it would be ignored) is named on standard
+    error, and the exit status is 12.
+    """
+    from .config import show_config, validate
 
     doc, path, sources = _load_document(config_path)
     from_env = sorted({origin for origin in sources.values() if origin.startswith("SPOP_")})
@@ -492,6 +497,16 @@ def config_show(config_path: str | None, secrets: bool) -> None:
     if from_env:
         click.echo(f"# environment: {', '.join(from_env)}")
     click.echo(show_config(doc, secrets=secrets), nl=False)
+    unknown = [p for p in validate(doc, sources) if p.message.startswith("unknown")]
+    if unknown:
+        for problem in unknown:
+            click.echo(f"spop: error: config: {problem}", err=True)
+        click.echo(
+            f"spop: error: {_plural(len(unknown), 'unknown name')} in {path or 'defaults'}"
+            " (spop config check lists every problem)",
+            err=True,
+        )
+        raise SystemExit(EXIT_CONFIG)
 
 
 @config_group.command("check", epilog=EXAMPLES["config check"])
@@ -568,15 +583,15 @@ def plugins_command(config_path: str | None, plugin_dirs: tuple[str, ...], as_js
             )
         )
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="spop plugins", title_justify="left")
-    for column in ("plugin", "from", "hooks", "action types"):
-        table.add_column(column, overflow="fold")
-    for info in infos:
-        table.add_row(info.name, info.origin, ", ".join(info.hooks), ", ".join(info.actions))
-    Console().print(table)
+    # One block per plugin, each name and path whole on its line: a table's narrow columns
+    # would cut module names and paths mid-word.
+    for number, info in enumerate(infos):
+        if number:
+            click.echo("")
+        click.echo(click.style(info.name, bold=True))
+        click.echo(f"  from          {info.origin}")
+        click.echo(f"  action types  {', '.join(info.actions) or '-'}")
+        click.echo(f"  hooks         {', '.join(info.hooks) or '-'}")
 
 
 # -- spop diag --------------------------------------------------------------------------------
