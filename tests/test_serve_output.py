@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from hubproc import inprocess_hub, run, until  # noqa: E402
 from spop_cli.cli import cli
 from spop_cli.serve import log_summaries, pop_words
-
-from hubproc import inprocess_hub, run, until  # noqa: E402
 
 
 def serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, queue.Queue[str]]:
