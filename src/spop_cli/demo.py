@@ -10,12 +10,12 @@ import tempfile
 from typing import Any
 
 from . import client
+from .diagnostics import close_diagnostics
 from .hub.server import Hub, HubConfig
 from .listener.core import AsyncListener
 from .model import MEDIA_FIELDS, ListenerStatus, ScreenPopEvent
 from .scenario import load_scenario
 from .simulate import play
-from .diagnostics import close_diagnostics
 from .view import EMPTY
 
 SCENARIOS = ("consultation", "requeue", "callback-routed", "email-routed", "webcollab-invitation")
