@@ -393,3 +393,81 @@ def test_plugins_at_80_columns_keeps_every_name_and_path_whole(tmp_path: Path) -
     for name in ("spop_cli.actions.print", "spop_cli.actions.command", "spop_cli.actions.json"):
         assert name in lines
     assert f"  from          {ROOT / 'plugins' / 'webhook.py'}" in lines
+
+
+# -- the surface: help, usage, status words ------------------------------------------------------
+def test_bare_spop_shows_the_help_and_exits_0() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "spop_cli"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("Usage: spop [OPTIONS] [COMMAND] [ARGS]...")
+    assert "spop demo" in result.stdout and "Commands:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve"], ["listen"], ["send"], ["simulate"], ["demo"], ["status"], ["plugins"],
+        ["config"], ["config", "init"], ["config", "show"], ["config", "check"],
+        ["diag"], ["diag", "path"], ["diag", "tail"],
+    ],
+)  # fmt: skip
+def test_every_help_ends_with_an_example(command: list[str]) -> None:
+    result = spop(*command, "--help")
+    assert result.exit_code == 0
+    tail = result.output.split("Example", 1)
+    assert len(tail) == 2, result.output
+    assert f"spop {command[0]}" in tail[1]
+
+
+def test_a_usage_error_names_media_not_the_choice_list() -> None:
+    result = CliRunner().invoke(cli, ["send"], prog_name="spop")
+    assert result.exit_code == 2
+    assert "Usage: spop send [OPTIONS] MEDIA RESOURCE" in result.output
+    assert "{telephone|" not in result.output
+    result = CliRunner().invoke(cli, ["listen", "--help"], prog_name="spop")
+    assert "Usage: spop listen [OPTIONS] [MEDIA] [RESOURCE]" in result.output
+
+
+def test_the_hub_option_help_shows_the_real_default() -> None:
+    for command in ("send", "simulate", "status", "listen"):
+        text = " ".join(spop(command, "--help").output.split())
+        assert (
+            "[default: $SPOP_SERVER, else [server] address of the config file, else 6000@localhost]"
+            in text
+        ), command
+        assert "[default: $SPOP_TOKEN, else [server] token]" in text, command
+    assert "Seconds to wait for the hub to answer each request" in " ".join(
+        spop("simulate", "--help").output.split()
+    )
+
+
+def test_status_words_durations_and_zero_counters(monkeypatch) -> None:
+    status = {
+        "version": "0.1.0", "uptime": 11_533.2, "port": 6000, "http_port": None,
+        "journal": None, "connections": 1, "contacts": 0, "pending": 0,
+        "listeners": [{"media": "telephone", "resource": "13579", "connections": 1}],
+        "counters": {"pops_accepted": 2, "delivered": 2},
+    }  # fmt: skip
+    monkeypatch.setattr("spop_cli.client.fetch_status", lambda *args, **kwargs: status)
+    result = CliRunner(env={"COLUMNS": "120"}).invoke(cli, ["status", "--server", "6000@h"])
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.split()) for line in result.output.splitlines()]
+    assert "up for 3 h 12 min" in lines
+    assert "ports listeners 6000, no HTTP" in lines
+    assert "journal off (pops in memory only)" in lines
+    assert "│ pops accepted │ 2 │ pops_accepted │" in lines
+    assert "│ pops expired undelivered │ 0 │ expired │" in lines  # zero, still shown
+    assert "│ wrong or missing tokens │ 0 │ auth_failures │" in lines
+
+
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [(0, "0 s"), (59.9, "59 s"), (60, "1 min 0 s"), (3599, "59 min 59 s"), (3600, "1 h 0 min"),
+     (86_399, "23 h 59 min"), (86_400, "1 d 0 h"), (200_000, "2 d 7 h")],
+)  # fmt: skip
+def test_durations(seconds: float, words: str) -> None:
+    from spop_cli.status_view import duration
+
+    assert duration(seconds) == words
