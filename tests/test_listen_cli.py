@@ -398,3 +398,21 @@ def test_a_relative_program_runs_from_any_folder(hub: HubThread, tmp_path: Path)
     code, _, err = finish(process)
     assert code == 0, err
     assert [json.loads(line) for line in out.read_text().splitlines()] == [["--", "12345"]]
+
+
+def test_without_actions_off_a_terminal_each_pop_is_a_plain_line(
+    hub: HubThread, tmp_path: Path
+) -> None:
+    process = listen("telephone", "13579", "--server", hub.address, "--once", tmp_path=tmp_path)
+    wait_registered(hub, process, "13579")
+    (pop_id,) = hub.publish({**GUIDE_POP, "from": "13580"})
+    code, out, err = finish(process)
+    assert code == 0, err
+    assert out == ""  # pops go to standard output only with --json
+    (line,) = [line for line in err.splitlines() if f"pop {pop_id}" in line]
+    assert line.endswith(
+        f"telephone 13579: pop {pop_id} source='12345' destination='2468'"
+        " queue=\"File d'attente des ventes\" description='Ventes' from='13580' wait=10s"
+        " data.code1='chaîne1'"
+    )
+    assert err.splitlines()[-1] == "spop: 1 pop, 0 action failures"
