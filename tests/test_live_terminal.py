@@ -104,3 +104,16 @@ def test_spop_send_labels_the_id_on_a_terminal(hub: HubThread, term_factory) -> 
     term = term_factory("send", "telephone", "13579", "--server", hub.address, "--id", "pop-7")
     assert term.finish() == 0
     assert f"pop id pop-7: accepted by the hub at {hub.address} for telephone 13579" in term.text()
+
+
+def test_an_idle_view_is_not_redrawn(hub: HubThread, term_factory) -> None:
+    """Nothing changes, nothing is written: an idle desk costs no redraws (it ran at 4 a second)."""
+    term = term_factory("listen", "telephone", "13579", "--server", hub.address)
+    assert term.wait_for(lambda s: "Status_Up" in s), term.text()
+    term.pump(0.6)  # the frame after the connection settles
+    written = len(term.raw)
+    term.pump(1.5)  # six redraw periods
+    assert len(term.raw) == written
+    hub.publish(GUIDE_POP)  # a change is drawn at once
+    assert term.wait_for(lambda s: "chaîne1" in s, timeout=10), term.text()
+    assert len(term.raw) > written
