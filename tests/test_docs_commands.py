@@ -221,3 +221,19 @@ def test_the_fields_by_media_table_is_the_models() -> None:
         )
         listed = re.findall(r"`(\w+)`", row.split("|")[3])
         assert listed == [("from_" if f == "from" else f) for f in fields], row
+
+
+def help_examples() -> list[Command]:
+    from spop_cli.cli import EXAMPLES
+
+    return [
+        Command(f"--help of spop {name}", tuple(shlex.split(line.strip())))
+        for name, text in EXAMPLES.items()
+        for line in text.splitlines()
+        if line.strip().startswith("spop ")
+    ]
+
+
+@pytest.mark.parametrize("command", help_examples(), ids=str)
+def test_each_help_example_parses(command: Command) -> None:
+    test_each_spop_command_parses_and_its_actions_exist(command)

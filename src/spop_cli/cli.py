@@ -790,7 +790,11 @@ def listen(
     cafile: str | None,
     plain: bool,
 ) -> None:
-    """Pop MEDIA RESOURCE's pops (or every [[listeners]] of the config) and run their actions."""
+    """Pop MEDIA RESOURCE's pops (or every [[listeners]] of the config) and run their actions.
+
+    On a terminal: a live view, each pop a card with all its fields. Otherwise: plain lines on
+    standard error (pops on standard output with --json).
+    """
     import os
     import sys
 

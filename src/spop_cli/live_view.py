@@ -39,15 +39,16 @@ class LiveView:
         with self.lock:
             self.live.console.print(renderable)
 
-    def redraw(self, force: bool = True) -> None:
+    def redraw(self, force: bool = True, final: bool = False) -> None:
         from .view import fingerprint, render
 
         snapshot = self.session.snapshot()
-        key = (fingerprint(snapshot), self.live.console.size)
+        size = self.live.console.size
+        key = (fingerprint(snapshot), size)
         if force or key != self._shown:
             with self.lock:
                 self._shown = key
-                self.live.update(render(snapshot, self.live.console.size.height), refresh=True)
+                self.live.update(render(snapshot, size.height, final=final), refresh=True)
 
     async def _watch(self) -> None:
         while True:
@@ -60,6 +61,6 @@ class LiveView:
         print_action.print_above(None)
         if self._task is not None:
             self._task.cancel()
-        self.redraw()  # the last frame stays on screen
+        self.redraw(final=True)  # the last frame stays on screen
         with self.lock:
             self.live.stop()

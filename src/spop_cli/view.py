@@ -50,7 +50,7 @@ CARD_FIELDS = (  # (label, PopRow attribute)
 EMPTY = "–"  # a field the pop left empty: a dim dash, never a placeholder word
 
 
-def render(snapshot: Snapshot, height: int | None = None) -> Any:
+def render(snapshot: Snapshot, height: int | None = None, final: bool = False) -> Any:
     """The whole live view: the listeners, then a card per pop (newest first), then the totals.
 
     With `height` (the terminal's lines), only the cards that fit are drawn, so the listeners and
@@ -84,7 +84,7 @@ def render(snapshot: Snapshot, height: int | None = None) -> Any:
         f"{snapshot.failures} action failure{'' if snapshot.failures == 1 else 's'}",
         style="bold red" if snapshot.failures else "green",
     )
-    footer.append("   Ctrl-C to stop", style="dim")
+    footer.append("   stopped" if final else "   Ctrl-C to stop", style="dim")
 
     parts: list[Any] = [title, listeners]
     heading = Text("latest pops", style="bold")
