@@ -135,7 +135,11 @@ def _hub_token_option(fn):  # type: ignore[no-untyped-def]
 def _server_option(fn):  # type: ignore[no-untyped-def]
     """Deprecated: reads only --server/$SPOP_SERVER. Use _hub_server_option and `_hub()`."""
     return click.option(
-        "--server", envvar="SPOP_SERVER", default="6000@localhost", show_default=True, help=SERVER_HELP
+        "--server",
+        envvar="SPOP_SERVER",
+        default="6000@localhost",
+        show_default=True,
+        help=SERVER_HELP,
     )(fn)
 
 
@@ -497,7 +501,9 @@ def config_show(config_path: str | None, secrets: bool) -> None:
     if from_env:
         click.echo(f"# environment: {', '.join(from_env)}")
     click.echo(show_config(doc, secrets=secrets), nl=False)
-    unknown = [p for p in validate(doc, sources) if p.message.startswith("unknown")]
+    unknown = [
+        p for p in validate(doc, sources) if p.message.startswith(("unknown key", "unknown section"))
+    ]
     if unknown:
         for problem in unknown:
             click.echo(f"spop: error: config: {problem}", err=True)
