@@ -28,7 +28,7 @@ class Terminal:
         lines: int = 45,
         env: dict | None = None,
     ) -> None:
-        self.screen = pyte.Screen(columns, lines)
+        self.screen = pyte.HistoryScreen(columns, lines, history=10_000)
         self.stream = pyte.ByteStream(self.screen)
         self.raw = bytearray()
         master, slave = os.openpty()
@@ -67,6 +67,15 @@ class Terminal:
 
     def text(self) -> str:
         return "\n".join(line.rstrip() for line in self.screen.display)
+
+    def scrollback(self) -> str:
+        """The lines scrolled off the top, oldest first, then the screen: what scrolling up shows."""
+        columns = self.screen.columns
+        old = [
+            "".join(line[x].data for x in range(columns)).rstrip()
+            for line in self.screen.history.top
+        ]
+        return "\n".join([*old, self.text()])
 
     def wait_for(self, predicate: Callable[[str], bool], timeout: float = 20.0) -> bool:
         """Until the screen satisfies `predicate` (True), or the time is up (False)."""

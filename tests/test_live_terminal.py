@@ -117,3 +117,23 @@ def test_an_idle_view_is_not_redrawn(hub: HubThread, term_factory) -> None:
     hub.publish(GUIDE_POP)  # a change is drawn at once
     assert term.wait_for(lambda s: "chaîne1" in s, timeout=10), term.text()
     assert len(term.raw) > written
+
+
+def test_no_torn_frames_in_the_scrollback(hub: HubThread, term_factory) -> None:
+    """Panels pushed off the top leave whole panels in the scrollback, never pieces of the view."""
+    term = term_factory(
+        "listen", "telephone", "13579", "--server", hub.address, "--action", "print", lines=30
+    )
+    assert term.wait_for(lambda s: "Status_Up" in s), term.text()
+    for n in range(5):
+        hub.publish({**GUIDE_POP, "source": f"caller-{n}"})
+        assert term.wait_for(lambda s, n=n: f"caller-{n}" in s), term.text()
+    assert term.wait_for(lambda s: "│     5 │" in s), term.text()  # the listener row: 5 pops
+    term.pump(0.6)
+    everything = term.scrollback()
+    assert everything.count("spop listen · hub") == 1, everything  # only the live one
+    assert everything.count("telephone pop for 13579") == 5  # every panel, once
+    for n in range(5):
+        assert f"caller-{n}" in everything
+    term.process.send_signal(signal.SIGINT)
+    assert term.finish() == 0
