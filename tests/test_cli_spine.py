@@ -121,16 +121,21 @@ def test_serve_warns_when_exposed_without_token(tmp_path: Path) -> None:
 
 
 def test_demo_runs_and_exits_by_itself(tmp_path: Path) -> None:
+    temp, diag = tmp_path / "tmp", tmp_path / "diag"
+    temp.mkdir()
     result = subprocess.run(
         [*SPOP, "demo", "--delay", "0"],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "SPOP_DIAG_DIR": str(tmp_path)},
+        env={**os.environ, "SPOP_DIAG_DIR": str(diag), "TMPDIR": str(temp)},
     )
     assert result.returncode == 0, result.stderr
     assert "9/9 pops delivered" in result.stdout
     assert "54321" in result.stdout and "1111" in result.stdout
+    assert "[vide]" not in result.stdout and "–" in result.stdout  # an empty field: a dim dash
+    assert list(temp.iterdir()) == []  # no temporary folder left behind
+    assert not diag.exists()  # nothing written into the user's own diagnostics
 
 
 def test_serve_options_merge_file_then_environment_then_command_line(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -43,7 +43,7 @@ def test_config_init_show_check(tmp_path: Path) -> None:
     assert result.exit_code == 0 and result.output.strip() == str(path)
     result = spop("config", "check", "--config", str(path))
     assert result.exit_code == 0, result.output
-    assert result.output == f"{path}: ok (1 listener(s), 1 action(s))\n"
+    assert result.output == f"{path}: ok (1 listener, 1 action)\n"
     result = spop("config", "show", "--config", str(path))
     assert result.exit_code == 0
     assert result.output.startswith(f"# file: {path}\n")
@@ -89,7 +89,7 @@ def test_config_check_lists_every_problem(tmp_path: Path) -> None:
     assert lines[1].startswith('listeners[0].media = "fax": unknown media')
     assert lines[2].startswith('actions.crm.url = "https://crm/?q={sourc}": unknown field {sourc}')
     assert len(lines) == 3
-    assert f"3 problem(s) in {path}" in result.stderr
+    assert f"3 problems in {path}" in result.stderr
 
 
 def test_config_check_with_a_broken_plugin(tmp_path: Path) -> None:
@@ -202,6 +202,37 @@ def test_diag_tail_hub_set(diag_dir: Path) -> None:
     assert spop("diag", "tail").output == ""  # no listener set yet: nothing, not an error
 
 
+def test_diag_tail_follows_from_where_the_last_lines_ended(diag_dir: Path) -> None:
+    """Lines written between the last ones printed and the first poll are not lost (issue 17)."""
+    from spop_cli.diag_reader import follow, tail
+
+    diag_dir.mkdir()
+    (diag_dir / "listener.000").write_text("one\ntwo\n")
+    lines, handle = tail("listener", 1, diag_dir)
+    assert lines == ["two\n"]
+    with open(diag_dir / "listener.000", "a") as file:  # written before following starts
+        file.write("three\nfour\n")
+    seen: list[str] = []
+    for line in follow("listener", diag_dir, start=handle, poll=0.01, stop=lambda: len(seen) >= 2):
+        seen.append(line)
+    assert seen == ["three\n", "four\n"]
+
+
+def test_diag_tail_with_no_set_yet_follows_the_file_from_its_start(diag_dir: Path) -> None:
+    from spop_cli.diag_reader import follow, tail
+
+    lines, handle = tail("listener", 5, diag_dir)
+    assert (lines, handle) == ([], None)
+    diag_dir.mkdir()
+    (diag_dir / "listener.000").write_text("first\n")
+    seen: list[str] = []
+    for line in follow(
+        "listener", diag_dir, start=handle, from_end=False, poll=0.01, stop=lambda: len(seen) >= 1
+    ):
+        seen.append(line)
+    assert seen == ["first\n"]
+
+
 def test_diag_tail_follows_across_rotations(diag_dir: Path) -> None:
     write_rotating(diag_dir, "listener", ["before"], max_bytes=10_000)
     env = {**os.environ, "SPOP_DIAG_DIR": str(diag_dir)}
@@ -216,10 +247,9 @@ def test_diag_tail_follows_across_rotations(diag_dir: Path) -> None:
         target=lambda: [lines.put(line) for line in follower.stdout], daemon=True
     ).start()
     try:
-        assert lines.get(timeout=20) == "before\n"  # it has started following
+        assert lines.get(timeout=20) == "before\n"  # it has read the set
         # 300 lines through the real handler, rotating about every 20 lines, in bursts.
-        directory = diag_dir
-        handler = NumberedRotatingHandler(directory, "listener", max_bytes=400)
+        handler = NumberedRotatingHandler(diag_dir, "listener", max_bytes=400)
         handler.setFormatter(logging.Formatter("%(message)s"))
         seen: list[str] = []
         for n in range(300):
@@ -230,13 +260,16 @@ def test_diag_tail_follows_across_rotations(diag_dir: Path) -> None:
             )
             if n % 10 == 9:
                 # A burst is half a file: the set keeps three, so nothing may be lost as long
-                # as the follower keeps up burst by burst; wait for it (bounded) instead of sleeping.
-                deadline = time.monotonic() + 20
+                # as the follower keeps up burst by burst. A lost line never comes: fail at the
+                # first burst that stays short, not after waiting out every one.
+                deadline = time.monotonic() + 15
                 while len(seen) < n + 1 and time.monotonic() < deadline:
                     try:
-                        seen.append(lines.get(timeout=1).rstrip("\n"))
+                        seen.append(lines.get(timeout=0.5).rstrip("\n"))
                     except queue.Empty:
                         pass
+                assert seen == [f"event {k:04d}" for k in range(len(seen))], seen[-5:]
+                assert len(seen) == n + 1, f"burst ending at {n}: only {len(seen)} lines"
         handler.close()
         assert seen == [f"event {n:04d}" for n in range(300)]  # none lost, none doubled, in order
     finally:
@@ -303,14 +336,14 @@ def test_config_check_warns_about_a_template_before_double_dash(tmp_path: Path) 
         "warning: actions.sorted.argv[1] = \"{source}\": a value starting with '-' would be read"
         ' as an option: put a literal "--" before the templated arguments'
         " (or pass the value as SPOP_<FIELD>)",
-        f"{path}: ok (1 listener(s), 1 action(s), 1 warning(s))",
+        f"{path}: ok (1 listener, 1 action, 1 warning)",
     ]
     # With a real problem too: the warning is listed, the status is the problem's.
     path.write_text(path.read_text() + "[server]\nreconnecting_interval = 0\n")
     result = CliRunner().invoke(cli, ["config", "check", "--config", str(path)])
     assert result.exit_code == EXIT_CONFIG
     assert result.stdout.startswith("warning: actions.sorted.argv[1]")
-    assert "1 problem(s)" in result.stderr
+    assert "1 problem in" in result.stderr
     # The example and the starter file warn about nothing.
     example = spop("config", "check", "--config", str(ROOT / "config.example.toml"))
     assert "warning" not in example.output
@@ -326,4 +359,118 @@ def test_status_shows_the_hubs_text_literally(monkeypatch) -> None:
     monkeypatch.setattr("spop_cli.client.fetch_status", lambda *args, **kwargs: status)
     result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["status", "--server", "6000@h"])
     assert result.exit_code == 0, result.output
-    assert "version [/]" in result.stdout and hostile in result.stdout
+    assert "(spop [/])" in result.stdout and hostile in result.stdout
+
+
+def test_config_show_names_unknown_keys_and_exits_12(tmp_path: Path) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text('[server]\naddres = "6000@pbx"\n\n[sever]\nx = 1\n')
+    result = spop("config", "show", "--config", str(path))
+    assert result.exit_code == EXIT_CONFIG
+    assert 'addres = "6000@pbx"' in result.stdout  # still shown
+    errors = result.stderr.splitlines()
+    assert errors[0].startswith("spop: error: config: sever: unknown section")
+    assert errors[1].startswith('spop: error: config: server.addres = "6000@pbx": unknown key')
+    assert errors[2] == (
+        f"spop: error: 2 unknown names in {path} (spop config check lists every problem)"
+    )
+
+
+def test_config_show_of_a_good_file_is_exit_0(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    # A bad value is for `config check`; show only refuses names it does not know.
+    path.write_text(
+        '[server]\naddress = "6000@pbx"\n\n[[listeners]]\nmedia = "fax"\nresource = "1"\n'
+    )
+    result = spop("config", "show", "--config", str(path))
+    assert result.exit_code == 0
+    assert result.stderr == ""
+
+
+def test_plugins_at_80_columns_keeps_every_name_and_path_whole(tmp_path: Path) -> None:
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(
+        cli, ["plugins", "--plugins-dir", str(ROOT / "plugins")]
+    )
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    for name in ("spop_cli.actions.print", "spop_cli.actions.command", "spop_cli.actions.json"):
+        assert name in lines
+    assert f"  from          {ROOT / 'plugins' / 'webhook.py'}" in lines
+
+
+# -- the surface: help, usage, status words ------------------------------------------------------
+def test_bare_spop_shows_the_help_and_exits_0() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "spop_cli"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("Usage: spop [OPTIONS] [COMMAND] [ARGS]...")
+    assert "spop demo" in result.stdout and "Commands:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve"], ["listen"], ["send"], ["simulate"], ["demo"], ["status"], ["plugins"],
+        ["config"], ["config", "init"], ["config", "show"], ["config", "check"],
+        ["diag"], ["diag", "path"], ["diag", "tail"],
+    ],
+)  # fmt: skip
+def test_every_help_ends_with_an_example(command: list[str]) -> None:
+    result = spop(*command, "--help")
+    assert result.exit_code == 0
+    tail = result.output.split("Example", 1)
+    assert len(tail) == 2, result.output
+    assert f"spop {command[0]}" in tail[1]
+
+
+def test_a_usage_error_names_media_not_the_choice_list() -> None:
+    result = CliRunner().invoke(cli, ["send"], prog_name="spop")
+    assert result.exit_code == 2
+    assert "Usage: spop send [OPTIONS] MEDIA RESOURCE" in result.output
+    assert "{telephone|" not in result.output
+    result = CliRunner().invoke(cli, ["listen", "--help"], prog_name="spop")
+    assert "Usage: spop listen [OPTIONS] [MEDIA] [RESOURCE]" in result.output
+
+
+def test_the_hub_option_help_shows_the_real_default() -> None:
+    for command in ("send", "simulate", "status", "listen"):
+        text = " ".join(spop(command, "--help").output.split())
+        assert (
+            "[default: $SPOP_SERVER, else [server] address of the config file, else 6000@localhost]"
+            in text
+        ), command
+        assert "[default: $SPOP_TOKEN, else [server] token]" in text, command
+    assert "Seconds to wait for the hub to answer each request" in " ".join(
+        spop("simulate", "--help").output.split()
+    )
+
+
+def test_status_words_durations_and_zero_counters(monkeypatch) -> None:
+    status = {
+        "version": "0.1.0", "uptime": 11_533.2, "port": 6000, "http_port": None,
+        "journal": None, "connections": 1, "contacts": 0, "pending": 0,
+        "listeners": [{"media": "telephone", "resource": "13579", "connections": 1}],
+        "counters": {"pops_accepted": 2, "delivered": 2},
+    }  # fmt: skip
+    monkeypatch.setattr("spop_cli.client.fetch_status", lambda *args, **kwargs: status)
+    result = CliRunner(env={"COLUMNS": "120"}).invoke(cli, ["status", "--server", "6000@h"])
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.split()) for line in result.output.splitlines()]
+    assert "up for 3 h 12 min" in lines
+    assert "ports listeners 6000, no HTTP" in lines
+    assert "journal off (pops in memory only)" in lines
+    assert "│ pops accepted │ 2 │ pops_accepted │" in lines
+    assert "│ pops expired undelivered │ 0 │ expired │" in lines  # zero, still shown
+    assert "│ wrong or missing tokens │ 0 │ auth_failures │" in lines
+
+
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [(0, "0 s"), (59.9, "59 s"), (60, "1 min 0 s"), (3599, "59 min 59 s"), (3600, "1 h 0 min"),
+     (86_399, "23 h 59 min"), (86_400, "1 d 0 h"), (200_000, "2 d 7 h")],
+)  # fmt: skip
+def test_durations(seconds: float, words: str) -> None:
+    from spop_cli.status_view import duration
+
+    assert duration(seconds) == words

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import textwrap
 import tomllib
 from pathlib import Path
@@ -90,6 +91,8 @@ def test_defaults_without_any_file() -> None:
 
 def test_the_issue_example_reads_and_checks_clean(tmp_path: Path) -> None:
     (tmp_path / "plugins").mkdir()
+    (tmp_path / "on-pop.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "on-pop.sh").chmod(0o755)
     path = write(tmp_path, ISSUE_EXAMPLE)
     settings = load_settings(path, environ={})
     assert settings.config_path == path
@@ -361,7 +364,8 @@ def warnings_of(doc: dict, types: dict | None = None) -> list[str]:
     from spop_cli.config import review_config
 
     problems, warnings = review_config(doc, types or builtin_types())
-    assert problems == []
+    # These are about warnings; whether the program exists is tested on its own (below).
+    assert [p for p in problems if not p.message.startswith("program not found")] == []
     return [str(w) for w in warnings]
 
 
@@ -384,7 +388,8 @@ def test_a_templated_argument_before_double_dash_is_a_warning(
     assert [m.split(" = ")[0] for m in messages] == [f"actions.hook.{key}" for key in warned]
     for message in messages:
         assert '"--"' in message and "option" in message
-    assert check_config(doc, builtin_types()) == []  # a warning is not a problem
+    problems = check_config(doc, builtin_types())
+    assert [p for p in problems if p.path != "actions.hook.argv[0]"] == []  # a warning is not one
 
 
 def test_the_starter_and_the_example_put_double_dash_before_templates(tmp_path: Path) -> None:
@@ -400,3 +405,67 @@ def test_the_starter_and_the_example_put_double_dash_before_templates(tmp_path: 
     types = action_types(build_plugin_manager([ROOT / "plugins"], entry_points=False))
     assert warnings_of(doc, types) == []
     assert "--" in doc["actions"]["hook"]["argv"]
+
+
+# -- command actions: programs relative to the file, and checked before any pop ----------------
+def command_file(tmp_path: Path, argv0: str, cwd: str | None = None) -> Path:
+    extra = f'cwd = "{cwd}"\n' if cwd else ""
+    return write(
+        tmp_path,
+        f'[actions.hook]\nplugin = "command"\nargv = ["{argv0}", "--", "{{source}}"]\n{extra}',
+    )
+
+
+def test_a_relative_program_is_found_from_the_config_files_folder(
+    tmp_path: Path, monkeypatch
+) -> None:
+    path = command_file(tmp_path, "./hooks/on-pop.sh", cwd="work")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # as a service started from / would be
+    settings = load_settings(path, environ={})
+    assert settings.actions["hook"]["argv"][0] == str(tmp_path / "hooks" / "on-pop.sh")
+    assert settings.actions["hook"]["argv"][1:] == ["--", "{source}"]
+    assert settings.actions["hook"]["cwd"] == str(tmp_path / "work")
+
+
+@pytest.mark.parametrize("program", ["notify-send-nope", "/usr/bin/sort", "{source}"])
+def test_a_bare_name_absolute_path_or_template_is_left_as_written(
+    tmp_path: Path, program: str
+) -> None:
+    settings_doc, _, _ = load_document(command_file(tmp_path, program), environ={})
+    assert settings_doc["actions"]["hook"]["argv"][0] == program
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "program not found: {dir}/hooks/on-pop.sh"),
+        ("not-executable", "not executable: {dir}/hooks/on-pop.sh (chmod +x it)"),
+        ("folder", "not a file: {dir}/hooks/on-pop.sh"),
+        ("ok", None),
+    ],
+)
+def test_config_check_says_when_the_program_cannot_run(
+    tmp_path: Path, setup: str, message: str | None
+) -> None:
+    program = tmp_path / "hooks" / "on-pop.sh"
+    program.parent.mkdir()
+    if setup == "folder":
+        program.mkdir()
+    elif setup != "missing":
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755 if setup == "ok" else 0o644)
+    doc, _, sources = load_document(command_file(tmp_path, "hooks/on-pop.sh"), environ={})
+    problems = [str(p) for p in check_config(doc, builtin_types(), sources)]
+    if message is None:
+        assert problems == []
+    else:
+        value = json.dumps(str(program))
+        assert problems == [f"actions.hook.argv[0] = {value}: {message.format(dir=tmp_path)}"]
+
+
+def test_a_program_name_not_on_path_is_a_problem(tmp_path: Path) -> None:
+    doc, _, sources = load_document(command_file(tmp_path, "spop-no-such-program"), environ={})
+    problems = [str(p) for p in check_config(doc, builtin_types(), sources)]
+    assert problems == ['actions.hook.argv[0] = "spop-no-such-program": program not found on PATH']

@@ -119,7 +119,7 @@ path = "{tmp_path / "pops.ndjson"}"
     logged = [json.loads(line) for line in (tmp_path / "pops.ndjson").read_text().splitlines()]
     assert sorted(pop["resource"] for pop in logged) == ["13579", "agent7"]
     assert "action hook ok" in err
-    assert "spop: 2 pop(s), 0 action failure(s)" in err
+    assert "spop: 2 pops, 0 action failures" in err
 
 
 def test_a_failed_action_makes_once_exit_14(hub: HubThread, tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_timeout_without_pops_exits_15(hub: HubThread, tmp_path: Path) -> None:
     )
     code, _, err = finish(process)
     assert code == EXIT_TIMEOUT, err
-    assert "spop: error: timeout: 0 of 1 pop(s) in 1 s" in err
+    assert "spop: error: timeout: 0 of 1 pop in 1 s" in err
 
 
 def test_timeout_alone_listens_that_long_and_exits_0(hub: HubThread, tmp_path: Path) -> None:
@@ -368,3 +368,51 @@ def test_live_view_on_a_terminal(hub: HubThread, tmp_path: Path) -> None:
     assert "✓ print" in final
     assert "1/1 pops" in final
     assert "telephone pop for 13579" in screen  # the print action's panel, above the live view
+
+
+def test_a_relative_program_runs_from_any_folder(hub: HubThread, tmp_path: Path) -> None:
+    """The systemd unit starts `spop listen` from /: `./hooks/append.py` is the config's."""
+    hooks = tmp_path / "conf" / "hooks"
+    hooks.mkdir(parents=True)
+    script = hooks / "append.py"
+    script.write_text(f"#!{sys.executable}\n{APPEND_ARGV}")
+    script.chmod(0o755)
+    config = tmp_path / "conf" / "config.toml"
+    config.write_text(
+        '[[listeners]]\nmedia = "telephone"\nresource = "13579"\nactions = ["hook"]\n\n'
+        '[actions.hook]\nplugin = "command"\nargv = ["./hooks/append.py", "--", "{source}"]\n'
+    )
+    out = tmp_path / "out.ndjson"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "SPOP_DIAG_DIR": str(tmp_path / "diag"), "OUT": str(out)}
+    for name in ("SPOP_CONFIG", "SPOP_SERVER", "SPOP_TOKEN"):
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spop_cli", "listen", "--config", str(config),
+         "--server", hub.address, "--once", "--timeout", "30"],
+        cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_registered(hub, process, "13579")
+    hub.publish(GUIDE_POP)
+    code, _, err = finish(process)
+    assert code == 0, err
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [["--", "12345"]]
+
+
+def test_without_actions_off_a_terminal_each_pop_is_a_plain_line(
+    hub: HubThread, tmp_path: Path
+) -> None:
+    process = listen("telephone", "13579", "--server", hub.address, "--once", tmp_path=tmp_path)
+    wait_registered(hub, process, "13579")
+    (pop_id,) = hub.publish({**GUIDE_POP, "from": "13580"})
+    code, out, err = finish(process)
+    assert code == 0, err
+    assert out == ""  # pops go to standard output only with --json
+    (line,) = [line for line in err.splitlines() if f"pop {pop_id}" in line]
+    assert line.endswith(
+        f"telephone 13579: pop {pop_id} source='12345' destination='2468'"
+        " queue=\"File d'attente des ventes\" description='Ventes' from='13580' wait=10s"
+        " data.code1='chaîne1'"
+    )
+    assert err.splitlines()[-1] == "spop: 1 pop, 0 action failures"

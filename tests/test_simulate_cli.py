@@ -199,11 +199,28 @@ def test_bad_scenario_file_names_the_file_and_key(tmp_path: Path, content: str, 
     assert str(path) in result.stderr and key in result.stderr
 
 
-def test_unknown_scenario_lists_the_builtins() -> None:
+def test_unknown_scenario_is_a_usage_error_pointing_to_list() -> None:
     result = simulate("no-such-scenario", "--server", "1@127.0.0.1")
+    assert result.exit_code == 2
+    assert "'no-such-scenario'" in result.stderr
+    assert "spop simulate --list" in result.stderr
+
+
+def test_list_names_every_builtin_with_its_description() -> None:
+    result = simulate("--list")
+    assert result.exit_code == 0
+    listed = [line.split()[0] for line in result.stdout.splitlines()]
+    assert listed == builtin_names()
+    assert len(listed) == 18
+    assert all(len(line.split(maxsplit=1)) == 2 for line in result.stdout.splitlines())
+
+
+def test_a_scenario_file_that_is_not_valid_is_exit_12(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("events = 3\n")
+    result = simulate(str(path), "--server", "1@127.0.0.1")
     assert result.exit_code == EXIT_CONFIG
-    assert "no-such-scenario" in result.stderr
-    assert all(name in result.stderr for name in builtin_names())
+    assert str(path) in result.stderr
 
 
 def test_event_the_hub_refuses(served: HubProcess, tmp_path: Path) -> None:

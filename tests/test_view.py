@@ -79,3 +79,36 @@ def test_caller_text_is_never_markup(source: str) -> None:
     text = out.getvalue()
     assert "\x1b]8;" not in text  # no OSC-8 hyperlink
     assert text.count(source) == 5  # listener source and queue, pop source, queue, description
+
+
+def card_pop(n: int, **fields) -> PopRow:
+    return PopRow(
+        1_700_000_000.0 + n, "telephone", "13579", f"p{n}", f"src{n}", "Ventes", "", 10,
+        {}, **fields,
+    )  # fmt: skip
+
+
+def test_a_card_shows_every_field_and_the_contact_data() -> None:
+    pop = card_pop(
+        1, destination="2468", from_="13580", redirect="0600", contact_data=(("code1", "chaîne1"),)
+    )
+    text = text_of(Snapshot("6000@hub", (), (pop,), failures=0, pending=0, target=None))
+    lines = [" ".join(line.strip("│ ").split()) for line in text.splitlines()]
+    for row in ("source src1", "destination 2468", "queue Ventes", "from 13580",
+                "redirect 0600", "wait 10 s", "code1 chaîne1", "id p1"):  # fmt: skip
+        assert row in lines, (row, text)
+    assert "description" not in text  # an empty optional field takes no line
+
+
+def test_cards_fit_the_terminal_newest_first_and_the_rest_are_counted() -> None:
+    from spop_cli.view import card_height
+
+    pops = tuple(card_pop(n) for n in range(12, 0, -1))  # newest first
+    height = 7 + 3 * card_height(pops[0]) + 1  # room for three cards and the "older" line
+    console = Console(record=True, width=120, height=height, color_system=None)
+    console.print(render(Snapshot("6000@hub", (), pops, 0, 0, None), height))
+    text = console.export_text()
+    assert [n for n in range(1, 13) if f"src{n} " in text] == [10, 11, 12]
+    assert "+ 9 older pops not shown" in text
+    assert text.rstrip().endswith("Ctrl-C to stop")  # the totals stay on screen
+    assert len(text.rstrip("\n").splitlines()) <= height

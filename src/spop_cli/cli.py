@@ -26,21 +26,51 @@ EXIT_ACTION_FAILED = 14  # an action failed (spop listen --once / --count)
 EXIT_TIMEOUT = 15  # --timeout passed before the pops asked for arrived
 
 
-def fail(error: Exception) -> None:
-    """Print an error naming its SCREENPOP code and exit with that code's status."""
+# The plain cause and the fix, under the vendor code's message.
+HINTS = {
+    "SCREENPOP_Cannot_Find_HiPath_ProCenter": (
+        "No hub answers there. Is `spop serve` running at {address}?\n"
+        "  Start it, or name the hub with --server PORT@HOST, $SPOP_SERVER or [server] address."
+    ),
+    "SCREENPOP_Initialization_Error": (
+        "The hub refused the handshake, or the address is malformed: check the token\n"
+        "  (--token, $SPOP_TOKEN or [server] token) and the address ({address})."
+    ),
+}
+
+
+def fail(error: Exception, address: str | None = None) -> None:
+    """Print an error naming its SCREENPOP code (and, for a hub's address, what to do about it)
+    and exit with that code's status."""
     from .model import ScreenPopError
 
     if isinstance(error, ScreenPopError):
         click.echo(f"spop: error: {error}", err=True)
+        hint = HINTS.get(error.code.value)
+        if hint:
+            click.echo("  " + hint.format(address=address or "that address"), err=True)
         raise SystemExit(EXIT_CODES.get(error.code.value, 1))
     click.echo(f"spop: error: {error}", err=True)
     raise SystemExit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True
+)
 @click.version_option(__version__, prog_name="spop")
-def cli() -> None:
-    """spop: screen pops for contact centers (hub, listeners, actions)."""
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """spop: screen pops for contact centers (hub, listeners, actions).
+
+    \b
+    Try it:  spop demo
+    A hub:   spop serve
+    A desk:  spop listen telephone 13579
+    A pop:   spop send telephone 13579 --source 0612345678
+    """
+    if ctx.invoked_subcommand is None:  # bare `spop`: the help, and success
+        click.echo(ctx.get_help())
+        ctx.exit(EXIT_OK)
 
 
 def main() -> None:
@@ -49,10 +79,61 @@ def main() -> None:
 
 # --- hub, sources, demo (lead) -------------------------------------------------------------
 
+CONFIG_HELP = (
+    "Configuration file (default: $SPOP_CONFIG, else spop/config.toml in the user config dir)."
+)
+MEDIA_WORDS = ["telephone", "callback", "email", "webcollab"]
+MEDIA_CHOICE = click.Choice(MEDIA_WORDS)
+
+# One short example per command, under its --help (\b keeps click from rewrapping the lines).
+EXAMPLES = {
+    "serve": "\b\nExamples:\n  spop serve\n  spop serve --verbose --port 6000 --http-port 6080",
+    "listen": (
+        "\b\nExamples:\n  spop listen telephone 13579 --server 6000@localhost\n"
+        "  spop listen telephone 13579 --action print\n"
+        "  spop listen email agent7 --once --json --timeout 60"
+    ),
+    "send": (
+        "\b\nExamples:\n  spop send telephone 13579 --source 0612345678 --queue Ventes\n"
+        "  spop send email agent7 --source client@example.org --data ticket=T-42"
+    ),
+    "simulate": "\b\nExamples:\n  spop simulate --list\n  spop simulate consultation --server 6000@localhost",
+    "demo": "\b\nExample:\n  spop demo --delay 1",
+    "status": "\b\nExamples:\n  spop status\n  spop status --server 6000@hub.example --json",
+    "plugins": "\b\nExamples:\n  spop plugins\n  spop plugins --plugins-dir ./plugins --json",
+    "config": "\b\nExamples:\n  spop config init\n  spop config show\n  spop config check --config desk.toml",
+    "config init": "\b\nExample:\n  spop config init ~/.config/spop/config.toml",
+    "config show": "\b\nExample:\n  spop config show --config desk.toml",
+    "config check": "\b\nExample:\n  spop config check --config desk.toml",
+    "diag": "\b\nExamples:\n  spop diag path\n  spop diag tail -f --hub",
+    "diag path": "\b\nExample:\n  spop diag path --hub",
+    "diag tail": "\b\nExamples:\n  spop diag tail -n 50\n  spop diag tail -f --hub",
+}
+
+
+def _config_option(fn):  # type: ignore[no-untyped-def]
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=CONFIG_HELP
+    )(fn)
+
+
 SERVER_HELP = "Hub address: PORT@HOST (the guide's form), HOST:PORT or [v6]:PORT."
+# Every command finds the hub one way (`_hub`): option > environment > [server] > default.
+HUB_DEFAULT = "  [default: $SPOP_SERVER, else [server] address of the config file, else 6000@localhost]"
+TOKEN_HELP = "Token the hub requires.  [default: $SPOP_TOKEN, else [server] token]"
+CAFILE_HELP = "CA to verify a TLS hub (turns TLS on).  [default: [server] cafile]"
+
+
+def _hub_server_option(fn):  # type: ignore[no-untyped-def]
+    return click.option("--server", default=None, metavar="PORT@HOST", help=SERVER_HELP + HUB_DEFAULT)(fn)
+
+
+def _hub_token_option(fn):  # type: ignore[no-untyped-def]
+    return click.option("--token", default=None, help=TOKEN_HELP)(fn)
 
 
 def _server_option(fn):  # type: ignore[no-untyped-def]
+    """Deprecated: reads only --server/$SPOP_SERVER. Use _hub_server_option and `_hub()`."""
     return click.option(
         "--server",
         envvar="SPOP_SERVER",
@@ -63,7 +144,22 @@ def _server_option(fn):  # type: ignore[no-untyped-def]
 
 
 def _token_option(fn):  # type: ignore[no-untyped-def]
+    """Deprecated: reads only --token/$SPOP_TOKEN. Use _hub_token_option and `_hub()`."""
     return click.option("--token", envvar="SPOP_TOKEN", default=None, help="Token the hub requires.")(fn)
+
+
+def _cafile_option(fn):  # type: ignore[no-untyped-def]
+    return click.option(
+        "--cafile", type=click.Path(exists=True, dir_okay=False), default=None, help=CAFILE_HELP
+    )(fn)
+
+
+def _hub(config_path: str | None, server: str | None, token: str | None, cafile: str | None):  # type: ignore[no-untyped-def]
+    """The hub's address, token and TLS for any command: --option > SPOP_* > [server] > default."""
+    settings = _load_settings(
+        config_path, {"server": {"address": server, "token": token, "cafile": cafile}}
+    )
+    return settings.server
 
 
 def _run(coro):  # type: ignore[no-untyped-def]
@@ -77,7 +173,7 @@ def _run(coro):  # type: ignore[no-untyped-def]
     return uvloop.run(coro)
 
 
-@cli.command()
+@cli.command(epilog=EXAMPLES["serve"])
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1: loopback only).")
 @click.option("--port", type=int, default=None, help="Listener port (default 6000; 0 picks a free one).")
 @click.option("--http-port", type=int, default=None, help="HTTP port (default 6080; 0 picks a free one; -1 disables).")
@@ -92,7 +188,8 @@ def _run(coro):  # type: ignore[no-untyped-def]
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate: TLS on both ports.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key for --tls-cert.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None, help="Write the bound ports as JSON here once listening.")
-def serve(config_path: str | None, ready_file: str | None, no_journal: bool, **options: object) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="A line per pop and per listener registration on standard output.")
+def serve(config_path: str | None, ready_file: str | None, no_journal: bool, verbose: bool, **options: object) -> None:
     """Run the hub: the listener port, the HTTP port, the journal."""
     from .serve import ServeError, build_hub_config, build_sources, run_hub
 
@@ -118,7 +215,7 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, **o
         raise SystemExit(EXIT_CONFIG) from None
 
     try:
-        _run(run_hub(config, ready_file=ready_file, sources=sources))
+        _run(run_hub(config, ready_file=ready_file, verbose=verbose, sources=sources))
     except sqlite3.Error as exc:
         journal_fails(exc)
     except ssl.SSLError as exc:  # an OSError too: before it, or a bad PEM reads "cannot listen"
@@ -161,11 +258,12 @@ def _pop_fields(media: str, resource: str, fields: dict, data: tuple[str, ...]) 
     return pop
 
 
-@cli.command()
-@click.argument("media", type=click.Choice(["telephone", "callback", "email", "webcollab"]))
+@cli.command(epilog=EXAMPLES["send"])
+@click.argument("media", type=MEDIA_CHOICE, metavar="MEDIA")
 @click.argument("resource")
-@_server_option
-@_token_option
+@_hub_server_option
+@_hub_token_option
+@_config_option
 @click.option("--source", default=None, help="Caller's number, customer's address, account or IP.")
 @click.option("--destination", default=None, help="Number dialled, address written to, or destination.")
 @click.option("--queue", "queue_name", default=None, help="Queue name.")
@@ -177,20 +275,30 @@ def _pop_fields(media: str, resource: str, fields: dict, data: tuple[str, ...]) 
 @click.option("--contact-id", default=None, help="Contact the pop belongs to.")
 @click.option("--id", "pop_id", default=None, help="Pop id, so a resend is recognised as the same pop.")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the hub.")
-@click.option("--cafile", type=click.Path(exists=True, dir_okay=False), default=None, help="CA to verify a TLS hub.")
-def send(media: str, resource: str, server: str, token: str | None, data: tuple[str, ...], pop_id: str | None, contact_id: str | None, timeout: float, cafile: str | None, from_: str | None, **fields: object) -> None:
-    """Send one pop to the listeners of MEDIA RESOURCE; exit 0 once the hub has accepted it."""
+@_cafile_option
+def send(media: str, resource: str, server: str | None, token: str | None, config_path: str | None, data: tuple[str, ...], pop_id: str | None, contact_id: str | None, timeout: float, cafile: str | None, from_: str | None, **fields: object) -> None:
+    """Send one pop to the listeners of MEDIA RESOURCE; exit 0 once the hub has accepted it.
+
+    MEDIA is telephone, callback, email or webcollab; RESOURCE the extension or user ID.
+    On a terminal it says what was accepted; in a pipe it prints the pop id alone.
+    """
+    import sys
+
     from . import client
 
     fields["from"] = from_
     fields["id"] = pop_id
     fields["contact_id"] = contact_id
     pop = _pop_fields(media, resource, fields, data)
+    hub = _hub(config_path, server, token, cafile)
     try:
-        ids = _run(client.publish(server, pop, token=token, timeout=timeout, ssl_context=_client_ssl(cafile)))
+        ids = _run(client.publish(hub.address, pop, token=hub.token, timeout=timeout, ssl_context=hub.ssl_context()))
     except Exception as exc:  # noqa: BLE001 - every failure is reported with its code
-        _fail_send(exc)
-    click.echo(ids[0])
+        _fail_send(exc, hub.address)
+    if sys.stdout.isatty():
+        click.echo(f"pop id {ids[0]}: accepted by the hub at {hub.address} for {media} {resource}")
+    else:  # `id=$(spop send …)`
+        click.echo(ids[0])
 
 
 def _client_ssl(cafile: str | None):  # type: ignore[no-untyped-def]
@@ -201,7 +309,7 @@ def _client_ssl(cafile: str | None):  # type: ignore[no-untyped-def]
     return ssl.create_default_context(cafile=cafile)
 
 
-def _fail_send(exc: Exception) -> None:
+def _fail_send(exc: Exception, address: str | None = None) -> None:
     from .client import Rejected
 
     if isinstance(exc, Rejected):
@@ -215,41 +323,69 @@ def _fail_send(exc: Exception) -> None:
             err=True,
         )
         raise SystemExit(EXIT_REJECTED)
-    fail(exc)
+    fail(exc, address)
 
 
-@cli.command()
-@click.argument("scenario")
-@_server_option
-@_token_option
+@cli.command(epilog=EXAMPLES["simulate"])
+@click.argument("scenario", required=False)
+@click.option("--list", "list_them", is_flag=True, help="List the built-in scenarios and exit.")
+@_hub_server_option
+@_hub_token_option
+@_config_option
 @click.option("--realtime", is_flag=True, help="Wait the scenario's delays for real.")
 @click.option("--contact-prefix", default=None, help="Prefix contact ids (default: a fresh one per run).")
-@click.option("--timeout", type=float, default=10.0, show_default=True)
-@click.option("--cafile", type=click.Path(exists=True, dir_okay=False), default=None, help="CA to verify a TLS hub.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the hub to answer each request.")
+@_cafile_option
 @click.option("--json", "as_json", is_flag=True, help="Print the hub's answer as JSON.")
-def simulate(scenario: str, server: str, token: str | None, realtime: bool, contact_prefix: str | None, timeout: float, cafile: str | None, as_json: bool) -> None:
-    """Play a scenario file (or routed-call, consultation, requeue, …) as contact events."""
-    from .scenario import load_scenario
+def simulate(scenario: str | None, list_them: bool, server: str | None, token: str | None, config_path: str | None, realtime: bool, contact_prefix: str | None, timeout: float, cafile: str | None, as_json: bool) -> None:
+    """Play SCENARIO (a built-in name, see --list, or a scenario file) as contact events."""
+    from pathlib import Path
+
+    from .scenario import builtin_names, load_scenario
     from .simulate import play
 
+    if list_them:
+        _list_scenarios()
+        return
+    if scenario is None:
+        raise click.UsageError("give a SCENARIO (spop simulate --list shows the built-in ones)")
+    if scenario not in builtin_names() and not Path(scenario).is_file():
+        raise click.BadParameter(
+            "no such built-in scenario or file (spop simulate --list shows the built-in ones)",
+            param_hint=f"SCENARIO {scenario!r}",
+        )
     try:
         loaded = load_scenario(scenario)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a file that is not a valid scenario
         click.echo(f"spop: error: {exc}", err=True)
         raise SystemExit(EXIT_CONFIG) from None
+    hub = _hub(config_path, server, token, cafile)
     try:
-        result = _run(play(loaded, server, token=token, realtime=realtime, prefix=contact_prefix, timeout=timeout, ssl_context=_client_ssl(cafile)))
+        result = _run(play(loaded, hub.address, token=hub.token, realtime=realtime, prefix=contact_prefix, timeout=timeout, ssl_context=hub.ssl_context()))
     except Exception as exc:  # noqa: BLE001
-        _fail_send(exc)
+        _fail_send(exc, hub.address)
     if as_json:
         import json
 
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{loaded.name}: {result['applied']} events applied, {len(result['pops'])} pops")
+        events, pops = result["applied"], len(result["pops"])
+        click.echo(f"{loaded.name}: {_plural(events, 'event')} applied, {_plural(pops, 'pop')}")
 
 
-@cli.command()
+def _plural(count: int, word: str) -> str:
+    """`1 pop`, `2 pops`, `0 pops`."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _list_scenarios() -> None:
+    from .scenario import builtin_names, load_scenario
+
+    for name in builtin_names():
+        click.echo(f"{name:<28} {load_scenario(name).description}")
+
+
+@cli.command(epilog=EXAMPLES["demo"])
 @click.option("--delay", type=float, default=0.4, show_default=True, help="Seconds between the demo's steps.")
 def demo(delay: float) -> None:
     """A whole contact center in one process: hub, listeners, the guide's scenarios, then exit."""
@@ -259,18 +395,6 @@ def demo(delay: float) -> None:
 
 
 # --- listen, config, plugins, diag, status (helper B) --------------------------------------
-
-CONFIG_HELP = (
-    "Configuration file (default: $SPOP_CONFIG, else spop/config.toml in the user config dir)."
-)
-MEDIA_WORDS = ["telephone", "callback", "email", "webcollab"]
-
-
-def _config_option(fn):  # type: ignore[no-untyped-def]
-    return click.option(
-        "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=CONFIG_HELP
-    )(fn)
-
 
 def _plugins_dir_option(fn):  # type: ignore[no-untyped-def]
     return click.option(
@@ -283,9 +407,15 @@ def _plugins_dir_option(fn):  # type: ignore[no-untyped-def]
 
 
 def _config_fail(problems) -> None:  # type: ignore[no-untyped-def]
-    """Report every configuration problem, then exit EXIT_CONFIG."""
+    """Report every configuration problem, then exit EXIT_CONFIG.
+
+    A hub address that cannot be parsed (from --server, $SPOP_SERVER or [server] address) is
+    the vendor's SCREENPOP_Initialization_Error, exit 5, as when `initialize` is given one.
+    """
     for problem in problems:
         click.echo(f"spop: error: config: {problem}", err=True)
+    if any(problem.path == "server.address" for problem in problems):
+        raise SystemExit(EXIT_CODES["SCREENPOP_Initialization_Error"])
     raise SystemExit(EXIT_CONFIG)
 
 
@@ -328,12 +458,12 @@ def _plugin_manager(dirs):  # type: ignore[no-untyped-def]
 
 
 # -- spop config ------------------------------------------------------------------------------
-@cli.group("config")
+@cli.group("config", epilog=EXAMPLES["config"])
 def config_group() -> None:
     """Write, show and check the configuration file."""
 
 
-@config_group.command("init")
+@config_group.command("init", epilog=EXAMPLES["config init"])
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Replace an existing file.")
 def config_init(path: str | None, force: bool) -> None:
@@ -355,12 +485,16 @@ def config_init(path: str | None, force: bool) -> None:
     click.echo(str(written))
 
 
-@config_group.command("show")
+@config_group.command("show", epilog=EXAMPLES["config show"])
 @_config_option
 @click.option("--secrets", is_flag=True, help="Show tokens instead of ********.")
 def config_show(config_path: str | None, secrets: bool) -> None:
-    """Print the merged settings (file, environment, defaults) as TOML."""
-    from .config import show_config
+    """Print the merged settings (file, environment, defaults) as TOML.
+
+    A section or key spop does not know (a typo: it would be ignored) is named on standard
+    error, and the exit status is 12.
+    """
+    from .config import show_config, validate
 
     doc, path, sources = _load_document(config_path)
     from_env = sorted({origin for origin in sources.values() if origin.startswith("SPOP_")})
@@ -368,9 +502,21 @@ def config_show(config_path: str | None, secrets: bool) -> None:
     if from_env:
         click.echo(f"# environment: {', '.join(from_env)}")
     click.echo(show_config(doc, secrets=secrets), nl=False)
+    unknown = [
+        p for p in validate(doc, sources) if p.message.startswith(("unknown key", "unknown section"))
+    ]
+    if unknown:
+        for problem in unknown:
+            click.echo(f"spop: error: config: {problem}", err=True)
+        click.echo(
+            f"spop: error: {_plural(len(unknown), 'unknown name')} in {path or 'defaults'}"
+            " (spop config check lists every problem)",
+            err=True,
+        )
+        raise SystemExit(EXIT_CONFIG)
 
 
-@config_group.command("check")
+@config_group.command("check", epilog=EXAMPLES["config check"])
 @_config_option
 @_plugins_dir_option
 def config_check(config_path: str | None, plugin_dirs: tuple[str, ...]) -> None:
@@ -400,11 +546,13 @@ def config_check(config_path: str | None, plugin_dirs: tuple[str, ...]) -> None:
     if problems:
         for problem in problems:
             click.echo(str(problem))
-        click.echo(f"spop: error: {len(problems)} problem(s) in {where}", err=True)
+        click.echo(f"spop: error: {_plural(len(problems), 'problem')} in {where}", err=True)
         raise SystemExit(EXIT_CONFIG)
     listeners, actions = len(doc.get("listeners", [])), len(doc.get("actions", {}))
-    warned = f", {len(warnings)} warning(s)" if warnings else ""
-    click.echo(f"{where}: ok ({listeners} listener(s), {actions} action(s){warned})")
+    warned = f", {_plural(len(warnings), 'warning')}" if warnings else ""
+    click.echo(
+        f"{where}: ok ({_plural(listeners, 'listener')}, {_plural(actions, 'action')}{warned})"
+    )
 
 
 def _existing(dirs: list[str]) -> list[str]:
@@ -414,7 +562,7 @@ def _existing(dirs: list[str]) -> list[str]:
 
 
 # -- spop plugins -----------------------------------------------------------------------------
-@cli.command("plugins")
+@cli.command("plugins", epilog=EXAMPLES["plugins"])
 @_config_option
 @_plugins_dir_option
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
@@ -450,25 +598,20 @@ def plugins_command(config_path: str | None, plugin_dirs: tuple[str, ...], as_js
             )
         )
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="spop plugins", title_justify="left")
-    for column in ("plugin", "from", "hooks", "action types", "source types"):
-        table.add_column(column, overflow="fold")
-    for info in infos:
-        table.add_row(
-            info.name,
-            info.origin,
-            ", ".join(info.hooks),
-            ", ".join(info.actions),
-            ", ".join(info.sources),
-        )
-    Console().print(table)
+    # One block per plugin, each name and path whole on its line: a table's narrow columns
+    # would cut module names and paths mid-word.
+    for number, info in enumerate(infos):
+        if number:
+            click.echo("")
+        click.echo(click.style(info.name, bold=True))
+        click.echo(f"  from          {info.origin}")
+        click.echo(f"  action types  {', '.join(info.actions) or '-'}")
+        click.echo(f"  source types  {', '.join(info.sources) or '-'}")
+        click.echo(f"  hooks         {', '.join(info.hooks) or '-'}")
 
 
 # -- spop diag --------------------------------------------------------------------------------
-@cli.group("diag")
+@cli.group("diag", epilog=EXAMPLES["diag"])
 def diag_group() -> None:
     """Where the diagnostics files are, and what they say."""
 
@@ -506,7 +649,7 @@ def _diag_fail(folder: object, reason: object) -> None:
     )
 
 
-@diag_group.command("path")
+@diag_group.command("path", epilog=EXAMPLES["diag path"])
 @click.option("--hub", is_flag=True, help="The hub's set instead of the listeners'.")
 @_config_option
 def diag_path(hub: bool, config_path: str | None) -> None:
@@ -517,7 +660,7 @@ def diag_path(hub: bool, config_path: str | None) -> None:
     click.echo(str(diag_files(name, directory)[0]))
 
 
-@diag_group.command("tail")
+@diag_group.command("tail", epilog=EXAMPLES["diag tail"])
 @click.option(
     "-n",
     "--lines",
@@ -535,16 +678,20 @@ def diag_tail(count: int, follow: bool, hub: bool, config_path: str | None) -> N
     import sys
 
     from .diag_reader import follow as follow_set
-    from .diag_reader import last_lines
+    from .diag_reader import tail
 
     name, directory = _diag_set(config_path, hub)
+    handle = None
     try:
-        for line in last_lines(name, count, directory):
+        lines, handle = tail(name, count, directory)
+        for line in lines:
             sys.stdout.write(line)
         sys.stdout.flush()
         if not follow:
             return
-        for line in follow_set(name, directory):
+        # From where the last lines ended: a line written meanwhile is not lost. No `.000` yet:
+        # read it from its start once it appears.
+        for line in follow_set(name, directory, start=handle, from_end=False):
             sys.stdout.write(line)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -553,24 +700,20 @@ def diag_tail(count: int, follow: bool, hub: bool, config_path: str | None) -> N
         pass
     except OSError as exc:  # a file of the set we may not read
         _diag_fail(directory, exc.strerror or exc)
+    finally:
+        if handle is not None and not handle.closed:
+            handle.close()
 
 
 # -- spop status ------------------------------------------------------------------------------
-@cli.command("status")
-@click.option(
-    "--server", default=None, help=SERVER_HELP + " Default: $SPOP_SERVER, [server] address."
-)
-@click.option("--token", default=None, help="Token the hub requires (default: $SPOP_TOKEN).")
+@cli.command("status", epilog=EXAMPLES["status"])
+@_hub_server_option
+@_hub_token_option
 @click.option("--json", "as_json", is_flag=True, help="The hub's status as JSON.")
 @click.option(
     "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the hub."
 )
-@click.option(
-    "--cafile",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="CA to verify a TLS hub.",
-)
+@_cafile_option
 @_config_option
 def status_command(
     server: str | None,
@@ -584,57 +727,30 @@ def status_command(
     from .client import fetch_status
     from .model import ScreenPopError
 
-    settings = _load_settings(
-        config_path, {"server": {"address": server, "token": token, "cafile": cafile}}
-    )
-    ssl_context = settings.server.ssl_context()
+    hub = _hub(config_path, server, token, cafile)
+    ssl_context = hub.ssl_context()
     options = {"ssl_context": ssl_context} if ssl_context else {}
     try:
-        data = fetch_status(settings.server.address, settings.server.token, timeout, **options)
+        data = fetch_status(hub.address, hub.token, timeout, **options)
     except ScreenPopError as exc:
-        fail(exc)
+        fail(exc, hub.address)
     if as_json:
         import json
 
         click.echo(json.dumps(data, indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
 
-    # What the hub says is shown as Text, never read as markup.
-    console = Console()
-    facts = ", ".join(
-        f"{key} {data[key]}"
-        for key in ("version", "uptime", "port", "http_port", "connections", "contacts", "pending")
-        if key in data
-    )
-    console.print(Text(f"hub {settings.server.address}: {facts}"))
-    listeners = Table(title="listeners", title_justify="left")
-    for column in ("media", "resource", "connections"):
-        listeners.add_column(column)
-    for row in data.get("listeners", []):
-        listeners.add_row(
-            *(Text(str(row.get(key, ""))) for key in ("media", "resource", "connections"))
-        )
-    console.print(listeners)
-    counters = Table(title="counters", title_justify="left")
-    counters.add_column("counter")
-    counters.add_column("value", justify="right")
-    for key, value in sorted((data.get("counters") or {}).items()):
-        counters.add_row(Text(str(key)), Text(str(value)))
-    console.print(counters)
+    from .status_view import render_status
+
+    Console().print(render_status(hub.address, data))
 
 
 # -- spop listen ------------------------------------------------------------------------------
-@cli.command()
-@click.argument("media", required=False, type=click.Choice(MEDIA_WORDS))
+@cli.command(epilog=EXAMPLES["listen"])
+@click.argument("media", required=False, type=MEDIA_CHOICE, metavar="[MEDIA]")
 @click.argument("resource", required=False)
-@click.option(
-    "--server",
-    default=None,
-    help=SERVER_HELP + " Default: $SPOP_SERVER, [server] address, 6000@localhost.",
-)
+@_hub_server_option
 @_config_option
 @click.option(
     "--action",
@@ -656,7 +772,7 @@ def status_command(
     default=None,
     help="With --once/--count: exit 15 if the pops have not arrived in S seconds; alone: listen S seconds.",
 )
-@click.option("--token", default=None, help="Token the hub requires (default: $SPOP_TOKEN).")
+@_hub_token_option
 @click.option(
     "--reconnecting-interval",
     type=click.FloatRange(min=0, min_open=True),
@@ -671,12 +787,7 @@ def status_command(
     show_default=True,
     help="Seconds to wait for the hub to answer.",
 )
-@click.option(
-    "--cafile",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="CA to verify a TLS hub (turns TLS on).",
-)
+@_cafile_option
 @click.option("--plain", is_flag=True, help="Plain log lines even on a terminal.")
 def listen(
     media: str | None,
@@ -695,7 +806,11 @@ def listen(
     cafile: str | None,
     plain: bool,
 ) -> None:
-    """Pop MEDIA RESOURCE's pops (or every [[listeners]] of the config) and run their actions."""
+    """Pop MEDIA RESOURCE's pops (or every [[listeners]] of the config) and run their actions.
+
+    On a terminal: a live view, each pop a card with all its fields. Otherwise: plain lines on
+    standard error (pops on standard output with --json).
+    """
     import os
     import sys
 
@@ -755,20 +870,21 @@ def listen(
     except KeyboardInterrupt:  # where signal handlers cannot be installed (Windows)
         raise SystemExit(EXIT_OK) from None
     if isinstance(outcome, ScreenPopError):
-        fail(outcome)
+        fail(outcome, settings.server.address)
     reason, drained = outcome
     if not live:
         click.echo(
-            f"spop: {session.received} pop(s), {session.failures} action failure(s)", err=True
+            f"spop: {_plural(session.received, 'pop')}, {_plural(session.failures, 'action failure')}",
+            err=True,
         )
     if reason == "timeout" and target is not None:
         click.echo(
-            f"spop: error: timeout: {session.received} of {target} pop(s) in {timeout:g} s",
+            f"spop: error: timeout: {session.received} of {_plural(target, 'pop')} in {timeout:g} s",
             err=True,
         )
         raise SystemExit(EXIT_TIMEOUT)
     if reason == "count" and (session.failures or not drained):
-        why = "still running at exit" if not drained else f"{session.failures} failure(s)"
+        why = "still running at exit" if not drained else _plural(session.failures, "failure")
         click.echo(f"spop: error: actions failed: {why}", err=True)
         raise SystemExit(EXIT_ACTION_FAILED)
     raise SystemExit(EXIT_OK)
@@ -851,29 +967,20 @@ async def _listen_until_done(session, *, timeout: float | None, live: bool):  # 
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    display = refresher = None
-    if live:
-        from rich.live import Live
-
-        from .view import render
-
-        display = Live(
-            render(session.snapshot()),
-            auto_refresh=False,
-            redirect_stdout=True,
-            redirect_stderr=True,
-        )
-        display.start(refresh=True)
-
-        async def refresh() -> None:
-            while True:
-                display.update(render(session.snapshot()), refresh=True)
-                await asyncio.sleep(0.25)
-
-        refresher = loop.create_task(refresh())
+    view = None
     try:
         try:
-            await session.start()
+            if live:  # a transient spinner while connecting: no empty view left above an error
+                from rich.console import Console
+
+                with Console(stderr=True).status(f"connecting to the hub at {session.address} …"):
+                    await session.start()
+                from .live_view import LiveView
+
+                view = LiveView(session)
+                view.start()
+            else:
+                await session.start()
         except ScreenPopError as exc:
             return exc
         reason = await session.wait(timeout, stop)
@@ -884,11 +991,10 @@ async def _listen_until_done(session, *, timeout: float | None, live: bool):  # 
         drained = await session.finish(grace)
         return reason, drained
     finally:
-        if refresher is not None:
-            refresher.cancel()
-        if display is not None:
-            display.update(render(session.snapshot()), refresh=True)
-            display.stop()
+        if view is not None:
+            await view.stop()
+
+
 
 
 # -- spop source ------------------------------------------------------------------------------
@@ -905,12 +1011,8 @@ async def _listen_until_done(session, *, timeout: float | None, live: bool):  # 
 @click.option(
     "--check", is_flag=True, help="Try the source's link (log in, show what it sees) and exit."
 )
-@click.option(
-    "--server", default=None, help=f"{SERVER_HELP} Default: [server] address of the config."
-)
-@click.option(
-    "--token", default=None, help="Source token the hub requires. Default: [server] token."
-)
+@_hub_server_option
+@_hub_token_option
 @click.option(
     "--listen",
     default=None,

@@ -202,16 +202,33 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from None
     except OSError as exc:
         raise ConfigError([Problem(str(path), f"cannot read: {exc.strerror or exc}")]) from None
-    # Plugin folders are relative to the file that names them.
+    # Plugin folders, and the programs and folders of `command` actions, are relative to the
+    # file that names them: a listener started from another folder (a service) finds them too.
     dirs = doc.get("plugins", {}).get("dirs") if isinstance(doc.get("plugins"), dict) else None
     if isinstance(dirs, list):
-        doc["plugins"]["dirs"] = [
-            str((path.parent / d).expanduser())
-            if isinstance(d, str) and not Path(d).expanduser().is_absolute()
-            else d
-            for d in dirs
-        ]
+        doc["plugins"]["dirs"] = [_beside(path, d) for d in dirs]
+    actions = doc.get("actions")
+    for name, table in (actions.items() if isinstance(actions, dict) else ()):
+        if not isinstance(table, dict) or table.get("plugin", name) != "command":
+            continue
+        argv = table.get("argv")
+        if isinstance(argv, list) and argv and isinstance(argv[0], str) and _is_path(argv[0]):
+            argv[0] = _beside(path, argv[0])
+        if isinstance(table.get("cwd"), str):
+            table["cwd"] = _beside(path, table["cwd"])
     return doc
+
+
+def _is_path(program: str) -> bool:
+    """`./on-pop.sh`, `hooks/x`: a path; `notify-send`: a name looked up on PATH; `{x}`: a template."""
+    return ("/" in program or os.sep in program) and "{" not in program
+
+
+def _beside(config_file: Path, value: Any) -> Any:
+    """A relative path as seen from the configuration file's folder; anything else unchanged."""
+    if not isinstance(value, str) or Path(value).expanduser().is_absolute():
+        return value
+    return str((config_file.parent / value).expanduser())
 
 
 def load_document(
@@ -571,6 +588,9 @@ def review_config(
         else:
             for key, message in getattr(configured.action, "warnings", None) or ():
                 warnings.append(Problem(f"actions.{name}.{key}", message, _lookup(table, key)))
+            check = getattr(configured.action, "problems", None)
+            for key, message in check() if callable(check) else ():
+                problems.append(Problem(f"actions.{name}.{key}", message, _lookup(table, key)))
     listeners = doc.get("listeners", [])
     if isinstance(listeners, list):
         for index, entry in enumerate(listeners):

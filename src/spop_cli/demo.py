@@ -4,16 +4,19 @@ scenarios played through it, every pop shown as it arrives; then everything shut
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 from typing import Any
 
 from . import client
+from .diagnostics import close_diagnostics
 from .hub.server import Hub, HubConfig
 from .listener.core import AsyncListener
 from .model import MEDIA_FIELDS, ListenerStatus, ScreenPopEvent
 from .scenario import load_scenario
 from .simulate import play
+from .view import EMPTY
 
 SCENARIOS = ("consultation", "requeue", "callback-routed", "email-routed", "webcollab-invitation")
 
@@ -28,19 +31,36 @@ def _render(event: ScreenPopEvent, console: Any) -> None:
     names = ("resource", *MEDIA_FIELDS[event.media], "wait_time")
     for name in names:
         value = str(data[name])
-        table.add_row(name, Text(value) if value else Text("[vide]", style="dim"))
+        table.add_row(name, Text(value) if value else Text(EMPTY, style="dim"))
     pairs = ", ".join(f"({item.key}, {item.value})" for item in event.contact_data)
-    table.add_row("contact_data", Text(pairs) if pairs else Text("[vide]", style="dim"))
+    table.add_row("contact_data", Text(pairs) if pairs else Text(EMPTY, style="dim"))
     title = f"{type(event).__name__} → {event.media} {event.resource}"
     console.print(Panel(table, title=title, expand=False))
 
 
 async def run_demo(delay: float = 0.4) -> int:
-    """Return 0 when every pop the scenarios expect arrived at its listener and nowhere else."""
+    """Return 0 when every pop the scenarios expect arrived at its listener and nowhere else.
+
+    The hub's and the listeners' diagnostics go to a temporary folder, removed at the end: the
+    demo leaves nothing behind, and nothing in the user's own diagnostics.
+    """
+    saved = os.environ.get("SPOP_DIAG_DIR")
+    with tempfile.TemporaryDirectory(prefix="spop-demo-") as diag:
+        os.environ["SPOP_DIAG_DIR"] = diag  # where the listeners open their set
+        try:
+            return await _demo(delay, diag)
+        finally:
+            if saved is None:
+                os.environ.pop("SPOP_DIAG_DIR", None)
+            else:
+                os.environ["SPOP_DIAG_DIR"] = saved
+            close_diagnostics(diag)
+
+
+async def _demo(delay: float, diag: str) -> int:
     from rich.console import Console
 
     console = Console(highlight=False)
-    diag = tempfile.mkdtemp(prefix="spop-demo-")
     hub = Hub(HubConfig(host="127.0.0.1", port=0, http_port=0, diag_dir=diag))
     await hub.start()
     address = f"{hub.port}@127.0.0.1"
@@ -89,7 +109,7 @@ async def run_demo(delay: float = 0.4) -> int:
     ok = len(received) == expected
     console.print(
         f"\n{len(received)}/{expected} pops delivered, {counters.get('acked', 0)} acknowledged;"
-        f" listeners shut down, hub stopped. Diagnostics in {diag}"
+        " listeners shut down, hub stopped."
     )
     if not ok:
         print("spop demo: some pops did not arrive", file=sys.stderr)

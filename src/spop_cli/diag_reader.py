@@ -14,14 +14,33 @@ from .diagnostics import diag_files
 
 def last_lines(name: str, count: int, directory: Path | None = None) -> list[str]:
     """The last `count` lines of the set, oldest file first (the lines keep their newline)."""
+    lines, handle = tail(name, count, directory)
+    if handle is not None:
+        handle.close()
+    return lines
+
+
+def tail(name: str, count: int, directory: Path | None = None) -> tuple[list[str], BinaryIO | None]:
+    """The last `count` lines of the set, and `.000` open just past them, for `follow(start=…)`.
+
+    `.000` is opened first and read through that handle, so a line written after the last one
+    returned is still ahead of the handle: following from it loses nothing. A `.001`/`.002` that is
+    the file we hold (rotated in between) is not read twice.
+    """
+    current = diag_files(name, directory)[0]
+    handle = _open(current, at_end=False)
+    ours = os.fstat(handle.fileno()).st_ino if handle is not None else None
     lines: deque[str] = deque(maxlen=max(count, 0))
-    for path in reversed(diag_files(name, directory)):
-        try:
-            with open(path, encoding="utf-8", errors="replace") as file:
-                lines.extend(file)
-        except FileNotFoundError:
+    for path in reversed(diag_files(name, directory)[1:]):
+        if ours is not None and _inode(path) == ours:
             continue
-    return list(lines)
+        lines.extend(_whole(path))
+    if handle is not None:
+        data = handle.read()
+        complete = data.rfind(b"\n") + 1  # a line still being written is left for follow
+        handle.seek(complete - len(data), os.SEEK_CUR)
+        lines.extend(data[:complete].decode("utf-8", "replace").splitlines(keepends=True))
+    return list(lines), handle
 
 
 def follow(
@@ -30,15 +49,18 @@ def follow(
     *,
     poll: float = 0.2,
     from_end: bool = True,
+    start: BinaryIO | None = None,
     stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[str]:
     """Lines appended to `<name>.000` from now on, across rotations, until `stop()` says so.
 
-    When `.000` is rotated to `.001` we finish reading the old file through our open handle
-    before we open the new `.000`, so no line written at the switch is missed.
+    `start` is a handle from `tail` (read from where it stands, so nothing written since is
+    lost); without it `.000` is opened at its end (`from_end`) or its start. When `.000` is
+    rotated to `.001` we finish reading the old file through our open handle before we open the
+    new `.000`, so no line written at the switch is missed.
     """
     current = diag_files(name, directory)[0]
-    handle = _open(current, at_end=from_end)
+    handle = start if start is not None else _open(current, at_end=from_end)
     partial = b""  # a line still being written
     try:
         while not stop():

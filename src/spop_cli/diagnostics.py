@@ -98,3 +98,12 @@ def open_diagnostics(name: str, directory: Path | None = None) -> logging.Logger
         logger.addHandler(handler)
         _handlers[key] = handler
     return logger
+
+
+def close_diagnostics(directory: str | Path) -> None:
+    """Close and forget the handlers writing into `directory` (`spop demo` then removes it)."""
+    with _handlers_lock:
+        for key in [k for k in _handlers if k[0] == str(directory)]:
+            handler = _handlers.pop(key)
+            logging.getLogger(f"spop.{key[1]}").removeHandler(handler)
+            handler.close()

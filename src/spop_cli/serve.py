@@ -6,8 +6,10 @@ import asyncio
 import gc
 import ipaddress
 import json
+import logging
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,9 @@ def exposure_warnings(config: HubConfig) -> list[str]:
                 f"listening on {config.host} with only a source token: anyone who reaches it can listen"
             )
         if not config.tls_cert:
-            warnings.append(f"listening on {config.host} without TLS: pops cross the network in clear")
+            warnings.append(
+                f"listening on {config.host} without TLS: pops cross the network in clear"
+            )
     return warnings
 
 
@@ -108,12 +112,65 @@ def build_sources(config_path: str | None, plugin_dirs: list[str] | None = None)
     return built
 
 
+SUMMARY_EVERY = 60.0  # seconds between the hub log's "pops in the last minute" lines
+
+
+def pop_words(pop: dict[str, Any]) -> str:
+    """A pop in one log line: id, key, and the fields that are set."""
+    fields = " ".join(
+        f"{name}={pop[name]!r}"
+        for name in ("source", "destination", "queue_name", "from", "redirect")
+        if pop.get(name)
+    )
+    return f"pop {pop['id']} for {pop['media']} {pop['resource']} accepted" + (
+        f": {fields}" if fields else ""
+    )
+
+
+async def log_summaries(hub: Hub, log: logging.Logger, every: float = SUMMARY_EVERY) -> None:
+    """Every `every` seconds in which pops moved, one line of counts in the hub's log: the log
+    records pops at no cost per pop (a line per pop is `--verbose`)."""
+    keys = ("pops_accepted", "delivered", "acked", "expired", "duplicates")
+    last = dict.fromkeys(keys, 0)
+    while True:
+        await asyncio.sleep(every)
+        counters = hub.status()["counters"]
+        now = {key: int(counters.get(key, 0)) for key in keys}
+        if now != last:
+            moved = {key: now[key] - last[key] for key in keys}
+            log.info(
+                "pops in the last %g s: %d accepted, %d delivered, %d acknowledged, %d expired,"
+                " %d duplicates; %d pending",
+                every,
+                *moved.values(),
+                hub.status()["pending"],
+            )
+            last = now
+
+
+def echo_log(log: logging.Logger) -> logging.Handler:
+    """`--verbose`: the hub's log lines on standard output too, one per line, timed."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    return handler
+
+
 async def run_hub(
-    config: HubConfig, ready_file: str | None = None, sources: dict[str, Any] | None = None
+    config: HubConfig,
+    ready_file: str | None = None,
+    verbose: bool = False,
+    sources: dict[str, Any] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM; write the ports to ready_file once listening."""
+    """Serve until SIGINT or SIGTERM; write the ports to ready_file once listening.
+
+    `verbose`: a line per pop and per registration on standard output (and in the hub's log).
+    """
     log = open_diagnostics("hub", Path(config.diag_dir) if config.diag_dir else None)
     hub = Hub(config, log=log)
+    echo = echo_log(log) if verbose else None
+    if verbose:
+        hub.on_pop = lambda pop: log.info("%s", pop_words(pop))
     if sources:
         from .sources import HubSink
         from .sources.runner import SourceRunner
@@ -135,13 +192,23 @@ async def run_hub(
         if ready_file:
             tmp = f"{ready_file}.tmp"
             with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump({"port": hub.port, "http_port": hub.http_port, "pid": os.getpid()}, handle)
+                json.dump(
+                    {"port": hub.port, "http_port": hub.http_port, "pid": os.getpid()}, handle
+                )
             os.replace(tmp, ready_file)
+        http = f"HTTP on port {hub.http_port}" if hub.http_port else "no HTTP port (--http-port -1)"
+        journal = f"journal {config.journal}" if config.journal else "no journal (pops in memory)"
         print(
-            f"spop hub: listeners on {config.host} port {hub.port}, http port {hub.http_port},"
-            f" journal {config.journal or 'off'}",
+            f"spop hub: listeners on {config.host} port {hub.port}, {http}, {journal}."
+            + ("" if verbose else " --verbose shows each pop."),
             flush=True,
         )
-        await stop.wait()
+        summaries = asyncio.get_running_loop().create_task(log_summaries(hub, log))
+        try:
+            await stop.wait()
+        finally:
+            summaries.cancel()
     finally:
         await hub.stop()
+        if echo is not None:
+            log.removeHandler(echo)

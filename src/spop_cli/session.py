@@ -54,6 +54,10 @@ class PopRow:
     description: str
     wait_time: int
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    destination: str = ""
+    from_: str = ""
+    redirect: str = ""
+    contact_data: tuple[tuple[str, str], ...] = ()  # (key, value), in the pop's order
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,10 @@ class ListenSession:
             event.queue_name,
             event.contact_description,
             event.wait_time,
+            destination=event.destination,
+            from_=event.from_,
+            redirect=event.redirect,
+            contact_data=tuple((item.key, item.value) for item in event.contact_data),
         )
         if len(self.recent) == self.recent.maxlen:
             self._rows.pop(self.recent[-1].pop_id, None)
@@ -277,6 +285,10 @@ class ListenSession:
                 r.description,
                 r.wait_time,
                 dict(r.outcomes),
+                r.destination,
+                r.from_,
+                r.redirect,
+                r.contact_data,
             )
             for r in self.recent
         )

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .dispatch import FAILED, OK, SKIPPED, Outcome
-from .session import ListenerRow, Snapshot
+from .session import ListenerRow, PopRow, Snapshot
 
 STATUS_STYLE = {
     "Status_Up": "bold green",
@@ -18,50 +18,62 @@ STATUS_STYLE = {
 OUTCOME_MARK = {OK: ("✓", "green"), FAILED: ("✗", "bold red"), SKIPPED: ("–", "dim")}
 
 
+def plural(count: int, word: str) -> str:
+    """`1 pop`, `0 pops`, `2 pops`."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def clock(at: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(at)) if at else ""
 
 
-def render(snapshot: Snapshot) -> Any:
-    """The whole live view: a table of listeners, then the latest pops with their actions' outcomes."""
+# Fixed widths (and ratios for the free text), so columns never jump from one frame to the next.
+LISTENER_COLUMNS = (  # (title, width or None, ratio)
+    ("media", 9, None),
+    ("resource", 14, None),
+    ("status", 19, None),
+    ("pops", 5, None),
+    ("last pop", 8, None),
+    ("last source", None, 2),
+    ("last queue", None, 3),
+    ("retry", 8, None),
+    ("failures", 8, None),
+)
+CARD_FIELDS = (  # (label, PopRow attribute)
+    ("source", "source"),
+    ("destination", "destination"),
+    ("queue", "queue"),
+    ("description", "description"),
+    ("from", "from_"),
+    ("redirect", "redirect"),
+)
+EMPTY = "–"  # a field the pop left empty: a dim dash, never a placeholder word
+
+
+def render(snapshot: Snapshot, height: int | None = None, final: bool = False) -> Any:
+    """The whole live view: the listeners, then a card per pop (newest first), then the totals.
+
+    With `height` (the terminal's lines), only the cards that fit are drawn, so the listeners and
+    the totals never scroll off; the older ones are counted on one line.
+    """
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     # Pop fields are the caller's text: always Text, never markup (a `[link=…]` stays literal).
-    listeners = Table(
-        title=Text(f"spop listen · hub {snapshot.server}"), title_justify="left", expand=True
-    )
-    for column in (
-        "media",
-        "resource",
-        "status",
-        "pops",
-        "last pop",
-        "source",
-        "queue",
-        "retry",
-        "failures",
-    ):
+    title = Text(f"spop listen · hub {snapshot.server}", style="bold")
+    listeners = Table(expand=True, padding=(0, 1))
+    for name, width, ratio in LISTENER_COLUMNS:
         listeners.add_column(
-            column, no_wrap=column in ("media", "resource", "status", "pops", "retry")
+            name,
+            width=width,
+            ratio=ratio,
+            no_wrap=True,
+            overflow="ellipsis",
+            justify="right" if name in ("pops", "failures") else "left",
         )
     for row in snapshot.listeners:
         listeners.add_row(*_listener_cells(row))
-
-    pops = Table(title="latest pops", title_justify="left", expand=True)
-    for column in ("time", "listener", "source", "queue", "description", "wait", "actions"):
-        pops.add_column(column)
-    for pop in snapshot.pops:
-        pops.add_row(
-            clock(pop.received_at),
-            Text(f"{pop.media} {pop.resource}"),
-            Text(pop.source),
-            Text(pop.queue),
-            Text(pop.description),
-            f"{pop.wait_time} s",
-            _outcomes(pop.outcomes),
-        )
 
     footer = Text()
     if snapshot.target is not None:
@@ -69,10 +81,84 @@ def render(snapshot: Snapshot) -> Any:
         footer.append(f"{handled}/{snapshot.target} pops  ")
     footer.append(f"{snapshot.pending} action runs pending  ")
     footer.append(
-        f"{snapshot.failures} action failures", style="bold red" if snapshot.failures else "green"
+        f"{snapshot.failures} action failure{'' if snapshot.failures == 1 else 's'}",
+        style="bold red" if snapshot.failures else "green",
     )
-    footer.append("   Ctrl-C to stop", style="dim")
-    return Group(listeners, pops, footer)
+    footer.append("   stopped" if final else "   Ctrl-C to stop", style="dim")
+
+    parts: list[Any] = [title, listeners]
+    heading = Text("latest pops", style="bold")
+    if not snapshot.pops:
+        heading.append("  none yet: each pop shows here as a card, newest first", style="dim")
+    parts.append(heading)
+    # title 1 + table (4 + rows) + heading 1 + footer 1
+    room = None if height is None else height - (7 + len(snapshot.listeners))
+    shown = 0
+    for pop in snapshot.pops:
+        card = pop_card(pop)
+        lines = card_height(pop)
+        if room is not None:
+            if lines > room - 1 and shown:  # keep a line for "N older pops"
+                break
+            room -= lines
+        parts.append(card)
+        shown += 1
+    if shown < len(snapshot.pops):
+        older = len(snapshot.pops) - shown
+        parts.append(Text(f"+ {older} older pop{'' if older == 1 else 's'} not shown", style="dim"))
+    parts.append(footer)
+    return Group(*parts)
+
+
+def card_rows(pop: PopRow) -> list[tuple[Any, Any]]:
+    """(label, value) rows of a pop's card: its fields, wait time, contact data, actions."""
+    from rich.text import Text
+
+    rows: list[tuple[Any, Any]] = []
+    for label, attribute in CARD_FIELDS:
+        value = getattr(pop, attribute)
+        if value or label in ("source", "destination", "queue"):
+            rows.append((label, Text(value) if value else Text(EMPTY, style="dim")))
+    rows.append(("wait", Text(f"{pop.wait_time} s")))
+    for key, value in pop.contact_data:
+        rows.append(
+            (Text(key, style="magenta"), Text(value) if value else Text(EMPTY, style="dim"))
+        )
+    if pop.outcomes:
+        rows.append(("actions", _outcomes(pop.outcomes)))
+    return rows
+
+
+def card_height(pop: PopRow) -> int:
+    """Lines the card takes: its rows (one line each, never wrapped), the id and two borders."""
+    return len(card_rows(pop)) + 3
+
+
+def pop_card(pop: PopRow) -> Any:
+    """One pop as a card: who it is for and when in the title, every field inside."""
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column(no_wrap=True, overflow="ellipsis", max_width=100)
+    for label, value in card_rows(pop):
+        grid.add_row(label, value)
+    grid.add_row(Text("id", style="dim"), Text(pop.pop_id, style="dim"))
+    title = Text(f"{pop.media} {pop.resource} · {clock(pop.received_at)}", style="bold")
+    return Panel(grid, title=title, title_align="left", expand=False)
+
+
+def fingerprint(snapshot: Snapshot) -> Any:
+    """What the view shows, to redraw only when it changes (the countdown to the second)."""
+    import dataclasses
+
+    rows = tuple(
+        dataclasses.replace(row, retry_in=None if row.retry_in is None else round(row.retry_in))
+        for row in snapshot.listeners
+    )
+    return dataclasses.replace(snapshot, listeners=rows)
 
 
 def _listener_cells(row: ListenerRow) -> list[Any]:
@@ -116,12 +202,14 @@ def pop_line(listener: Any, pop: Any) -> str:
         ("source", pop.source),
         ("destination", pop.destination),
         ("queue", pop.queue_name),
+        ("description", pop.contact_description),
         ("from", pop.from_),
         ("redirect", pop.redirect),
     ):
         if value:
             parts.append(f"{label}={value!r}")
     parts.append(f"wait={pop.wait_time}s")
+    parts.extend(f"data.{item.key}={item.value!r}" for item in pop.contact_data)
     return " ".join(parts)
 
 
@@ -136,6 +224,7 @@ def result_line(listener: Any, action: str, pop: Any, outcome: Outcome) -> str:
 def listener_rows_plain(snapshot: Snapshot) -> list[str]:
     """One line per listener, for the end of a plain run."""
     return [
-        f"{row.media} {row.resource}: {row.status}, {row.pops_received} pops, {row.failures} failures"
+        f"{row.media} {row.resource}: {row.status}, {plural(row.pops_received, 'pop')},"
+        f" {plural(row.failures, 'failure')}"
         for row in snapshot.listeners
     ]

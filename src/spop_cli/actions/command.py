@@ -14,10 +14,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ..hookspecs import hookimpl
@@ -112,6 +114,25 @@ class CommandAction:
             )
             for index in unguarded_arguments(self.argv)
         ]
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, message) when the program cannot be run as configured: `spop config check` and
+        `spop listen` report it before any pop, instead of failing every pop."""
+        program = self.argv[0].text
+        if os.sep not in program and not (os.altsep and os.altsep in program):
+            if shutil.which(program) is None:
+                return [("argv[0]", "program not found on PATH")]
+            return []
+        path = Path(program).expanduser()
+        if not path.is_absolute():
+            path = Path(self.cwd or os.getcwd()) / path
+        if not path.exists():
+            return [("argv[0]", f"program not found: {path}")]
+        if not path.is_file():
+            return [("argv[0]", f"not a file: {path}")]
+        if not os.access(path, os.X_OK):
+            return [("argv[0]", f"not executable: {path} (chmod +x it)")]
+        return []
 
     def command_line(self, pop: Any) -> list[str]:
         return [_clean(template.render(pop)) for template in self.argv]

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..hookspecs import hookimpl
 from . import check_keys, stream_option
+
+# Set by a live view while it is on screen: the panel goes through its console, above the live
+# region. A panel written to the terminal beside it would be erased by the next redraw.
+_print_above: Callable[[Any], None] | None = None
+
+
+def print_above(printer: Callable[[Any], None] | None) -> None:
+    """Route the panels meant for the terminal (stdout/stderr) through `printer`; None: stop."""
+    global _print_above
+    _print_above = printer
 
 
 @hookimpl
@@ -58,7 +70,10 @@ class PrintAction:
 
     def run(self, pop: Any) -> None:
         stream = self._stream()
-        if _isatty(stream):
+        printer = _print_above
+        if printer is not None and stream in (sys.stdout, sys.stderr):
+            printer(pop_panel(pop))
+        elif _isatty(stream):
             from rich.console import Console
 
             Console(file=stream).print(pop_panel(pop))

@@ -9,6 +9,7 @@ import os
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,9 +68,9 @@ class Hub:
         self._contacts: Any = None
         self.journal: Any = None
         self._dirty: list[HubConnection] = []  # connections with frames to flush
-        self.sources: Any = (
-            None  # a SourceRunner: sources run inside the hub, routes on its HTTP port
-        )
+        self.sources: Any = None  # a SourceRunner: sources run inside the hub, routes on its HTTP port
+        # Called with each newly accepted pop (`spop serve --verbose` logs it); None: no cost.
+        self.on_pop: Callable[[dict[str, Any]], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -257,6 +258,8 @@ class Hub:
             # a resend: answer it once the first copy is committed, not before
             return self.journal.commit_of(pop_id) if self.journal is not None else None
         self.counters["pops_accepted"] += 1
+        if self.on_pop is not None:
+            self.on_pop(pop)
         if self.journal is not None:
             return self.journal.add(
                 pop_id,
