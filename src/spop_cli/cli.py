@@ -107,6 +107,7 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, **o
     import ssl
     from pathlib import Path
 
+    from .hub.journal_guard import JournalOpenError
     from .model import ScreenPopError
 
     def journal_fails(reason: object) -> None:
@@ -118,6 +119,9 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, **o
 
     try:
         _run(run_hub(config, ready_file=ready_file))
+    except JournalOpenError as exc:  # in use by another hub, another program's file
+        click.echo(f"spop: error: hub.journal: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
     except sqlite3.Error as exc:
         journal_fails(exc)
     except ssl.SSLError as exc:  # an OSError too: before it, or a bad PEM reads "cannot listen"
