@@ -13,7 +13,16 @@ from typing import IO, Any
 # 'SPOP' in ASCII: SQLite's application_id for an spop journal (PRAGMA application_id).
 APPLICATION_ID = 0x53504F50
 # The tables a journal written before application_id existed may hold (spop 0.x).
-LEGACY_POPS_COLUMNS = ("id", "media", "resource", "contact_id", "body", "accepted", "expires", "done")
+LEGACY_POPS_COLUMNS = (
+    "id",
+    "media",
+    "resource",
+    "contact_id",
+    "body",
+    "accepted",
+    "expires",
+    "done",
+)
 WAL_MAGIC = (0x377F0682, 0x377F0683)
 WAL_SCAN_LIMIT = 256 * 1024 * 1024  # larger logs are not checked frame by frame (say so)
 
@@ -84,9 +93,13 @@ def check_ours(db: sqlite3.Connection, path: Path) -> bool:
     of spop before application_id: to be stamped. Raises JournalOpenError, changing nothing, for anything else."""
     try:
         app_id = db.execute("PRAGMA application_id").fetchone()[0]
-        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        tables = [
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        ]
     except sqlite3.DatabaseError as exc:
-        raise JournalOpenError(f"{path} is not an spop journal ({exc}); refusing to use it") from None
+        raise JournalOpenError(
+            f"{path} is not an spop journal ({exc}); refusing to use it"
+        ) from None
     if app_id == APPLICATION_ID:
         return True
     if app_id != 0:
