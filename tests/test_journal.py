@@ -24,7 +24,9 @@ from hubproc import (
     until,
 )
 from spop_cli import client
+from spop_cli.cli import EXIT_CONFIG
 from spop_cli.hub.journal import Journal
+from spop_cli.hub.journal_guard import APPLICATION_ID, JournalOpenError
 from spop_cli.hub.server import default_journal_path
 from spop_cli.serve import build_hub_config
 
@@ -296,3 +298,363 @@ def test_one_cancelled_caller_does_not_cancel_the_batch_for_the_others(tmp_path:
             assert {"impatient", "patient"} <= set(rows(path))
 
     run(body())
+
+
+# -- contacts across a crash (issue 10, section 2) -------------------------------------------------
+
+T = "2026-03-02T09:00:{:02d}Z"  # event times, one a second: wait_time is exact
+
+
+def contacts_post(hub: Any, events: Any) -> tuple[int, Any]:
+    return http_post(f"{hub.http}/v1/contacts", events)
+
+
+def test_contacts_survive_a_sigkill_whole(tmp_path: Path) -> None:
+    """Live contacts are journalled with their whole state: after kill -9 and a restart, the next
+    answered/transferred/ended is applied as if nothing happened (it was 422 unknown_contact)."""
+    hub = HubProcess(tmp_path).start()
+    try:
+        queued = {
+            "contact_id": "c1",
+            "event": "queued",
+            "at": T.format(0),
+            "source": "0612345678",
+            "queue_name": "Ventes",
+            "contact_data": {"dossier": "A-17"},
+        }
+        routed = {"contact_id": "c1", "event": "routed", "at": T.format(30), "resource": "1001"}
+        assert contacts_post(hub, [queued, routed])[0] == 200
+        assert contacts_post(hub, {"contact_id": "c2", "event": "queued", "at": T.format(1)})[0] == 200
+        hub.restart()  # SIGKILL right after the 200s
+
+        answered = {"contact_id": "c1", "event": "answered", "at": T.format(40), "resource": "1001"}
+        assert contacts_post(hub, answered) == (200, {"applied": 1, "pops": []})
+        transferred = {"contact_id": "c1", "event": "transferred", "at": T.format(50), "resource": "1002"}
+        status, answer = contacts_post(hub, transferred)
+        assert status == 200 and len(answer["pops"]) == 1
+
+        async def check() -> None:
+            raw = await RawClient.open(hub.port)
+            await raw.hello()
+            await raw.request("register", media="telephone", resource="1002")
+            got = (await raw.frame())["pop"]
+            # the restored state: queue fields, data, the first answer's time, who held it
+            assert (got["source"], got["queue_name"], got["contact_data"]) == (
+                "0612345678",
+                "Ventes",
+                {"dossier": "A-17"},
+            )
+            assert (got["wait_time"], got["from"]) == (40, "1001")
+            raw.close()
+
+        run(check())
+        # c2 still waits in its queue: routed now counts its wait from 09:00:01
+        status, answer = contacts_post(
+            hub, {"contact_id": "c2", "event": "routed", "at": T.format(21), "resource": "1003"}
+        )
+        assert status == 200 and len(answer["pops"]) == 1
+        assert contacts_post(hub, {"contact_id": "c2", "event": "ended", "at": T.format(22)})[0] == 200
+        hub.restart()
+        # an ended contact stays ended across a restart (within forget_after)
+        status, answer = contacts_post(
+            hub, {"contact_id": "c2", "event": "answered", "at": T.format(23), "resource": "1003"}
+        )
+        assert (status, answer["error"]) == (422, "contact_ended")
+    finally:
+        hub.kill()
+
+
+def test_an_ended_is_answered_only_once_its_withdrawal_is_committed(tmp_path: Path) -> None:
+    """kill -9 right after the 200 of an `ended`: its withdrawn pop does not come back (it did,
+    5 times out of 5, when the withdrawal rode the next batch)."""
+    hub = HubProcess(tmp_path).start()
+    try:
+        for attempt in range(3):
+            contact = f"gone-{attempt}"
+            status, answer = contacts_post(
+                hub, {"contact_id": contact, "event": "routed", "resource": "2001"}
+            )
+            assert status == 200 and len(answer["pops"]) == 1
+            assert contacts_post(hub, {"contact_id": contact, "event": "ended"})[0] == 200
+            assert rows(hub.journal)[answer["pops"][0]] == 1  # done on disk with the 200
+            hub.restart()
+            status = client.fetch_status(hub.address)
+            assert (status["pending"], status["contacts"]) == (0, attempt + 1)
+    finally:
+        hub.kill()
+
+
+def test_contact_expiry_removes_the_contact_from_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+
+    def journalled() -> list[str]:
+        with sqlite3.connect(path) as db:
+            return [row[0] for row in db.execute("SELECT contact_id FROM contacts ORDER BY contact_id")]
+
+    async def body() -> None:
+        options = {"journal": str(path), "contact_forget_after": 0.3, "contact_idle_expiry": 1.0}
+        async with inprocess_hub(**options) as hub:
+            await hub.apply_contacts(
+                [
+                    {"contact_id": "ends", "event": "queued"},
+                    {"contact_id": "idles", "event": "queued"},
+                    {"contact_id": "ends", "event": "ended"},
+                ]
+            )
+            assert journalled() == ["ends", "idles"]  # committed with the 200
+            assert await until(lambda: journalled() == ["idles"], 5)  # forget_after
+            assert await until(lambda: journalled() == [], 5)  # idle_expiry
+        async with inprocess_hub(journal=str(path)) as hub:
+            assert hub.status()["contacts"] == 0
+
+    run(body())
+
+
+def test_a_refused_contact_commit_changes_nothing(tmp_path: Path) -> None:
+    """The journal cannot commit: 503, the contact is as before, its pop never delivered."""
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(path)) as hub:
+            listener = await Counting().up(address_of(hub), "3001")
+            await hub.apply_contacts({"contact_id": "k", "event": "queued", "at": T.format(0)})
+            hub.journal._db.execute("PRAGMA busy_timeout = 50")
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            routed = {"contact_id": "k", "event": "routed", "at": T.format(5), "resource": "3001"}
+            status, answer = await asyncio.to_thread(http_post, f"{http_of(hub)}/v1/contacts", routed)
+            assert (status, answer["error"], answer["applied"]) == (503, "journal_unavailable", 0)
+            fresh = {"contact_id": "new", "event": "queued"}
+            status, _ = await asyncio.to_thread(http_post, f"{http_of(hub)}/v1/contacts", fresh)
+            assert status == 503
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            later = {**routed, "at": T.format(9)}
+            assert (await hub.apply_contacts(later))["applied"] == 1
+            assert await until(lambda: len(listener.calls) == 1)
+            answered = {"contact_id": "new", "event": "answered", "resource": "3001"}
+            status, answer = await asyncio.to_thread(http_post, f"{http_of(hub)}/v1/contacts", answered)
+            assert (status, answer["error"]) == (422, "unknown_contact")  # its queued never happened
+            await asyncio.sleep(0.3)
+            assert len(listener.calls) == 1 and listener.twice() == []
+            assert listener.sources == [""]
+            await listener.listener.shutdown()
+
+    run(body())
+
+
+# -- a full disk and a shared journal (issue 10, section 3) ------------------------------------------
+
+DISK_FULL = {
+    "error": "journal_unavailable",
+    "message": "the journal cannot be written (the disk is full): nothing was accepted; retry later",
+}
+
+
+class FullDisk:
+    """A journal whose writes really fail with SQLITE_FULL, then get room again.
+
+    `tmpfs`: the journal lives on a 4 MiB tmpfs mounted for the test, filled by a file (a real
+    ENOSPC; needs root, skipped otherwise). `max_page_count`: SQLite's own size cap set to the
+    pages the database has (a real SQLITE_FULL from SQLite, no mock; works anywhere)."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.dir = tmp_path / "disk"
+        self.dir.mkdir()
+        self.filler = self.dir / "filler"
+        if kind == "tmpfs":
+            import subprocess
+
+            mount = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(self.dir)],
+                capture_output=True,
+            )
+            if mount.returncode != 0:
+                pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+        self.journal = self.dir / "journal.sqlite3"
+
+    def fill(self, hub: Any) -> None:
+        if self.kind == "tmpfs":
+            chunk = b"\0" * 65536
+            with open(self.filler, "wb") as handle:
+                try:
+                    while True:
+                        handle.write(chunk)
+                        handle.flush()
+                except OSError:
+                    pass
+        else:
+            db = hub.journal._db
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {pages}")
+
+    def free(self, hub: Any) -> None:
+        if self.kind == "tmpfs":
+            self.filler.unlink()
+        else:
+            hub.journal._db.execute("PRAGMA max_page_count = 1073741823")
+
+    def close(self) -> None:
+        if self.kind == "tmpfs":
+            import subprocess
+
+            subprocess.run(["umount", "-l", str(self.dir)], check=False)
+
+
+def http_post_headers(url: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+BIG = {"big": "x" * 4000}  # a row over a page: it needs new pages, so the cap bites at once
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "max_page_count"])
+def test_a_full_disk_is_a_503_and_refused_pops_are_never_delivered(tmp_path: Path, kind: str) -> None:
+    disk = FullDisk(kind, tmp_path)
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(disk.journal)) as hub:
+            listener = await Counting().up(address_of(hub), "13579")
+            disk.fill(hub)
+            url = f"{http_of(hub)}/v1/pops"
+            for attempt in range(2):  # a source retrying without id: refused again, not doubled
+                status, answer, headers = await asyncio.to_thread(
+                    http_post_headers, url, pop(source=f"refused-{attempt}", contact_data=BIG)
+                )
+                assert (status, answer, headers["Retry-After"]) == (503, DISK_FULL, "2")
+            with pytest.raises(client.Rejected) as refused:
+                await client.publish(address_of(hub), pop(source="refused-frame", contact_data=BIG))
+            assert refused.value.detail == DISK_FULL
+            routed = {"contact_id": "full", "event": "routed", "resource": "13579", "contact_data": BIG}
+            with pytest.raises(client.Rejected) as refused:
+                await client.send_contacts(address_of(hub), [routed])
+            assert refused.value.detail["error"] == "journal_unavailable"
+            status, answer, headers = await asyncio.to_thread(
+                http_post_headers, f"{http_of(hub)}/v1/contacts", routed
+            )
+            assert (status, answer["error"], headers["Retry-After"]) == (503, "journal_unavailable", "2")
+            disk.free(hub)  # room again: the next commit goes through, nothing to restart
+            status, answer, _ = await asyncio.to_thread(http_post_headers, url, pop(source="after"))
+            assert status == 200
+            assert await until(lambda: listener.sources == ["after"], 5)
+            await asyncio.sleep(0.3)
+            assert listener.sources == ["after"]  # no refused pop, before or after
+            assert hub.status()["counters"]["journal_refused"] == 5
+            await listener.listener.shutdown()
+
+    try:
+        run(body())
+    finally:
+        disk.close()
+
+
+def test_a_second_hub_on_the_same_journal_refuses_to_start(tmp_path: Path) -> None:
+    first = HubProcess(tmp_path / "first").start()
+    second = HubProcess(tmp_path / "second")
+    second.journal = first.journal
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            second.start()
+        assert f"spop: error: hub.journal: the journal {first.journal} is in use by another hub (pid {first.pid};" in str(refused.value)
+        assert second.proc is not None and second.proc.returncode == EXIT_CONFIG
+        assert client.fetch_status(first.address)["pid"] == first.pid  # the first one runs on
+        first.stop()
+        second.start()  # the lock goes with the first hub
+    finally:
+        first.kill()
+        second.kill()
+
+
+def test_a_damaged_write_ahead_log_is_reported_at_start(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path).start()
+    try:
+        for i in range(6):  # six commits, each in its own frames of the log
+            client_publish(hub.address, pop(id=f"w{i}", contact_data={"k": "v" * 3000}))
+        hub.kill()
+        wal = Path(f"{hub.journal}-wal")
+        data = bytearray(wal.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the log
+        wal.write_bytes(bytes(data))
+        hub.start()
+        output = hub.output()
+        assert "spop: warning: journal " in output and "the write-ahead log is damaged" in output
+        status = client.fetch_status(hub.address)
+        assert status["pending"] < 6  # what SQLite dropped, now said out loud
+    finally:
+        hub.kill()
+
+
+def test_rows_gone_since_a_clean_stop_are_reported_at_start(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path).start()
+    try:
+        client_publish(hub.address, [pop(id="a"), pop(id="b")])
+        hub.stop()
+        with sqlite3.connect(hub.journal) as db:
+            db.execute("DELETE FROM pops WHERE id = 'a'")
+        hub.start()
+        assert (
+            "2 pop rows and 0 contacts at the last clean stop, 1 and 0 now: the file was changed"
+            " or damaged while the hub was down"
+        ) in hub.output()
+        hub.stop()
+        hub.start()  # a clean stop and start: nothing to say
+        assert "spop: warning" not in hub.output()
+    finally:
+        hub.kill()
+
+
+def test_another_programs_sqlite_file_is_refused_untouched(tmp_path: Path) -> None:
+    foreign = tmp_path / "app.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    stamped = tmp_path / "other.db"
+    with sqlite3.connect(stamped) as db:
+        db.execute("PRAGMA application_id = 42")
+        db.execute("CREATE TABLE pops (x)")
+    before = foreign.read_bytes(), stamped.read_bytes()
+    with pytest.raises(JournalOpenError) as refused:
+        Journal(foreign).open()
+    assert str(refused.value) == (
+        f"{foreign} is a SQLite database of another program (tables: notes); refusing to touch"
+        " it: give --journal a path of its own"
+    )
+    with pytest.raises(JournalOpenError, match=r"application_id 0x2a, spop's is 0x53504f50"):
+        Journal(stamped).open()
+    assert (foreign.read_bytes(), stamped.read_bytes()) == before  # not even switched to WAL
+    assert not Path(f"{foreign}-wal").exists()
+    not_sqlite = tmp_path / "notes.txt"
+    not_sqlite.write_text("hello, not a database, but long enough to be read as one" * 20)
+    with pytest.raises(JournalOpenError, match=rf"^{not_sqlite} is not an spop journal"):
+        Journal(not_sqlite).open()
+
+
+def test_a_journal_of_the_previous_version_opens_and_is_stamped(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    with sqlite3.connect(path) as db:  # the schema spop wrote before application_id
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(
+            "CREATE TABLE pops (id TEXT PRIMARY KEY, media TEXT NOT NULL, resource TEXT NOT NULL,"
+            " contact_id TEXT NOT NULL, body BLOB NOT NULL, accepted REAL NOT NULL,"
+            " expires REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0);"
+            "CREATE INDEX pops_done ON pops(done, accepted);"
+        )
+        db.execute(
+            "INSERT INTO pops VALUES ('old', 'telephone', '1', '', x'7b7d', ?, ?, 0)",
+            (time.time(), time.time() + 60),
+        )
+    found, _ = reopen(path)
+    assert [row.id for row in found] == ["old"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID

@@ -4,6 +4,7 @@ Commits in batches (group commit)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import sqlite3
@@ -309,7 +310,11 @@ class Journal:
                 db.execute(PURGE, (now - self.retain, now))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")  # else every later BEGIN fails: one bad batch, no journal
+            # else every later BEGIN fails: one bad batch, no journal. SQLite may have rolled
+            # back already (a full disk at COMMIT): then ROLLBACK would mask the real error.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
         self.commits += 1
         self.rows_committed += len(adds)
