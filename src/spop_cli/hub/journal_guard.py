@@ -30,6 +30,11 @@ WAL_SCAN_LIMIT = 256 * 1024 * 1024  # larger logs are not checked frame by frame
 class JournalOpenError(Exception):
     """The journal cannot be used: in use by another hub, or not an spop journal. Names the file."""
 
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot open the journal {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
 
 class JournalLock:
     """An exclusive lock on `<journal>.lock`, held while the hub runs. The file also records how
@@ -50,8 +55,9 @@ class JournalLock:
             handle.close()
             pid = holder.split()[1] if holder.startswith("running ") else "unknown"
             raise JournalOpenError(
-                f"the journal {self._journal()} is in use by another hub (pid {pid}; lock file"
-                f" {self.path}): two hubs on one journal would deliver the same pops twice"
+                self._journal(),
+                f"it is in use by another hub (pid {pid}; lock file {self.path}): two hubs on"
+                " one journal would deliver the same pops twice",
             ) from None
         handle.seek(0)
         self.previous = handle.read().strip()
@@ -97,15 +103,14 @@ def check_ours(db: sqlite3.Connection, path: Path) -> bool:
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         ]
     except sqlite3.DatabaseError as exc:
-        raise JournalOpenError(
-            f"{path} is not an spop journal ({exc}); refusing to use it"
-        ) from None
+        raise JournalOpenError(path, f"it is not an spop journal ({exc})") from None
     if app_id == APPLICATION_ID:
         return True
     if app_id != 0:
         raise JournalOpenError(
-            f"{path} belongs to another program (SQLite application_id {app_id:#x}, spop's is"
-            f" {APPLICATION_ID:#x}); refusing to touch it: give --journal a path of its own"
+            path,
+            f"it belongs to another program (SQLite application_id {app_id:#x}, spop's is"
+            f" {APPLICATION_ID:#x}); left untouched: give --journal a path of its own",
         )
     if not tables:
         return False  # a new, empty database
@@ -114,8 +119,9 @@ def check_ours(db: sqlite3.Connection, path: Path) -> bool:
         if columns == LEGACY_POPS_COLUMNS:
             return False
     raise JournalOpenError(
-        f"{path} is a SQLite database of another program (tables: {', '.join(sorted(tables))[:200]});"
-        " refusing to touch it: give --journal a path of its own"
+        path,
+        f"it is a SQLite database of another program (tables: {', '.join(sorted(tables))[:200]});"
+        " left untouched: give --journal a path of its own",
     )
 
 
