@@ -248,16 +248,24 @@ def test_a_batch_whose_pops_were_all_handled_before_the_write_still_answers(tmp_
         journal = Journal(tmp_path / "j.sqlite3")
         journal.open()
         journal.start()
-        commit = journal.add("hub-made", "telephone", "1", "", b"{}", time.time() + 60, remember=False)
+        commit = journal.add(
+            "hub-made", "telephone", "1", "", b"{}", time.time() + 60, remember=False
+        )
         journal.done("hub-made")  # acked in the same loop iteration, before the writer ran
         await asyncio.wait_for(commit, 5)
-        kept = journal.add("source-id", "telephone", "1", "", b"{}", time.time() + 60, remember=True)
+        kept = journal.add(
+            "source-id", "telephone", "1", "", b"{}", time.time() + 60, remember=True
+        )
         journal.done("source-id")
         await asyncio.wait_for(kept, 5)
         await journal.close()
 
     run(body())
-    rows = sqlite3.connect(tmp_path / "j.sqlite3").execute("SELECT id, done, body FROM pops").fetchall()
+    rows = (
+        sqlite3.connect(tmp_path / "j.sqlite3")
+        .execute("SELECT id, done, body FROM pops")
+        .fetchall()
+    )
     assert rows == [("source-id", 1, b"")]  # the source's id stays a duplicate; no body kept
 
 
@@ -324,12 +332,19 @@ def test_contacts_survive_a_sigkill_whole(tmp_path: Path) -> None:
         }
         routed = {"contact_id": "c1", "event": "routed", "at": T.format(30), "resource": "1001"}
         assert contacts_post(hub, [queued, routed])[0] == 200
-        assert contacts_post(hub, {"contact_id": "c2", "event": "queued", "at": T.format(1)})[0] == 200
+        assert (
+            contacts_post(hub, {"contact_id": "c2", "event": "queued", "at": T.format(1)})[0] == 200
+        )
         hub.restart()  # SIGKILL right after the 200s
 
         answered = {"contact_id": "c1", "event": "answered", "at": T.format(40), "resource": "1001"}
         assert contacts_post(hub, answered) == (200, {"applied": 1, "pops": []})
-        transferred = {"contact_id": "c1", "event": "transferred", "at": T.format(50), "resource": "1002"}
+        transferred = {
+            "contact_id": "c1",
+            "event": "transferred",
+            "at": T.format(50),
+            "resource": "1002",
+        }
         status, answer = contacts_post(hub, transferred)
         assert status == 200 and len(answer["pops"]) == 1
 
@@ -353,7 +368,9 @@ def test_contacts_survive_a_sigkill_whole(tmp_path: Path) -> None:
             hub, {"contact_id": "c2", "event": "routed", "at": T.format(21), "resource": "1003"}
         )
         assert status == 200 and len(answer["pops"]) == 1
-        assert contacts_post(hub, {"contact_id": "c2", "event": "ended", "at": T.format(22)})[0] == 200
+        assert (
+            contacts_post(hub, {"contact_id": "c2", "event": "ended", "at": T.format(22)})[0] == 200
+        )
         hub.restart()
         # an ended contact stays ended across a restart (within forget_after)
         status, answer = contacts_post(
@@ -389,7 +406,9 @@ def test_contact_expiry_removes_the_contact_from_the_journal(tmp_path: Path) -> 
 
     def journalled() -> list[str]:
         with sqlite3.connect(path) as db:
-            return [row[0] for row in db.execute("SELECT contact_id FROM contacts ORDER BY contact_id")]
+            return [
+                row[0] for row in db.execute("SELECT contact_id FROM contacts ORDER BY contact_id")
+            ]
 
     async def body() -> None:
         options = {"journal": str(path), "contact_forget_after": 0.3, "contact_idle_expiry": 1.0}
@@ -422,7 +441,9 @@ def test_a_refused_contact_commit_changes_nothing(tmp_path: Path) -> None:
             blocker = sqlite3.connect(path, isolation_level=None)
             blocker.execute("BEGIN IMMEDIATE")
             routed = {"contact_id": "k", "event": "routed", "at": T.format(5), "resource": "3001"}
-            status, answer = await asyncio.to_thread(http_post, f"{http_of(hub)}/v1/contacts", routed)
+            status, answer = await asyncio.to_thread(
+                http_post, f"{http_of(hub)}/v1/contacts", routed
+            )
             assert (status, answer["error"], answer["applied"]) == (503, "journal_unavailable", 0)
             fresh = {"contact_id": "new", "event": "queued"}
             status, _ = await asyncio.to_thread(http_post, f"{http_of(hub)}/v1/contacts", fresh)
@@ -433,8 +454,13 @@ def test_a_refused_contact_commit_changes_nothing(tmp_path: Path) -> None:
             assert (await hub.apply_contacts(later))["applied"] == 1
             assert await until(lambda: len(listener.calls) == 1)
             answered = {"contact_id": "new", "event": "answered", "resource": "3001"}
-            status, answer = await asyncio.to_thread(http_post, f"{http_of(hub)}/v1/contacts", answered)
-            assert (status, answer["error"]) == (422, "unknown_contact")  # its queued never happened
+            status, answer = await asyncio.to_thread(
+                http_post, f"{http_of(hub)}/v1/contacts", answered
+            )
+            assert (status, answer["error"]) == (
+                422,
+                "unknown_contact",
+            )  # its queued never happened
             await asyncio.sleep(0.3)
             assert len(listener.calls) == 1 and listener.twice() == []
             assert listener.sources == [""]
@@ -521,7 +547,9 @@ BIG = {"big": "x" * 4000}  # a row over a page: it needs new pages, so the cap b
 
 
 @pytest.mark.parametrize("kind", ["tmpfs", "max_page_count"])
-def test_a_full_disk_is_a_503_and_refused_pops_are_never_delivered(tmp_path: Path, kind: str) -> None:
+def test_a_full_disk_is_a_503_and_refused_pops_are_never_delivered(
+    tmp_path: Path, kind: str
+) -> None:
     disk = FullDisk(kind, tmp_path)
 
     async def body() -> None:
@@ -537,14 +565,23 @@ def test_a_full_disk_is_a_503_and_refused_pops_are_never_delivered(tmp_path: Pat
             with pytest.raises(client.Rejected) as refused:
                 await client.publish(address_of(hub), pop(source="refused-frame", contact_data=BIG))
             assert refused.value.detail == DISK_FULL
-            routed = {"contact_id": "full", "event": "routed", "resource": "13579", "contact_data": BIG}
+            routed = {
+                "contact_id": "full",
+                "event": "routed",
+                "resource": "13579",
+                "contact_data": BIG,
+            }
             with pytest.raises(client.Rejected) as refused:
                 await client.send_contacts(address_of(hub), [routed])
             assert refused.value.detail["error"] == "journal_unavailable"
             status, answer, headers = await asyncio.to_thread(
                 http_post_headers, f"{http_of(hub)}/v1/contacts", routed
             )
-            assert (status, answer["error"], headers["Retry-After"]) == (503, "journal_unavailable", "2")
+            assert (status, answer["error"], headers["Retry-After"]) == (
+                503,
+                "journal_unavailable",
+                "2",
+            )
             disk.free(hub)  # room again: the next commit goes through, nothing to restart
             status, answer, _ = await asyncio.to_thread(http_post_headers, url, pop(source="after"))
             assert status == 200

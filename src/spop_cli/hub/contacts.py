@@ -274,7 +274,9 @@ class ContactTracker:
                 exc.applied = outcomes
                 raise
             except Exception as exc:  # a rule we got wrong: refuse this event, keep the others
-                error = ContactEventError(422, "not_applicable", f"event cannot be applied: {exc!r}"[:300])
+                error = ContactEventError(
+                    422, "not_applicable", f"event cannot be applied: {exc!r}"[:300]
+                )
                 error.index = index
                 error.applied = outcomes
                 raise error from exc
@@ -363,7 +365,9 @@ class ContactTracker:
         for contact_id in contact_ids:
             contact = self._contacts.get(contact_id)
             out[contact_id] = (
-                None if contact is None else replace(contact, contact_data=dict(contact.contact_data))
+                None
+                if contact is None
+                else replace(contact, contact_data=dict(contact.contact_data))
             )
         return out
 

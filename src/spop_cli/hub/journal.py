@@ -163,7 +163,9 @@ class Journal:
             # the last hub did not stop cleanly (crash, kill -9, power loss): check the pages
             damage = quick_check(db)
             if damage:
-                self.warnings.append(f"journal {self.path}: quick_check finds damage: {damage[:500]}")
+                self.warnings.append(
+                    f"journal {self.path}: quick_check finds damage: {damage[:500]}"
+                )
 
     @staticmethod
     def _counts(db: sqlite3.Connection) -> tuple[int, int]:
@@ -221,7 +223,9 @@ class Journal:
             index, remember = queued
             row = self._adds[index]
             # a handled pop's row only keeps its id a duplicate: no body to write
-            self._adds[index] = (*row[:4], b"", *row[5:7], 1) if remember and row is not None else None
+            self._adds[index] = (
+                (*row[:4], b"", *row[5:7], 1) if remember and row is not None else None
+            )
             self.skipped += not remember
             return
         self._dones.append((pop_id,))
@@ -257,7 +261,11 @@ class Journal:
                     self._failed(exc, len(adds), len(states))
                 else:
                     if self.failures:
-                        log.warning("journal %s writable again after %d failed commits", self.path, self.failures)
+                        log.warning(
+                            "journal %s writable again after %d failed commits",
+                            self.path,
+                            self.failures,
+                        )
                     self.failures = 0
             # Resolved even when every row of the batch was dropped (all handled before the
             # write): its sources wait on it.
@@ -267,7 +275,9 @@ class Journal:
                 else:
                     batch.set_exception(error)
                     batch.exception()  # retrieved: those who wait get it; none is no leak
-            if self._closing and (error is not None or not (self._adds or self._dones or self._states)):
+            if self._closing and (
+                error is not None or not (self._adds or self._dones or self._states)
+            ):
                 return
 
     def _failed(self, exc: Exception, adds: int, states: int) -> None:
@@ -327,6 +337,10 @@ class Journal:
             self._wake.set()
             await self._task
             self._task = None
+        if self._batch is not None and not self._batch.done():  # queued behind a failed commit
+            self._batch.set_exception(JournalUnavailable(RuntimeError("the hub is stopping")))
+            self._batch.exception()
+            self._batch = None
         if self._db is not None:
             try:
                 pops, contacts = self._counts(self._db)

@@ -162,7 +162,12 @@ class Hub:
         for warning in self.journal.warnings:
             self.log.warning("%s", warning)
         for pop_id, media, resource in self.journal.expired_while_down:
-            self.log.warning("pop %s for %s %s expired undelivered while the hub was down", pop_id, media, resource)
+            self.log.warning(
+                "pop %s for %s %s expired undelivered while the hub was down",
+                pop_id,
+                media,
+                resource,
+            )
         self.delivery.expired += len(self.journal.expired_while_down)
         restored = 0
         now = time.time()
@@ -177,7 +182,10 @@ class Hub:
         contacts = self._restore_contacts(self.journal.contacts)
         self.journal.start()
         self.log.info(
-            "journal %s: %d pending pops and %d contacts restored", self.config.journal, restored, contacts
+            "journal %s: %d pending pops and %d contacts restored",
+            self.config.journal,
+            restored,
+            contacts,
         )
 
     def _restore_contacts(self, rows: list[tuple[str, bytes]]) -> int:
@@ -290,11 +298,17 @@ class Hub:
                 self.counters["pops_accepted"] += 1
             return None
         held = self._held.get(pop_id)
-        if held is not None or self.delivery.is_duplicate(pop_id) or pop_id in self.delivery.pending:
+        if (
+            held is not None
+            or self.delivery.is_duplicate(pop_id)
+            or pop_id in self.delivery.pending
+        ):
             self.delivery.duplicates += 1  # answered once the first copy is committed, not before
             return held.commit if held is not None else None
         expires = time.time() + self.config.pop_ttl
-        commit = self.journal.add(pop_id, key[0], key[1], pop["contact_id"], frame, expires, remember=dedupe)
+        commit = self.journal.add(
+            pop_id, key[0], key[1], pop["contact_id"], frame, expires, remember=dedupe
+        )
         held = _Held(pop_id, key, frame, pop["contact_id"], expires, dedupe, commit)
         self._held[pop_id] = held
         batch = self._batches.get(commit)
@@ -314,7 +328,9 @@ class Hub:
             if failed:
                 self.counters["journal_refused"] += 1
             elif not pop.withdrawn:
-                self.delivery.publish(pop.id, pop.key, pop.frame, pop.contact_id, pop.expires, pop.dedupe)
+                self.delivery.publish(
+                    pop.id, pop.key, pop.frame, pop.contact_id, pop.expires, pop.dedupe
+                )
                 self.counters["pops_accepted"] += 1
 
     def _unhold(self, pop_id: str) -> bool:
@@ -425,7 +441,9 @@ class Hub:
                 return
             await asyncio.wait(busy)
 
-    async def _apply_contacts(self, events: Any, ids: set[str], refusal: type[Exception]) -> dict[str, Any]:
+    async def _apply_contacts(
+        self, events: Any, ids: set[str], refusal: type[Exception]
+    ) -> dict[str, Any]:
         tracker = self.contacts
         before = tracker.snapshot(ids) if self.journal is not None else {}
         error: Exception | None = None
