@@ -699,3 +699,72 @@ def test_a_journal_of_the_previous_version_opens_and_is_stamped(tmp_path: Path) 
     assert [row.id for row in found] == ["old"]
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+
+
+def crash_image(tmp_path: Path, commits: int) -> tuple[Path, int]:
+    """A database and its write-ahead log as a crash leaves them: `commits` transactions of one
+    4 KiB-page row each, copied while the writer still holds them (never checkpointed)."""
+    import shutil
+
+    live = tmp_path / "live.sqlite3"
+    db = sqlite3.connect(live, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE t (x BLOB)")
+    for _ in range(commits):
+        db.execute("INSERT INTO t VALUES (zeroblob(3000))")
+    image = tmp_path / "image.sqlite3"
+    shutil.copy(live, image)
+    shutil.copy(f"{live}-wal", f"{image}-wal")
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    return image, page
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("none", ""),
+        (
+            "checksum",
+            "the write-ahead log is damaged: its frames 4 to 13 (of 13) are dropped, with 3 committed transaction(s): pops and contact changes accepted in them are gone",
+        ),
+        (
+            "salt",
+            "the write-ahead log is damaged: its frames 4 to 13 (of 13) are dropped, with 3 committed transaction(s): pops and contact changes accepted in them are gone",
+        ),
+        (
+            "torn tail",
+            "the write-ahead log has 1 damaged frame(s) after frame 13, none ending a transaction (a write cut short, e.g. by a power loss): probably nothing committed is lost",
+        ),
+        ("header", "has a damaged header: SQLite will ignore every frame in it"),
+    ],
+)
+def test_the_write_ahead_log_check_says_what_sqlite_drops(
+    tmp_path: Path, damage: str, expected: str
+) -> None:
+    from spop_cli.hub.journal_guard import scan_wal
+
+    # 13 frames, 5 commits (the table, then 4 rows), ending at frames 2, 3, 7, 10 and 13
+    image, page = crash_image(tmp_path, 4)
+    wal = Path(f"{image}-wal")
+    data = bytearray(wal.read_bytes())
+    frame = 24 + page
+    frames = (len(data) - 32) // frame
+    sixth = 32 + 5 * frame  # the sixth frame: its transaction and the two after it are lost
+    if damage == "checksum":
+        data[sixth + 24 + 100] ^= 0xFF
+    elif damage == "salt":
+        data[sixth + 8] ^= 0xFF
+    elif damage == "torn tail":
+        data += data[32 : 32 + frame]  # a frame of the current log, no commit, bad checksum
+        data[-1] ^= 0xFF
+    elif damage == "header":
+        data[20] ^= 0xFF
+    wal.write_bytes(bytes(data))
+    problem = scan_wal(image).problem()
+    assert frames == 13
+    if damage == "header":
+        assert problem.endswith(expected)
+    else:
+        assert problem == expected

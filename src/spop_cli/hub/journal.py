@@ -150,17 +150,23 @@ class Journal:
         if wal_problem:
             self.warnings.append(f"journal {self.path}: {wal_problem}")
         previous = self._lock.previous.split()
-        if previous[:1] == ["clean"] and len(previous) == 3:
+        if (
+            previous[:1] == ["clean"]
+            and len(previous) == 3
+            and all(n.isdigit() for n in previous[1:])
+        ):
             pops, contacts = int(previous[1]), int(previous[2])
             found = self._counts(db)
-            if found != (pops, contacts):
-                self.warnings.append(
-                    f"journal {self.path}: {pops} pop rows and {contacts} contacts at the last clean"
-                    f" stop, {found[0]} and {found[1]} now: the file was changed or damaged"
-                    " while the hub was down"
-                )
-        elif previous[:1] == ["running"]:
-            # the last hub did not stop cleanly (crash, kill -9, power loss): check the pages
+            if found == (pops, contacts):
+                return
+            self.warnings.append(
+                f"journal {self.path}: {pops} pop rows and {contacts} contacts at the last clean"
+                f" stop, {found[0]} and {found[1]} now: the file was changed or damaged"
+                " while the hub was down"
+            )
+        if previous[:1] in (["running"], ["clean"]):
+            # the last hub did not stop cleanly (crash, kill -9, power loss), or rows changed
+            # since it did: check the pages
             damage = quick_check(db)
             if damage:
                 self.warnings.append(

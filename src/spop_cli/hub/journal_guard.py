@@ -131,7 +131,7 @@ class WalReport:
 
     frames: int = 0  # frames in the file
     good: int = 0  # frames that SQLite will replay (checksums chain and salts match)
-    bad: int = 0  # frames of the current log after the first checksum failure: lost
+    bad: int = 0  # frames of the current log after those: dropped by SQLite
     lost_commits: int = 0  # commit frames among them
     skipped: str = ""  # why the log was not checked
 
@@ -147,9 +147,9 @@ class WalReport:
                 " committed is lost"
             )
         return (
-            f"the write-ahead log is damaged: {self.bad} of its {self.frames} frames fail their"
-            f" checksum after frame {self.good}, so {self.lost_commits} committed transaction(s)"
-            " in them are lost: pops and contact changes accepted in them are gone"
+            f"the write-ahead log is damaged: its frames {self.good + 1} to {self.good + self.bad}"
+            f" (of {self.frames}) are dropped, with {self.lost_commits} committed transaction(s):"
+            " pops and contact changes accepted in them are gone"
         )
 
 
@@ -179,29 +179,33 @@ def scan_wal(journal: Path) -> WalReport:
         return report
     frame_size = 24 + page_size
     report.frames = (size - 32) // frame_size
-    pending = 0  # frames since the last commit frame that checked out
-    broken = False
+    pending = 0  # frames since the last good commit frame
+    broken_at: int | None = None  # the first frame SQLite will not replay
+    last_current = -1  # the last frame after it that still belongs to the current log
     for index in range(report.frames):
         start = 32 + index * frame_size
         header = data[start : start + 24]
         _page, commit, fsalt1, fsalt2, f1, f2 = struct.unpack(">6I", header)
-        if (fsalt1, fsalt2) != (salt1, salt2):
-            if not broken:
-                break  # an older log's leftovers: the current log ends here
-            continue
-        if not broken:
-            t1, t2 = _checksum(header[:8], order, s1, s2)
-            t1, t2 = _checksum(data[start + 24 : start + frame_size], order, t1, t2)
-            if (t1, t2) == (f1, f2):
-                s1, s2 = t1, t2
-                pending += 1
-                if commit:
-                    report.good += pending
-                    pending = 0
-                continue
-            broken = True
-        report.bad += 1
-        report.lost_commits += bool(commit)
+        current = (fsalt1, fsalt2) == (salt1, salt2)  # only this log's frames carry its salts
+        if broken_at is None:
+            if current:
+                t1, t2 = _checksum(header[:8], order, s1, s2)
+                t1, t2 = _checksum(data[start + 24 : start + frame_size], order, t1, t2)
+                if (t1, t2) == (f1, f2):
+                    s1, s2 = t1, t2
+                    pending += 1
+                    if commit:
+                        report.good += pending
+                        pending = 0
+                    continue
+            # a bad checksum, or other salts: an older log's leftovers (the log ends here) or
+            # a damaged header; what follows tells them apart
+            broken_at = index
+        if current:
+            last_current = index
+            report.lost_commits += bool(commit)
+    if broken_at is not None and last_current >= broken_at:
+        report.bad = last_current + 1 - report.good
     return report
 
 
