@@ -488,10 +488,17 @@ class Hub:
         if futures:
             try:
                 await asyncio.shield(asyncio.gather(*futures))
-            except Exception:
+            except Exception as exc:
                 tracker.put_back(before)  # nothing of this request happened
                 self.counters["contact_events"] -= len(outcomes)
-                raise
+                from .journal import JournalUnavailable
+
+                if not isinstance(exc, JournalUnavailable):
+                    raise
+                # the batch's error is shared by all its sources: this request's own copy
+                refused = JournalUnavailable(exc.__cause__ or exc)
+                refused.applied_result = {"applied": 0, "pops": []}  # type: ignore[attr-defined]
+                raise refused from exc
         for contact_id in ended:
             for pending in self.delivery.withdraw(contact_id):
                 if pending.id not in staged and self.journal is not None:
