@@ -768,3 +768,29 @@ def test_the_write_ahead_log_check_says_what_sqlite_drops(
         assert problem.endswith(expected)
     else:
         assert problem == expected
+
+
+def test_the_writer_checkpoints_so_the_log_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's autocheckpoint is off (it could fsync on the event loop); the writer checkpoints
+    in its thread every CHECKPOINT_ROWS rows, so the log is reused instead of growing."""
+    monkeypatch.setattr("spop_cli.hub.journal.CHECKPOINT_ROWS", 1000)
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        journal = Journal(path)
+        journal.open()
+        journal.start()
+        body_1k = b"x" * 1000
+        for start in range(0, 8000, 500):  # 8 MB of rows in 16 batches
+            await asyncio.gather(
+                *(
+                    journal.add(f"p{i}", "telephone", "1", "", body_1k, time.time() + 60)
+                    for i in range(start, start + 500)
+                )
+            )
+        assert Path(f"{path}-wal").stat().st_size < 3_000_000
+        await journal.close()
+
+    run(body())
