@@ -675,6 +675,7 @@ def test_another_programs_sqlite_file_is_refused_untouched(tmp_path: Path) -> No
         Journal(stamped).open()
     assert (foreign.read_bytes(), stamped.read_bytes()) == before  # not even switched to WAL
     assert not Path(f"{foreign}-wal").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "other.db"]  # no lock left
     not_sqlite = tmp_path / "notes.txt"
     not_sqlite.write_text("hello, not a database, but long enough to be read as one" * 20)
     with pytest.raises(JournalOpenError, match="it is not an spop journal .file is not a database"):

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..pops import InputError
-from .journal_guard import APPLICATION_ID, JournalLock, check_ours, quick_check, scan_wal
+from .journal_guard import (
+    APPLICATION_ID,
+    JournalLock,
+    JournalOpenError,
+    check_ours,
+    quick_check,
+    scan_wal,
+)
 
 log = logging.getLogger("spop.hub")
 
@@ -115,11 +122,12 @@ class Journal:
         self._lock.acquire()
         try:
             return self._open()
-        except BaseException:
+        except BaseException as exc:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-            self._lock.release()
+            # another program's file: leave no lock file of ours beside it
+            self._lock.release(remove=isinstance(exc, JournalOpenError) and not self._lock.previous)
             raise
 
     def _open(self) -> list[JournalRow]:

@@ -75,8 +75,11 @@ class JournalLock:
         self._file.write(text + "\n")
         self._file.flush()
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock; `remove`: delete the lock file first (it was made for nothing)."""
         if self._file is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
             self._file.close()  # closing drops the lock
             self._file = None
 
