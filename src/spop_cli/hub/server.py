@@ -417,21 +417,44 @@ class Hub:
         With a journal, the answer comes once everything the events changed is committed in one
         batch: their pops, the withdrawals of an `ended`, and each contact's new state. If that
         commit fails, none of it happened (JournalUnavailable). Requests about the same contact
-        take turns, so a refused commit can be undone without undoing anyone else's events."""
+        take turns until their commit is done, so a refused commit is undone without undoing
+        anyone else's events, even when its caller has gone away."""
         from .contacts import ContactEventError
+        from .journal import JournalUnavailable
 
         ids = _contact_ids(events)
         await self._contact_turn(ids)
-        turn = asyncio.get_running_loop().create_future()
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for contact_id in ids:
             self._contact_turns[contact_id] = turn
-        try:
-            return await self._apply_contacts(events, ids, ContactEventError)
-        finally:
+
+        def release(_: Any = None) -> None:
             for contact_id in ids:
                 if self._contact_turns.get(contact_id) is turn:
                     del self._contact_turns[contact_id]
-            turn.set_result(None)
+            if not turn.done():
+                turn.set_result(None)
+
+        try:
+            commit, result, error = self._stage_contacts(events, ids, ContactEventError)
+        except BaseException:
+            release()
+            raise
+        if commit is None:
+            release()
+        else:
+            commit.add_done_callback(release)  # after the commit's outcome is applied
+            try:
+                await asyncio.shield(commit)
+            except JournalUnavailable as exc:
+                # the batch's error is shared by all its sources: this request's own copy
+                refused = JournalUnavailable(exc.__cause__ or exc)
+                refused.applied_result = {"applied": 0, "pops": []}  # type: ignore[attr-defined]
+                raise refused from exc
+        if error is not None:
+            error.applied_result = result  # type: ignore[attr-defined]
+            raise error
+        return result
 
     async def _contact_turn(self, ids: set[str]) -> None:
         """Wait until no other request is changing any of these contacts."""
@@ -441,9 +464,11 @@ class Hub:
                 return
             await asyncio.wait(busy)
 
-    async def _apply_contacts(
+    def _stage_contacts(
         self, events: Any, ids: set[str], refusal: type[Exception]
-    ) -> dict[str, Any]:
+    ) -> tuple[asyncio.Future[None] | None, dict[str, Any], Exception | None]:
+        """Apply the events in memory and queue what they change in one journal batch; return
+        that batch's commit (None without a journal), the answer, and the refusal if any."""
         tracker = self.contacts
         before = tracker.snapshot(ids) if self.journal is not None else {}
         error: Exception | None = None
@@ -452,7 +477,6 @@ class Hub:
         except refusal as exc:
             error = exc
             outcomes = getattr(exc, "applied", [])
-        futures: list[asyncio.Future[None]] = []
         pop_ids: list[str] = []
         held: dict[str, list[str]] = {}  # contact → pops of this request still waiting
         ended: list[str] = []
@@ -472,42 +496,33 @@ class Hub:
             for event in outcome.pops:
                 pop = event.to_dict()
                 pop_ids.append(pop["id"])
-                future = self.accept(pop, dedupe=False)  # the hub made the id
+                self.accept(pop, dedupe=False)  # the hub made the id
                 held.setdefault(outcome.contact_id, []).append(pop["id"])
-                if future is not None and future not in futures:
-                    futures.append(future)
         self.counters["contact_events"] += len(outcomes)
-        if self.journal is not None and outcomes:
-            for contact_id in {outcome.contact_id for outcome in outcomes}:
-                state = tracker.state(contact_id)
-                if state is None:
-                    self.journal.forget_contact(contact_id)
-                else:
-                    self.journal.put_contact(contact_id, orjson.dumps(state))
-            futures.append(self.journal.barrier())
-        if futures:
-            try:
-                await asyncio.shield(asyncio.gather(*futures))
-            except Exception as exc:
+        result = {"applied": len(outcomes), "pops": pop_ids}
+        journal = self.journal
+        if journal is None or not outcomes:
+            return None, result, error
+        for contact_id in {outcome.contact_id for outcome in outcomes}:
+            state = tracker.state(contact_id)
+            if state is None:
+                journal.forget_contact(contact_id)
+            else:
+                journal.put_contact(contact_id, orjson.dumps(state))
+        commit = journal.barrier()  # the batch holding the pops, the dones and the states
+
+        def finish(done: asyncio.Future[None]) -> None:
+            if done.cancelled() or done.exception() is not None:
                 tracker.put_back(before)  # nothing of this request happened
                 self.counters["contact_events"] -= len(outcomes)
-                from .journal import JournalUnavailable
+                return
+            for contact_id in ended:
+                for pending in self.delivery.withdraw(contact_id):
+                    if pending.id not in staged:
+                        journal.done(pending.id)  # a pop that came after the `ended` was staged
 
-                if not isinstance(exc, JournalUnavailable):
-                    raise
-                # the batch's error is shared by all its sources: this request's own copy
-                refused = JournalUnavailable(exc.__cause__ or exc)
-                refused.applied_result = {"applied": 0, "pops": []}  # type: ignore[attr-defined]
-                raise refused from exc
-        for contact_id in ended:
-            for pending in self.delivery.withdraw(contact_id):
-                if pending.id not in staged and self.journal is not None:
-                    self.journal.done(pending.id)  # a pop that came after the `ended` was staged
-        result = {"applied": len(outcomes), "pops": pop_ids}
-        if error is not None:
-            error.applied_result = result  # type: ignore[attr-defined]
-            raise error
-        return result
+        commit.add_done_callback(finish)
+        return commit, result, error
 
     async def ingest_frame(self, conn: HubConnection, body: Any, ref: Any) -> None:
         """A `contact` frame from a source on the listener port."""
