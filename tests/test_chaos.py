@@ -324,7 +324,7 @@ def test_sigkill_the_hub_while_contact_events_flow(tmp_path: Path) -> None:
             expected += [{**e, "contact_id": e["contact_id"] + suffix} for e in scenario.expect]
     keys = sorted({(e["media"], e["resource"]) for e in expected})
     total_events = sum(len(play) for play in plays)
-    kill_after = set(rng.sample(range(1, total_events), kills))
+    kill_after = set(rng.sample(range(1, total_events), kills))  # kill once this many are sent
 
     async def body() -> None:
         got: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in keys}
@@ -353,24 +353,34 @@ def test_sigkill_the_hub_while_contact_events_flow(tmp_path: Path) -> None:
                 await asyncio.sleep(0.05)
             return await pending() == 0
 
-        # the plays interleave: one event of each live play in turn, as calls overlap in a centre
+        # the plays interleave: one event of each live play in turn, as calls overlap in a centre,
+        # six requests at a time (different contacts share journal batches)
         cursors = [0] * len(plays)
         sent = 0
+        restarts: list[int] = []
         while any(cursor < len(play) for cursor, play in zip(cursors, plays, strict=True)):
-            for index, play in enumerate(plays):
-                if cursors[index] >= len(play) or (index > 6 and cursors[index - 6] == 0):
-                    continue
-                event = play[cursors[index]]
-                if event["event"] == "ended":
+            due = [
+                index
+                for index, play in enumerate(plays)
+                if cursors[index] < len(play) and not (index > 6 and cursors[index - 6] == 0)
+            ]
+            for start in range(0, len(due), 6):
+                group = due[start : start + 6]
+                events = [plays[index][cursors[index]] for index in group]
+                if any(event["event"] == "ended" for event in events):
                     assert await nothing_pending()  # its pops reached a listener, not withdrawn
-                status, answer = await post(event)
-                assert status == 200, (event, answer)
-                cursors[index] += 1
-                sent += 1
-                if sent in kill_after:
-                    await asyncio.to_thread(hub.restart)  # SIGKILL right after the answer
+                answers = await asyncio.gather(*(post(event) for event in events))
+                for event, (status, answer) in zip(events, answers, strict=True):
+                    assert status == 200, (event, answer)
+                for index in group:
+                    cursors[index] += 1
+                before, sent = sent, sent + len(group)
+                if any(before < point <= sent for point in kill_after):
+                    await asyncio.to_thread(hub.restart)  # SIGKILL right after the answers
                     assert await all_up()
+                    restarts.append(sent)
         assert sent == total_events
+        assert len(restarts) == kills  # 332 events; killed after 45, 85, 128, 211, 217, 223, …
         # an ended contact is still ended, whatever restarts came between
         late = {"contact_id": plays[0][0]["contact_id"], "event": "answered", "resource": "x"}
         assert (await post(late))[1]["error"] == "contact_ended"
