@@ -24,7 +24,7 @@ LEGACY_POPS_COLUMNS = (
     "done",
 )
 WAL_MAGIC = (0x377F0682, 0x377F0683)
-WAL_SCAN_LIMIT = 256 * 1024 * 1024  # larger logs are not checked frame by frame (say so)
+WAL_SCAN_LIMIT = 64 * 1024 * 1024  # ~1.6 s to check at start; larger logs are not (say so)
 
 
 class JournalOpenError(Exception):
