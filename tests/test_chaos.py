@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from guide_pops import EMPTY_POP
 from hubproc import (
     Counting,
     HubProcess,
@@ -284,4 +285,122 @@ def test_hub_restart_under_1000_listeners(tmp_path: Path) -> None:
         assert desks.state["twice"] == 0 and desks.state["losses"] == count
     finally:
         desks.stop()
+        hub.kill()
+
+
+def canonical(pop: dict[str, Any]) -> str:
+    """One pop as text, keys sorted, contact_data as ordered pairs (its order is compared too)."""
+    import json
+
+    pairs = list(pop.get("contact_data", {}).items())
+    return json.dumps({**pop, "contact_data": pairs}, sort_keys=True)
+
+
+def test_sigkill_the_hub_while_contact_events_flow(tmp_path: Path) -> None:
+    """Every builtin scenario, four times over, played to a hub that is SIGKILLed at random points
+    (right after an answer, with pops in flight to listeners) and restarted on its journal: every
+    remaining event is accepted, contact state carries on (waits, holders, data), each expected
+    pop reaches its listener exactly once, and an `ended` stays ended across the kills."""
+    from datetime import UTC, datetime
+
+    from spop_cli.listener.core import AsyncListener
+    from spop_cli.scenario import builtin_names, load_scenario, timeline
+
+    rng = random.Random(1010)
+    hub = HubProcess(tmp_path / "hub", heartbeat=0.5).start()
+    scenarios = [load_scenario(name) for name in builtin_names()]
+    rounds, kills = 4, 8
+    start = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    plays: list[list[dict[str, Any]]] = []  # each play's events, in order, ended last
+    expected: list[dict[str, Any]] = []
+    for run_no in range(rounds):
+        for scenario in scenarios:
+            suffix = f"-r{run_no}"
+            events = timeline(scenario, start, contact_suffix=suffix)
+            last = max(event["at"] for event in events)
+            ends = sorted({event["contact_id"] for event in events})
+            events += [{"contact_id": c, "event": "ended", "at": last} for c in ends]
+            plays.append(events)
+            expected += [{**e, "contact_id": e["contact_id"] + suffix} for e in scenario.expect]
+    keys = sorted({(e["media"], e["resource"]) for e in expected})
+    total_events = sum(len(play) for play in plays)
+    kill_after = set(rng.sample(range(1, total_events), kills))  # kill once this many are sent
+
+    async def body() -> None:
+        got: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in keys}
+        listeners = []
+        for media, resource in keys:
+            listener = AsyncListener(media, reconnecting_interval=0.5, timeout=30)
+            listener.on_screen_pop(
+                lambda event, key=(media, resource): got[key].append(event.to_dict())
+            )
+            await listener.initialize(hub.address)
+            await listener.start_listening(resource)
+            listeners.append(listener)
+
+        async def post(event: dict[str, Any]) -> tuple[int, Any]:
+            return await asyncio.to_thread(http_post, f"{hub.http}/v1/contacts", event)
+
+        async def all_up() -> bool:
+            return await until(lambda: all(x.status is S.Status_Up for x in listeners), 30)
+
+        async def nothing_pending() -> bool:
+            async def pending() -> int:
+                return (await client.fetch_status_async(hub.address))["pending"]
+
+            deadline = time.monotonic() + 30
+            while await pending() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return await pending() == 0
+
+        # the plays interleave: one event of each live play in turn, as calls overlap in a centre,
+        # six requests at a time (different contacts share journal batches)
+        cursors = [0] * len(plays)
+        sent = 0
+        restarts: list[int] = []
+        while any(cursor < len(play) for cursor, play in zip(cursors, plays, strict=True)):
+            due = [
+                index
+                for index, play in enumerate(plays)
+                if cursors[index] < len(play) and not (index > 6 and cursors[index - 6] == 0)
+            ]
+            for start in range(0, len(due), 6):
+                group = due[start : start + 6]
+                events = [plays[index][cursors[index]] for index in group]
+                if any(event["event"] == "ended" for event in events):
+                    assert await nothing_pending()  # its pops reached a listener, not withdrawn
+                answers = await asyncio.gather(*(post(event) for event in events))
+                for event, (status, answer) in zip(events, answers, strict=True):
+                    assert status == 200, (event, answer)
+                for index in group:
+                    cursors[index] += 1
+                before, sent = sent, sent + len(group)
+                if any(before < point <= sent for point in kill_after):
+                    await asyncio.to_thread(hub.restart)  # SIGKILL right after the answers
+                    assert await all_up()
+                    restarts.append(sent)
+        assert sent == total_events
+        assert len(restarts) == kills  # 332 events; killed after 45, 85, 128, 211, 217, 223, …
+        # an ended contact is still ended, whatever restarts came between
+        late = {"contact_id": plays[0][0]["contact_id"], "event": "answered", "resource": "x"}
+        assert (await post(late))[1]["error"] == "contact_ended"
+        assert await nothing_pending()
+        for listener in listeners:
+            await listener.shutdown()
+        for pops in got.values():
+            for item in pops:
+                del item["id"], item["created_at"]
+        ids_twice = [
+            key for key, pops in got.items() if len(pops) != len({canonical(p) for p in pops})
+        ]
+        assert ids_twice == []  # no pop reached the callbacks twice
+        wanted: dict[tuple[str, str], list[str]] = {key: [] for key in keys}
+        for e in expected:
+            wanted[(e["media"], e["resource"])].append(canonical(EMPTY_POP | e))
+        received = {key: sorted(canonical(p) for p in pops) for key, pops in got.items()}
+        assert received == {key: sorted(items) for key, items in wanted.items()}
+
+    try:
+        run(body(), timeout=240)
+    finally:
         hub.kill()

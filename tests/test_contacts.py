@@ -488,3 +488,47 @@ def test_a_time_that_overflows_is_refused_and_earlier_events_stay_applied() -> N
         tracker.apply_batch(events, now)
     assert (info.value.status, info.value.field, info.value.index) == (400, "at", 1)
     assert len(info.value.applied) == 1 and info.value.applied[0].pops[0].resource == "13579"
+
+
+# -- the state the journal keeps (issue 10): whole, and the same after a restore -------------------
+
+
+def test_a_restored_contact_carries_on_exactly_as_the_original() -> None:
+    import json
+
+    lived = [
+        ev("queued", 0, media="email", source="a@b.fr", queue_name="Q", contact_data={"k": "1"}),
+        ev("routed", 10, resource="alice"),
+        ev("answered", 12, resource="alice"),
+        ev("requeued", 20, queue_name="Q2", contact_data={"k2": "2"}),
+    ]
+    then = [ev("routed", 35, resource="bob"), ev("transferred", 40, resource="carol")]
+    original = ContactTracker()
+    original.apply_batch(lived, T0)
+    state = original.state("call-1")
+    assert state is not None and json.loads(json.dumps(state)) == state  # plain JSON values
+    assert {name: state[name] for name in ("media", "holder", "queue_name", "contact_data")} == {
+        "media": "email",
+        "holder": "alice",
+        "queue_name": "Q2",
+        "contact_data": {"k2": "2"},
+    }
+    assert (state["segment_start"], state["answered_at"]) == ("2024-05-14T09:00:20+00:00", None)
+    restored = ContactTracker()
+    assert restored.restore(json.loads(json.dumps(state))) == "call-1"
+    assert restored.state("call-1") == state
+    later = T0 + timedelta(seconds=50)
+    assert pops_of(restored.apply_batch(then, later)) == pops_of(original.apply_batch(then, later))
+
+
+def test_a_snapshot_put_back_undoes_every_change_since() -> None:
+    tracker = ContactTracker()
+    tracker.apply(ev("queued", 0, contact_data={"a": "1"}), T0)
+    before = tracker.snapshot(["call-1", "call-2"])
+    tracker.apply_batch(
+        [ev("routed", 5, contact_data={"b": "2"}, resource="1"), ev("queued", 6, "call-2")], T0
+    )
+    tracker.put_back(before)
+    assert len(tracker) == 1
+    assert tracker.state("call-1")["contact_data"] == {"a": "1"}  # type: ignore[index]
+    assert tracker.state("call-1")["holder"] == ""  # type: ignore[index]

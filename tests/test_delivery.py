@@ -240,11 +240,13 @@ def test_a_resend_is_answered_only_once_the_first_copy_is_committed(
         real_commit(self, *args)
 
     monkeypatch.setattr(Journal, "_commit", slow_commit)
+    monkeypatch.setattr("spop_cli.hub.journal.INLINE_ROWS", -1)  # the slow commit in its thread
 
     async def body() -> None:
         async with inprocess_hub(journal=str(tmp_path / "j.sqlite3")) as hub:
             first = asyncio.ensure_future(hub.publish(pop(id="p1")))
-            assert await until(lambda: "p1" in hub.delivery.pending)
+            assert await until(lambda: "p1" in hub._held)  # waiting for its commit
+            assert "p1" not in hub.delivery.pending  # not delivered before it either
             resend = asyncio.ensure_future(hub.publish(pop(id="p1")))
             await asyncio.sleep(0.3)
             assert not first.done() and not resend.done()  # neither answered before the commit

@@ -24,7 +24,9 @@ from hubproc import (
     until,
 )
 from spop_cli import client
+from spop_cli.cli import EXIT_CONFIG
 from spop_cli.hub.journal import Journal
+from spop_cli.hub.journal_guard import APPLICATION_ID, JournalOpenError
 from spop_cli.hub.server import default_journal_path
 from spop_cli.serve import build_hub_config
 
@@ -33,6 +35,14 @@ def rows(path: Path) -> dict[str, int]:
     """id → done, read by another connection, as a crash would find them."""
     with sqlite3.connect(path) as db:
         return dict(db.execute("SELECT id, done FROM pops"))
+
+
+def reopen(path: Path, retain: float = 60) -> tuple[list[Any], Journal]:
+    """Open the journal as a starting hub would, read what it restores, close it again."""
+    journal = Journal(path, retain=retain)
+    found = journal.open()
+    run(journal.close())
+    return found, journal
 
 
 # -- the journal alone -----------------------------------------------------------------------
@@ -55,7 +65,7 @@ def test_journal_commits_in_batches_and_reopens(tmp_path: Path) -> None:
         await journal.close()  # commits what is queued
 
     run(body())
-    reopened = Journal(path, retain=60).open()
+    reopened, _ = reopen(path)
     assert len(reopened) == 2000
     assert [r.id for r in reopened if r.done] == ["p0"]
     assert reopened[1].media == "telephone" and reopened[1].body == b"{}"
@@ -79,15 +89,15 @@ def test_journal_forgets_expired_and_old_rows_on_open(tmp_path: Path) -> None:
     run(body())
     # within the duplicate window every id is kept (the expired one too, to stay a duplicate;
     # it is marked done and reported as expired while the hub was down)
-    reopened = Journal(path, retain=60)
-    assert {(r.id, r.done) for r in reopened.open()} == {
+    found, reopened = reopen(path)
+    assert {(r.id, r.done) for r in found} == {
         ("expired", True),
         ("live", False),
         ("handled", True),
     }
     assert reopened.expired_while_down == [("expired", "telephone", "1")]
     # past it, only what is still owed: a pending pop outlives the window when pop_ttl is longer
-    assert [(r.id, r.done) for r in Journal(path, retain=0).open()] == [("live", False)]
+    assert [(r.id, r.done) for r in reopen(path, retain=0)[0]] == [("live", False)]
 
 
 def test_a_failed_commit_is_an_error_to_the_source_and_the_journal_recovers(tmp_path: Path) -> None:
@@ -101,7 +111,10 @@ def test_a_failed_commit_is_an_error_to_the_source_and_the_journal_recovers(tmp_
             status, answer = await asyncio.to_thread(
                 http_post, f"{http_of(hub)}/v1/pops", pop(id="blocked-http")
             )
-            assert status == 500 and answer["error"] == "internal"
+            assert status == 503 and answer["error"] == "journal_unavailable"
+            assert answer["message"] == (
+                "the journal cannot be written (database is locked): nothing was accepted; retry later"
+            )
             with pytest.raises(Exception, match="locked"):
                 await client.publish(address_of(hub), pop(id="blocked-frame"))
             blocker.execute("ROLLBACK")
@@ -235,16 +248,24 @@ def test_a_batch_whose_pops_were_all_handled_before_the_write_still_answers(tmp_
         journal = Journal(tmp_path / "j.sqlite3")
         journal.open()
         journal.start()
-        commit = journal.add("hub-made", "telephone", "1", "", b"{}", time.time() + 60, remember=False)
+        commit = journal.add(
+            "hub-made", "telephone", "1", "", b"{}", time.time() + 60, remember=False
+        )
         journal.done("hub-made")  # acked in the same loop iteration, before the writer ran
         await asyncio.wait_for(commit, 5)
-        kept = journal.add("source-id", "telephone", "1", "", b"{}", time.time() + 60, remember=True)
+        kept = journal.add(
+            "source-id", "telephone", "1", "", b"{}", time.time() + 60, remember=True
+        )
         journal.done("source-id")
         await asyncio.wait_for(kept, 5)
         await journal.close()
 
     run(body())
-    rows = sqlite3.connect(tmp_path / "j.sqlite3").execute("SELECT id, done, body FROM pops").fetchall()
+    rows = (
+        sqlite3.connect(tmp_path / "j.sqlite3")
+        .execute("SELECT id, done, body FROM pops")
+        .fetchall()
+    )
     assert rows == [("source-id", 1, b"")]  # the source's id stays a duplicate; no body kept
 
 
@@ -283,5 +304,501 @@ def test_one_cancelled_caller_does_not_cancel_the_batch_for_the_others(tmp_path:
             impatient.cancel()
             assert await asyncio.wait_for(patient, 5) == ["patient"]
             assert {"impatient", "patient"} <= set(rows(path))
+
+    run(body())
+
+
+# -- contacts across a crash (issue 10, section 2) -------------------------------------------------
+
+T = "2026-03-02T09:00:{:02d}Z"  # event times, one a second: wait_time is exact
+
+
+def contacts_post(hub: Any, events: Any) -> tuple[int, Any]:
+    return http_post(f"{hub.http}/v1/contacts", events)
+
+
+def test_contacts_survive_a_sigkill_whole(tmp_path: Path) -> None:
+    """Live contacts are journalled with their whole state: after kill -9 and a restart, the next
+    answered/transferred/ended is applied as if nothing happened (it was 422 unknown_contact)."""
+    hub = HubProcess(tmp_path).start()
+    try:
+        queued = {
+            "contact_id": "c1",
+            "event": "queued",
+            "at": T.format(0),
+            "source": "0612345678",
+            "queue_name": "Ventes",
+            "contact_data": {"dossier": "A-17"},
+        }
+        routed = {"contact_id": "c1", "event": "routed", "at": T.format(30), "resource": "1001"}
+        assert contacts_post(hub, [queued, routed])[0] == 200
+        assert (
+            contacts_post(hub, {"contact_id": "c2", "event": "queued", "at": T.format(1)})[0] == 200
+        )
+        hub.restart()  # SIGKILL right after the 200s
+
+        answered = {"contact_id": "c1", "event": "answered", "at": T.format(40), "resource": "1001"}
+        assert contacts_post(hub, answered) == (200, {"applied": 1, "pops": []})
+        transferred = {
+            "contact_id": "c1",
+            "event": "transferred",
+            "at": T.format(50),
+            "resource": "1002",
+        }
+        status, answer = contacts_post(hub, transferred)
+        assert status == 200 and len(answer["pops"]) == 1
+
+        async def check() -> None:
+            raw = await RawClient.open(hub.port)
+            await raw.hello()
+            await raw.request("register", media="telephone", resource="1002")
+            got = (await raw.frame())["pop"]
+            # the restored state: queue fields, data, the first answer's time, who held it
+            assert (got["source"], got["queue_name"], got["contact_data"]) == (
+                "0612345678",
+                "Ventes",
+                {"dossier": "A-17"},
+            )
+            assert (got["wait_time"], got["from"]) == (40, "1001")
+            raw.close()
+
+        run(check())
+        # c2 still waits in its queue: routed now counts its wait from 09:00:01
+        status, answer = contacts_post(
+            hub, {"contact_id": "c2", "event": "routed", "at": T.format(21), "resource": "1003"}
+        )
+        assert status == 200 and len(answer["pops"]) == 1
+        assert (
+            contacts_post(hub, {"contact_id": "c2", "event": "ended", "at": T.format(22)})[0] == 200
+        )
+        hub.restart()
+        # an ended contact stays ended across a restart (within forget_after)
+        status, answer = contacts_post(
+            hub, {"contact_id": "c2", "event": "answered", "at": T.format(23), "resource": "1003"}
+        )
+        assert (status, answer["error"]) == (422, "contact_ended")
+    finally:
+        hub.kill()
+
+
+def test_an_ended_is_answered_only_once_its_withdrawal_is_committed(tmp_path: Path) -> None:
+    """kill -9 right after the 200 of an `ended`: its withdrawn pop does not come back (it did,
+    5 times out of 5, when the withdrawal rode the next batch)."""
+    hub = HubProcess(tmp_path).start()
+    try:
+        for attempt in range(3):
+            contact = f"gone-{attempt}"
+            status, answer = contacts_post(
+                hub, {"contact_id": contact, "event": "routed", "resource": "2001"}
+            )
+            assert status == 200 and len(answer["pops"]) == 1
+            assert contacts_post(hub, {"contact_id": contact, "event": "ended"})[0] == 200
+            assert rows(hub.journal)[answer["pops"][0]] == 1  # done on disk with the 200
+            hub.restart()
+            status = client.fetch_status(hub.address)
+            assert (status["pending"], status["contacts"]) == (0, attempt + 1)
+    finally:
+        hub.kill()
+
+
+def test_contact_expiry_removes_the_contact_from_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+
+    def journalled() -> list[str]:
+        with sqlite3.connect(path) as db:
+            return [
+                row[0] for row in db.execute("SELECT contact_id FROM contacts ORDER BY contact_id")
+            ]
+
+    async def body() -> None:
+        options = {"journal": str(path), "contact_forget_after": 0.3, "contact_idle_expiry": 1.0}
+        async with inprocess_hub(**options) as hub:
+            await hub.apply_contacts(
+                [
+                    {"contact_id": "ends", "event": "queued"},
+                    {"contact_id": "idles", "event": "queued"},
+                    {"contact_id": "ends", "event": "ended"},
+                ]
+            )
+            assert journalled() == ["ends", "idles"]  # committed with the 200
+            assert await until(lambda: journalled() == ["idles"], 5)  # forget_after
+            assert await until(lambda: journalled() == [], 5)  # idle_expiry
+        async with inprocess_hub(journal=str(path)) as hub:
+            assert hub.status()["contacts"] == 0
+
+    run(body())
+
+
+def test_a_refused_contact_commit_changes_nothing(tmp_path: Path) -> None:
+    """The journal cannot commit: 503, the contact is as before, its pop never delivered."""
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(path)) as hub:
+            listener = await Counting().up(address_of(hub), "3001")
+            await hub.apply_contacts({"contact_id": "k", "event": "queued", "at": T.format(0)})
+            hub.journal._db.execute("PRAGMA busy_timeout = 50")
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            routed = {"contact_id": "k", "event": "routed", "at": T.format(5), "resource": "3001"}
+            status, answer = await asyncio.to_thread(
+                http_post, f"{http_of(hub)}/v1/contacts", routed
+            )
+            assert (status, answer["error"], answer["applied"]) == (503, "journal_unavailable", 0)
+            fresh = {"contact_id": "new", "event": "queued"}
+            status, _ = await asyncio.to_thread(http_post, f"{http_of(hub)}/v1/contacts", fresh)
+            assert status == 503
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            later = {**routed, "at": T.format(9)}
+            assert (await hub.apply_contacts(later))["applied"] == 1
+            assert await until(lambda: len(listener.calls) == 1)
+            answered = {"contact_id": "new", "event": "answered", "resource": "3001"}
+            status, answer = await asyncio.to_thread(
+                http_post, f"{http_of(hub)}/v1/contacts", answered
+            )
+            assert (status, answer["error"]) == (
+                422,
+                "unknown_contact",
+            )  # its queued never happened
+            await asyncio.sleep(0.3)
+            assert len(listener.calls) == 1 and listener.twice() == []
+            assert listener.sources == [""]
+            await listener.listener.shutdown()
+
+    run(body())
+
+
+# -- a full disk and a shared journal (issue 10, section 3) ------------------------------------------
+
+DISK_FULL = {
+    "error": "journal_unavailable",
+    "message": "the journal cannot be written (the disk is full): nothing was accepted; retry later",
+}
+
+
+class FullDisk:
+    """A journal whose writes really fail with SQLITE_FULL, then get room again.
+
+    `tmpfs`: the journal lives on a 4 MiB tmpfs mounted for the test, filled by a file (a real
+    ENOSPC; needs root, skipped otherwise). `max_page_count`: SQLite's own size cap set to the
+    pages the database has (a real SQLITE_FULL from SQLite, no mock; works anywhere)."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.dir = tmp_path / "disk"
+        self.dir.mkdir()
+        self.filler = self.dir / "filler"
+        if kind == "tmpfs":
+            import subprocess
+
+            mount = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(self.dir)],
+                capture_output=True,
+            )
+            if mount.returncode != 0:
+                pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+        self.journal = self.dir / "journal.sqlite3"
+
+    def fill(self, hub: Any) -> None:
+        if self.kind == "tmpfs":
+            chunk = b"\0" * 65536
+            with open(self.filler, "wb") as handle:
+                try:
+                    while True:
+                        handle.write(chunk)
+                        handle.flush()
+                except OSError:
+                    pass
+        else:
+            db = hub.journal._db
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {pages}")
+
+    def free(self, hub: Any) -> None:
+        if self.kind == "tmpfs":
+            self.filler.unlink()
+        else:
+            hub.journal._db.execute("PRAGMA max_page_count = 1073741823")
+
+    def close(self) -> None:
+        if self.kind == "tmpfs":
+            import subprocess
+
+            subprocess.run(["umount", "-l", str(self.dir)], check=False)
+
+
+def http_post_headers(url: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+BIG = {"big": "x" * 4000}  # a row over a page: it needs new pages, so the cap bites at once
+
+
+@pytest.mark.parametrize(
+    ("kind", "loop"),
+    [("tmpfs", "asyncio"), ("max_page_count", "asyncio"), ("max_page_count", "uvloop")],
+)
+def test_a_full_disk_is_a_503_and_refused_pops_are_never_delivered(
+    tmp_path: Path, kind: str, loop: str
+) -> None:
+    disk = FullDisk(kind, tmp_path)
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(disk.journal)) as hub:
+            listener = await Counting().up(address_of(hub), "13579")
+            disk.fill(hub)
+            url = f"{http_of(hub)}/v1/pops"
+            for attempt in range(2):  # a source retrying without id: refused again, not doubled
+                status, answer, headers = await asyncio.to_thread(
+                    http_post_headers, url, pop(source=f"refused-{attempt}", contact_data=BIG)
+                )
+                assert (status, answer, headers["Retry-After"]) == (503, DISK_FULL, "2")
+            with pytest.raises(client.Rejected) as refused:
+                await client.publish(address_of(hub), pop(source="refused-frame", contact_data=BIG))
+            assert refused.value.detail == DISK_FULL
+            routed = {
+                "contact_id": "full",
+                "event": "routed",
+                "resource": "13579",
+                "contact_data": BIG,
+            }
+            with pytest.raises(client.Rejected) as refused:
+                await client.send_contacts(address_of(hub), [routed])
+            assert refused.value.detail == {**DISK_FULL, "applied": 0, "pops": []}
+            status, answer, headers = await asyncio.to_thread(
+                http_post_headers, f"{http_of(hub)}/v1/contacts", routed
+            )
+            assert (status, answer["error"], headers["Retry-After"]) == (
+                503,
+                "journal_unavailable",
+                "2",
+            )
+            disk.free(hub)  # room again: the next commit goes through, nothing to restart
+            status, answer, _ = await asyncio.to_thread(http_post_headers, url, pop(source="after"))
+            assert status == 200
+            assert await until(lambda: listener.sources == ["after"], 5)
+            await asyncio.sleep(0.3)
+            assert listener.sources == ["after"]  # no refused pop, before or after
+            assert hub.status()["counters"]["journal_refused"] == 5
+            await listener.listener.shutdown()
+
+    try:
+        if loop == "uvloop":  # as `spop serve` runs
+            uvloop = pytest.importorskip("uvloop")
+            uvloop.run(asyncio.wait_for(body(), 60))
+        else:
+            run(body())
+    finally:
+        disk.close()
+
+
+def test_a_second_hub_on_the_same_journal_refuses_to_start(tmp_path: Path) -> None:
+    first = HubProcess(tmp_path / "first").start()
+    second = HubProcess(tmp_path / "second")
+    second.journal = first.journal
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            second.start()
+        assert (
+            f"spop: error: hub.journal: cannot open the journal {first.journal}: it is in use by"
+            f" another hub (pid {first.pid}; lock file {first.journal}.lock): two hubs on one"
+            " journal would deliver the same pops twice\n"
+        ) in str(refused.value)
+        assert second.proc is not None and second.proc.returncode == EXIT_CONFIG
+        assert client.fetch_status(first.address)["pid"] == first.pid  # the first one runs on
+        first.stop()
+        second.start()  # the lock goes with the first hub
+    finally:
+        first.kill()
+        second.kill()
+
+
+def test_a_damaged_write_ahead_log_is_reported_at_start(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path).start()
+    try:
+        for i in range(6):  # six commits, each in its own frames of the log
+            client_publish(hub.address, pop(id=f"w{i}", contact_data={"k": "v" * 3000}))
+        hub.kill()
+        wal = Path(f"{hub.journal}-wal")
+        data = bytearray(wal.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the log
+        wal.write_bytes(bytes(data))
+        hub.start()
+        output = hub.output()
+        assert "spop: warning: journal " in output and "the write-ahead log is damaged" in output
+        status = client.fetch_status(hub.address)
+        assert status["pending"] < 6  # what SQLite dropped, now said out loud
+    finally:
+        hub.kill()
+
+
+def test_rows_gone_since_a_clean_stop_are_reported_at_start(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path).start()
+    try:
+        client_publish(hub.address, [pop(id="a"), pop(id="b")])
+        hub.stop()
+        with sqlite3.connect(hub.journal) as db:
+            db.execute("DELETE FROM pops WHERE id = 'a'")
+        hub.start()
+        assert (
+            "2 pop rows and 0 contacts at the last clean stop, 1 and 0 now: the file was changed"
+            " or damaged while the hub was down"
+        ) in hub.output()
+        hub.stop()
+        hub.start()  # a clean stop and start: nothing to say
+        assert "spop: warning" not in hub.output()
+    finally:
+        hub.kill()
+
+
+def test_another_programs_sqlite_file_is_refused_untouched(tmp_path: Path) -> None:
+    foreign = tmp_path / "app.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    stamped = tmp_path / "other.db"
+    with sqlite3.connect(stamped) as db:
+        db.execute("PRAGMA application_id = 42")
+        db.execute("CREATE TABLE pops (x)")
+    before = foreign.read_bytes(), stamped.read_bytes()
+    with pytest.raises(JournalOpenError) as refused:
+        Journal(foreign).open()
+    assert str(refused.value) == (
+        f"cannot open the journal {foreign}: it is a SQLite database of another program"
+        " (tables: notes); left untouched: give --journal a path of its own"
+    )
+    with pytest.raises(JournalOpenError, match=r"application_id 0x2a, spop's is 0x53504f50"):
+        Journal(stamped).open()
+    assert (foreign.read_bytes(), stamped.read_bytes()) == before  # not even switched to WAL
+    assert not Path(f"{foreign}-wal").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "other.db"]  # no lock left
+    not_sqlite = tmp_path / "notes.txt"
+    not_sqlite.write_text("hello, not a database, but long enough to be read as one" * 20)
+    with pytest.raises(JournalOpenError, match="it is not an spop journal .file is not a database"):
+        Journal(not_sqlite).open()
+
+
+def test_a_journal_of_the_previous_version_opens_and_is_stamped(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    with sqlite3.connect(path) as db:  # the schema spop wrote before application_id
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(
+            "CREATE TABLE pops (id TEXT PRIMARY KEY, media TEXT NOT NULL, resource TEXT NOT NULL,"
+            " contact_id TEXT NOT NULL, body BLOB NOT NULL, accepted REAL NOT NULL,"
+            " expires REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0);"
+            "CREATE INDEX pops_done ON pops(done, accepted);"
+        )
+        db.execute(
+            "INSERT INTO pops VALUES ('old', 'telephone', '1', '', x'7b7d', ?, ?, 0)",
+            (time.time(), time.time() + 60),
+        )
+    found, _ = reopen(path)
+    assert [row.id for row in found] == ["old"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+
+
+def crash_image(tmp_path: Path, commits: int) -> tuple[Path, int]:
+    """A database and its write-ahead log as a crash leaves them: `commits` transactions of one
+    4 KiB-page row each, copied while the writer still holds them (never checkpointed)."""
+    import shutil
+
+    live = tmp_path / "live.sqlite3"
+    db = sqlite3.connect(live, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE t (x BLOB)")
+    for _ in range(commits):
+        db.execute("INSERT INTO t VALUES (zeroblob(3000))")
+    image = tmp_path / "image.sqlite3"
+    shutil.copy(live, image)
+    shutil.copy(f"{live}-wal", f"{image}-wal")
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    return image, page
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("none", ""),
+        (
+            "checksum",
+            "the write-ahead log is damaged: its frames 4 to 13 (of 13) are dropped, with 3 committed transaction(s): pops and contact changes accepted in them are gone",
+        ),
+        (
+            "salt",
+            "the write-ahead log is damaged: its frames 4 to 13 (of 13) are dropped, with 3 committed transaction(s): pops and contact changes accepted in them are gone",
+        ),
+        (
+            "torn tail",
+            "the write-ahead log has 1 damaged frame(s) after frame 13, none ending a transaction (a write cut short, e.g. by a power loss): probably nothing committed is lost",
+        ),
+        ("header", "has a damaged header: SQLite will ignore every frame in it"),
+    ],
+)
+def test_the_write_ahead_log_check_says_what_sqlite_drops(
+    tmp_path: Path, damage: str, expected: str
+) -> None:
+    from spop_cli.hub.journal_guard import scan_wal
+
+    # 13 frames, 5 commits (the table, then 4 rows), ending at frames 2, 3, 7, 10 and 13
+    image, page = crash_image(tmp_path, 4)
+    wal = Path(f"{image}-wal")
+    data = bytearray(wal.read_bytes())
+    frame = 24 + page
+    frames = (len(data) - 32) // frame
+    sixth = 32 + 5 * frame  # the sixth frame: its transaction and the two after it are lost
+    if damage == "checksum":
+        data[sixth + 24 + 100] ^= 0xFF
+    elif damage == "salt":
+        data[sixth + 8] ^= 0xFF
+    elif damage == "torn tail":
+        data += data[32 : 32 + frame]  # a frame of the current log, no commit, bad checksum
+        data[-1] ^= 0xFF
+    elif damage == "header":
+        data[20] ^= 0xFF
+    wal.write_bytes(bytes(data))
+    problem = scan_wal(image).problem()
+    assert frames == 13
+    if damage == "header":
+        assert problem.endswith(expected)
+    else:
+        assert problem == expected
+
+
+def test_the_writer_checkpoints_so_the_log_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's autocheckpoint is off (it could fsync on the event loop); the writer checkpoints
+    in its thread every CHECKPOINT_ROWS rows, so the log is reused instead of growing."""
+    monkeypatch.setattr("spop_cli.hub.journal.CHECKPOINT_ROWS", 1000)
+    path = tmp_path / "journal.sqlite3"
+
+    async def body() -> None:
+        journal = Journal(path)
+        journal.open()
+        journal.start()
+        body_1k = b"x" * 1000
+        for start in range(0, 8000, 500):  # 8 MB of rows in 16 batches
+            await asyncio.gather(
+                *(
+                    journal.add(f"p{i}", "telephone", "1", "", body_1k, time.time() + 60)
+                    for i in range(start, start + 500)
+                )
+            )
+        assert Path(f"{path}-wal").stat().st_size < 3_000_000
+        await journal.close()
 
     run(body())

@@ -205,6 +205,7 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, ver
     import ssl
     from pathlib import Path
 
+    from .hub.journal_guard import JournalOpenError
     from .model import ScreenPopError
 
     def journal_fails(reason: object) -> None:
@@ -216,6 +217,9 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, ver
 
     try:
         _run(run_hub(config, ready_file=ready_file, verbose=verbose, sources=sources))
+    except JournalOpenError as exc:  # in use by another hub, another program's file
+        click.echo(f"spop: error: hub.journal: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
     except sqlite3.Error as exc:
         journal_fails(exc)
     except ssl.SSLError as exc:  # an OSError too: before it, or a bad PEM reads "cannot listen"

@@ -184,6 +184,8 @@ async def run_hub(
         except (NotImplementedError, RuntimeError):  # Windows
             pass
     await hub.start()
+    for warning in hub.journal.warnings if hub.journal is not None else ():
+        print(f"spop: warning: {warning}", file=sys.stderr, flush=True)  # also in the diagnostics
     # What exists now lives as long as the hub: keep it out of every future collection, so
     # full collections walk only what pops and connections made (they were 25-160 ms pauses).
     gc.collect()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -59,6 +59,7 @@ HOLDING_EVENTS = frozenset(
     {"routed", "answered", "transferred", "redirected", "picked_up", "recalled", "resumed"}
 )
 ONE_SECOND = timedelta(seconds=1)
+STATE_VERSION = 1  # of a contact's journalled state (`ContactTracker.state`)
 
 
 class ContactEventError(Exception):
@@ -293,6 +294,10 @@ class EventIds:
         self._seen[event_id] = now
         self._seen.move_to_end(event_id)
 
+    def forget(self, event_id: str) -> None:
+        """An applied event whose commit failed: it did not happen, so a resend must apply."""
+        self._seen.pop(event_id, None)
+
     def expire(self, now: datetime) -> None:
         horizon = now - self.window
         seen = self._seen
@@ -341,7 +346,9 @@ class ContactTracker:
                 exc.applied = outcomes
                 raise
             except Exception as exc:  # a rule we got wrong: refuse this event, keep the others
-                error = ContactEventError(422, "not_applicable", f"event cannot be applied: {exc!r}"[:300])
+                error = ContactEventError(
+                    422, "not_applicable", f"event cannot be applied: {exc!r}"[:300]
+                )
                 error.index = index
                 error.applied = outcomes
                 raise error from exc
@@ -380,6 +387,10 @@ class ContactTracker:
 
     def expire(self, now: datetime) -> int:
         """Forget contacts ended over forget_after ago or idle for idle_expiry (hub clock)."""
+        return len(self.forget_expired(now))
+
+    def forget_expired(self, now: datetime) -> list[str]:
+        """Forget contacts ended over forget_after ago or idle for idle_expiry; their ids."""
         now = _utc(now)
         gone = [
             contact_id
@@ -390,7 +401,63 @@ class ContactTracker:
         for contact_id in gone:
             del self._contacts[contact_id]
         self.event_ids.expire(now)
-        return len(gone)
+        return gone
+
+    # -- persistence: the journal keeps each contact's whole state, the hub restores it -------
+    def state(self, contact_id: str) -> dict[str, Any] | None:
+        """Everything known of one contact, as JSON-ready values; None if it is not tracked."""
+        contact = self._contacts.get(contact_id)
+        if contact is None:
+            return None
+        out: dict[str, Any] = {"v": STATE_VERSION}
+        for item in fields(_Contact):
+            value = getattr(contact, item.name)
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            elif isinstance(value, Media):
+                value = value.value
+            elif isinstance(value, dict):
+                value = dict(value)
+            out[item.name] = value
+        return out
+
+    def restore(self, state: Mapping[str, Any]) -> str:
+        """Track a contact again from `state()`'s output (after a restart); its id."""
+        values: dict[str, Any] = {}
+        for item in fields(_Contact):
+            if item.name not in state:
+                continue
+            value = state[item.name]
+            if value is not None and "datetime" in str(item.type):
+                value = datetime.fromisoformat(value)
+            elif item.name == "media":
+                value = Media(value)
+            elif item.name == "contact_data":
+                value = dict(value)
+            values[item.name] = value
+        contact = _Contact(**values)
+        self._contacts[contact.contact_id] = contact
+        return contact.contact_id
+
+    def snapshot(self, contact_ids: Iterable[str]) -> dict[str, _Contact | None]:
+        """Copies of these contacts as they are now, to put back if a change is not committed."""
+        out: dict[str, _Contact | None] = {}
+        for contact_id in contact_ids:
+            contact = self._contacts.get(contact_id)
+            out[contact_id] = (
+                None
+                if contact is None
+                else replace(contact, contact_data=dict(contact.contact_data))
+            )
+        return out
+
+    def put_back(self, snapshot: Mapping[str, _Contact | None]) -> None:
+        """Undo every change since `snapshot` for its contacts (a refused commit)."""
+        for contact_id, contact in snapshot.items():
+            if contact is None:
+                self._contacts.pop(contact_id, None)
+            else:
+                self._contacts[contact_id] = contact
 
     @staticmethod
     def _admit(parsed: _Event, at: datetime, seen: datetime) -> _Contact:

@@ -118,6 +118,10 @@ class InProcessDelivery:
         self.withdrawn += len(withdrawn)
         return withdrawn
 
+    def of_contact(self, contact_id: str) -> list[str]:
+        """The ids of the contact's pending pops (what its `ended` would withdraw now)."""
+        return list(self._by_contact.get(contact_id, ()))
+
     def expire(self) -> list[Pending]:
         """Drop pops past their time and ids past the duplicate window; return the dropped pops."""
         now = self.clock()

@@ -26,6 +26,15 @@ def _problem(status: int, error: str, message: str, **extra: Any) -> web.Respons
     return _json({"error": error, "message": message, **extra}, status)
 
 
+def _refusal(exc: InputError, body: dict[str, Any]) -> web.Response:
+    """A refused request; a 503 (the journal cannot be written) says when to try again."""
+    response = _json(body, exc.status)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
 def _bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
@@ -75,7 +84,7 @@ async def post_pops(request: web.Request) -> web.Response:
         ids = await hub.publish(await _body(request))
     except InputError as exc:
         hub.counters["rejected"] += 1
-        return _json(exc.to_dict(), exc.status)
+        return _refusal(exc, exc.to_dict())
     return _json({"accepted": len(ids), "ids": ids})
 
 
@@ -93,7 +102,7 @@ async def post_contacts(request: web.Request) -> web.Response:
         hub.counters["rejected"] += 1
         # the same body as a refused event: nothing was applied
         refused = {"field": None, "index": None, **exc.to_dict(), "applied": 0, "pops": []}
-        return _json(refused, exc.status)
+        return _refusal(exc, refused)
     except ContactEventError as exc:
         hub.counters["rejected"] += 1
         applied = getattr(exc, "applied_result", {"applied": 0, "pops": []})

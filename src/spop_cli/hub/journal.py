@@ -1,15 +1,29 @@
-"""The SQLite journal (WAL): accepted, undelivered pops survive a crash. Commits in batches."""
+"""The SQLite journal (WAL): accepted, undelivered pops and live contacts survive a crash.
+Commits in batches (group commit)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import sqlite3
 import time
-from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..pops import InputError
+from .journal_guard import (
+    APPLICATION_ID,
+    JournalLock,
+    JournalOpenError,
+    check_ours,
+    quick_check,
+    scan_wal,
+)
+
+log = logging.getLogger("spop.hub")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pops (
@@ -23,10 +37,39 @@ CREATE TABLE IF NOT EXISTS pops (
     done INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS pops_done ON pops(done, accepted);
+CREATE TABLE IF NOT EXISTS contacts (
+    contact_id TEXT PRIMARY KEY,
+    state BLOB NOT NULL
+);
 """
 # A row goes once it is past the duplicate window AND no longer owed (handled or expired): a pop
 # still pending outlives the window when pop_ttl is longer than dedupe_window.
 PURGE = "DELETE FROM pops WHERE accepted < ? AND (done = 1 OR expires < ?)"
+RETRY_AFTER = 2  # seconds a source is told to wait when the journal cannot be written
+SQLITE_FULL = 13
+# A batch this small commits on the event loop: a WAL commit without fsync takes tens of
+# microseconds, less than the two thread hops of the executor it saves on every pop's way
+# to its listeners. A bigger batch, and every checkpoint (which may fsync), runs in a thread.
+INLINE_ROWS = 64
+CHECKPOINT_ROWS = 4000  # rows written between checkpoints (SQLite's own autocheckpoint is off)
+
+
+class JournalUnavailable(InputError):
+    """A commit failed (disk full, database locked, I/O error): nothing of the batch is accepted.
+    HTTP 503 with Retry-After; an `error` frame with the same `journal_unavailable` detail."""
+
+    def __init__(self, cause: BaseException) -> None:
+        full = getattr(cause, "sqlite_errorcode", None) == SQLITE_FULL or (
+            isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+        )
+        why = "the disk is full" if full else str(cause)
+        super().__init__(
+            503,
+            "journal_unavailable",
+            f"the journal cannot be written ({why}): nothing was accepted; retry later",
+        )
+        self.disk_full = full
+        self.retry_after = RETRY_AFTER
 
 
 @dataclass(slots=True)
@@ -42,42 +85,62 @@ class JournalRow:
 
 
 class Journal:
-    """Adds are committed before their future resolves; acks/withdrawals ride the next batch."""
+    """Adds, contact states and the dones queued with them are committed together; the future of
+    their batch resolves on the commit (or fails with JournalUnavailable)."""
 
     def __init__(self, path: str | Path, retain: float = 120.0) -> None:
         self.path = Path(path)
         self.retain = retain  # how long done rows stay, for the duplicate window across restarts
         self._db: sqlite3.Connection | None = None
+        self._lock = JournalLock(self.path)
         self._adds: list[tuple[Any, ...] | None] = []
-        self._batch: asyncio.Future[None] | None = None  # the commit every queued add waits for
+        self._batch: asyncio.Future[None] | None = None  # the commit every queued change waits for
         # Rows queued but not yet taken by the writer, by id → (index in _adds, remember).
-        # A pop acknowledged before its batch is written needs no durability: its row is dropped,
+        # A pop withdrawn before its batch is written needs no durability: its row is dropped,
         # or written already done when its id must stay a duplicate across a restart.
         self._queued: dict[str, tuple[int, bool]] = {}
         self.skipped = 0  # rows never written because their pop was handled first
-        self._retry: list[tuple[Any, ...]] = []
-        self.expired_while_down: list[tuple[str, str, str]] = []  # rows of a failed batch, tried again first
+        self.expired_while_down: list[tuple[str, str, str]] = []
+        self.contacts: list[tuple[str, bytes]] = []  # contact states found at open
+        self.warnings: list[str] = []  # what open found wrong (damaged log, lost rows), for the log
         self._dones: list[tuple[str]] = []
-        # The batch being written: its rows' ids (queued and retried) and its commit.
-        self._inflight: tuple[Container[str], Container[str], asyncio.Future[None] | None] = (
-            (),
-            (),
-            None,
-        )
-        self._retry_ids: set[str] = set()
+        self._states: dict[str, bytes | None] = {}  # contact id → its state, None: forget it
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0
         self.rows_committed = 0
+        self.failures = 0  # failed commits since the last good one
+        self._since_checkpoint = 0  # rows written since the last checkpoint
 
     def open(self) -> list[JournalRow]:
-        """Open (creating it) and return the rows within the retention window."""
+        """Lock, check the file is ours, open (creating it); return the rows within the window.
+
+        Raises JournalOpenError (another hub holds it, another program's file) before changing
+        anything in the file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._lock.acquire()
+        try:
+            return self._open()
+        except BaseException as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            # another program's file: leave no lock file of ours beside it
+            self._lock.release(remove=isinstance(exc, JournalOpenError) and not self._lock.previous)
+            raise
+
+    def _open(self) -> list[JournalRow]:
+        wal = scan_wal(self.path)  # before SQLite replays (and silently truncates) the log
+        db = self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        stamped = check_ours(db, self.path)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process death
+        db.execute("PRAGMA wal_autocheckpoint=0")  # the writer checkpoints, off the event loop
         db.executescript(SCHEMA)
+        if not stamped:  # new, or written by spop before application_id: ours from now on
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        self._check(db, wal.problem())
         now = time.time()
         # pops that expired undelivered while the hub was down: counted and named, not silent
         self.expired_while_down = [
@@ -94,13 +157,56 @@ class Journal:
                 "SELECT id, media, resource, contact_id, body, accepted, expires, done FROM pops ORDER BY rowid"
             )
         ]
-        self._db = db
+        self.contacts = list(db.execute("SELECT contact_id, state FROM contacts ORDER BY rowid"))
         return rows
+
+    def _check(self, db: sqlite3.Connection, wal_problem: str) -> None:
+        """Say at start what can be known lost: a damaged log, rows missing since a clean stop."""
+        if wal_problem:
+            self.warnings.append(f"journal {self.path}: {wal_problem}")
+        previous = self._lock.previous.split()
+        if (
+            previous[:1] == ["clean"]
+            and len(previous) == 3
+            and all(n.isdigit() for n in previous[1:])
+        ):
+            pops, contacts = int(previous[1]), int(previous[2])
+            found = self._counts(db)
+            if found == (pops, contacts):
+                return
+            self.warnings.append(
+                f"journal {self.path}: {pops} pop rows and {contacts} contacts at the last clean"
+                f" stop, {found[0]} and {found[1]} now: the file was changed or damaged"
+                " while the hub was down"
+            )
+        if previous[:1] in (["running"], ["clean"]):
+            # the last hub did not stop cleanly (crash, kill -9, power loss), or rows changed
+            # since it did: check the pages
+            damage = quick_check(db)
+            if damage:
+                self.warnings.append(
+                    f"journal {self.path}: quick_check finds damage: {damage[:500]}"
+                )
+
+    @staticmethod
+    def _counts(db: sqlite3.Connection) -> tuple[int, int]:
+        pops = db.execute("SELECT count(*) FROM pops").fetchone()[0]
+        contacts = db.execute("SELECT count(*) FROM contacts").fetchone()[0]
+        return int(pops), int(contacts)
 
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._writer())
         self._task.add_done_callback(_report_end)
+
+    def barrier(self) -> asyncio.Future[None]:
+        """The commit of the batch that holds everything queued so far (adds, dones, states)."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = asyncio.get_running_loop().create_future()
+            assert self._wake is not None
+            self._wake.set()
+        return batch
 
     def add(
         self,
@@ -116,23 +222,20 @@ class Journal:
 
         `remember`: the id came from the source, so it must stay a duplicate after a restart.
         """
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = asyncio.get_running_loop().create_future()
-            assert self._wake is not None
-            self._wake.set()
+        batch = self.barrier()
         self._queued[pop_id] = (len(self._adds), remember)
         self._adds.append((pop_id, media, resource, contact_id, body, time.time(), expires, 0))
         return batch
 
-    def commit_of(self, pop_id: str) -> asyncio.Future[None] | None:
-        """The commit of a pop added but not yet committed, else None (committed or unknown)."""
-        if pop_id in self._queued or pop_id in self._retry_ids:
-            return self._batch
-        queued, retried, inflight = self._inflight
-        if inflight is not None and (pop_id in queued or pop_id in retried):
-            return inflight
-        return None
+    def put_contact(self, contact_id: str, state: bytes) -> None:
+        """Queue a contact's state for the next batch (the last state queued wins)."""
+        self._states[contact_id] = state
+
+    def forget_contact(self, contact_id: str) -> None:
+        """Queue the removal of a contact (expired, forgotten) for the next batch."""
+        self._states[contact_id] = None
+        if len(self._states) > 512 and self._wake is not None:
+            self._wake.set()
 
     def done(self, pop_id: str) -> None:
         """The pop was acknowledged, withdrawn or expired."""
@@ -141,7 +244,9 @@ class Journal:
             index, remember = queued
             row = self._adds[index]
             # a handled pop's row only keeps its id a duplicate: no body to write
-            self._adds[index] = (*row[:4], b"", *row[5:7], 1) if remember and row is not None else None
+            self._adds[index] = (
+                (*row[:4], b"", *row[5:7], 1) if remember and row is not None else None
+            )
             self.skipped += not remember
             return
         self._dones.append((pop_id,))
@@ -159,21 +264,40 @@ class Journal:
                 except TimeoutError:
                     pass
             self._wake.clear()
-            adds = self._retry + [row for row in self._adds if row is not None]
+            adds = [row for row in self._adds if row is not None]
             batch, self._batch = self._batch, None
-            self._inflight = (self._queued, self._retry_ids, batch)
-            self._retry, self._retry_ids = [], set()
             self._adds, self._queued = [], {}
             dones, self._dones = self._dones, []
+            states, self._states = self._states, {}
             purge = time.monotonic() - last_purge > 5.0
             if purge:
                 last_purge = time.monotonic()
-            error: Exception | None = None
-            if adds or dones or purge:
+            error: JournalUnavailable | None = None
+            rows = len(adds) + len(dones) + len(states)
+            self._since_checkpoint += rows
+            checkpoint = purge or self._since_checkpoint >= CHECKPOINT_ROWS
+            if checkpoint:
+                self._since_checkpoint = 0
+            if rows or purge:
                 try:
-                    await loop.run_in_executor(None, self._commit, adds, dones, purge)
-                except Exception as exc:  # disk full, locked: the sources get an error, not a 2xx
-                    error = exc
+                    if checkpoint or rows > INLINE_ROWS:
+                        await loop.run_in_executor(
+                            None, self._commit, adds, dones, states, purge, checkpoint
+                        )
+                    else:
+                        self._commit(adds, dones, states, purge)
+                except Exception as exc:  # disk full, locked: the sources get a 503, not a 2xx
+                    error = exc if isinstance(exc, JournalUnavailable) else JournalUnavailable(exc)
+                    error.__cause__ = exc
+                    self._failed(exc, len(adds), len(states))
+                else:
+                    if self.failures:
+                        log.warning(
+                            "journal %s writable again after %d failed commits",
+                            self.path,
+                            self.failures,
+                        )
+                    self.failures = 0
             # Resolved even when every row of the batch was dropped (all handled before the
             # write): its sources wait on it.
             if batch is not None and not batch.done():
@@ -182,21 +306,32 @@ class Journal:
                 else:
                     batch.set_exception(error)
                     batch.exception()  # retrieved: those who wait get it; none is no leak
-            self._inflight = ((), (), None)
-            if error is not None and adds:
-                self._requeue(adds)
-            if self._closing and (error is not None or (not self._adds and not self._dones)):
+            if self._closing and (
+                error is not None or not (self._adds or self._dones or self._states)
+            ):
                 return
 
-    def _requeue(self, rows: list[tuple[Any, ...]]) -> None:
-        """A failed batch's rows go first into the next one; a source resending one of them
-        waits for that commit (`commit_of`), never gets an `ok` for a row not written."""
-        if self._batch is None:
-            self._batch = asyncio.get_running_loop().create_future()
-        self._retry = rows
-        self._retry_ids = {row[0] for row in rows}
+    def _failed(self, exc: Exception, adds: int, states: int) -> None:
+        """One line per outage, then one every 100 failed commits: a full disk must not flood the log."""
+        if self.failures % 100 == 0:
+            log.error(
+                "journal %s cannot be written (%s): %d pops and %d contact changes refused (%d failed commits so far)",
+                self.path,
+                exc,
+                adds,
+                states,
+                self.failures + 1,
+            )
+        self.failures += 1
 
-    def _commit(self, adds: list[tuple[Any, ...]], dones: list[tuple[str]], purge: bool) -> None:
+    def _commit(
+        self,
+        adds: list[tuple[Any, ...]],
+        dones: list[tuple[str]],
+        states: dict[str, bytes | None],
+        purge: bool,
+        checkpoint: bool = False,
+    ) -> None:
         db = self._db
         assert db is not None
         db.execute("BEGIN")
@@ -205,27 +340,52 @@ class Journal:
                 db.executemany("INSERT OR IGNORE INTO pops VALUES (?, ?, ?, ?, ?, ?, ?, ?)", adds)
             if dones:
                 db.executemany("UPDATE pops SET done = 1 WHERE id = ?", dones)
+            if states:
+                kept = [(cid, state) for cid, state in states.items() if state is not None]
+                gone = [(cid,) for cid, state in states.items() if state is None]
+                if kept:
+                    db.executemany("INSERT OR REPLACE INTO contacts VALUES (?, ?)", kept)
+                if gone:
+                    db.executemany("DELETE FROM contacts WHERE contact_id = ?", gone)
             if purge:
                 now = time.time()
                 db.execute(PURGE, (now - self.retain, now))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")  # else every later BEGIN fails: one bad batch, no journal
+            # else every later BEGIN fails: one bad batch, no journal. SQLite may have rolled
+            # back already (a full disk at COMMIT): then ROLLBACK would mask the real error.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
         self.commits += 1
         self.rows_committed += len(adds)
+        if checkpoint:  # committed already: a checkpoint that fails (disk full) only waits
+            try:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.debug("journal checkpoint failed: %s", exc)
 
     async def close(self) -> None:
-        """Commit what is queued, then close the database."""
+        """Commit what is queued, record the row counts of this clean stop, close, unlock."""
         if self._task is not None:
             self._closing = True
             assert self._wake is not None
             self._wake.set()
             await self._task
             self._task = None
+        if self._batch is not None and not self._batch.done():  # queued behind a failed commit
+            self._batch.set_exception(JournalUnavailable(RuntimeError("the hub is stopping")))
+            self._batch.exception()
+            self._batch = None
         if self._db is not None:
-            self._db.close()
-            self._db = None
+            try:
+                pops, contacts = self._counts(self._db)
+                self._db.close()
+                self._lock.write(f"clean {pops} {contacts}")
+            finally:
+                self._db = None
+        self._lock.release()
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

@@ -24,6 +24,21 @@ from .connection import PING, HubConnection
 from .delivery import InProcessDelivery
 
 
+@dataclass(slots=True)
+class _Held:
+    """A pop accepted into a journal batch, not yet delivered: it goes out once the batch commits,
+    never if the commit fails (its source then got a 503, and may send it again)."""
+
+    id: str
+    key: tuple[str, str]
+    frame: bytes
+    contact_id: str
+    expires: float
+    dedupe: bool
+    commit: asyncio.Future[None]
+    withdrawn: bool = False
+
+
 @dataclass
 class HubConfig:
     """Every option of `spop serve`, with its default."""
@@ -71,6 +86,10 @@ class Hub:
         self.sources: Any = None  # a SourceRunner: sources run inside the hub, routes on its HTTP port
         # Called with each newly accepted pop (`spop serve --verbose` logs it); None: no cost.
         self.on_pop: Callable[[dict[str, Any]], None] | None = None
+        self._held: dict[str, _Held] = {}  # pops waiting for their journal commit, by id
+        self._batches: dict[asyncio.Future[None], list[_Held]] = {}  # the same, by commit
+        # contact id → the turn of the contact request changing it: the next waits for it
+        self._contact_turns: dict[str, asyncio.Future[None]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -148,8 +167,15 @@ class Hub:
 
         self.journal = Journal(self.config.journal, retain=max(self.config.dedupe_window, 1.0))
         rows = self.journal.open()
+        for warning in self.journal.warnings:
+            self.log.warning("%s", warning)
         for pop_id, media, resource in self.journal.expired_while_down:
-            self.log.warning("pop %s for %s %s expired undelivered while the hub was down", pop_id, media, resource)
+            self.log.warning(
+                "pop %s for %s %s expired undelivered while the hub was down",
+                pop_id,
+                media,
+                resource,
+            )
         self.delivery.expired += len(self.journal.expired_while_down)
         restored = 0
         now = time.time()
@@ -161,8 +187,26 @@ class Hub:
                     row.id, (row.media, row.resource), row.body, row.contact_id, row.expires
                 )
                 restored += 1
+        contacts = self._restore_contacts(self.journal.contacts)
         self.journal.start()
-        self.log.info("journal %s: %d pending pops restored", self.config.journal, restored)
+        self.log.info(
+            "journal %s: %d pending pops and %d contacts restored",
+            self.config.journal,
+            restored,
+            contacts,
+        )
+
+    def _restore_contacts(self, rows: list[tuple[str, bytes]]) -> int:
+        """Track the journalled contacts again; one unreadable state is logged, not fatal."""
+        if not rows:
+            return 0
+        tracker = self.contacts
+        for contact_id, state in rows:
+            try:
+                tracker.restore(orjson.loads(state))
+            except Exception as exc:
+                self.log.error("journal: contact %s cannot be restored: %r", contact_id, exc)
+        return len(tracker)
 
     async def _housekeeping(self) -> None:
         """Expiry, contact forgetting, handshake timeouts, heartbeats and dead peers."""
@@ -190,7 +234,9 @@ class Hub:
             if self.journal is not None:
                 self.journal.done(pending.id)
         if self._contacts is not None:
-            self._contacts.expire(datetime.now(UTC))
+            for contact_id in self._contacts.forget_expired(datetime.now(UTC)):
+                if self.journal is not None:
+                    self.journal.forget_contact(contact_id)
 
     def _slices(self, count: int) -> Any:
         """Endless slices of the connections, `count` per round, so no tick walks them all
@@ -250,27 +296,65 @@ class Hub:
 
     # -- pops -----------------------------------------------------------------------------
     def accept(self, pop: dict[str, Any], dedupe: bool = True) -> asyncio.Future[None] | None:
-        """Fan a checked pop out now; the future resolves when the journal has committed it."""
+        """Take a checked pop. With a journal it is delivered once committed (the future resolves
+        then); without, at once (None). A resend is answered with the first copy's commit."""
         pop_id = pop["id"]
         key = (pop["media"], pop["resource"])
         frame = encode({"op": "pop", "pop": pop})
-        if not self.delivery.publish(pop_id, key, frame, pop["contact_id"], dedupe=dedupe):
-            # a resend: answer it once the first copy is committed, not before
-            return self.journal.commit_of(pop_id) if self.journal is not None else None
-        self.counters["pops_accepted"] += 1
-        if self.on_pop is not None:
-            self.on_pop(pop)
+        if self.journal is None:
+            if self.delivery.publish(pop_id, key, frame, pop["contact_id"], dedupe=dedupe):
+                self.counters["pops_accepted"] += 1
+                if self.on_pop is not None:
+                    self.on_pop(pop)
+            return None
+        held = self._held.get(pop_id)
+        if (
+            held is not None
+            or self.delivery.is_duplicate(pop_id)
+            or pop_id in self.delivery.pending
+        ):
+            self.delivery.duplicates += 1  # answered once the first copy is committed, not before
+            return held.commit if held is not None else None
+        expires = time.time() + self.config.pop_ttl
+        commit = self.journal.add(
+            pop_id, key[0], key[1], pop["contact_id"], frame, expires, remember=dedupe
+        )
+        held = _Held(pop_id, key, frame, pop["contact_id"], expires, dedupe, commit)
+        self._held[pop_id] = held
+        batch = self._batches.get(commit)
+        if batch is None:
+            batch = self._batches[commit] = []
+            commit.add_done_callback(self._committed)  # before any source's: delivered first
+        batch.append(held)
+        return commit
+
+    def _committed(self, commit: asyncio.Future[None]) -> None:
+        """A journal batch is done: deliver its pops, or drop them all if it failed."""
+        held = self._batches.pop(commit, [])
+        failed = commit.cancelled() or commit.exception() is not None
+        for pop in held:
+            if self._held.get(pop.id) is pop:
+                del self._held[pop.id]
+            if failed:
+                self.counters["journal_refused"] += 1
+            elif not pop.withdrawn:
+                self.delivery.publish(
+                    pop.id, pop.key, pop.frame, pop.contact_id, pop.expires, pop.dedupe
+                )
+                self.counters["pops_accepted"] += 1
+                if self.on_pop is not None:  # `--verbose` only: decoding costs nothing otherwise
+                    self.on_pop(orjson.loads(pop.frame)["pop"])
+
+    def _unhold(self, pop_id: str) -> bool:
+        """Withdraw a pop still waiting for its commit: it is never delivered, its row is done."""
+        held = self._held.pop(pop_id, None)
+        if held is None:
+            return False
+        held.withdrawn = True
+        self.delivery.withdrawn += 1
         if self.journal is not None:
-            return self.journal.add(
-                pop_id,
-                key[0],
-                key[1],
-                pop["contact_id"],
-                frame,
-                time.time() + self.config.pop_ttl,
-                remember=dedupe,
-            )
-        return None
+            self.journal.done(pop_id)
+        return True
 
     def publish_now(self, pops: Any) -> tuple[list[str], asyncio.Future[Any] | None]:
         """Check and accept one pop or a list at once; return their ids and what to await for
@@ -341,38 +425,122 @@ class Hub:
         return self._contacts
 
     async def apply_contacts(self, events: Any) -> dict[str, Any]:
-        """Apply lifecycle events in order; their pops are accepted even if a later event fails."""
-        from .contacts import ContactEventError
+        """Apply lifecycle events in order; their pops are accepted even if a later event fails.
 
-        error: ContactEventError | None = None
+        With a journal, the answer comes once everything the events changed is committed in one
+        batch: their pops, the withdrawals of an `ended`, and each contact's new state. If that
+        commit fails, none of it happened (JournalUnavailable). Requests about the same contact
+        take turns until their commit is done, so a refused commit is undone without undoing
+        anyone else's events, even when its caller has gone away."""
+        from .contacts import ContactEventError
+        from .journal import JournalUnavailable
+
+        ids = _contact_ids(events)
+        await self._contact_turn(ids)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for contact_id in ids:
+            self._contact_turns[contact_id] = turn
+
+        def release(_: Any = None) -> None:
+            for contact_id in ids:
+                if self._contact_turns.get(contact_id) is turn:
+                    del self._contact_turns[contact_id]
+            if not turn.done():
+                turn.set_result(None)
+
         try:
-            outcomes = self.contacts.apply_batch(events, datetime.now(UTC))
-        except ContactEventError as exc:
+            commit, result, error = self._stage_contacts(events, ids, ContactEventError)
+        except BaseException:
+            release()
+            raise
+        if commit is None:
+            release()
+        else:
+            commit.add_done_callback(release)  # after the commit's outcome is applied
+            try:
+                await asyncio.shield(commit)
+            except JournalUnavailable as exc:
+                # the batch's error is shared by all its sources: this request's own copy
+                refused = JournalUnavailable(exc.__cause__ or exc)
+                refused.applied_result = {"applied": 0, "pops": []}  # type: ignore[attr-defined]
+                raise refused from exc
+        if error is not None:
+            error.applied_result = result  # type: ignore[attr-defined]
+            raise error
+        return result
+
+    async def _contact_turn(self, ids: set[str]) -> None:
+        """Wait until no other request is changing any of these contacts."""
+        while True:
+            busy = {self._contact_turns[c] for c in ids if c in self._contact_turns}
+            if not busy:
+                return
+            await asyncio.wait(busy)
+
+    def _stage_contacts(
+        self, events: Any, ids: set[str], refusal: type[Exception]
+    ) -> tuple[asyncio.Future[None] | None, dict[str, Any], Exception | None]:
+        """Apply the events in memory and queue what they change in one journal batch; return
+        that batch's commit (None without a journal), the answer, and the refusal if any."""
+        tracker = self.contacts
+        before = tracker.snapshot(ids) if self.journal is not None else {}
+        error: Exception | None = None
+        try:
+            outcomes = tracker.apply_batch(events, datetime.now(UTC))
+        except refusal as exc:
             error = exc
             outcomes = getattr(exc, "applied", [])
-        futures = []
         pop_ids: list[str] = []
+        held: dict[str, list[str]] = {}  # contact → pops of this request still waiting
+        ended: list[str] = []
+        staged: set[str] = set()  # pops whose withdrawal rides this request's commit
         for outcome in outcomes:
             if outcome.ended:
-                for pending in self.delivery.withdraw(outcome.contact_id):
-                    if self.journal is not None:
-                        self.journal.done(pending.id)
+                if self.journal is None:
+                    self.delivery.withdraw(outcome.contact_id)
+                else:
+                    for pop_id in held.pop(outcome.contact_id, []):
+                        self._unhold(pop_id)  # never delivered: the call is over
+                    # withdrawn once the `ended` is committed, their rows done in the same batch
+                    ended.append(outcome.contact_id)
+                    for pop_id in self.delivery.of_contact(outcome.contact_id):
+                        self.journal.done(pop_id)
+                        staged.add(pop_id)
             for event in outcome.pops:
                 pop = event.to_dict()
                 pop_ids.append(pop["id"])
                 # an id derived from the event's id may come again (a retried webhook after a
                 # restart): keep it in the journal's duplicate window; the hub's own need not
-                future = self.accept(pop, dedupe=outcome.event_id is not None)
-                if future is not None and future not in futures:
-                    futures.append(future)
+                self.accept(pop, dedupe=outcome.event_id is not None)
+                held.setdefault(outcome.contact_id, []).append(pop["id"])
         self.counters["contact_events"] += len(outcomes)
-        if futures:
-            await asyncio.shield(asyncio.gather(*futures))
         result = {"applied": len(outcomes), "pops": pop_ids}
-        if error is not None:
-            error.applied_result = result  # type: ignore[attr-defined]
-            raise error
-        return result
+        journal = self.journal
+        if journal is None or not outcomes:
+            return None, result, error
+        for contact_id in {outcome.contact_id for outcome in outcomes}:
+            state = tracker.state(contact_id)
+            if state is None:
+                journal.forget_contact(contact_id)
+            else:
+                journal.put_contact(contact_id, orjson.dumps(state))
+        commit = journal.barrier()  # the batch holding the pops, the dones and the states
+
+        def finish(done: asyncio.Future[None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                tracker.put_back(before)  # nothing of this request happened
+                for outcome in outcomes:  # so a resend of its events applies them
+                    if outcome.event_id is not None and not outcome.duplicate:
+                        tracker.event_ids.forget(outcome.event_id)
+                self.counters["contact_events"] -= len(outcomes)
+                return
+            for contact_id in ended:
+                for pending in self.delivery.withdraw(contact_id):
+                    if pending.id not in staged:
+                        journal.done(pending.id)  # a pop that came after the `ended` was staged
+
+        commit.add_done_callback(finish)
+        return commit, result, error
 
     async def ingest_frame(self, conn: HubConnection, body: Any, ref: Any) -> None:
         """A `contact` frame from a source on the listener port."""
@@ -426,6 +594,16 @@ class Hub:
             "contacts": len(self._contacts) if self._contacts is not None else 0,
             "counters": counters,
         }
+
+
+def _contact_ids(events: Any) -> set[str]:
+    """The contact ids a request names (what it may change), without checking anything else."""
+    items = [events] if isinstance(events, dict) else events if isinstance(events, list) else []
+    return {
+        item["contact_id"]
+        for item in items
+        if isinstance(item, dict) and isinstance(item.get("contact_id"), str)
+    }
 
 
 def _version() -> str:
