@@ -802,3 +802,34 @@ def test_the_writer_checkpoints_so_the_log_stays_bounded(
         await journal.close()
 
     run(body())
+
+
+def test_an_event_id_refused_by_a_full_disk_applies_when_sent_again(tmp_path: Path) -> None:
+    """The refused commit undid the event, so its id must not stay a duplicate: a resend pops."""
+    disk = FullDisk("max_page_count", tmp_path)
+
+    async def body() -> None:
+        async with inprocess_hub(journal=str(disk.journal)) as hub:
+            listener = await Counting().up(address_of(hub), "13579")
+            routed = {
+                "id": "evt-1",
+                "contact_id": "full-id",
+                "event": "routed",
+                "resource": "13579",
+                "source": "retried",
+                "contact_data": BIG,
+            }
+            url = f"{http_of(hub)}/v1/contacts"
+            disk.fill(hub)
+            status, answer, _ = await asyncio.to_thread(http_post_headers, url, routed)
+            assert (status, answer["error"]) == (503, "journal_unavailable")
+            disk.free(hub)
+            status, answer, _ = await asyncio.to_thread(http_post_headers, url, routed)
+            assert (status, answer["applied"], answer["pops"]) == (200, 1, ["evt-1"])
+            assert await until(lambda: listener.sources == ["retried"], 5)
+            status, answer, _ = await asyncio.to_thread(http_post_headers, url, routed)
+            assert (status, answer["applied"], answer["pops"]) == (200, 1, [])  # now a duplicate
+            assert hub.status()["counters"]["duplicate_events"] == 1
+            await listener.listener.shutdown()
+
+    run(body())
