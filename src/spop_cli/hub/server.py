@@ -39,6 +39,7 @@ class HubConfig:
     handshake_timeout: float = 10.0
     max_frame: int = MAX_FRAME
     max_buffer: int = 1024 * 1024  # per-connection write buffer before a slow consumer is dropped
+    max_inflight: int = 1000  # pops sent to one connection and not yet acked, at most
     max_connections: int = 50_000
     max_registrations: int = 10_000  # per connection
     max_body: int = 1024 * 1024  # HTTP request body
