@@ -14,7 +14,6 @@ from typing import Any
 from .. import client
 from ..address import parse_address
 from ..diagnostics import open_diagnostics
-from ..protocol import ack_frames
 from ..model import (
     Error,
     ListenerStatus,
@@ -23,6 +22,7 @@ from ..model import (
     ScreenPopEvent,
     validate_resource,
 )
+from ..protocol import ack_frames
 from .handled import DEFAULT_KEEP, MARGIN, HandledIds
 
 S = ListenerStatus
