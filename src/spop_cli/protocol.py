@@ -35,6 +35,23 @@ def encode(frame: dict[str, Any]) -> bytes:
     return orjson.dumps(frame) + b"\n"
 
 
+def pop_frame(pop: dict[str, Any]) -> bytes:
+    """The `pop` frame the hub sends for an accepted pop, built once for every listener."""
+    return orjson.dumps({"op": "pop", "pop": pop}) + b"\n"
+
+
+def pop_too_large(frame: bytes, max_frame: int) -> str | None:
+    """Why a pop cannot be accepted: its frame would be over the `max_frame` the hub announces
+    (listeners may refuse longer frames), or None when it fits."""
+    size = len(frame) - 1
+    if size <= max_frame:
+        return None
+    return (
+        f"the pop would be a frame of {size} bytes, over the hub's max_frame of {max_frame} "
+        "bytes: send less contact_data"
+    )
+
+
 ACK_HEAD = b'{"op":"ack","ids":['
 ACK_TAIL = b"]}\n"
 

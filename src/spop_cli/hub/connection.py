@@ -134,6 +134,7 @@ class HubConnection(asyncio.Protocol):
 
     def _send(self, pending: Pending) -> None:
         self.inflight[pending.id] = pending.key
+        pending.sent += 1
         self.hub.delivery.delivered += 1
         self.write(pending.frame)
 

@@ -7,7 +7,7 @@ pops that come out; the rules are in docs/contacts.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +20,7 @@ from spop_cli.model import (
     ScreenPopEvent,
     validate_resource,
 )
+from spop_cli.protocol import pop_frame, pop_too_large
 
 MAX_CONTACT_ID_LEN = 256
 MAX_TEXT_LEN = 1024
@@ -244,11 +245,17 @@ def _parse(event: Any) -> _Event:
 class ContactTracker:
     """Every contact's state, updated event by event; no I/O, no clock of its own."""
 
-    def __init__(self, forget_after: float = 300.0, idle_expiry: float = 4 * 3600.0) -> None:
+    def __init__(
+        self,
+        forget_after: float = 300.0,
+        idle_expiry: float = 4 * 3600.0,
+        max_frame: int | None = None,
+    ) -> None:
         if forget_after < 0 or idle_expiry < 0:
             raise ValueError("forget_after and idle_expiry must be >= 0")
         self.forget_after = timedelta(seconds=forget_after)
         self.idle_expiry = timedelta(seconds=idle_expiry)
+        self.max_frame = max_frame  # an event whose pop's frame would be longer is refused
         self._contacts: dict[str, _Contact] = {}
 
     def __len__(self) -> int:
@@ -289,10 +296,18 @@ class ContactTracker:
             contact = self._admit(parsed, at, seen)
         else:
             self._check(contact, parsed, at)
+            if self.max_frame is not None and parsed.kind in POP_EVENTS:
+                # changed on a copy: an event whose pop is too large must change nothing
+                contact = replace(contact, contact_data=dict(contact.contact_data))
         self._update(contact, parsed, at)
         outcome = Outcome(parsed.contact_id)
         if parsed.kind in POP_EVENTS:
-            outcome.pops.append(self._pop(contact, parsed, at))
+            pop = self._pop(contact, parsed, at)
+            if self.max_frame is not None:
+                why = pop_too_large(pop_frame(pop.to_dict()), self.max_frame)
+                if why is not None:
+                    raise ContactEventError(413, "pop_too_large", why, "contact_data")
+            outcome.pops.append(pop)
         if parsed.kind in HOLDING_EVENTS:
             contact.holder = parsed.resource
         if parsed.kind == "ended":

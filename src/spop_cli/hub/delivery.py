@@ -35,6 +35,7 @@ class Pending:
     frame: bytes  # the encoded `pop` frame, built once for every subscriber
     expires: float  # time.time()
     contact_id: str
+    sent: int = 0  # times written to a connection (an expiry says whether anyone saw it)
 
 
 class InProcessDelivery:
