@@ -7,7 +7,7 @@ SIGCONT until the hub holds nothing pending and the listener has printed every p
 reach the listener's stdout exactly once, and none may expire.
 
     python benchmarks/backlog_drain.py              # 3 runs, the median
-    python benchmarks/backlog_drain.py --runs 5 --pops 30000 --size 1024 --json
+    python benchmarks/backlog_drain.py --runs 5 --pops 30000 --size 1024 --max-inflight 1000 --json
 """
 
 from __future__ import annotations
@@ -55,14 +55,17 @@ def count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
 
 
-def one_run(workdir: Path, pops: int, size: int) -> dict[str, Any]:
+def one_run(workdir: Path, pops: int, size: int, inflight: int | None = None) -> dict[str, Any]:
     env = {**os.environ, "SPOP_DIAG_DIR": str(workdir / "diag"), "XDG_CONFIG_HOME": str(workdir)}
     for name in ("SPOP_CONFIG", "SPOP_SERVER", "SPOP_TOKEN"):
         env.pop(name, None)
     ready = workdir / "ready.json"
     spop = [sys.executable, "-m", "spop_cli"]
+    config = workdir / "hub.toml"
+    config.write_text(f"[hub]\nmax_inflight = {inflight}\n" if inflight else "")
     hub = subprocess.Popen(
         [*spop, "serve", "--port", "0", "--http-port", "0", "--ready-file", str(ready)]
+        + ["--config", str(config)]
         + ["--journal", str(workdir / "journal.sqlite3"), "--heartbeat", "1"],
         stdout=subprocess.DEVNULL,
         stderr=open(workdir / "hub.log", "wb"),  # noqa: SIM115
@@ -134,13 +137,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pops", type=int, default=30_000)
     parser.add_argument("--size", type=int, default=1024, help="bytes of contact data per pop")
+    parser.add_argument("--max-inflight", type=int, default=None, help="the hub's window")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
     runs = []
     for number in range(args.runs):
         workdir = Path(tempfile.mkdtemp(prefix="spop-drain-"))
         try:
-            result = one_run(workdir, args.pops, args.size)
+            result = one_run(workdir, args.pops, args.size, args.max_inflight)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         runs.append(result)
