@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine
@@ -29,8 +30,9 @@ from hubproc import (
     until,
     wire_pop,
 )
+from spop_cli import client
 from spop_cli.listener.handled import BUCKET, HandledIds
-from spop_cli.model import ListenerStatus
+from spop_cli.model import Error, ListenerStatus, ScreenPopError
 from spop_cli.pops import normalize_pop
 from spop_cli.protocol import ACK_HEAD, ACK_TAIL, ack_frames, pop_frame
 
@@ -101,6 +103,26 @@ def test_listener_never_sends_a_frame_over_the_announced_max_frame(
         hub.close()
 
     on(runner, body())
+
+
+def test_a_request_over_the_hubs_max_frame_is_refused_before_it_is_sent() -> None:
+    async def body() -> None:
+        hub = await ScriptedHub(max_frame=1000).start()
+        link = await client.connect(hub.address, role="source")
+        sent = len(hub.lines)
+        with pytest.raises(ScreenPopError) as caught:
+            await link.request("publish", pops=[pop(source="x" * 1000)])
+        assert caught.value.code is Error.SCREENPOP_Framework_Error
+        frame = orjson.dumps({"op": "publish", "ref": 2, "pops": [pop(source="x" * 1000)]})
+        assert caught.value.message == (
+            f"'publish' frame of {len(frame)} bytes is over the hub's max_frame of 1000 bytes"
+            " (send fewer pops at once)"
+        )
+        assert not link.lost and len(hub.lines) == sent  # nothing sent, the connection kept
+        link.close()
+        hub.close()
+
+    run(body())
 
 
 # -- handled ids: for pop_ttl, not a count ------------------------------------------------------
@@ -443,7 +465,11 @@ def test_a_contact_event_whose_pop_is_over_max_frame_is_refused_and_changes_noth
             status, answer = await asyncio.to_thread(http_post, url, big)
             assert status == 413
             assert answer["error"] == "pop_too_large" and answer["field"] == "contact_data"
-            assert f"over the hub's max_frame of {LIMIT} bytes" in answer["message"]
+            assert re.fullmatch(
+                rf"the pop would be a frame of \d+ bytes, over the hub's max_frame of {LIMIT}"
+                " bytes: send less contact_data",
+                answer["message"],
+            )
             routed = {"contact_id": "c", "event": "routed", "resource": "13579"}
             assert (await asyncio.to_thread(http_post, url, routed))[0] == 200
             assert await until(lambda: len(listener.calls) == 1)
