@@ -447,3 +447,90 @@ def module_hub_fixtures(**options: Any) -> tuple[Any, Any]:
             bird.close()
 
     return hub, canary
+
+
+# -- a hub that says exactly what the test scripts ---------------------------------------------
+
+
+def wire_pop(pop_id: str, resource: str = "13579", **fields: Any) -> dict[str, Any]:
+    """A pop as the hub sends it: every field present."""
+    return {
+        "id": pop_id,
+        "media": "telephone",
+        "resource": resource,
+        "contact_id": "",
+        "created_at": "2026-01-01T00:00:00.000Z",
+        "source": "",
+        "destination": "",
+        "queue_name": "",
+        "contact_description": "",
+        "from": "",
+        "redirect": "",
+        "wait_time": 0,
+        "contact_data": {},
+        **fields,
+    }
+
+
+class ScriptedHub:
+    """A listener-port peer on loopback that answers the handshake and every request (`ok`), then
+    sends the pops a test scripts — say, a replay a real hub makes after acks were lost — and
+    records every line the listener sends, so a test sees each frame and its size."""
+
+    def __init__(self, max_frame: int = 65_536, pop_ttl: float = 120.0) -> None:
+        self.max_frame = max_frame
+        self.pop_ttl = pop_ttl
+        self.lines: list[bytes] = []  # every line received, in order
+        self.registered = asyncio.Event()
+        self.writer: asyncio.StreamWriter | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> ScriptedHub:
+        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0, limit=1 << 24)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.port}@{LOOPBACK}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while line := await reader.readline():
+                self.lines.append(line.rstrip(b"\n"))
+                frame = orjson.loads(line)
+                op, ref = frame.get("op"), frame.get("ref")
+                if op == "hello":
+                    welcome = {"op": "welcome", "version": 1, "server": "scripted", "ref": ref}
+                    welcome.update(heartbeat=30, max_frame=self.max_frame, pop_ttl=self.pop_ttl)
+                    writer.write(orjson.dumps(welcome) + b"\n")
+                elif op == "ping":
+                    writer.write(b'{"op":"pong"}\n')
+                elif ref is not None:
+                    writer.write(orjson.dumps({"op": "ok", "ref": ref}) + b"\n")
+                    if op == "register":
+                        self.writer = writer
+                        self.registered.set()
+                await writer.drain()
+
+    async def send_pops(self, pops: list[dict[str, Any]]) -> None:
+        """All at once, as a hub replaying a backlog without flow control would."""
+        assert self.writer is not None
+        self.writer.write(b"".join(orjson.dumps({"op": "pop", "pop": p}) + b"\n" for p in pops))
+        await self.writer.drain()
+
+    def acked(self) -> list[str]:
+        """Every id acked so far, in order, repeats included."""
+        ids: list[str] = []
+        for line in self.lines:
+            frame = orjson.loads(line)
+            if frame.get("op") == "ack":
+                ids += frame.get("ids", [frame.get("id")] if "id" in frame else [])
+        return ids
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.writer is not None:
+            self.writer.transport.abort()

@@ -314,7 +314,8 @@ def test_listener_finds_a_frozen_hub_and_comes_back(tmp_path: Any) -> None:
 
 def test_slow_consumer_is_dropped_others_unharmed_and_it_resumes() -> None:
     async def body() -> None:
-        async with inprocess_hub(max_buffer=64 * 1024) as hub:
+        # a window wider than the flood: the buffer limit, not the window, must stop it here
+        async with inprocess_hub(max_buffer=64 * 1024, max_inflight=100_000) as hub:
             # a desktop that registers then never reads again, with a small receive window
             frozen = socket.socket()
             frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

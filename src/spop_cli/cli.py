@@ -768,7 +768,7 @@ def status_command(
 )
 @click.option("--once", is_flag=True, help="Exit after one pop has been handled by every action.")
 @click.option(
-    "--count", type=click.IntRange(min=1), default=None, help="Exit after N pops have been handled."
+    "--count", type=click.IntRange(min=1), default=None, help="Exit after N distinct pops have been handled."
 )
 @click.option(
     "--timeout",

@@ -14,7 +14,7 @@ from typing import Any
 
 from .address import Address, parse_address
 from .model import Error, ScreenPopError
-from .protocol import HEARTBEAT, VERSION, FrameDecoder, FrameError, encode
+from .protocol import HEARTBEAT, MAX_FRAME, VERSION, FrameDecoder, FrameError, encode
 
 PING = encode({"op": "ping"})
 PONG = encode({"op": "pong"})
@@ -44,6 +44,9 @@ class HubLink(asyncio.Protocol):
         self._waiting: dict[Any, asyncio.Future[dict[str, Any]]] = {}
         self._closed = asyncio.get_running_loop().create_future()
         self.heartbeat = HEARTBEAT
+        # what the hub announced in `welcome`: the largest frame it reads, how long it keeps a pop
+        self.max_frame = MAX_FRAME
+        self.pop_ttl: float | None = None
         self.last_rx = self.last_tx = time.monotonic()
         self._beat: asyncio.Task[None] | None = None
         self.lost = False
@@ -99,9 +102,16 @@ class HubLink(asyncio.Protocol):
         if self.lost:
             raise ScreenPopError(Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "not connected")
         ref = next(self._refs)
+        data = encode({"op": op, "ref": ref, **fields})
+        if len(data) - 1 > self.max_frame:  # the hub would close the connection on it
+            raise ScreenPopError(
+                Error.SCREENPOP_Framework_Error,
+                f"{op!r} frame of {len(data) - 1} bytes is over the hub's max_frame of "
+                f"{self.max_frame} bytes (send fewer pops at once)",
+            )
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[ref] = future
-        self.send(encode({"op": op, "ref": ref, **fields}))
+        self.send(data)
         try:
             answer = await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -190,8 +200,16 @@ async def connect(
         link.on_lost = None
         link.close()
         raise
+    link.max_frame = _positive(welcome.get("max_frame"), MAX_FRAME)
+    ttl = welcome.get("pop_ttl")
+    link.pop_ttl = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else None
     link.start_heartbeat(float(welcome.get("heartbeat") or HEARTBEAT))
     return link
+
+
+def _positive(value: Any, default: int) -> int:
+    """A whole number the hub announced, or the default when it sent none (or nonsense)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
 
 
 async def publish(address: str, pops: list[dict[str, Any]] | dict[str, Any], **options: Any) -> list[str]:

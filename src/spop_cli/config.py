@@ -404,6 +404,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "handshake_timeout": _number(0),
         "max_frame": _count,
         "max_buffer": _count,
+        "max_inflight": _count,
         "max_connections": _count,
         "max_registrations": _count,
         "max_body": _count,

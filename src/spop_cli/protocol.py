@@ -35,6 +35,51 @@ def encode(frame: dict[str, Any]) -> bytes:
     return orjson.dumps(frame) + b"\n"
 
 
+def pop_frame(pop: dict[str, Any]) -> bytes:
+    """The `pop` frame the hub sends for an accepted pop, built once for every listener."""
+    return orjson.dumps({"op": "pop", "pop": pop}) + b"\n"
+
+
+def pop_too_large(frame: bytes, max_frame: int) -> str | None:
+    """Why a pop cannot be accepted: its frame would be over the `max_frame` the hub announces
+    (listeners may refuse longer frames), or None when it fits."""
+    size = len(frame) - 1
+    if size <= max_frame:
+        return None
+    return (
+        f"the pop would be a frame of {size} bytes, over the hub's max_frame of {max_frame} "
+        "bytes: send less contact_data"
+    )
+
+
+ACK_HEAD = b'{"op":"ack","ids":['
+ACK_TAIL = b"]}\n"
+
+
+def ack_frames(ids: list[str], max_frame: int = MAX_FRAME) -> list[bytes]:
+    """`ack` frames for `ids`, as few as fit, none longer than `max_frame` (newline excluded).
+
+    The hub closes a connection whose frame is over its limit, and none of that frame's acks
+    would count: a big burst of pops handled in one loop iteration must not become one frame.
+    """
+    frames: list[bytes] = []
+    room = max_frame - (len(ACK_HEAD) + len(ACK_TAIL) - 1)
+    parts: list[bytes] = []
+    used = 0
+    for pop_id in ids:
+        part = orjson.dumps(pop_id)
+        if len(part) > room:
+            continue  # an id no frame can carry was never one the hub sent (its ids fit)
+        if parts and used + 1 + len(part) > room:
+            frames.append(ACK_HEAD + b",".join(parts) + ACK_TAIL)
+            parts, used = [], 0
+        used += len(part) + (1 if parts else 0)
+        parts.append(part)
+    if parts:
+        frames.append(ACK_HEAD + b",".join(parts) + ACK_TAIL)
+    return frames
+
+
 def error_frame(code: Error, message: str, ref: Any = None, fatal: bool = False) -> bytes:
     frame: dict[str, Any] = {"op": "error", "code": code.value, "message": message}
     if ref is not None:

@@ -114,7 +114,8 @@ class ListenSession:
         self.on_result = on_result
         self.listener_factory = listener_factory
         self.entries: list[_Entry] = []
-        self.received = 0
+        self.received = 0  # distinct pops handed to the actions
+        self._counted: set[str] = set()  # their ids, while a count is to be reached
         self.recent: deque[PopRow] = deque(maxlen=RECENT_POPS)
         self._rows: dict[str, PopRow] = {}
         self._enough = asyncio.Event()
@@ -219,6 +220,12 @@ class ListenSession:
 
     def _received(self, entry: _Entry, event: Any) -> None:
         # Quick and non-blocking: the listener acks the pop to the hub once this returns.
+        if self.count is not None:
+            # `--count N` is N distinct pops: an id the listener let through again (its memory
+            # of handled ids is bounded) neither counts nor runs the actions twice
+            if event.id in self._counted:
+                return
+            self._counted.add(event.id)
         self.received += 1
         entry.last_pop_at = time.time()
         row = PopRow(

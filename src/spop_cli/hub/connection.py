@@ -11,10 +11,14 @@ from ..model import Error
 from ..protocol import VERSION, FrameDecoder, FrameError, check_client_frame, encode, error_frame
 
 if TYPE_CHECKING:
+    from .delivery import Pending
+    from .routing import Key
     from .server import Hub
 
 PONG = encode({"op": "pong"})
 PING = encode({"op": "ping"})
+REPLAY_CHUNK = 16 * 1024  # replayed bytes handed to the transport at a time
+LIVE_PRUNE_MIN = 1024  # queued live ids before the first look for settled ones
 
 
 class HubConnection(asyncio.Protocol):
@@ -33,7 +37,10 @@ class HubConnection(asyncio.Protocol):
         "closed",
         "can_publish",
         "paused",
-        "replaying",
+        "window",
+        "inflight",
+        "live",
+        "live_prune_at",
         "backlog",
         "out",
     )
@@ -49,8 +56,13 @@ class HubConnection(asyncio.Protocol):
         self.closed = False
         self.can_publish = False
         self.paused = False  # the transport's buffer is over its high-water mark
-        self.replaying = False  # inside register(): pending pops are being handed over
-        self.backlog: deque[str] = deque()  # ids of pending pops owed, sent as the peer reads
+        # Flow control: at most `window` pops sent and not yet settled (acked, withdrawn,
+        # expired); the others wait here as ids and go out as slots free up.
+        self.window = hub.config.max_inflight
+        self.inflight: dict[str, Key] = {}  # pop id → its key, sent and still pending
+        self.live: deque[str] = deque()  # live pops waiting for a slot, oldest first
+        self.live_prune_at = LIVE_PRUNE_MIN  # drop settled ids from `live` past this length
+        self.backlog: deque[str] = deque()  # pending pops owed since `register`, oldest first
         self.out: list[bytes] = []  # frames written this loop iteration, flushed together
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -84,25 +96,83 @@ class HubConnection(asyncio.Protocol):
         for key in self.keys:
             self.hub.delivery.unsubscribe(key, self)
         self.keys.clear()
+        self.inflight.clear()
+        self.live.clear()
         self.backlog.clear()
 
     def pause_writing(self) -> None:
         # The peer reads slower than we write: hold the replay of pending pops (live pops still
-        # go out, bounded by max_buffer).
+        # go out while the window allows, bounded by max_buffer).
         self.paused = True
 
     def resume_writing(self) -> None:
         self.paused = False
-        self._replay()
+        self._pump()
 
-    def _replay(self) -> None:
-        """Send owed pending pops while the transport takes them; skip those gone meanwhile."""
+    # -- pops: a window of unacknowledged ones ---------------------------------------------
+    def deliver(self, pending: Pending) -> None:
+        """A live pop: out now if the window has room, else queued (ahead of any replay)."""
+        if self.closed:
+            return
+        if self.live or len(self.inflight) >= self.window:
+            live = self.live
+            live.append(pending.id)
+            if len(live) >= self.live_prune_at:
+                self._prune_live()
+            return
+        self._send(pending)
+
+    def owe(self, ids: list[str]) -> None:
+        """A registration's pending pops: replayed as the window and the transport allow."""
+        self.backlog.extend(ids)
+        self._pump()
+
+    def settled(self, pop_id: str) -> None:
+        """A pop left pending: if it was in flight here, its slot goes to the next one owed."""
+        if self.inflight.pop(pop_id, None) is not None and (self.live or self.backlog):
+            self._pump()
+
+    def _send(self, pending: Pending) -> None:
+        self.inflight[pending.id] = pending.key
+        pending.sent += 1
+        self.hub.delivery.delivered += 1
+        self.write(pending.frame)
+
+    def _pump(self) -> None:
+        """Fill the window: live pops first (a call ringing now beats one that waited), then
+        the replay while the transport takes it; ids no longer pending are skipped."""
+        if self.closed:
+            return
         pending = self.hub.delivery.pending
-        while self.backlog and not self.paused and not self.closed:
-            entry = pending.get(self.backlog.popleft())
-            if entry is not None and entry.key in self.keys:
-                self.write(entry.frame)
-                self.flush()  # straight through, so pause_writing can stop the replay in time
+        inflight, window, keys = self.inflight, self.window, self.keys
+        live, backlog = self.live, self.backlog
+        while live and len(inflight) < window:
+            entry = pending.get(live.popleft())
+            if entry is not None and entry.key in keys and entry.id not in inflight:
+                self._send(entry)
+        unflushed = 0
+        while backlog and len(inflight) < window and not self.paused and not self.closed:
+            entry = pending.get(backlog.popleft())
+            if entry is not None and entry.key in keys and entry.id not in inflight:
+                self._send(entry)
+                unflushed += len(entry.frame)
+                if unflushed >= REPLAY_CHUNK:
+                    # through to the transport now, so pause_writing can stop the replay in time
+                    self.flush()
+                    unflushed = 0
+
+    def _prune_live(self) -> None:
+        """Drop queued ids no longer pending (a twin listener acked them), so the queue of a
+        connection that stopped reading stays within twice what is pending for it."""
+        pending = self.hub.delivery.pending
+        self.live = deque(pop_id for pop_id in self.live if pop_id in pending)
+        self.live_prune_at = max(LIVE_PRUNE_MIN, 2 * len(self.live))
+
+    def _release(self, key: Key) -> None:
+        """Unregistered from `key`: its pops in flight here hold no slot any more."""
+        for pop_id in [i for i, k in self.inflight.items() if k == key]:
+            del self.inflight[pop_id]
+        self._pump()
 
     # -- out ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -134,18 +204,6 @@ class HubConnection(asyncio.Protocol):
             self.hub.log.warning("%s: slow consumer, write buffer over limit: disconnected", self.peer)
             self.closed = True
             transport.abort()
-
-    def deliver(self, pop_id: str, frame: bytes) -> None:
-        if self.replaying:
-            if self.paused or self.backlog:
-                # A registration's pending pops go out as fast as the peer reads them: a large
-                # backlog must not look like a slow consumer (it would be dropped on every return).
-                self.backlog.append(pop_id)
-            else:
-                self.write(frame)
-                self.flush()
-            return
-        self.write(frame)
 
     def reply(self, ref: Any, **fields: Any) -> None:
         frame = {"op": "ok", **fields}
@@ -193,6 +251,7 @@ class HubConnection(asyncio.Protocol):
                 self.hub.delivery.unsubscribe(key, self)
                 self.hub.log.info("%s: unregistered %s %s", self.peer, *key)
                 self.reply(ref)
+                self._release(key)
             else:
                 self.error(Error.SCREENPOP_Wrong_Status, f"not registered for {key[0]} {key[1]}", ref)
         elif op == "status":
@@ -230,6 +289,7 @@ class HubConnection(asyncio.Protocol):
             "server": "spop",
             "heartbeat": self.hub.config.heartbeat,
             "max_frame": self.hub.config.max_frame,
+            "pop_ttl": self.hub.config.pop_ttl,
         }
         if ref is not None:
             welcome["ref"] = ref
@@ -247,9 +307,5 @@ class HubConnection(asyncio.Protocol):
             return
         self.keys.add(key)
         self.reply(ref)  # before the pending pops, so the client is Up when they arrive
-        self.replaying = True
-        try:
-            self.hub.delivery.subscribe(key, self)
-        finally:
-            self.replaying = False
+        self.hub.delivery.subscribe(key, self)
         self.hub.log.info("%s: registered %s %s", self.peer, *key)

@@ -22,6 +22,7 @@ from spop_cli.model import (
     ScreenPopEvent,
     validate_resource,
 )
+from spop_cli.protocol import pop_frame, pop_too_large
 
 MAX_CONTACT_ID_LEN = 256
 MAX_EVENT_ID_LEN = 256
@@ -316,11 +317,13 @@ class ContactTracker:
         forget_after: float = 300.0,
         idle_expiry: float = 4 * 3600.0,
         dedupe_window: float = 120.0,
+        max_frame: int | None = None,
     ) -> None:
         if forget_after < 0 or idle_expiry < 0 or dedupe_window < 0:
             raise ValueError("forget_after, idle_expiry and dedupe_window must be >= 0")
         self.forget_after = timedelta(seconds=forget_after)
         self.idle_expiry = timedelta(seconds=idle_expiry)
+        self.max_frame = max_frame  # an event whose pop's frame would be longer is refused
         self._contacts: dict[str, _Contact] = {}
         self.event_ids = EventIds(dedupe_window)
 
@@ -366,12 +369,19 @@ class ContactTracker:
             contact = self._admit(parsed, at, seen)
         else:
             self._check(contact, parsed, at)
+            if self.max_frame is not None and parsed.kind in POP_EVENTS:
+                # changed on a copy: an event whose pop is too large must change nothing
+                contact = replace(contact, contact_data=dict(contact.contact_data))
         self._update(contact, parsed, at)
         outcome = Outcome(parsed.contact_id, event_id=parsed.event_id)
         if parsed.kind in POP_EVENTS:
             pop = self._pop(contact, parsed, at)
             if parsed.event_id is not None:
                 pop.id = pop_id_for(parsed.event_id)
+            if self.max_frame is not None:
+                why = pop_too_large(pop_frame(pop.to_dict()), self.max_frame)
+                if why is not None:
+                    raise ContactEventError(413, "pop_too_large", why, "contact_data")
             outcome.pops.append(pop)
         if parsed.kind in HOLDING_EVENTS:
             contact.holder = parsed.resource

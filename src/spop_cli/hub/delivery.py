@@ -15,7 +15,17 @@ from .routing import Key, Routing
 
 
 class Subscriber(Hashable, Protocol):
-    def deliver(self, pop_id: str, frame: bytes) -> None: ...
+    """A connection registered for keys. It sends pops at the pace its window of unacknowledged
+    pops allows (the hub's `max_inflight`), so `deliver` and `owe` only hand them over."""
+
+    def deliver(self, pending: Pending) -> None:
+        """A live pop of one of its keys."""
+
+    def owe(self, ids: list[str]) -> None:
+        """The pops pending for a key it just registered, oldest first: a replay to pace."""
+
+    def settled(self, pop_id: str) -> None:
+        """The pop left pending (acked by anyone, withdrawn, expired): its slot is free."""
 
 
 @dataclass(slots=True)
@@ -25,6 +35,7 @@ class Pending:
     frame: bytes  # the encoded `pop` frame, built once for every subscriber
     expires: float  # time.time()
     contact_id: str
+    sent: int = 0  # times written to a connection (an expiry says whether anyone saw it)
 
 
 class InProcessDelivery:
@@ -44,7 +55,7 @@ class InProcessDelivery:
         self._by_key: dict[Key, dict[str, None]] = {}
         self._by_contact: dict[str, dict[str, None]] = {}
         self._seen: dict[str, float] = {}  # id → first accepted, insertion-ordered
-        self.delivered = 0
+        self.delivered = 0  # pop frames written to connections (subscribers count them)
         self.acked = 0
         self.expired = 0
         self.withdrawn = 0
@@ -52,12 +63,12 @@ class InProcessDelivery:
 
     # -- listeners ------------------------------------------------------------------------
     def subscribe(self, key: Key, subscriber: Subscriber) -> bool:
-        """Register; pops pending for the key go out at once. False if already registered."""
+        """Register; the subscriber is owed the key's pending pops. False if already registered."""
         if not self.routing.add(key, subscriber):
             return False
-        for pop_id in list(self._by_key.get(key, ())):
-            subscriber.deliver(pop_id, self.pending[pop_id].frame)
-            self.delivered += 1
+        owed = list(self._by_key.get(key, ()))
+        if owed:
+            subscriber.owe(owed)
         return True
 
     def unsubscribe(self, key: Key, subscriber: Subscriber) -> bool:
@@ -92,9 +103,8 @@ class InProcessDelivery:
         self._by_key.setdefault(key, {})[pop_id] = None
         if contact_id:
             self._by_contact.setdefault(contact_id, {})[pop_id] = None
-        for subscriber in self.routing.subscribers(key):
-            subscriber.deliver(pop_id, frame)
-            self.delivered += 1
+        for subscriber in self.routing.of(key):
+            subscriber.deliver(pending)
         return True
 
     def remember(self, pop_id: str, accepted: float) -> None:
@@ -153,6 +163,8 @@ class InProcessDelivery:
                 ids.pop(pop_id, None)
                 if not ids:
                     del self._by_contact[pending.contact_id]
+        for subscriber in self.routing.of(pending.key):
+            subscriber.settled(pop_id)
         return pending
 
     def counters(self) -> dict[str, int]:

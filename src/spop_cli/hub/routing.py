@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator
 
 Key = tuple[str, str]  # (media, resource)
 
@@ -35,6 +35,10 @@ class Routing:
     def subscribers(self, key: Key) -> list[Hashable]:
         subs = self._by_key.get(key)
         return list(subs) if subs else []
+
+    def of(self, key: Key) -> Collection[Hashable]:
+        """The subscribers of a key, not copied: do not register or unregister while walking it."""
+        return self._by_key.get(key) or ()
 
     def has(self, key: Key) -> bool:
         return key in self._by_key

@@ -19,7 +19,7 @@ import orjson
 
 from ..model import Error
 from ..pops import InputError, normalize_pops
-from ..protocol import HEARTBEAT, MAX_FRAME, encode
+from ..protocol import HEARTBEAT, MAX_FRAME, pop_frame, pop_too_large
 from .connection import PING, HubConnection
 from .delivery import InProcessDelivery
 
@@ -55,6 +55,7 @@ class HubConfig:
     handshake_timeout: float = 10.0
     max_frame: int = MAX_FRAME
     max_buffer: int = 1024 * 1024  # per-connection write buffer before a slow consumer is dropped
+    max_inflight: int = 1000  # pops sent to one connection and not yet acked, at most
     max_connections: int = 50_000
     max_registrations: int = 10_000  # per connection
     max_body: int = 1024 * 1024  # HTTP request body
@@ -225,10 +226,12 @@ class Hub:
 
     def _sweep(self) -> None:
         for pending in self.delivery.expire():
+            # "undelivered": no listener of its key ever got it; else it was sent, never acked
             self.log.warning(
-                "pop %s for %s %s expired undelivered after %.0f s",
+                "pop %s for %s %s expired %s after %.0f s",
                 pending.id,
                 *pending.key,
+                _sent(pending.sent),
                 self.config.pop_ttl,
             )
             if self.journal is not None:
@@ -295,12 +298,15 @@ class Hub:
         return None
 
     # -- pops -----------------------------------------------------------------------------
-    def accept(self, pop: dict[str, Any], dedupe: bool = True) -> asyncio.Future[None] | None:
+    def accept(
+        self, pop: dict[str, Any], dedupe: bool = True, frame: bytes | None = None
+    ) -> asyncio.Future[None] | None:
         """Take a checked pop. With a journal it is delivered once committed (the future resolves
         then); without, at once (None). A resend is answered with the first copy's commit."""
         pop_id = pop["id"]
         key = (pop["media"], pop["resource"])
-        frame = encode({"op": "pop", "pop": pop})
+        if frame is None:
+            frame = pop_frame(pop)
         if self.journal is None:
             if self.delivery.publish(pop_id, key, frame, pop["contact_id"], dedupe=dedupe):
                 self.counters["pops_accepted"] += 1
@@ -361,9 +367,11 @@ class Hub:
         their commit (None: nothing to wait for). Raises InputError before accepting any."""
         checked = normalize_pops(pops)
         given = pops if isinstance(pops, list) else [pops]
+        where = range(len(checked)) if isinstance(pops, list) else [None]
+        frames = [self.pop_frame(pop, index) for pop, index in zip(checked, where, strict=True)]
         commits: list[asyncio.Future[None]] = []
-        for pop, raw in zip(checked, given, strict=True):
-            commit = self.accept(pop, dedupe=bool(raw.get("id")))
+        for pop, raw, frame in zip(checked, given, frames, strict=True):
+            commit = self.accept(pop, dedupe=bool(raw.get("id")), frame=frame)
             if commit is not None and (not commits or commits[-1] is not commit):
                 commits.append(commit)  # pops of one journal batch share one future
         ids = [p["id"] for p in checked]
@@ -372,6 +380,19 @@ class Hub:
         if len(commits) == 1:
             return ids, commits[0]
         return ids, asyncio.gather(*commits)
+
+    def pop_frame(self, pop: dict[str, Any], index: int | None = None) -> bytes:
+        """The pop's frame; InputError 413 `pop_too_large` when it is over max_frame (the hub
+        never sends a frame longer than the limit it announces)."""
+        frame = pop_frame(pop)
+        why = pop_too_large(frame, self.config.max_frame)
+        if why is not None:
+            error = InputError(413, "pop_too_large", why, "contact_data")
+            if index is not None:
+                error.index = index
+                error.message = f"pop {index}: {why}"
+            raise error
+        return frame
 
     async def publish(self, pops: Any) -> list[str]:
         """Check, accept and commit one pop or a list; raises InputError before accepting any."""
@@ -421,6 +442,7 @@ class Hub:
                 forget_after=self.config.contact_forget_after,
                 idle_expiry=self.config.contact_idle_expiry,
                 dedupe_window=self.config.dedupe_window,
+                max_frame=self.config.max_frame,
             )
         return self._contacts
 
@@ -604,6 +626,12 @@ def _contact_ids(events: Any) -> set[str]:
         for item in items
         if isinstance(item, dict) and isinstance(item.get("contact_id"), str)
     }
+
+
+def _sent(times: int) -> str:
+    if not times:
+        return "undelivered"
+    return "unacknowledged (sent once)" if times == 1 else f"unacknowledged (sent {times} times)"
 
 
 def _version() -> str:

@@ -8,7 +8,6 @@ import logging
 import random
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -23,9 +22,10 @@ from ..model import (
     ScreenPopEvent,
     validate_resource,
 )
+from ..protocol import ack_frames
+from .handled import DEFAULT_KEEP, MARGIN, HandledIds
 
 S = ListenerStatus
-HANDLED_MEMORY = 4096  # pop ids remembered so a resent pop never runs the callbacks twice
 
 
 class AsyncListener:
@@ -56,7 +56,8 @@ class AsyncListener:
         self._link: client.HubLink | None = None
         self._pop_callbacks: list[Callable[..., Any]] = []
         self._status_callbacks: list[Callable[..., Any]] = []
-        self._handled: OrderedDict[str, None] = OrderedDict()
+        # ids handled within the hub's pop_ttl (plus a margin): a replayed pop runs nothing twice
+        self._handled = HandledIds(DEFAULT_KEEP + MARGIN)
         self._reconnect_task: asyncio.Task[None] | None = None
         self._resume: S = S.Status_Idle  # the state to come back to after a loss
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -195,7 +196,7 @@ class AsyncListener:
 
     # -- wiring ---------------------------------------------------------------------------
     async def _connect(self, address: str) -> client.HubLink:
-        return await client.connect(
+        link = await client.connect(
             address,
             token=self.token,
             timeout=self.timeout,
@@ -203,6 +204,9 @@ class AsyncListener:
             on_pop=self._on_pop,
             on_lost=self._on_lost,
         )
+        if link.pop_ttl is not None:  # the hub replays a pop for that long: remember ids longer
+            self._handled.keep = max(self._handled.keep, link.pop_ttl + MARGIN)
+        return link
 
     def _on_pop(self, data: dict[str, Any]) -> None:
         pop_id = str(data.get("id", ""))
@@ -219,9 +223,16 @@ class AsyncListener:
         except (KeyError, ValueError, TypeError, ScreenPopError) as exc:
             self.log.error("bad pop from the hub dropped: %s %r", exc, data)
             return
-        self._handled[pop_id] = None
-        if len(self._handled) > HANDLED_MEMORY:
-            self._handled.popitem(last=False)
+        handled = self._handled
+        overflowed = handled.overflowed
+        handled.add(pop_id)
+        if handled.overflowed > overflowed and not overflowed:
+            self.log.warning(
+                "more than %d pops handled within %.0f s: the oldest ids are forgotten early, "
+                "so a replay of one of them would run its callbacks again",
+                handled.limit,
+                handled.keep,
+            )
         self.pops_received += 1
         self.last_pop = event
         self.log.info(
@@ -251,16 +262,19 @@ class AsyncListener:
         done.add_done_callback(lambda _: self._ack(pop_id))
 
     def _ack(self, pop_id: str) -> None:
-        """Acks of one loop iteration leave as one frame (`ids`), after the callbacks ran."""
+        """Acks of one loop iteration leave together (`ids`), after the callbacks ran."""
         if not self._acks:
             asyncio.get_running_loop().call_soon(self._send_acks)
         self._acks.append(pop_id)
 
     def _send_acks(self) -> None:
+        """As few `ack` frames as fit the hub's max_frame: one over it would close the
+        connection, and none of its acks would count."""
         ids, self._acks = self._acks, []
         link = self._link
         if ids and link is not None:
-            link.send(client.encode({"op": "ack", "ids": ids}))
+            for frame in ack_frames(ids, link.max_frame):
+                link.send(frame)
 
     def _on_lost(self, exc: Exception | None) -> None:
         if self.status not in (S.Status_Idle, S.Status_Up):
