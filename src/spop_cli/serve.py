@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,36 @@ def exposure_warnings(config: HubConfig) -> list[str]:
     return warnings
 
 
+def raise_open_file_limit(max_connections: int) -> str | None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's default soft limit, 1,024, lets a
+    few hundred idle sockets lock out every listener and POST); a warning when still too low."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # macOS refuses RLIM_INFINITY; keep what we have
+            pass
+    if soft != resource.RLIM_INFINITY and soft < max_connections:
+        return (
+            f"the open-file limit ({soft}) is below max_connections ({max_connections}):"
+            f" past about {soft} sockets the hub refuses every listener and POST;"
+            " raise it (systemd: LimitNOFILE=, a shell: ulimit -n)"
+        )
+    return None
+
+
 async def run_hub(config: HubConfig, ready_file: str | None = None) -> None:
     """Serve until SIGINT or SIGTERM; write the ports to ready_file once listening."""
     log = open_diagnostics("hub", Path(config.diag_dir) if config.diag_dir else None)
+    warning = raise_open_file_limit(config.max_connections)
+    if warning:
+        log.warning("%s", warning)
+        print(f"spop: warning: {warning}", file=sys.stderr, flush=True)
     hub = Hub(config, log=log)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

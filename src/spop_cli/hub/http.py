@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,14 @@ def _problem(status: int, error: str, message: str, **extra: Any) -> web.Respons
     return _json({"error": error, "message": message, **extra}, status)
 
 
+def _refusal(body: Any, status: int) -> web.Response:
+    """A refused request; after a 408 the rest of its body is not awaited: the connection closes."""
+    response = _json(body, status)
+    if status == 408:
+        response.force_close()
+    return response
+
+
 def _bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
@@ -43,9 +52,16 @@ async def _body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise InputError(413, "too_large", f"body of {request.content_length} bytes over the {limit} limit")
     try:
-        raw = await request.read()
+        # aiohttp bounds the wait for a request head (keepalive_timeout), not for its body:
+        # a body dribbled a byte a second would hold the connection (and a descriptor) forever
+        async with asyncio.timeout(hub.config.http_body_timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise InputError(413, "too_large", f"body over the {limit} byte limit") from None
+    except TimeoutError:
+        raise InputError(
+            408, "timeout", f"body not received within {hub.config.http_body_timeout:g} s"
+        ) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -75,7 +91,7 @@ async def post_pops(request: web.Request) -> web.Response:
         ids = await hub.publish(await _body(request))
     except InputError as exc:
         hub.counters["rejected"] += 1
-        return _json(exc.to_dict(), exc.status)
+        return _refusal(exc.to_dict(), exc.status)
     return _json({"accepted": len(ids), "ids": ids})
 
 
@@ -93,7 +109,7 @@ async def post_contacts(request: web.Request) -> web.Response:
         hub.counters["rejected"] += 1
         # the same body as a refused event: nothing was applied
         refused = {"field": None, "index": None, **exc.to_dict(), "applied": 0, "pops": []}
-        return _json(refused, exc.status)
+        return _refusal(refused, exc.status)
     except ContactEventError as exc:
         hub.counters["rejected"] += 1
         applied = getattr(exc, "applied_result", {"applied": 0, "pops": []})
@@ -128,7 +144,12 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _problem(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+        response = _problem(
+            exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason
+        )
+        if "Allow" in exc.headers:  # a 405 names the methods the path takes (RFC 9110 15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
         hub.log.exception("%s %s failed", request.method, request.path)
@@ -147,7 +168,17 @@ def make_app(hub: Hub) -> web.Application:
 
 
 async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(make_app(hub), access_log=None, handle_signals=False)
+    # keepalive_timeout also closes a connection that never completes a request head (idle
+    # from the start, or dribbling its headers): aiohttp's timer runs until a request is parsed.
+    # After an answer sent before the whole body came (a 408, a 413), aiohttp reads on for
+    # lingering_time so the client sees the answer: no longer than a body is given.
+    runner = web.AppRunner(
+        make_app(hub),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=hub.config.http_idle_timeout,
+        lingering_time=min(10.0, hub.config.http_body_timeout),
+    )
     await runner.setup()
     site = web.TCPSite(
         runner, hub.config.host, hub.config.http_port or 0, ssl_context=ssl_context, reuse_address=True

@@ -42,6 +42,8 @@ class HubConfig:
     max_connections: int = 50_000
     max_registrations: int = 10_000  # per connection
     max_body: int = 1024 * 1024  # HTTP request body
+    http_idle_timeout: float = 30.0  # an HTTP connection without a complete request head is closed
+    http_body_timeout: float = 30.0  # time to receive a request body once its head is in
     contact_forget_after: float = 300.0
     contact_idle_expiry: float = 4 * 3600.0
     tls_cert: str | None = None
