@@ -17,6 +17,11 @@ PONG = encode({"op": "pong"})
 PING = encode({"op": "ping"})
 
 
+def seconds(value: float) -> int | float:
+    """A duration as the protocol shows it: an integer when whole (`10`, not `10.0`)."""
+    return int(value) if float(value).is_integer() else value
+
+
 class HubConnection(asyncio.Protocol):
     """Handshake, registrations, acks, pings, and the source ops (publish, contact, status)."""
 
@@ -228,7 +233,7 @@ class HubConnection(asyncio.Protocol):
             "op": "welcome",
             "version": VERSION,
             "server": "spop",
-            "heartbeat": self.hub.config.heartbeat,
+            "heartbeat": seconds(self.hub.config.heartbeat),
             "max_frame": self.hub.config.max_frame,
         }
         if ref is not None:

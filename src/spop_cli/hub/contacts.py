@@ -13,6 +13,7 @@ from typing import Any
 
 from spop_cli.model import (
     EVENT_CLASSES,
+    MAX_CONTACT_ID_LEN,
     MEDIA_FIELDS,
     ContactDataCollection,
     Media,
@@ -20,8 +21,8 @@ from spop_cli.model import (
     ScreenPopEvent,
     validate_resource,
 )
+from spop_cli.pops import DataError, check_contact_data
 
-MAX_CONTACT_ID_LEN = 256
 MAX_TEXT_LEN = 1024
 MAX_DATA_KEYS = 256
 MAX_DATA_LEN = 4096
@@ -180,22 +181,13 @@ def _parse_at(value: Any) -> datetime | None:
 
 
 def _parse_data(value: Any) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        raise _malformed("contact_data", "contact_data must be an object of string values")
-    if len(value) > MAX_DATA_KEYS:
-        raise _refused(
-            "too_many_keys", "contact_data", f"{len(value)} keys (at most {MAX_DATA_KEYS})"
-        )
-    data: dict[str, str] = {}
-    for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            raise _malformed("contact_data", f"contact_data[{key!r}] must be a string")
-        if len(key) > MAX_DATA_LEN or len(item) > MAX_DATA_LEN:
-            raise _refused(
-                "too_long", "contact_data", f"contact_data[{key[:32]!r}] over {MAX_DATA_LEN} chars"
-            )
-        data[key] = item
-    return data
+    """The rule /v1/pops applies too (one function); here values must be strings already."""
+    try:
+        return check_contact_data(value, numbers=False)
+    except DataError as exc:
+        if exc.error == "wrong_type":
+            raise _malformed("contact_data", exc.message) from None
+        raise _refused(exc.error, "contact_data", exc.message) from None
 
 
 def _parse_resource(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -167,6 +168,17 @@ def make_app(hub: Hub) -> web.Application:
     return app
 
 
+class _RequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp logs every malformed request (a NUL byte in a header, a bad header line) with
+    `exception()`: on a hub without a configured root logger that is a traceback on stderr for
+    each request. Such a request is the client's fault: one line in the hub's diagnostics."""
+
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else None
+        reason = " ".join(str(error).split()) if error is not None else "unknown"
+        self.warning("%s: %s", str(msg) % args, reason[:200])
+
+
 async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
     # keepalive_timeout also closes a connection that never completes a request head (idle
     # from the start, or dribbling its headers): aiohttp's timer runs until a request is parsed.
@@ -178,6 +190,7 @@ async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[web.
         handle_signals=False,
         keepalive_timeout=hub.config.http_idle_timeout,
         lingering_time=min(10.0, hub.config.http_body_timeout),
+        logger=_RequestLog(hub.log.getChild("http"), {}),
     )
     await runner.setup()
     site = web.TCPSite(

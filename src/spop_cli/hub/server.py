@@ -201,8 +201,11 @@ class Hub:
         for conn in conns:
             if conn.closed:
                 continue
-            if conn.role is None and now - conn.opened > self.config.handshake_timeout:
-                conn.fatal(Error.SCREENPOP_Initialization_Error, "no hello in time")
+            if conn.role is None:
+                # before hello only the handshake timeout applies (the client has no heartbeat
+                # yet): not a dead peer, and no ping
+                if now - conn.opened > self.config.handshake_timeout:
+                    conn.fatal(Error.SCREENPOP_Initialization_Error, "no hello in time")
             elif now - conn.last_rx > 3 * hb:
                 self.counters["dead_peers"] += 1
                 self.log.warning("%s: silent for %.1f s: closed", conn.peer, now - conn.last_rx)
