@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 
 from ..pops import InputError
-from ..protocol import MAX_DEPTH, nested_deeper, too_deep_for_parser
+from ..protocol import MAX_DEPTH, nested_deeper, shown, too_deep_for_parser
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -145,9 +145,12 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = _problem(
-            exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason
-        )
+        message = exc.text or exc.reason
+        if exc.status == 404:
+            message = f"no such path {shown(request.path)}"
+        elif exc.status == 405:
+            message = f"{shown(request.method)} not allowed here; allowed: {exc.headers.get('Allow', '')}"
+        response = _problem(exc.status, exc.reason.lower().replace(" ", "_"), message)
         if "Allow" in exc.headers:  # a 405 names the methods the path takes (RFC 9110 15.5.6)
             response.headers["Allow"] = exc.headers["Allow"]
         return response
