@@ -179,6 +179,9 @@ def test_created_at_is_checked_and_sent_on_in_utc() -> None:
             assert status == 200
             frame = await raw.frame()
             assert frame is not None and frame["pop"]["created_at"] == "2024-05-14T09:00:10.000Z"
+            jsonschema = pytest.importorskip("jsonschema")
+            schema = {**SCHEMAS["Pop"], "components": DOC["components"]}
+            jsonschema.Draft202012Validator(schema).validate(frame["pop"])
             status, answer = await asyncio.to_thread(
                 http_post, http_of(hub) + "/v1/pops", pop(created_at="not a time")
             )
