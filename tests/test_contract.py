@@ -502,3 +502,17 @@ def test_a_stopping_hub_closes_connections_without_a_frame_as_documented(tmp_pat
         hub.kill()
     assert "## When the hub stops, crashes, or closes the connection" in PROTOCOL
     assert "**After a fatal `error`**" in PROTOCOL
+
+
+@pytest.mark.parametrize("given_id, wire_id", [(0, "0"), (17, "17"), ("p-1", "p-1")])
+def test_a_number_given_as_id_is_text_and_still_deduplicates(given_id: Any, wire_id: str) -> None:
+    async def body() -> None:
+        async with inprocess_hub() as hub:
+            url = http_of(hub) + "/v1/pops"
+            first = await asyncio.to_thread(http_post, url, pop(id=given_id))
+            second = await asyncio.to_thread(http_post, url, pop(id=given_id))
+            assert first == second == (200, {"accepted": 1, "ids": [wire_id]})
+            assert hub.status()["counters"]["duplicates"] == 1
+            assert hub.status()["pending"] == 1
+
+    run(body())

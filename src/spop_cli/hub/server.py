@@ -274,7 +274,8 @@ class Hub:
         given = pops if isinstance(pops, list) else [pops]
         commits: list[asyncio.Future[None]] = []
         for pop, raw in zip(checked, given, strict=True):
-            commit = self.accept(pop, dedupe=bool(raw.get("id")))
+            # a source's id, a number included (`0` is the id "0"), makes the pop idempotent
+            commit = self.accept(pop, dedupe=raw.get("id") not in (None, ""))
             if commit is not None and (not commits or commits[-1] is not commit):
                 commits.append(commit)  # pops of one journal batch share one future
         ids = [p["id"] for p in checked]
