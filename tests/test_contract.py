@@ -508,11 +508,22 @@ def test_a_stopping_hub_closes_connections_without_a_frame_as_documented(tmp_pat
 def test_a_number_given_as_id_is_text_and_still_deduplicates(given_id: Any, wire_id: str) -> None:
     async def body() -> None:
         async with inprocess_hub() as hub:
+            raw = await RawClient.open(hub.port)
+            await raw.hello()
+            assert (await raw.request("register", media="telephone", resource="13579"))[
+                "op"
+            ] == "ok"
             url = http_of(hub) + "/v1/pops"
             first = await asyncio.to_thread(http_post, url, pop(id=given_id))
+            frame = await raw.frame()
+            assert frame is not None and frame["pop"]["id"] == wire_id
+            await raw.send({"op": "ack", "id": wire_id})
+            assert await until(lambda: hub.status()["pending"] == 0, 5)
+            # acked, then sent again with the same id: the same pop, not a second one
             second = await asyncio.to_thread(http_post, url, pop(id=given_id))
             assert first == second == (200, {"accepted": 1, "ids": [wire_id]})
             assert hub.status()["counters"]["duplicates"] == 1
-            assert hub.status()["pending"] == 1
+            assert hub.status()["pending"] == 0
+            raw.close()
 
     run(body())
