@@ -238,6 +238,8 @@ POPS = [
     ({"media": "telephone", "resource": "1", "created_at": "not a time"}, False),
     ({"media": "telephone", "resource": "1", "created_at": "2024-05-14T11:00:00+02:00"}, True),
     ({"media": "telephone", "resource": "1", "created_at": 1715677200}, False),
+    ({"media": "telephone", "resource": "1", "created_at": "2024-05-14t09:00:00z"}, True),
+    ({"media": "telephone", "resource": "1", "created_at": "2024-13-14T09:00:00Z"}, False),
     # the one resource rule: invisible, space-like, C1, private use refused; unassigned allowed
     ({"media": "telephone", "resource": "13\u00a0579"}, False),
     ({"media": "telephone", "resource": "13\u00ad579"}, False),
@@ -326,6 +328,8 @@ EVENTS = [
     ({"event": "queued", "media": " EMAIL "}, True),
     ({"event": "queued", "media": "callbac\u212a"}, False),
     ({"event": "queued", "at": "not a time"}, False),
+    ({"event": "queued", "at": "2024-05-14t09:00:00z"}, True),
+    ({"event": "queued", "at": "2024-05-14T09:00:00+02:00"}, True),
     ({"event": "queued", "contact_id": "c" * 257}, False),
 ]
 

@@ -164,7 +164,8 @@ def parse_time(value: str) -> datetime:
     """An ISO 8601 date and time (`Z` or an offset; none means UTC), as a UTC datetime.
     Raises ValueError. The rule of `created_at` on pops and `at` on contact events."""
     try:
-        moment = datetime.fromisoformat(value)
+        # RFC 3339 allows a lowercase `t` and `z`; Python's parser does not
+        moment = datetime.fromisoformat(value.upper())
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except OverflowError:  # year 1 with an offset overflows on conversion
         raise ValueError(value) from None

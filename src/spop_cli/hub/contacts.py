@@ -19,6 +19,7 @@ from spop_cli.model import (
     Media,
     ScreenPopError,
     ScreenPopEvent,
+    parse_time,
     validate_resource,
 )
 from spop_cli.pops import DataError, check_contact_data
@@ -175,8 +176,8 @@ def _parse_at(value: Any) -> datetime | None:
     if not isinstance(value, str):
         raise _malformed("at", f"at must be an ISO 8601 string, not {type(value).__name__}")
     try:
-        return _utc(datetime.fromisoformat(value))
-    except (ValueError, OverflowError):  # year 1 with an offset overflows on conversion
+        return parse_time(value)  # the rule of a pop's created_at too
+    except ValueError:
         raise _malformed("at", f"at is not an ISO 8601 time: {value[:64]!r}", "bad_time") from None
 
 
