@@ -10,6 +10,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from spop_cli.model import (
     RESOURCE_PATTERN,
     Media,
     ScreenPopError,
+    parse_time,
     validate_resource,
 )
 from spop_cli.pops import MAX_CONTACT_ID, MAX_ID
@@ -196,6 +198,28 @@ def test_created_at_is_checked_and_sent_on_in_utc() -> None:
             raw.close()
 
     run(body())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.datetimes(  # years 1 and 9999 with an offset have no UTC time in Python: refused (bad_time)
+        min_value=datetime(2, 1, 1),
+        max_value=datetime(9998, 12, 31),
+        timezones=st.just(UTC)
+        | st.builds(lambda m: timezone(timedelta(minutes=m)), st.integers(-1439, 1439))
+    ),
+    st.sampled_from(["T", "t"]),
+    st.booleans(),
+)
+def test_every_time_the_schema_format_accepts_the_hub_accepts(
+    moment: datetime, sep: str, z: bool
+) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    text = moment.isoformat(sep=sep)
+    if z and text.endswith("+00:00"):
+        text = text[:-6] + "z"
+    if jsonschema.Draft202012Validator.FORMAT_CHECKER.conforms(text, "date-time"):
+        assert parse_time(text) == moment.astimezone(UTC)
 
 
 # -- id and contact_id lengths ------------------------------------------------------------------
