@@ -658,7 +658,14 @@ def test_rows_gone_since_a_clean_stop_are_reported_at_start(tmp_path: Path) -> N
         ) in hub.output()
         hub.stop()
         hub.start()  # a clean stop and start: nothing to say
-        assert "spop: warning" not in hub.output()
+        # (this machine's hard open-file limit may be under max_connections: that warning is not
+        # the journal's)
+        journal_warnings = [
+            line
+            for line in hub.output().splitlines()
+            if line.startswith("spop: warning") and "open-file limit" not in line
+        ]
+        assert journal_warnings == []
     finally:
         hub.kill()
 

@@ -49,7 +49,10 @@ def call(
 def validator(schema: dict[str, Any]) -> Any:
     """A JSON Schema 2020-12 validator whose `#/components/...` refs resolve in the document."""
     jsonschema = pytest.importorskip("jsonschema")
-    return jsonschema.Draft202012Validator({**schema, "components": DOC["components"]})
+    return jsonschema.Draft202012Validator(
+        {**schema, "components": DOC["components"]},
+        format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,  # date-time is a promise too
+    )
 
 
 def response_schema(path: str, method: str, status: int) -> dict[str, Any]:
@@ -231,6 +234,65 @@ POPS = [
     ({"media": "telephone", "resource": "1", "id": "x" * 129}, False),
     ([{"media": "telephone", "resource": "1"}, 5], False),
     ("a pop", False),
+    # created_at: checked and normalised (issue 10)
+    ({"media": "telephone", "resource": "1", "created_at": "not a time"}, False),
+    ({"media": "telephone", "resource": "1", "created_at": "2024-05-14T11:00:00+02:00"}, True),
+    ({"media": "telephone", "resource": "1", "created_at": 1715677200}, False),
+    ({"media": "telephone", "resource": "1", "created_at": "2024-05-14t09:00:00z"}, True),
+    ({"media": "telephone", "resource": "1", "created_at": "2024-13-14T09:00:00Z"}, False),
+    # the one resource rule: invisible, space-like, C1, private use refused; unassigned allowed
+    ({"media": "telephone", "resource": "13\u00a0579"}, False),
+    ({"media": "telephone", "resource": "13\u00ad579"}, False),
+    ({"media": "telephone", "resource": "13\u200d579"}, False),
+    ({"media": "telephone", "resource": "13\u2028579"}, False),
+    ({"media": "telephone", "resource": "13\u0085579"}, False),
+    ({"media": "telephone", "resource": "13\ue000579"}, False),
+    ({"media": "telephone", "resource": "13\U000f0000"}, False),
+    ({"media": "telephone", "resource": "13579\n"}, False),
+    ({"media": "telephone", "resource": "\t13579"}, False),
+    ({"media": "telephone", "resource": "13\u0378579"}, True),
+    ({"media": "telephone", "resource": "Jean Dupont-Éluard"}, True),
+    ({"media": "telephone", "resource": "  13579  "}, True),
+    ({"media": "telephone", "resource": "  " + "x" * 128 + "  "}, True),
+    ({"media": "telephone", "resource": "x" * 128}, True),
+    # media: any ASCII case, spaces around
+    ({"media": " Telephone ", "resource": "1"}, True),
+    ({"media": "EMAIL", "resource": "1"}, True),
+    ({"media": "callbac\u212a", "resource": "1"}, False),
+    ({"media": "\ttelephone", "resource": "1"}, False),
+    ({"media": "telephone\n", "resource": "1"}, False),
+    # leniencies: null is absent, numbers are text
+    (
+        {
+            "media": "telephone",
+            "resource": "1",
+            "id": None,
+            "contact_id": None,
+            "created_at": None,
+            "source": None,
+            "wait_time": None,
+            "contact_data": None,
+        },
+        True,
+    ),
+    (
+        {
+            "media": "telephone",
+            "resource": "1",
+            "source": 12345,
+            "contact_id": 7,
+            "contact_data": {"n": 1.5},
+        },
+        True,
+    ),
+    ({"media": "telephone", "resource": "1", "source": True}, False),
+    ({"media": "telephone", "resource": "1", "contact_data": {"n": False}}, False),
+    ({"media": "telephone", "resource": "1", "queue": None}, False),
+    ({"media": "telephone", "resource": "1", "wait_time": 2.5}, True),
+    # id 128, contact_id 256
+    ({"media": "telephone", "resource": "1", "id": "x" * 128}, True),
+    ({"media": "telephone", "resource": "1", "contact_id": "c" * 256}, True),
+    ({"media": "telephone", "resource": "1", "contact_id": "c" * 257}, False),
 ]
 EVENTS = [
     ({"event": "queued", "media": "email", "source": "a@b", "contact_data": {"k": "v"}}, True),
@@ -252,6 +314,23 @@ EVENTS = [
     ({"event": "queued", "contact_id": ""}, False),
     ({"event": "queued", "contact_id": 7}, False),
     ({"contact_id": "no-event"}, False),
+    # one contact_data rule with /v1/pops: an empty key is refused
+    ({"event": "queued", "contact_data": {"": "v"}}, False),
+    ({"event": "queued", "contact_data": {"k" * 4096: "v" * 4096}}, True),
+    # null counts as absent, also for a field the event does not take
+    ({"event": "queued", "source": None, "media": None, "at": None, "contact_data": None}, True),
+    ({"event": "queued", "queue": None, "resource": None}, True),
+    ({"event": "routed", "resource": None}, False),
+    # the resource and media rules of /v1/pops and the listener port
+    ({"event": "routed", "resource": "13\u00a0579"}, False),
+    ({"event": "routed", "resource": "13\u0378579"}, True),
+    ({"event": "routed", "resource": " 13579 "}, True),
+    ({"event": "queued", "media": " EMAIL "}, True),
+    ({"event": "queued", "media": "callbac\u212a"}, False),
+    ({"event": "queued", "at": "not a time"}, False),
+    ({"event": "queued", "at": "2024-05-14t09:00:00z"}, True),
+    ({"event": "queued", "at": "2024-05-14T09:00:00+02:00"}, True),
+    ({"event": "queued", "contact_id": "c" * 257}, False),
 ]
 
 

@@ -408,6 +408,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_connections": _count,
         "max_registrations": _count,
         "max_body": _count,
+        "http_idle_timeout": _number(0),
+        "http_body_timeout": _number(0),
         "contact_forget_after": _number(0, strict=False),
         "contact_idle_expiry": _number(0, strict=False),
         "diag_dir": _nonempty_string,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -66,8 +67,12 @@ class Media(enum.Enum):
 
     @classmethod
     def parse(cls, word: str) -> Media:
+        """The word in any ASCII case, surrounding spaces trimmed (MEDIA_PATTERN says the same)."""
         try:
-            return cls(str(word).strip().lower())
+            text = str(word).strip(" ")
+            if not text.isascii():  # str.lower() folds e.g. the Kelvin sign into "k"
+                raise ValueError(text)
+            return cls(text.lower())
         except ValueError:
             known = ", ".join(m.value for m in cls)
             raise ScreenPopError(
@@ -98,13 +103,46 @@ TEXT_FIELDS: tuple[str, ...] = (
     "redirect",
 )
 MAX_RESOURCE_LEN = 128
+MAX_ID_LEN = 128  # a pop id a source gives
+MAX_CONTACT_ID_LEN = 256  # a contact id, on /v1/contacts and on a pop
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.upper()}{c}]" for c in word)
+
+
+# The one definition of a media word on the wire (docs/protocol.md "Media and resources"; the
+# OpenAPI `MediaWord` pattern is this text, a test keeps them equal): ASCII, any case, spaces around.
+# `(?![\s\S])` ends both patterns, not `$`: in Python's re (and so in Python JSON Schema
+# validators) `$` also matches before a final newline.
+END = r"(?![\s\S])"
+MEDIA_PATTERN = "^ *(?:" + "|".join(_any_case(m.value) for m in Media) + ") *" + END
+
+# Characters a resource may not hold anywhere: controls, characters that print as nothing or
+# as a space (a resource differing only by one would be another key: pops for nobody),
+# surrogates, private use. Explicit ranges, so every client checks exactly what the hub checks,
+# whatever its Unicode version (unassigned code points are therefore allowed).
+RESOURCE_REFUSED = (
+    "\u0000-\u001f\u007f-\u00a0\u00ad"  # C0, DEL, C1, no-break space, soft hyphen
+    "\u061c\u1680\u180e"  # Arabic letter mark, Ogham space, Mongolian vowel separator
+    "\u2000-\u200f\u2028-\u202f\u205f-\u206f"  # spaces, zero-width, bidi marks, separators
+    "\u3000\ud800-\udfff\ue000-\uf8ff\ufeff\ufff0-\uffff"  # ideographic space … specials
+    "\U000e0000-\U000e007f\U000f0000-\U0010ffff"  # tags, supplementary private use
+)
+# 1-128 characters once surrounding spaces (U+0020) are trimmed, none of them refused.
+RESOURCE_PATTERN = (
+    f"^ *[^{RESOURCE_REFUSED} ](?:[^{RESOURCE_REFUSED}]{{0,{MAX_RESOURCE_LEN - 2}}}"
+    f"[^{RESOURCE_REFUSED} ])? *{END}"
+)
+_REFUSED_CHAR = re.compile(f"[{RESOURCE_REFUSED}]")
 
 
 def validate_resource(resource: Any) -> str:
-    """An extension or user ID: a non-empty printable string of bounded length."""
+    """An extension or user ID as RESOURCE_PATTERN defines it, trimmed; the one check of both
+    ports (register, publish, /v1/pops, /v1/contacts) and of the listeners."""
     if not isinstance(resource, str):
         raise ScreenPopError(Error.SCREENPOP_Cannot_Register, "resource must be a string")
-    text = resource.strip()
+    text = resource.strip(" ")
     if not text:
         raise ScreenPopError(Error.SCREENPOP_Cannot_Register, "resource is empty")
     if len(text) > MAX_RESOURCE_LEN:
@@ -112,9 +150,30 @@ def validate_resource(resource: Any) -> str:
             Error.SCREENPOP_Cannot_Register,
             f"resource is {len(text)} characters long (at most {MAX_RESOURCE_LEN})",
         )
-    if not text.isprintable():
-        raise ScreenPopError(Error.SCREENPOP_Cannot_Register, "resource has control characters")
+    refused = _REFUSED_CHAR.search(text)
+    if refused is not None:
+        raise ScreenPopError(
+            Error.SCREENPOP_Cannot_Register,
+            f"resource has control characters, invisible or private-use ones"
+            f" (U+{ord(refused.group()):04X} at {refused.start()})",
+        )
     return text
+
+
+def parse_time(value: str) -> datetime:
+    """An ISO 8601 date and time (`Z` or an offset; none means UTC), as a UTC datetime.
+    Raises ValueError. The rule of `created_at` on pops and `at` on contact events."""
+    try:
+        # RFC 3339 allows a lowercase `t` and `z`; Python's parser does not
+        moment = datetime.fromisoformat(value.upper())
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # year 1 with an offset overflows on conversion
+        raise ValueError(value) from None
+
+
+def iso_utc(moment: datetime) -> str:
+    """A UTC time as the wire carries it: `2024-05-14T09:00:10.000Z`."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)

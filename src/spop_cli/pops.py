@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import TEXT_FIELDS, Media, ScreenPopError, new_pop_id, utc_now_iso, validate_resource
+from .model import (
+    MAX_CONTACT_ID_LEN,
+    MAX_ID_LEN,
+    TEXT_FIELDS,
+    Media,
+    ScreenPopError,
+    iso_utc,
+    new_pop_id,
+    parse_time,
+    utc_now_iso,
+    validate_resource,
+)
 from .protocol import shown
 
 MAX_TEXT = 1024
 MAX_DATA_ITEMS = 256
 MAX_DATA_TEXT = 4096
-MAX_ID = 128
-MAX_CONTACT_ID = 256  # as hub/contacts.py: a tracked contact may also be popped directly
+MAX_ID = MAX_ID_LEN
+MAX_CONTACT_ID = MAX_CONTACT_ID_LEN  # as /v1/contacts: a tracked contact may also be popped directly
 KNOWN = frozenset(
     {"id", "media", "resource", "contact_id", "created_at", "wait_time", "contact_data", *TEXT_FIELDS}
 )
@@ -51,10 +62,21 @@ def _text(data: dict[str, Any], name: str, limit: int = MAX_TEXT) -> str:
     return text
 
 
-def contact_data_from(value: Any, field: str = "contact_data") -> dict[str, str]:
-    """An object of string keys to scalar values, order kept, bounded."""
-    if value is None:
-        return {}
+class DataError(ValueError):
+    """`contact_data` breaks the one rule both ingest routes share; each names it its own way."""
+
+    def __init__(self, error: str, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+        self.key = key  # the key whose value is at fault, if any
+
+
+def check_contact_data(value: Any, numbers: bool) -> dict[str, str]:
+    """The rule of `contact_data` on /v1/pops and /v1/contacts (and both ports' frames): an
+    object of at most 256 keys, each key 1-4096 characters, each value a string of at most 4096
+    (a number turned into one when `numbers`: pops take numbers for text, contact events do not).
+    Raises DataError naming `wrong_type`, `too_many_keys`, `wrong_key` or `too_long`."""
     if value.__class__ is dict and len(value) <= MAX_DATA_ITEMS:
         # the common case: short string keys and values, taken as they are
         for key, item in value.items():
@@ -63,21 +85,51 @@ def contact_data_from(value: Any, field: str = "contact_data") -> dict[str, str]
         else:
             return value
     if not isinstance(value, dict):
-        raise InputError(422, "wrong_type", f"{field} must be an object of key/value strings", field)
+        raise DataError("wrong_type", "contact_data must be an object of key/value strings")
     if len(value) > MAX_DATA_ITEMS:
-        raise InputError(422, "too_long", f"{field} has more than {MAX_DATA_ITEMS} keys", field)
+        raise DataError("too_many_keys", f"contact_data has {len(value)} keys (at most {MAX_DATA_ITEMS})")
     data: dict[str, str] = {}
     for key, item in value.items():
-        where = f"{field}.{key}"
-        if not key or len(key) > MAX_DATA_TEXT:
-            raise InputError(422, "wrong_key", f"{field} has an empty or oversize key", field)
-        if isinstance(item, bool) or not isinstance(item, str | int | float):
-            raise InputError(422, "wrong_type", f"{where} must be a string", where)
-        text = str(item)
+        if not key:
+            raise DataError("wrong_key", "contact_data has an empty key")
+        if len(key) > MAX_DATA_TEXT:
+            raise DataError("too_long", f"contact_data key {shown(key)} is longer than {MAX_DATA_TEXT}")
+        if isinstance(item, str):
+            text = item
+        elif numbers and isinstance(item, int | float) and not isinstance(item, bool):
+            text = str(item)
+        else:
+            raise DataError("wrong_type", f"contact_data[{shown(key)}] must be a string", key)
         if len(text) > MAX_DATA_TEXT:
-            raise InputError(422, "too_long", f"{where} is longer than {MAX_DATA_TEXT}", where)
+            raise DataError("too_long", f"contact_data[{shown(key)}] is longer than {MAX_DATA_TEXT}", key)
         data[key] = text
     return data
+
+
+def contact_data_from(value: Any, field: str = "contact_data") -> dict[str, str]:
+    """A pop's contact_data (null: none), order kept, bounded; refusals are 422 naming the key."""
+    if value is None:
+        return {}
+    try:
+        return check_contact_data(value, numbers=True)
+    except DataError as exc:
+        where = field if exc.key is None else f"{field}.{exc.key}"
+        raise InputError(422, exc.error, exc.message, where) from None
+
+
+def _created_at(data: dict[str, Any]) -> str:
+    """The source's time in the wire's one form (UTC, milliseconds, `Z`), or now."""
+    value = data.get("created_at")
+    if value is None or value == "":
+        return utc_now_iso()
+    if not isinstance(value, str) or len(value) > 64:
+        raise InputError(422, "bad_time", "created_at must be an ISO 8601 date and time", "created_at")
+    try:
+        return iso_utc(parse_time(value))
+    except ValueError:
+        raise InputError(
+            422, "bad_time", f"created_at is not an ISO 8601 time: {shown(value)}", "created_at"
+        ) from None
 
 
 def normalize_pop(data: Any) -> dict[str, Any]:
@@ -106,7 +158,9 @@ def normalize_pop(data: Any) -> dict[str, Any]:
         resource = validate_resource(data["resource"])
     except ScreenPopError as exc:
         raise InputError(422, "invalid_resource", exc.message, "resource") from None
-    wait = data.get("wait_time", 0)
+    wait = data.get("wait_time")
+    if wait is None:  # absent or null, like every optional field
+        wait = 0
     if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0 or wait > 10**9:
         raise InputError(422, "wrong_type", "wait_time must be a whole number of seconds ≥ 0", "wait_time")
     pop_id = _text(data, "id", MAX_ID) or new_pop_id()
@@ -115,7 +169,7 @@ def normalize_pop(data: Any) -> dict[str, Any]:
         "media": media.value,
         "resource": resource,
         "contact_id": _text(data, "contact_id", MAX_CONTACT_ID),
-        "created_at": _text(data, "created_at", 64) or utc_now_iso(),
+        "created_at": _created_at(data),
     }
     for name in TEXT_FIELDS:
         pop[name] = _text(data, name)

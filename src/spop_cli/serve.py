@@ -112,6 +112,29 @@ def build_sources(config_path: str | None, plugin_dirs: list[str] | None = None)
     return built
 
 
+def raise_open_file_limit(max_connections: int) -> str | None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's default soft limit, 1,024, lets a
+    few hundred idle sockets lock out every listener and POST); a warning when still too low."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # macOS refuses RLIM_INFINITY; keep what we have
+            pass
+    if soft != resource.RLIM_INFINITY and soft < max_connections:
+        return (
+            f"the open-file limit ({soft}) is below max_connections ({max_connections}):"
+            f" past about {soft} sockets the hub refuses every listener and POST;"
+            " raise it (systemd: LimitNOFILE=, a shell: ulimit -n)"
+        )
+    return None
+
+
 SUMMARY_EVERY = 60.0  # seconds between the hub log's "pops in the last minute" lines
 
 
@@ -167,6 +190,10 @@ async def run_hub(
     `verbose`: a line per pop and per registration on standard output (and in the hub's log).
     """
     log = open_diagnostics("hub", Path(config.diag_dir) if config.diag_dir else None)
+    warning = raise_open_file_limit(config.max_connections)
+    if warning:
+        log.warning("%s", warning)
+        print(f"spop: warning: {warning}", file=sys.stderr, flush=True)
     hub = Hub(config, log=log)
     echo = echo_log(log) if verbose else None
     if verbose:

@@ -21,6 +21,11 @@ REPLAY_CHUNK = 16 * 1024  # replayed bytes handed to the transport at a time
 LIVE_PRUNE_MIN = 1024  # queued live ids before the first look for settled ones
 
 
+def seconds(value: float) -> int | float:
+    """A duration as the protocol shows it: an integer when whole (`10`, not `10.0`)."""
+    return int(value) if float(value).is_integer() else value
+
+
 class HubConnection(asyncio.Protocol):
     """Handshake, registrations, acks, pings, and the source ops (publish, contact, status)."""
 
@@ -287,9 +292,9 @@ class HubConnection(asyncio.Protocol):
             "op": "welcome",
             "version": VERSION,
             "server": "spop",
-            "heartbeat": self.hub.config.heartbeat,
+            "heartbeat": seconds(self.hub.config.heartbeat),
             "max_frame": self.hub.config.max_frame,
-            "pop_ttl": self.hub.config.pop_ttl,
+            "pop_ttl": seconds(self.hub.config.pop_ttl),
         }
         if ref is not None:
             welcome["ref"] = ref

@@ -15,18 +15,21 @@ from typing import Any
 
 from spop_cli.model import (
     EVENT_CLASSES,
+    MAX_CONTACT_ID_LEN,
     MEDIA_FIELDS,
     ContactDataCollection,
     Media,
     ScreenPopError,
     ScreenPopEvent,
+    parse_time,
     validate_resource,
 )
+from spop_cli.pops import DataError, check_contact_data
 from spop_cli.protocol import pop_frame, pop_too_large
 
-MAX_CONTACT_ID_LEN = 256
 MAX_EVENT_ID_LEN = 256
 MAX_POP_ID_LEN = 128  # as pops.MAX_ID: a pop id derived from an event id must fit it
+
 MAX_TEXT_LEN = 1024
 MAX_DATA_KEYS = 256
 MAX_DATA_LEN = 4096
@@ -183,28 +186,19 @@ def _parse_at(value: Any) -> datetime | None:
     if not isinstance(value, str):
         raise _malformed("at", f"at must be an ISO 8601 string, not {type(value).__name__}")
     try:
-        return _utc(datetime.fromisoformat(value))
-    except (ValueError, OverflowError):  # year 1 with an offset overflows on conversion
+        return parse_time(value)  # the rule of a pop's created_at too
+    except ValueError:
         raise _malformed("at", f"at is not an ISO 8601 time: {value[:64]!r}", "bad_time") from None
 
 
 def _parse_data(value: Any) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        raise _malformed("contact_data", "contact_data must be an object of string values")
-    if len(value) > MAX_DATA_KEYS:
-        raise _refused(
-            "too_many_keys", "contact_data", f"{len(value)} keys (at most {MAX_DATA_KEYS})"
-        )
-    data: dict[str, str] = {}
-    for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            raise _malformed("contact_data", f"contact_data[{key!r}] must be a string")
-        if len(key) > MAX_DATA_LEN or len(item) > MAX_DATA_LEN:
-            raise _refused(
-                "too_long", "contact_data", f"contact_data[{key[:32]!r}] over {MAX_DATA_LEN} chars"
-            )
-        data[key] = item
-    return data
+    """The rule /v1/pops applies too (one function); here values must be strings already."""
+    try:
+        return check_contact_data(value, numbers=False)
+    except DataError as exc:
+        if exc.error == "wrong_type":
+            raise _malformed("contact_data", exc.message) from None
+        raise _refused(exc.error, "contact_data", exc.message) from None
 
 
 def _parse_resource(value: Any) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -10,7 +12,7 @@ import orjson
 from aiohttp import web
 
 from ..pops import InputError
-from ..protocol import MAX_DEPTH, nested_deeper, too_deep_for_parser
+from ..protocol import MAX_DEPTH, nested_deeper, shown, too_deep_for_parser
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -26,12 +28,14 @@ def _problem(status: int, error: str, message: str, **extra: Any) -> web.Respons
     return _json({"error": error, "message": message, **extra}, status)
 
 
-def _refusal(exc: InputError, body: dict[str, Any]) -> web.Response:
-    """A refused request; a 503 (the journal cannot be written) says when to try again."""
-    response = _json(body, exc.status)
-    retry_after = getattr(exc, "retry_after", None)
+def _refusal(body: Any, status: int, retry_after: int | None = None) -> web.Response:
+    """A refused request; a 503 (the journal cannot be written) says when to try again, and after a
+    408 the rest of its body is not awaited: the connection closes."""
+    response = _json(body, status)
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
+    if status == 408:
+        response.force_close()
     return response
 
 
@@ -52,9 +56,16 @@ async def _body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise InputError(413, "too_large", f"body of {request.content_length} bytes over the {limit} limit")
     try:
-        raw = await request.read()
+        # aiohttp bounds the wait for a request head (keepalive_timeout), not for its body:
+        # a body dribbled a byte a second would hold the connection (and a descriptor) forever
+        async with asyncio.timeout(hub.config.http_body_timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise InputError(413, "too_large", f"body over the {limit} byte limit") from None
+    except TimeoutError:
+        raise InputError(
+            408, "timeout", f"body not received within {hub.config.http_body_timeout:g} s"
+        ) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -84,7 +95,7 @@ async def post_pops(request: web.Request) -> web.Response:
         ids = await hub.publish(await _body(request))
     except InputError as exc:
         hub.counters["rejected"] += 1
-        return _refusal(exc, exc.to_dict())
+        return _refusal(exc.to_dict(), exc.status, getattr(exc, "retry_after", None))
     return _json({"accepted": len(ids), "ids": ids})
 
 
@@ -102,7 +113,7 @@ async def post_contacts(request: web.Request) -> web.Response:
         hub.counters["rejected"] += 1
         # the same body as a refused event: nothing was applied
         refused = {"field": None, "index": None, **exc.to_dict(), "applied": 0, "pops": []}
-        return _refusal(exc, refused)
+        return _refusal(refused, exc.status, getattr(exc, "retry_after", None))
     except ContactEventError as exc:
         hub.counters["rejected"] += 1
         applied = getattr(exc, "applied_result", {"applied": 0, "pops": []})
@@ -137,7 +148,15 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _problem(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+        message = exc.text or exc.reason
+        if exc.status == 404:
+            message = f"no such path {shown(request.path)}"
+        elif exc.status == 405:
+            message = f"{shown(request.method)} not allowed here; allowed: {exc.headers.get('Allow', '')}"
+        response = _problem(exc.status, exc.reason.lower().replace(" ", "_"), message)
+        if "Allow" in exc.headers:  # a 405 names the methods the path takes (RFC 9110 15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
         hub.log.exception("%s %s failed", request.method, request.path)
@@ -157,8 +176,30 @@ def make_app(hub: Hub) -> web.Application:
     return app
 
 
+class _RequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp logs every malformed request (a NUL byte in a header, a bad header line) with
+    `exception()`: on a hub without a configured root logger that is a traceback on stderr for
+    each request. Such a request is the client's fault: one line in the hub's diagnostics."""
+
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else None
+        reason = " ".join(str(error).split()) if error is not None else "unknown"
+        self.warning("%s: %s", str(msg) % args, reason[:200])
+
+
 async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(make_app(hub), access_log=None, handle_signals=False)
+    # keepalive_timeout also closes a connection that never completes a request head (idle
+    # from the start, or dribbling its headers): aiohttp's timer runs until a request is parsed.
+    # After an answer sent before the whole body came (a 408, a 413), aiohttp reads on for
+    # lingering_time so the client sees the answer: no longer than a body is given.
+    runner = web.AppRunner(
+        make_app(hub),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=hub.config.http_idle_timeout,
+        lingering_time=min(10.0, hub.config.http_body_timeout),
+        logger=_RequestLog(hub.log.getChild("http"), {}),
+    )
     await runner.setup()
     site = web.TCPSite(
         runner, hub.config.host, hub.config.http_port or 0, ssl_context=ssl_context, reuse_address=True

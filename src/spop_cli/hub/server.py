@@ -59,6 +59,8 @@ class HubConfig:
     max_connections: int = 50_000
     max_registrations: int = 10_000  # per connection
     max_body: int = 1024 * 1024  # HTTP request body
+    http_idle_timeout: float = 30.0  # an HTTP connection without a complete request head is closed
+    http_body_timeout: float = 30.0  # time to receive a request body once its head is in
     contact_forget_after: float = 300.0
     contact_idle_expiry: float = 4 * 3600.0
     tls_cert: str | None = None
@@ -256,8 +258,11 @@ class Hub:
         for conn in conns:
             if conn.closed:
                 continue
-            if conn.role is None and now - conn.opened > self.config.handshake_timeout:
-                conn.fatal(Error.SCREENPOP_Initialization_Error, "no hello in time")
+            if conn.role is None:
+                # before hello only the handshake timeout applies (the client has no heartbeat
+                # yet): not a dead peer, and no ping
+                if now - conn.opened > self.config.handshake_timeout:
+                    conn.fatal(Error.SCREENPOP_Initialization_Error, "no hello in time")
             elif now - conn.last_rx > 3 * hb:
                 self.counters["dead_peers"] += 1
                 self.log.warning("%s: silent for %.1f s: closed", conn.peer, now - conn.last_rx)
@@ -371,7 +376,8 @@ class Hub:
         frames = [self.pop_frame(pop, index) for pop, index in zip(checked, where, strict=True)]
         commits: list[asyncio.Future[None]] = []
         for pop, raw, frame in zip(checked, given, frames, strict=True):
-            commit = self.accept(pop, dedupe=bool(raw.get("id")), frame=frame)
+            # a source's id, a number included (`0` is the id "0"), makes the pop idempotent
+            commit = self.accept(pop, dedupe=raw.get("id") not in (None, ""), frame=frame)
             if commit is not None and (not commits or commits[-1] is not commit):
                 commits.append(commit)  # pops of one journal batch share one future
         ids = [p["id"] for p in checked]
