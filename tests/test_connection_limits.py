@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -17,6 +18,16 @@ from hubproc import LOOPBACK, Counting, HubProcess, inprocess_hub, pop, run, unt
 from spop_cli.model import ScreenPopError
 
 IDLE = 1.0  # seconds: short, so both sides of the limit are cheap to pin
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # the CLI runs uvloop
+
+
+def run_on(loop: str, coro: Any) -> None:
+    """One test body on plain asyncio or on uvloop."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(asyncio.wait_for(coro, 60))
+    else:
+        run(coro)
 
 
 async def closed_after(reader: asyncio.StreamReader, timeout: float = 15.0) -> tuple[bytes, float]:
@@ -26,7 +37,8 @@ async def closed_after(reader: asyncio.StreamReader, timeout: float = 15.0) -> t
     return data, time.monotonic() - started
 
 
-def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_not_before() -> None:
+@LOOPS
+def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_not_before(loop: str) -> None:
     async def body() -> None:
         async with inprocess_hub(http_idle_timeout=IDLE) as hub:
             reader, writer = await asyncio.open_connection(LOOPBACK, hub.http_port)
@@ -43,10 +55,11 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_not_before() 
             assert waited < IDLE + 10  # but it does end
             writer.close()
 
-    run(body())
+    run_on(loop, body())
 
 
-def test_a_connection_that_never_sends_a_request_is_closed_after_the_timeout() -> None:
+@LOOPS
+def test_a_connection_that_never_sends_a_request_is_closed_after_the_timeout(loop: str) -> None:
     async def body() -> None:
         async with inprocess_hub(http_idle_timeout=IDLE) as hub:
             reader, writer = await asyncio.open_connection(LOOPBACK, hub.http_port)
@@ -55,10 +68,11 @@ def test_a_connection_that_never_sends_a_request_is_closed_after_the_timeout() -
             assert IDLE - 0.05 <= waited < IDLE + 10
             writer.close()
 
-    run(body())
+    run_on(loop, body())
 
 
-def test_a_slowloris_dribbling_its_headers_is_closed() -> None:
+@LOOPS
+def test_a_slowloris_dribbling_its_headers_is_closed(loop: str) -> None:
     async def body() -> None:
         async with inprocess_hub(http_idle_timeout=IDLE) as hub:
             reader, writer = await asyncio.open_connection(LOOPBACK, hub.http_port)
@@ -78,10 +92,11 @@ def test_a_slowloris_dribbling_its_headers_is_closed() -> None:
             task.cancel()
             writer.close()
 
-    run(body())
+    run_on(loop, body())
 
 
-def test_a_body_dribbled_too_slowly_gets_408_and_the_connection_closes() -> None:
+@LOOPS
+def test_a_body_dribbled_too_slowly_gets_408_and_the_connection_closes(loop: str) -> None:
     async def body() -> None:
         async with inprocess_hub(http_idle_timeout=30, http_body_timeout=IDLE) as hub:
             reader, writer = await asyncio.open_connection(LOOPBACK, hub.http_port)
@@ -102,7 +117,7 @@ def test_a_body_dribbled_too_slowly_gets_408_and_the_connection_closes() -> None
             assert hub.status()["pending"] == 0
             writer.close()
 
-    run(body())
+    run_on(loop, body())
 
 
 def test_a_body_inside_the_timeout_is_accepted() -> None:

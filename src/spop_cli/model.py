@@ -112,7 +112,7 @@ def _any_case(word: str) -> str:
 
 
 # The one definition of a media word on the wire (docs/protocol.md "Media and resources"; the
-# OpenAPI `MediaWord` pattern is this text, a test keeps them equal): ASCII, any case, spaces around.
+# OpenAPI `Media` pattern is this text, a test keeps them equal): ASCII, any case, spaces around.
 # `(?![\s\S])` ends both patterns, not `$`: in Python's re (and so in Python JSON Schema
 # validators) `$` also matches before a final newline.
 END = r"(?![\s\S])"

@@ -113,7 +113,7 @@ def contact_data_from(value: Any, field: str = "contact_data") -> dict[str, str]
     try:
         return check_contact_data(value, numbers=True)
     except DataError as exc:
-        where = field if exc.key is None else f"{field}.{exc.key}"
+        where = field if exc.key is None else f"{field}.{exc.key[:64]}"  # never echo more
         raise InputError(422, exc.error, exc.message, where) from None
 
 
