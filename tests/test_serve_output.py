@@ -61,7 +61,7 @@ def test_http_port_minus_one_says_no_http(tmp_path: Path) -> None:
         stop(process)
 
 
-def test_verbose_prints_a_line_per_registration_and_pop(tmp_path: Path) -> None:
+def test_verbose_prints_a_line_per_connection_registration_and_pop(tmp_path: Path) -> None:
     process, lines = serve(tmp_path, "--http-port", "-1", "--verbose")
     try:
         start = next_line(lines, "spop hub:")
@@ -73,6 +73,7 @@ def test_verbose_prints_a_line_per_registration_and_pop(tmp_path: Path) -> None:
         listener.initialize(address)
         listener.start_listening("13579")
         try:
+            assert next_line(lines, " connected").rstrip().endswith(": listener connected")
             assert "registered telephone 13579" in next_line(lines, "registered")
             sent = CliRunner().invoke(
                 cli, ["send", "telephone", "13579", "--server", address, "--id", "pop-v",
@@ -85,6 +86,7 @@ def test_verbose_prints_a_line_per_registration_and_pop(tmp_path: Path) -> None:
             )
         finally:
             listener.shutdown()
+        assert next_line(lines, "listener disconnected").rstrip().endswith(": listener disconnected")
     finally:
         stop(process)
     log = (tmp_path / "diag" / "hub.000").read_text()

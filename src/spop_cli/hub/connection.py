@@ -96,6 +96,8 @@ class HubConnection(asyncio.Protocol):
             self.fatal(exc.code, exc.message, exc.ref)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.role is not None:  # a line per connection that said hello (`spop serve --verbose` shows it)
+            self.hub.log.info("%s: %s disconnected%s", self.peer, self.role, f": {exc}" if exc else "")
         self.closed = True
         self.hub.connections.discard(self)
         for key in self.keys:
@@ -299,6 +301,7 @@ class HubConnection(asyncio.Protocol):
         if ref is not None:
             welcome["ref"] = ref
         self.write(encode(welcome))
+        self.hub.log.info("%s: %s connected", self.peer, self.role)
 
     def register(self, frame: dict[str, Any], ref: Any) -> None:
         key = (frame["media"], frame["resource"])
