@@ -1,4 +1,4 @@
-"""Diagnostics files: every level, `.000` current, `.001`, `.002`, 1 MB each (SPEC §2)."""
+"""Diagnostics files: every level, `.000` current, `.001`, `.002`, 1 MB each, as the vendor guide describes them."""
 
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ class Media(enum.Enum):
             ) from None
 
 
-# Text fields each media carries (SPEC §2), besides resource, wait_time and contact_data.
+# Text fields each media carries (the guide's chapter 3; docs/python-api.md), besides resource, wait_time and contact_data.
 MEDIA_FIELDS: dict[Media, tuple[str, ...]] = {
     Media.telephone: (
         "source",

@@ -43,7 +43,7 @@ class FieldRef:
 
     def value(self, fields: Mapping[str, Any]) -> str:
         if self.data_key is not None:
-            # A missing key renders empty, like any text field that is not set (SPEC §2).
+            # A missing key renders empty, like any text field that is not set (docs/configuration.md, templates).
             return str((fields.get("contact_data") or {}).get(self.data_key, ""))
         return str(fields.get(self.name, ""))
 
