@@ -76,7 +76,28 @@ class MapConfig:
 
 # UserEvent headers that are Asterisk's own, not data the dialplan attached
 _CHANNEL_HEADERS = frozenset(
-    ["Event", "Privilege", "Channel", "ChannelState", "ChannelStateDesc", "CallerIDNum", "CallerIDName", "ConnectedLineNum", "ConnectedLineName", "Language", "AccountCode", "Context", "Exten", "Priority", "Uniqueid", "Linkedid", "UserEvent", "ActionID", "Timestamp", "SystemName"]
+    [
+        "Event",
+        "Privilege",
+        "Channel",
+        "ChannelState",
+        "ChannelStateDesc",
+        "CallerIDNum",
+        "CallerIDName",
+        "ConnectedLineNum",
+        "ConnectedLineName",
+        "Language",
+        "AccountCode",
+        "Context",
+        "Exten",
+        "Priority",
+        "Uniqueid",
+        "Linkedid",
+        "UserEvent",
+        "ActionID",
+        "Timestamp",
+        "SystemName",
+    ]
 )
 
 
@@ -155,6 +176,10 @@ class AsteriskMapper:
             out.extend(self.feed(event, at))
         return out
 
+    def mark_stale(self) -> None:
+        """The link dropped: every channel known is unconfirmed until the next `resync`."""
+        self.stale = set(self.channel_call)
+
     def resync(
         self,
         channels: list[Mapping[str, str]],
@@ -166,9 +191,15 @@ class AsteriskMapper:
         Calls that vanished meanwhile end; calls that started meanwhile are learned (queued, or
         popped to the agent they are with); calls known before keep their state, so no pop twice."""
         out: list[dict[str, Any]] = []
-        live = {c.get("Uniqueid", ""): c for c in channels if c.get("Uniqueid")}
-        for uid in [u for u in self.channel_call if u not in live]:
+        live = {
+            c.get("Uniqueid", ""): c
+            for c in channels
+            if c.get("Uniqueid") and c.get("Uniqueid") not in self.gone  # hung up since the list
+        }
+        channels = list(live.values())
+        for uid in [u for u in self.stale if u not in live]:
             self._on_channel_gone(uid, at, out)
+        self.stale = set()
         by_call: dict[str, list[Mapping[str, str]]] = {}
         for channel in channels:
             linkedid = channel.get("Linkedid") or channel.get("Uniqueid", "")
@@ -264,6 +295,7 @@ class AsteriskMapper:
 
     def _on_channel_gone(self, uid: str, at: datetime, out: list[dict[str, Any]]) -> None:
         self.gone[uid] = None
+        self.stale.discard(uid)
         if len(self.gone) > GONE_KEPT:
             del self.gone[next(iter(self.gone))]
         linkedid = self.channel_call.pop(uid, None)
