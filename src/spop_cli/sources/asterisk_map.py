@@ -150,9 +150,9 @@ class AsteriskMapper:
         self.calls: dict[str, Call] = {}
         self.channel_call: dict[str, str] = {}  # Uniqueid -> Linkedid
         self.legs: dict[str, tuple[str, str]] = {}  # agent leg base name -> (Linkedid, resource)
-        self.gone: dict[
-            str, None
-        ] = {}  # recently hung-up Uniqueids: late events must not revive them
+        self.stale: set[str] = set()  # channels known before a reconnect, not yet confirmed
+        # recently hung-up Uniqueids: late events (a NewCallerid after the Hangup) must not revive them
+        self.gone: dict[str, None] = {}
         self.direct: set[str] = set()  # legs dialled outside a queue (answered by their DialEnd)
         self._handlers = {name: getattr(self, f"_on_{name}") for name in EVENTS}
 
@@ -468,6 +468,7 @@ class AsteriskMapper:
         call = self._call_of(event)
         if call is None:
             return
+        call.queue = ""  # connected: out of the queue (QueueCallerLeave says so too)
         leg = event.get("DestChannel", "")
         known = self.legs.get(_base(leg))
         resource = known[1] if known else self.config.resource(event.get("Interface", ""))
