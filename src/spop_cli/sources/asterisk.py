@@ -142,7 +142,7 @@ class AsteriskSource(Source):
         """Ask Asterisk to send only the events the mapping reads (needs write=system; else a hint)."""
         prefix = re.escape(self.map_config.variable_prefix)
         filters = [
-            f"Event: ({'|'.join(EVENTS)})",
+            f"Event: ({'|'.join(e for e in EVENTS if e != 'VarSet')})",  # VarSet: by its name below
             f"Variable: _*{prefix}",
             "Application: (Queue|UserEvent)",
         ]

@@ -217,6 +217,16 @@ class AsteriskMapper:
                     self._first_channel(call, leg)
             if new and not call.first_context:
                 self._first_channel(call, legs[0])
+            if new and not call.inbound:
+                # contexts change as the dialplan runs: a call found in an inbound context or in a
+                # queue counts as inbound (its first channel may have moved on)
+                contexts = self.config.inbound_contexts
+                call.inbound = any(
+                    leg.get("Context") in contexts
+                    or leg.get("Application") == "Queue"
+                    or (leg.get("Uniqueid") in waiting or leg.get("Channel") in waiting)
+                    for leg in legs
+                )
             for leg in legs:
                 entry = waiting.get(leg.get("Uniqueid", "")) or waiting.get(leg.get("Channel", ""))
                 if entry is not None and not call.queue:
