@@ -3,10 +3,10 @@ nothing lost after garbage, and a fuzzed stream never raises."""
 
 from __future__ import annotations
 
-from fake_ami import fixture_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fake_ami import fixture_dir
 from spop_cli.sources.ami_parser import MAX_MESSAGE, AmiParser, encode_action
 
 RAW = (fixture_dir() / "transcript.ami").read_bytes()
