@@ -574,3 +574,80 @@ def test_standalone_source_beside_a_hub_pops_the_agents(tmp_path: Path) -> None:
             return {r: a.pops for r, a in agents.items()}
 
         assert run(body(), timeout=90) == RING_POPS
+
+
+# -- configuration -------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_commented_example_in_config_example_toml_is_a_valid_source(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from spop_cli.cli import cli
+
+    text = (ROOT / "config.example.toml").read_text(encoding="utf-8")
+    block = text[text.index("# [sources.pbx]") :].splitlines()
+    live = [line[2:] for line in block if line.startswith("# ") and not line.startswith("# #")]
+    config = tmp_path / "spop.toml"
+    config.write_text("\n".join(live) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("port = 70000", "sources.pbx.port = 70000: must be a port number"),
+        ("port = 0", "sources.pbx.port = 0: must be a port number"),
+        ('pop_on = "hangup"', 'sources.pbx.pop_on = "hangup": must be "ring" or "answer"'),
+        (
+            'agent_patterns = ["(unclosed"]',
+            "sources.pbx.agent_patterns = [\"(unclosed\"]: bad regular expression '(unclosed': missing )",
+        ),
+        ("queue_names = { support = 5 }", 'sources.pbx.queue_names = {"support": 5}: must be a table of strings'),
+        ("internal_calls = 1", "sources.pbx.internal_calls = 1: must be true or false"),
+        ('hostname = "pbx"', 'sources.pbx.hostname = "pbx": unknown key (expected one of host, port,'),
+        ("reconnect_max = 0", "sources.pbx.reconnect_max = 0: must be more than 0"),
+    ],
+)
+def test_config_check_names_the_asterisk_key_at_fault(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    from click.testing import CliRunner
+
+    from spop_cli.cli import cli
+
+    config = tmp_path / "spop.toml"
+    config.write_text(f'[sources.pbx]\ntype = "asterisk"\n{line}\n', encoding="utf-8")
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(config)])
+    assert result.exit_code == 12
+    assert message in result.output, result.output
+
+
+def test_port_limits_just_inside_are_accepted() -> None:
+    for port in (1, 65535):
+        assert AsteriskSource({"port": port}).port == port
+
+
+def test_no_secret_anywhere_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spop_cli.sources import SourceError
+
+    monkeypatch.delenv("SPOP_ASTERISK_SECRET", raising=False)
+    with pytest.raises(SourceError) as raised:
+        _ = AsteriskSource({}).secret
+    assert (
+        str(raised.value)
+        == "secret: no AMI secret: set secret in the table or SPOP_ASTERISK_SECRET"
+    )
+    monkeypatch.setenv("SPOP_ASTERISK_SECRET", "from-env")
+    source = AsteriskSource({})
+    assert source.secret == "from-env" and "from-env" not in repr(source)
+
+
+def test_source_list_shows_the_builtin_asterisk() -> None:
+    from click.testing import CliRunner
+
+    from spop_cli.cli import cli
+
+    result = CliRunner().invoke(cli, ["source", "--list"])
+    assert "asterisk     Asterisk / FreePBX calls over the Manager Interface (AMI)" in result.output

@@ -56,6 +56,15 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     "reconnect_max": (int, float),
 }
 
+KIND_NAMES: dict[Any, str] = {
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+    list: "a list of strings",
+    dict: "a table of strings",
+    (int, float): "a number",
+}
+
 
 def _check_table(options: Mapping[str, Any]) -> None:
     for key, value in options.items():
@@ -63,8 +72,7 @@ def _check_table(options: Mapping[str, Any]) -> None:
             raise SourceError(f"unknown key (expected one of {', '.join(OPTIONS)})", key)
         kind = OPTIONS[key]
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else "number"
-            raise SourceError(f"must be a {dict(list='list', dict='table').get(names, names)}", key)
+            raise SourceError(f"must be {KIND_NAMES[kind]}", key)
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise SourceError("must be a list of strings", key)
         if isinstance(value, dict) and not all(isinstance(v, str) for v in value.values()):
