@@ -80,20 +80,22 @@ class AmiParser:
 
     def _message(self, block: bytes) -> dict[str, str]:
         message: dict[str, str] = {}
-        for raw in block.split(b"\r\n"):
-            key, sep, value = raw.partition(b":")
-            if not sep or not key or key != key.strip() or b"\n" in raw:
+        # one decode per message, not two per line: this loop is most of the source's CPU
+        for raw in block.decode("utf-8", "replace").split("\r\n"):
+            key, sep, value = raw.partition(":")
+            if not sep or not key or key[0] == " " or key[-1] == " " or "\n" in raw:
                 if raw.strip():
-                    self.malformed.append(Malformed("not a 'Key: Value' line", raw[:200]))
+                    line = raw.encode("utf-8", "replace")[:200]
+                    self.malformed.append(Malformed("not a 'Key: Value' line", line))
                 continue
-            name = key.decode("utf-8", "replace")
-            text = value[1:] if value.startswith(b" ") else value
-            if name in message:
+            if value[:1] == " ":
+                value = value[1:]
+            if key in message:
                 n = 2
-                while f"{name}#{n}" in message:
+                while f"{key}#{n}" in message:
                     n += 1
-                name = f"{name}#{n}"
-            message[name] = text.decode("utf-8", "replace")
+                key = f"{key}#{n}"
+            message[key] = value
         return message
 
     def take_malformed(self) -> list[Malformed]:
