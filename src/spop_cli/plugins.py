@@ -23,7 +23,7 @@ from . import hookspecs
 
 ENTRY_POINT_GROUP = "spop"
 BUILTIN_ACTIONS = ("print", "command", "url", "json")
-BUILTIN_SOURCES: tuple[str, ...] = ("twilio", "webhook")  # modules of spop_cli.sources registered as built-ins
+BUILTIN_SOURCES: tuple[str, ...] = ("asterisk", "twilio", "webhook")  # spop_cli.sources modules
 BUILTIN = "built-in"
 
 

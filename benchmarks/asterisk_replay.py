@@ -1,0 +1,348 @@
+"""The Asterisk source under a busy PBX's load: the recorded AMI stream (shared/fixtures/asterisk)
+relabelled as 1,000 concurrent copies of each of its six calls.
+
+1. events/s: the AMI parser and the call mapping on one core (bytes in, lifecycle events out).
+2. end to end: a fake AMI server writes the stream at a steady rate to a real `spop serve` whose
+   configuration runs the `asterisk` source inside it; listeners on the agents' resources get the
+   pops. Latency = pop received - the AMI event that caused it was written (same process, one clock).
+
+    python benchmarks/asterisk_replay.py [--calls 1000] [--rate 5000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict, deque
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fake_ami import FakeAsterisk, headers, transcript_blocks  # noqa: E402
+
+from spop_cli.listener.core import AsyncListener  # noqa: E402
+from spop_cli.sources.ami_parser import AmiParser  # noqa: E402
+from spop_cli.sources.asterisk_map import AsteriskMapper, MapConfig  # noqa: E402
+
+POP_EVENTS = {"routed", "consulted", "transferred", "redirected", "picked_up", "recalled"}
+
+
+def scenarios(blocks: list[bytes]) -> list[list[bytes]]:
+    """The recording cut into its six calls (each block goes with the call it names, in order)."""
+    calls: dict[str, list[bytes]] = {}
+    order: list[str] = []
+    current = ""
+    for block in blocks:
+        h = headers(block)
+        linkedid = h.get("Linkedid") or h.get("TransfereeLinkedid") or h.get("DestLinkedid") or current
+        if linkedid == "1796221507.32":  # the picker's own call belongs to scenario E
+            linkedid = "1796221506.28"
+        if linkedid not in calls:
+            calls[linkedid] = []
+            order.append(linkedid)
+        calls[linkedid].append(block)
+        current = linkedid
+    return [calls[k] for k in order if len(calls[k]) > 20]
+
+
+AGENT = re.compile(rb"(Local/[0-9a-z]+)@(agents|xfer)")
+
+
+def relabel(block: bytes, copy: int, groups: int) -> bytes:
+    """Copy n of a block: its Uniqueids/Linkedids and channel names made unique to the copy, and
+    its agents those of group n % groups (`Local/100@agents` -> `Local/100g017@agents`: 100g017)."""
+    block = block.replace(b"1796221", b"%07d" % (2_000_000 + copy)).replace(b"-0000", b"-%04x" % copy)
+    return AGENT.sub(rb"\1g%03d@\2" % (copy % groups), block)
+
+
+def wave(scenario: list[bytes], calls: int, groups: int = 100, first: int = 0) -> list[bytes]:
+    """`calls` copies of one call, all in progress at once: copy i starts i/calls of a call's
+    length after copy 0, so each moment mixes every step of the call (not 1,000 AgentCalled in a
+    row), spread over `groups` teams of agents (a PBX does not ring one agent 1,000 times at once)."""
+    length = len(scenario)
+    order = sorted((j + i * length / calls, i, j) for i in range(calls) for j in range(length))
+    return [relabel(scenario[j], first + i, groups) for _, i, j in order]
+
+
+# -- 1. parser + mapping on one core -------------------------------------------------------------
+def bench_mapping(blocks: list[bytes], calls: int) -> dict[str, Any]:
+    parser = AmiParser()
+    parser.banner = ""
+    mapper = AsteriskMapper(MapConfig())
+    events = lifecycle = 0
+    seconds = 0.0
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    step = timedelta(microseconds=100)
+    for scenario in scenarios(blocks):
+        data = b"".join(wave(scenario, calls))
+        chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+        gc.collect()
+        start = time.perf_counter()
+        for chunk in chunks:
+            for event in parser.feed(chunk):
+                at += step
+                lifecycle += len(mapper.feed(event, at))
+                events += 1
+        seconds += time.perf_counter() - start
+    parse_only = AmiParser()
+    parse_only.banner = ""
+    data = b"".join(wave(scenarios(blocks)[0], calls))
+    start = time.perf_counter()
+    parsed = sum(len(parse_only.feed(data[i : i + 65536])) for i in range(0, len(data), 65536))
+    parse_seconds = time.perf_counter() - start
+    return {
+        "ami_events": events,
+        "lifecycle_events": lifecycle,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(events / seconds),
+        "parser_only_events_per_s": round(parsed / parse_seconds),
+        "calls_left": len(mapper.calls),
+    }
+
+
+# -- 2. end to end ---------------------------------------------------------------------------------
+def causes(stream: list[bytes]) -> dict[tuple[str, str], deque[int]]:
+    """Which block of the stream causes each pop: (contact, resource) -> block indexes in order."""
+    mapper = AsteriskMapper(MapConfig())
+    parser = AmiParser()
+    parser.banner = ""
+    found: dict[tuple[str, str], deque[int]] = defaultdict(deque)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    for index, block in enumerate(stream):
+        for event in parser.feed(block):
+            for out in mapper.feed(event, at):
+                if out["event"] in POP_EVENTS:
+                    found[(out["contact_id"], out["resource"])].append(index)
+    return found
+
+
+async def end_to_end(blocks: list[bytes], calls: int, rate: int, hub_port: int, tmp: Path) -> dict[str, Any]:
+    debug_emitted: list[Any] = []
+    ami = FakeAsterisk()
+    await ami.start()
+    config = tmp / "spop.toml"
+    config.write_text(
+        f'[sources.pbx]\ntype = "asterisk"\nport = {ami.port}\n',
+        encoding="utf-8",
+    )
+    env = {**os.environ, "SPOP_ASTERISK_SECRET": "spop-secret", "SPOP_DIAG_DIR": str(tmp / "diag")}
+    http_port = hub_port + 1
+    inprocess = os.environ.get("BENCH_INPROCESS")
+    if inprocess:
+        import logging
+
+        from spop_cli.hub.server import Hub, HubConfig
+        from spop_cli.sources import HubSink, SourceContext
+        from spop_cli.sources.asterisk import AsteriskSource
+
+        hub_obj = Hub(HubConfig(port=hub_port, http_port=None, journal=str(tmp / "journal.db")))
+        await hub_obj.start()
+        os.environ["SPOP_ASTERISK_SECRET"] = "spop-secret"
+        source_obj = AsteriskSource({"port": ami.port})
+        source_ctx = SourceContext(HubSink(hub_obj), logging.getLogger("bench"), "pbx")
+        source_task = asyncio.get_running_loop().create_task(source_obj.run(source_ctx))
+        emitted: dict[tuple[str, str], float] = {}
+        feed0 = source_obj.mapper.feed
+
+        def feed(event: Any, at: Any) -> Any:
+            out = feed0(event, at)
+            for e in out:
+                if e["event"] == "routed":
+                    emitted.setdefault((e["contact_id"], e["resource"]), time.perf_counter())
+            return out
+
+        source_obj.mapper.feed = feed  # type: ignore[method-assign]
+        debug_emitted.append(emitted)
+    hub = subprocess.Popen(["true"]) if inprocess else subprocess.Popen(
+        [sys.executable, "-m", "spop_cli", "serve", "--config", str(config), "--port", str(hub_port),
+         "--http-port", str(http_port), *(["--no-journal"] if os.environ.get("BENCH_NO_JOURNAL") else ["--journal", str(tmp / "journal.db")])],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    received: list[float] = []
+    latencies: list[float] = []
+    written: dict[int, float] = {}
+    stream: list[bytes] = []
+    for scenario in scenarios(blocks):
+        stream.extend(wave(scenario, calls))
+    expected = causes(stream)
+    total = sum(len(v) for v in expected.values())
+    unexplained = 0
+    slow: list[Any] = []
+
+    listener_hook: list[list[Any]] = []
+
+    def on_pop(event: Any) -> None:
+        nonlocal unexplained
+        now = time.perf_counter()
+        if listener_hook:
+            listener_hook[0].append(event)
+            return
+        queue = expected.get((event.contact_id, event.resource))
+        if not queue:
+            unexplained += 1
+            return
+        index = queue.popleft()
+        received.append(now)
+        latencies.append((now - written[index]) * 1000)
+        if os.environ.get("BENCH_DEBUG"):
+            created = datetime.fromisoformat(event.created_at.replace("Z", "+00:00")).timestamp()
+            lag = round((time.time() - created) * 1000, 1)  # after the source read the event
+            slow.append(((now - written[index]) * 1000, index, stream[index][:40], lag))
+
+    listeners = []
+    # the measuring process holds a million blocks: keep its collector off them, or its full
+    # collections (100s of ms) would be counted as pop latency
+    gc.collect()
+    gc.freeze()
+    try:
+        session = await ami.session(timeout=30)
+        for resource in sorted({resource for _, resource in expected}):
+            listener = AsyncListener("telephone", reconnecting_interval=0.3)
+            listener.on_screen_pop(on_pop)
+            await listener.initialize(f"{hub_port}@127.0.0.1")
+            await listener.start_listening(resource)
+            listeners.append(listener)
+        # warm-up, not measured: a fresh hub's first seconds (lazy imports, the journal's first
+        # transactions, 500 registrations settling) are not its steady state
+        warm = [b for scenario in scenarios(blocks) for b in wave(scenario, 100, first=calls + 100)]
+        warm_pops = sum(len(v) for v in causes(warm).values())
+        warmed: list[Any] = []
+        listener_hook.append(warmed)
+        for i in range(0, len(warm), 50):
+            session.writer.write(b"".join(b for b in warm[i : i + 50] if ami.wanted(session, b)))
+            await asyncio.sleep(0.01)
+        deadline = time.perf_counter() + 30
+        while len(warmed) < warm_pops and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        listener_hook.clear()
+        await asyncio.sleep(1.0)
+        lags: list[float] = []
+
+        async def probe() -> None:
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.005)
+                lags.append((time.perf_counter() - t - 0.005) * 1000)
+
+        prober = asyncio.get_running_loop().create_task(probe()) if os.environ.get("BENCH_DEBUG") else None
+        tick = 0.001
+        per_tick = max(1, round(rate * tick))
+        start = time.perf_counter()
+        sent = 0
+        chosen = [(i, b) for i, b in enumerate(stream) if ami.wanted(session, b)]
+        for position in range(0, len(chosen), per_tick):
+            due = start + (position / per_tick) * tick
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = time.perf_counter()
+            piece = chosen[position : position + per_tick]
+            for index, _ in piece:
+                written[index] = now
+            session.writer.write(b"".join(b for _, b in piece))
+            sent += len(piece)
+        write_seconds = time.perf_counter() - start
+        deadline = time.perf_counter() + 60
+        while len(received) < total and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        latencies.sort()
+        if prober is not None:
+            prober.cancel()
+            print("bench loop lag ms: max", round(max(lags), 1), "p99", round(sorted(lags)[int(len(lags) * 0.99)], 1), [round(x) for x in lags[:: max(1, len(lags) // 30)]], file=sys.stderr)
+        if slow:
+            slow.sort(reverse=True)
+            for row in slow[:5] + slow[len(slow) // 2 : len(slow) // 2 + 3]:
+                print(row, file=sys.stderr)
+            from collections import Counter
+
+            byindex = sorted((r[1], r[0], r[3]) for r in slow)
+            for k in range(0, len(byindex), len(byindex) // 40):
+                print(byindex[k], file=sys.stderr)
+            print(Counter(r[2].split(b"\r\n")[0] for r in slow if r[0] > 20), sorted(r[1] for r in slow if r[0] > 20)[::100], file=sys.stderr)
+
+        def pct(p: float) -> float:
+            return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3) if latencies else -1.0
+
+        return {
+            "calls": calls,
+            "listeners": len(listeners),
+            "offered_rate": rate,
+            "ami_events_written": sent,
+            "achieved_rate": round(sent / write_seconds),
+            "pops_expected": total,
+            "pops_received": len(received),
+            "unexplained_pops": unexplained,
+            "latency_ms_p50": pct(0.50),
+            "latency_ms_p99": pct(0.99),
+            "latency_ms_max": round(latencies[-1], 3) if latencies else -1.0,
+            "latency_ms_mean": round(statistics.fmean(latencies), 3) if latencies else -1.0,
+        }
+    finally:
+        for listener in listeners:
+            await listener.stop_listening()
+        if inprocess:
+            source_ctx.stop.set()
+            await source_task
+            await hub_obj.stop()
+        hub.terminate()
+        try:
+            hub.wait(20)
+        except subprocess.TimeoutExpired:
+            hub.kill()
+        await ami.stop()
+
+
+def free_port_pair() -> int:
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        if port < 65000:
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=1000, help="concurrent copies of each recorded call")
+    parser.add_argument("--rate", type=int, default=2000, help="AMI events/s written in the end-to-end run")
+    parser.add_argument("--e2e-calls", type=int, default=None, help="copies in the end-to-end run (default --calls)")
+    parser.add_argument("--no-e2e", action="store_true", help="only the parser + mapping figure")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    blocks = transcript_blocks()
+    results: dict[str, Any] = {"mapping": bench_mapping(blocks, args.calls)}
+    print(f"parser + mapping, one core: {results['mapping']}", file=sys.stderr)
+    if not args.no_e2e:
+        import uvloop
+
+        with tempfile.TemporaryDirectory() as tmp:
+            e2e = end_to_end(blocks, args.e2e_calls or args.calls, args.rate, free_port_pair(), Path(tmp))
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                results["end_to_end"] = runner.run(e2e)
+        print(f"end to end: {results['end_to_end']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""The `asterisk` source: an AMI link to Asterisk or FreePBX whose calls become contact lifecycle
+events. The link (`ami`) and the mapping (`asterisk_map`) are separate; this module wires them,
+reads `[sources.NAME]`, reconnects, and sends the events to the hub in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import hookimpl
+from . import HubSink, Source, SourceContext, SourceError
+from .ami import DEFAULT_PORT, AmiAuthError, AmiConnection, AmiError
+from .asterisk_map import (
+    DEFAULT_AGENT_PATTERNS,
+    DEFAULT_INBOUND_CONTEXTS,
+    EVENTS,
+    AsteriskMapper,
+    MapConfig,
+)
+
+SECRET_ENV = "SPOP_ASTERISK_SECRET"
+#: the read classes of manager.conf the mapping needs, and which events each brings
+READ_CLASSES = {
+    "call": "Newchannel, Hangup, Dial*, Hold, transfers, Pickup",
+    "agent": "QueueCallerJoin/Leave/Abandon, AgentCalled/Connect/RingNoAnswer",
+    "user": "UserEvent (data the dialplan attaches)",
+    "dialplan": "VarSet (SPOP_ variables), Newexten",
+}
+EVENT_MASK = ",".join(READ_CLASSES)
+MAX_BATCH = 1000  # the hub's limit per array
+MAX_BACKLOG = 100_000  # events kept while the hub is unreachable; older ones are dropped, logged
+
+OPTIONS: dict[str, type | tuple[type, ...]] = {
+    "host": str,
+    "port": int,
+    "username": str,
+    "secret": str,
+    "pop_on": str,
+    "agent_patterns": list,
+    "resource_names": dict,
+    "queue_names": dict,
+    "inbound_contexts": list,
+    "internal_calls": bool,
+    "variable_prefix": str,
+    "user_event": str,
+    "caller_name_key": str,
+    "data_keys": dict,
+    "filter": bool,
+    "connect_timeout": (int, float),
+    "reconnect_max": (int, float),
+}
+
+KIND_NAMES: dict[Any, str] = {
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+    list: "a list of strings",
+    dict: "a table of strings",
+    (int, float): "a number",
+}
+
+
+def _check_table(options: Mapping[str, Any]) -> None:
+    for key, value in options.items():
+        if key not in OPTIONS:
+            raise SourceError(f"unknown key (expected one of {', '.join(OPTIONS)})", key)
+        kind = OPTIONS[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise SourceError(f"must be {KIND_NAMES[kind]}", key)
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise SourceError("must be a list of strings", key)
+        if isinstance(value, dict) and not all(isinstance(v, str) for v in value.values()):
+            raise SourceError("must be a table of strings", key)
+    port = options.get("port", DEFAULT_PORT)
+    if not 0 < port < 65536:
+        raise SourceError("must be a port number", "port")
+    if options.get("pop_on", "ring") not in ("ring", "answer"):
+        raise SourceError('must be "ring" or "answer"', "pop_on")
+    for pattern in options.get("agent_patterns", ()):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SourceError(
+                f"bad regular expression {pattern!r}: {exc}", "agent_patterns"
+            ) from None
+    for key in ("connect_timeout", "reconnect_max"):
+        if options.get(key, 1) <= 0:
+            raise SourceError("must be more than 0", key)
+
+
+class AsteriskSource(Source):
+    """Reads AMI, maps calls to lifecycle events, sends them to the hub; reconnects by itself."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        _check_table(options)
+        self.host = options.get("host", "127.0.0.1")
+        self.port = int(options.get("port", DEFAULT_PORT))
+        self.username = options.get("username", "spop")
+        self._secret = options.get("secret")
+        self.filter = options.get("filter", True)
+        self.connect_timeout = float(options.get("connect_timeout", 10.0))
+        self.reconnect_max = float(options.get("reconnect_max", 30.0))
+        self.map_config = MapConfig(
+            pop_on=options.get("pop_on", "ring"),
+            agent_patterns=tuple(options.get("agent_patterns", DEFAULT_AGENT_PATTERNS)),
+            resource_names=dict(options.get("resource_names", {})),
+            queue_names=dict(options.get("queue_names", {})),
+            inbound_contexts=tuple(options.get("inbound_contexts", DEFAULT_INBOUND_CONTEXTS)),
+            internal_calls=options.get("internal_calls", False),
+            variable_prefix=options.get("variable_prefix", "SPOP_"),
+            user_event=options.get("user_event", "SpopData"),
+            caller_name_key=options.get("caller_name_key", "caller_name"),
+            data_keys=dict(options.get("data_keys", {})),
+        )
+        self.mapper = AsteriskMapper(self.map_config)
+        self.watch = ClassWatch(self.username)
+        self.connected = asyncio.Event()  # set while logged in (the tests wait on it)
+        self.sessions = 0
+
+    @property
+    def secret(self) -> str:
+        secret = self._secret if self._secret is not None else os.environ.get(SECRET_ENV)
+        if not secret:
+            raise SourceError(f"no AMI secret: set secret in the table or {SECRET_ENV}", "secret")
+        return secret
+
+    def __repr__(self) -> str:  # never the secret
+        return f"AsteriskSource({self.username}@{self.host}:{self.port})"
+
+    # -- the link --------------------------------------------------------------------------------
+    async def _open(
+        self, on_event: Callable[[dict[str, str]], None], ctx: SourceContext
+    ) -> AmiConnection:
+        ami = AmiConnection(on_event, ctx.log)
+        try:
+            await ami.connect(self.host, self.port, self.connect_timeout)
+            await ami.login(self.username, self.secret, EVENT_MASK, self.connect_timeout)
+        except BaseException:
+            ami.close()
+            raise
+        return ami
+
+    async def _ask_filter(self, ami: AmiConnection, ctx: SourceContext) -> bool:
+        """Ask Asterisk to send only the events the mapping reads (needs write=system; else a hint)."""
+        prefix = re.escape(self.map_config.variable_prefix)
+        filters = [
+            f"Event: ({'|'.join(e for e in EVENTS if e != 'VarSet')})",  # VarSet: by its name below
+            f"Variable: _*{prefix}",
+            "Application: (Queue|UserEvent)",
+        ]
+        for rule in filters:
+            answer, _ = await ami.action(
+                "Filter", {"Operation": "Add", "Filter": rule}, self.connect_timeout
+            )
+            if answer.get("Response") != "Success":
+                ctx.log.info(
+                    "Asterisk did not take the event filter (%s); every event of the classes %s is "
+                    "read and the unneeded ones skipped. To filter in Asterisk, add to [%s] in "
+                    "manager.conf: %s",
+                    answer.get("Message", "refused"),
+                    EVENT_MASK,
+                    self.username,
+                    "; ".join(f"eventfilter={r}" for r in filters),
+                )
+                return False
+        return True
+
+    async def _resync(self, ami: AmiConnection, ctx: SourceContext) -> list[dict[str, Any]] | None:
+        """The calls in progress now (CoreShowChannels, QueueStatus), for the mapper."""
+        answer, channels = await ami.action("CoreShowChannels", {}, self.connect_timeout)
+        if answer.get("Response") != "Success":
+            ctx.log.error(
+                "AMI user %r may not list channels (%s): calls in progress at a reconnect are not "
+                "learned; add reporting to write= in its [%s] section of manager.conf",
+                self.username,
+                answer.get("Message", "refused"),
+                self.username,
+            )
+            return None
+        answer, status = await ami.action("QueueStatus", {}, self.connect_timeout)
+        entries = [e for e in status if e.get("Event") == "QueueEntry"]
+        channels = [c for c in channels if c.get("Event") == "CoreShowChannel"]
+        ctx.log.info(
+            "Asterisk: %d channels, %d callers waiting in queues", len(channels), len(entries)
+        )
+        return self.mapper.resync(channels, entries, datetime.now(UTC))
+
+    async def run(self, ctx: SourceContext) -> None:
+        outbox = Outbox(ctx)
+        sender = asyncio.get_running_loop().create_task(outbox.run())
+        delay = 0.5
+        try:
+            while not ctx.stop.is_set():
+                try:
+                    await self._session(ctx, outbox)
+                    delay = 0.5  # it was up: the next try is quick
+                except AmiAuthError as exc:
+                    ctx.log.error("%s", exc)
+                    delay = self.reconnect_max  # not fixed by hammering; retried for a fixed config
+                except (TimeoutError, OSError, AmiError) as exc:
+                    ctx.log.warning(
+                        "Asterisk AMI %s:%s unreachable (%s); retrying in %.1f s",
+                        self.host,
+                        self.port,
+                        exc or type(exc).__name__,
+                        delay,
+                    )
+                try:
+                    await asyncio.wait_for(ctx.stop.wait(), delay * (0.5 + random.random() / 2))
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, self.reconnect_max)
+        finally:
+            sender.cancel()
+            try:
+                await sender
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _session(self, ctx: SourceContext, outbox: Outbox) -> None:
+        mapper = self.mapper
+        mapper.mark_stale()
+
+        def on_event(event: dict[str, str]) -> None:
+            at = _event_time(event)
+            problem = self.watch.see(event)
+            if problem:
+                ctx.log.error("%s", problem)
+            events = mapper.feed(event, at)
+            if events:
+                outbox.put(events)
+
+        ami = await self._open(on_event, ctx)
+        try:
+            self.sessions += 1
+            ctx.log.info(
+                "Asterisk AMI %s:%s: logged in as %s (%s)",
+                self.host,
+                self.port,
+                self.username,
+                ami.banner,
+            )
+            if self.filter:
+                await self._ask_filter(ami, ctx)
+            learned = await self._resync(ami, ctx)
+            if learned:
+                outbox.put(learned)
+            self.connected.set()
+            stop = asyncio.ensure_future(ctx.stop.wait())
+            try:
+                await asyncio.wait([stop, ami.closed], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[list-item]
+            finally:
+                stop.cancel()
+            if not ctx.stop.is_set():
+                ctx.log.warning("Asterisk AMI %s:%s: connection lost", self.host, self.port)
+        finally:
+            self.connected.clear()
+            ami.close()
+
+    async def check(self, ctx: SourceContext, out: Callable[[str], None]) -> bool:
+        """Log in, list what is in progress, watch events for 2 s, say what was seen."""
+        seen: dict[str, int] = {}
+
+        def on_event(event: dict[str, str]) -> None:
+            for klass in event.get("Privilege", "").split(","):
+                if klass and klass != "all":
+                    seen[klass] = seen.get(klass, 0) + 1
+
+        try:
+            ami = await self._open(on_event, ctx)
+        except AmiAuthError as exc:
+            out(f"{ctx.name}: {exc}")
+            return False
+        except (TimeoutError, OSError, AmiError) as exc:
+            out(
+                f"{ctx.name}: cannot reach Asterisk AMI at {self.host}:{self.port}: {exc or type(exc).__name__}"
+            )
+            return False
+        try:
+            out(
+                f"{ctx.name}: {ami.banner} at {self.host}:{self.port}, logged in as {self.username}"
+            )
+            answer, channels = await ami.action("CoreShowChannels", {}, self.connect_timeout)
+            if answer.get("Response") == "Success":
+                calls = {c.get("Linkedid") for c in channels if c.get("Event") == "CoreShowChannel"}
+                out(
+                    f"{ctx.name}: {len(channels) - 1 if channels else 0} channels in {len(calls - {None})} calls"
+                )
+            else:
+                out(
+                    f"{ctx.name}: cannot list channels ({answer.get('Message')}): add reporting to write= in [{self.username}]"
+                )
+            answer, status = await ami.action("QueueStatus", {}, self.connect_timeout)
+            queues = [e.get("Queue", "") for e in status if e.get("Event") == "QueueParams"]
+            waiting = sum(1 for e in status if e.get("Event") == "QueueEntry")
+            out(f"{ctx.name}: queues: {', '.join(queues) or 'none'}; {waiting} callers waiting")
+            await asyncio.sleep(2.0)
+            classes = ", ".join(f"{k} {n}" for k, n in sorted(seen.items())) or "none yet"
+            out(f"{ctx.name}: events in 2 s by class: {classes}")
+            out(f"{ctx.name}: needs read = {EVENT_MASK} in [{self.username}] of manager.conf")
+            return True
+        finally:
+            ami.close()
+
+
+class Outbox:
+    """Events waiting for the hub, sent in order; kept while the hub is away.
+
+    Inside the hub (HubSink) a batch is applied the moment it is sent and only its journal commit
+    is awaited, so up to IN_FLIGHT batches are sent without waiting for the commits before them
+    (a pop is delivered on apply: waiting would add a commit to each pop's latency). Over the
+    network (RemoteSink) batches go one at a time."""
+
+    IN_FLIGHT = 32
+
+    def __init__(self, ctx: SourceContext) -> None:
+        self.ctx = ctx
+        self.events: list[dict[str, Any]] = []
+        self.wake = asyncio.Event()
+        self.sent = 0
+        self.limit = self.IN_FLIGHT if isinstance(ctx.sink, HubSink) else 1
+        self.in_flight: deque[tuple[asyncio.Task[Any], list[dict[str, Any]]]] = deque()
+
+    def put(self, events: list[dict[str, Any]]) -> None:
+        self.events.extend(events)
+        if len(self.events) > MAX_BACKLOG:
+            dropped = len(self.events) - MAX_BACKLOG
+            del self.events[:dropped]
+            self.ctx.log.error("hub unreachable: %d oldest contact events dropped", dropped)
+        self.wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.5
+        try:
+            while True:
+                if not self.events and not self.in_flight:
+                    await self.wake.wait()
+                    self.wake.clear()
+                    continue
+                if self.events and len(self.in_flight) < self.limit:
+                    batch = self.events[:MAX_BATCH]
+                    del self.events[: len(batch)]
+                    # tasks start in the order they are made: the hub applies the batches in order
+                    self.in_flight.append((loop.create_task(self.ctx.sink.send(batch)), batch))
+                    await asyncio.sleep(0)
+                    if not self.in_flight[0][0].done() and len(self.in_flight) < self.limit:
+                        continue
+                task, batch = self.in_flight[0]
+                if not task.done():
+                    waiter = loop.create_task(self.wake.wait())
+                    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    self.wake.clear()
+                    if not task.done():
+                        continue
+                self.in_flight.popleft()
+                retry = self._outcome(task, batch)
+                if retry is None:
+                    delay = 0.5
+                    continue
+                # the hub was not reached: every batch not taken goes back, in order, and waits
+                for later, later_batch in self.in_flight:
+                    try:
+                        await later
+                    except Exception:
+                        retry.extend(later_batch)
+                self.in_flight.clear()
+                self.events[:0] = retry
+                self.ctx.log.warning(
+                    "hub did not take %d events (%s); retrying in %.1f s", len(retry), task.exception(), delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        finally:
+            for task, _ in self.in_flight:
+                task.cancel()
+
+    def _outcome(self, task: asyncio.Task[Any], batch: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """None when the batch is done with (taken, or refused and logged); else what to resend."""
+        exc = task.exception()
+        if exc is None:
+            self.sent += len(batch)
+            return None
+        index = _refused_index(exc)
+        if index is None:
+            return list(batch)
+        bad = batch[index] if 0 <= index < len(batch) else {}
+        self.ctx.log.error(
+            "hub refused %s of contact %s: %s; skipping it", bad.get("event"), bad.get("contact_id"), exc
+        )
+        self.sent += index
+        self.events[:0] = batch[index + 1 :]  # the events after it were not applied
+        return None
+
+
+def _refused_index(exc: Exception) -> int | None:
+    """The index of the event the hub refused, or None when the hub was not reached."""
+    index = getattr(exc, "index", None)
+    if index is None:
+        detail = getattr(exc, "detail", None)
+        if isinstance(detail, dict):
+            index = detail.get("index", 0 if detail.get("error") else None)
+    if index is None and getattr(exc, "error", None):
+        index = 0
+    return index
+
+
+def _event_time(event: Mapping[str, str]) -> datetime:
+    """Asterisk's own time when it sends one (timestampevents=yes), else when we read it."""
+    stamp = event.get("Timestamp")
+    if stamp:
+        try:
+            return datetime.fromtimestamp(float(stamp), UTC)
+        except (ValueError, OverflowError):
+            pass
+    return datetime.now(UTC)
+
+
+class ClassWatch:
+    """Finds read classes the AMI user lacks, from the stream itself: Queue() ran but no queue
+    event came (agent), UserEvent() ran but no UserEvent came (user), callers joined queues with
+    no dialplan event (dialplan), events about channels but none of the channels' own (call).
+    Each is said once, with the manager.conf fix."""
+
+    SAMPLE = 20  # channel events of other classes before a silent 'call' class counts as missing
+
+    def __init__(self, username: str) -> None:
+        self.username = username
+        self.reported: set[str] = set()
+        self.classes: set[str] = set()
+        self.others = 0
+        self.queue_app: dict[str, bool] = {}  # Uniqueid that ran Queue() -> a queue event came
+        self.user_app: dict[str, bool] = {}
+
+    def _missing(self, klass: str, why: str) -> str | None:
+        if klass in self.reported:
+            return None
+        self.reported.add(klass)
+        return (
+            f"AMI user {self.username!r} gets no '{klass}' events ({why}): pops will be missing. "
+            f"Fix: read = {EVENT_MASK} in the [{self.username}] section of Asterisk's manager.conf, "
+            f"then `asterisk -rx 'manager reload'`"
+        )
+
+    def see(self, event: Mapping[str, str]) -> str | None:
+        classes = event.get("Privilege", "").split(",")
+        self.classes.update(classes)
+        name = event.get("Event", "")
+        uid = event.get("Uniqueid", "")
+        if uid and "call" not in self.classes:
+            self.others += 1
+            if self.others >= self.SAMPLE:
+                return self._missing("call", "channel events came, but never Newchannel or Hangup")
+        if name == "Newexten":
+            app = event.get("Application", "")
+            if app == "Queue":
+                self.queue_app.setdefault(uid, False)
+            elif app == "UserEvent":
+                self.user_app.setdefault(uid, False)
+        elif name.startswith("QueueCaller"):
+            if uid in self.queue_app:
+                self.queue_app[uid] = True
+            if name == "QueueCallerJoin" and "dialplan" not in self.classes:
+                return self._missing("dialplan", "callers join queues, but no dialplan event came")
+        elif name == "UserEvent":
+            self.user_app[uid] = True
+        elif name == "Hangup":
+            queue = self.queue_app.pop(uid, None)
+            user = self.user_app.pop(uid, None)
+            if queue is False:
+                return self._missing("agent", "Queue() ran, but no queue event came")
+            if user is False:
+                return self._missing("user", "UserEvent() ran, but no UserEvent came")
+        return None
+
+
+@hookimpl
+def register_sources(register: Callable[..., None]) -> None:
+    register(
+        "asterisk", AsteriskSource, "Asterisk / FreePBX calls over the Manager Interface (AMI)"
+    )

@@ -1,0 +1,653 @@
+"""The Asterisk source end to end: a fake AMI server replays a real Asterisk 22's recorded stream
+(shared/fixtures/asterisk) to the real source, which feeds a real hub, which pops real listeners.
+Paced and at once in random pieces, through a restart of Asterisk, with a wrong secret, missing
+read classes and malformed lines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fake_ami import ALL_CLASSES, FakeAsterisk, transcript_blocks
+from hubproc import Counting, HubProcess, address_of, inprocess_hub, run, until
+from spop_cli.sources import HubSink, SourceContext
+from spop_cli.sources.asterisk import AsteriskSource
+
+BLOCKS = transcript_blocks()
+AGENTS = ("100", "101", "200", "104", "3")
+# the six scenarios' calls (Linkedid) in the recording
+A, B, C, D, E, F = (
+    "1796221474.0",
+    "1796221480.6",
+    "1796221487.14",
+    "1796221497.22",
+    "1796221506.28",
+    "1796221513.34",
+)
+
+
+class Recording:
+    """A HubSink that also keeps every event sent and the hub's answer (the pops it made)."""
+
+    def __init__(self, hub: Any) -> None:
+        self.inner = HubSink(hub)
+        self.events: list[dict[str, Any]] = []
+
+    async def send(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        answer = await self.inner.send(events)
+        self.events.extend(events)
+        return answer
+
+
+class Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+def source_for(ami: FakeAsterisk, **options: Any) -> AsteriskSource:
+    table = {
+        "port": ami.port,
+        "secret": "spop-secret",
+        "resource_names": {"pick": "104"},
+        **options,
+    }
+    return AsteriskSource(table)
+
+
+def context(sink: Any, name: str = "pbx") -> tuple[SourceContext, Captured]:
+    log = logging.getLogger(f"spop.test.asterisk.{id(sink)}")
+    log.setLevel(logging.DEBUG)
+    captured = Captured()
+    log.addHandler(captured)
+    return SourceContext(sink, log, name), captured
+
+
+def seen(listeners: dict[str, Counting]) -> dict[str, list[tuple[str, str, str]]]:
+    return {r: [(p[0], p[1], p[2]) for p in c.pops] for r, c in listeners.items()}  # type: ignore[attr-defined]
+
+
+class Agent(Counting):
+    """A listener that keeps each pop's (contact, from, redirect) and its full event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pops: list[tuple[str, str, str]] = []
+        self.events: list[Any] = []
+        self.listener.on_screen_pop(self._keep)
+
+    def _keep(self, event: Any) -> None:
+        self.pops.append((event.contact_id, event.from_, event.redirect))
+        self.events.append(event)
+
+
+async def replay(
+    pace: float = 0.0, seed: int | None = None, blocks: list[bytes] | None = None, **options: Any
+) -> tuple[dict[str, Agent], Recording, Captured, AsteriskSource]:
+    """The whole transcript through fake Asterisk -> source -> in-process hub -> listeners."""
+    async with inprocess_hub() as hub:
+        ami = FakeAsterisk()
+        await ami.start()
+        agents = {r: await Agent().up(address_of(hub), r) for r in AGENTS}
+        sink = Recording(hub)
+        ctx, captured = context(sink)
+        source = source_for(ami, **options)
+        task = asyncio.get_running_loop().create_task(source.run(ctx))
+        try:
+            await asyncio.wait_for(source.connected.wait(), 10)
+            await ami.play(blocks or BLOCKS, pace=pace, seed=seed)
+            ends = 6 if blocks is None else None
+            await until(lambda: sum(e["event"] == "ended" for e in sink.events) == ends, 20)
+            await asyncio.sleep(0.2)  # let the last pops reach the listeners
+        finally:
+            ctx.stop.set()
+            await asyncio.wait_for(task, 10)
+            for agent in agents.values():
+                await agent.listener.stop_listening()
+            await ami.stop()
+        return agents, sink, captured, source
+
+
+def lifecycle(sink: Recording) -> list[tuple[str, ...]]:
+    return [
+        (
+            e["contact_id"],
+            e["event"],
+            e.get("resource", ""),
+            e.get("from", ""),
+            e.get("redirect", ""),
+        )
+        for e in sink.events
+    ]
+
+
+RING = [
+    (A, "queued", "", "", ""),
+    (A, "routed", "100", "", ""),
+    (A, "routed", "101", "", ""),
+    (A, "answered", "100", "", ""),
+    (A, "ended", "", "", ""),
+    (B, "queued", "", "", ""),
+    (B, "routed", "100", "", ""),
+    (B, "routed", "101", "", ""),
+    (B, "answered", "100", "", ""),
+    (B, "requeued", "", "", ""),
+    (B, "transferred", "200", "100", ""),
+    (B, "answered", "200", "", ""),
+    (B, "ended", "", "", ""),
+    (C, "queued", "", "", ""),
+    (C, "routed", "100", "", ""),
+    (C, "routed", "101", "", ""),
+    (C, "answered", "100", "", ""),
+    (C, "consulted", "3", "100", ""),
+    (C, "answered", "3", "", ""),
+    (C, "ended", "", "", ""),
+    (D, "queued", "", "", ""),
+    (D, "routed", "101", "", ""),
+    (D, "recalled", "101", "", ""),
+    (D, "ended", "", "", ""),
+    (E, "queued", "", "", ""),
+    (E, "routed", "101", "", ""),
+    (E, "picked_up", "104", "", ""),
+    (E, "answered", "104", "", ""),
+    (E, "ended", "", "", ""),
+    (F, "queued", "", "", ""),
+    (F, "routed", "101", "", ""),
+    (F, "queued", "", "", ""),
+    (F, "redirected", "200", "", "nightshift"),
+    (F, "answered", "200", "", ""),
+    (F, "ended", "", "", ""),
+]
+
+# what each agent's screen shows, per the fixture README's table, popping on ring
+RING_POPS = {
+    "100": [(A, "", ""), (B, "", ""), (C, "", "")],
+    "101": [
+        (A, "", ""),
+        (B, "", ""),
+        (C, "", ""),
+        (D, "", ""),
+        (D, "", ""),
+        (E, "", ""),
+        (F, "", ""),
+    ],
+    "200": [(B, "100", ""), (F, "", "nightshift")],
+    "104": [(E, "", "")],
+    "3": [(C, "100", "")],
+}
+# popping on answer: only who took the call (D: nobody; E: the picker, not Bob)
+ANSWER_POPS = {
+    "100": [(A, "", ""), (B, "", ""), (C, "", "")],
+    "101": [],
+    "200": [(B, "100", ""), (F, "", "nightshift")],
+    "104": [(E, "", "")],
+    "3": [(C, "100", "")],
+}
+
+
+def test_recorded_pace_pops_each_agent_as_the_scenario_table_says() -> None:
+    agents, sink, captured, _ = run(replay(pace=0.002))
+    assert lifecycle(sink) == RING
+    assert {r: a.pops for r, a in agents.items()} == RING_POPS
+    assert not [line for line in captured.lines if line.startswith("ERROR")]
+
+
+def test_all_at_once_in_random_pieces_gives_the_same_contacts() -> None:
+    for seed in (1, 2, 3):
+        _, sink, captured, _ = run(replay(seed=seed))
+        assert lifecycle(sink) == RING, seed
+        assert not [line for line in captured.lines if "WARNING AMI" in line]
+
+
+def test_pop_on_answer_pops_only_who_took_the_call_with_the_hold_time_as_wait() -> None:
+    agents, sink, _, _ = run(replay(pace=0.001, pop_on="answer"))
+    assert {r: a.pops for r, a in agents.items()} == ANSWER_POPS
+    alice = agents["100"].events[0]
+    assert (alice.source, alice.destination, alice.queue_name) == (
+        "+4989123456",
+        "5551000",
+        "support",
+    )
+    assert alice.wait_time == 1  # AgentConnect HoldTime: 1
+    assert alice.contact_description == "Order question"
+    assert [(i.key, i.value) for i in alice.contact_data] == [
+        ("CUSTOMER_ID", "C-0815"),
+        ("CustomerId", "C-0815"),
+        ("caller_name", "Bob Caller"),
+    ]
+    carol = agents["200"].events[0]
+    assert (carol.from_, carol.queue_name, carol.source) == ("100", "billing", "+4930555111")
+
+
+# -- Asterisk going away and coming back -------------------------------------------------------------
+def index_of(event: str, linkedid: str, nth: int = 1) -> int:
+    """The position, in the recording, just after the nth `event` of the call `linkedid`."""
+    found = 0
+    for i, block in enumerate(BLOCKS):
+        if (
+            block.startswith(f"Event: {event}\r\n".encode())
+            and f"Linkedid: {linkedid}\r\n".encode() in block
+        ):
+            found += 1
+            if found == nth:
+                return i + 1
+    raise AssertionError(f"no {event} for {linkedid}")
+
+
+async def two_sessions(
+    first: list[bytes], outage: list[bytes], second: list[bytes], restart: bool, **options: Any
+) -> tuple[dict[str, Agent], Recording, Captured, AsteriskSource]:
+    """Play `first`, drop the link (Asterisk restarting or just the link), `outage` happens
+    meanwhile (no one listening), then the source reconnects and `second` is played."""
+    async with inprocess_hub() as hub:
+        ami = FakeAsterisk()
+        await ami.start()
+        agents = {r: await Agent().up(address_of(hub), r) for r in AGENTS}
+        sink = Recording(hub)
+        ctx, captured = context(sink)
+        source = source_for(ami, reconnect_max=0.3, **options)
+        task = asyncio.get_running_loop().create_task(source.run(ctx))
+        try:
+            await asyncio.wait_for(source.connected.wait(), 10)
+            await ami.play(first, seed=7)
+            count = len(first)
+            await until(
+                lambda: (
+                    source.mapper.calls
+                    and sink.events
+                    and sink.events[-1]["event"] == "answered"
+                    or count == 0
+                ),
+                10,
+            )
+            await ami.stop()
+            await until(lambda: not source.connected.is_set(), 10)
+            ami.learn(outage)
+            if restart:  # every call died with Asterisk
+                ami.channels.clear()
+                ami.waiting.clear()
+            await ami.start()
+            await asyncio.wait_for(source.connected.wait(), 10)
+            await ami.play(second, seed=8)
+            await until(lambda: sum(e["event"] == "ended" for e in sink.events) == 6, 20)
+            await asyncio.sleep(0.2)
+        finally:
+            ctx.stop.set()
+            await asyncio.wait_for(task, 10)
+            for agent in agents.values():
+                await agent.listener.stop_listening()
+            await ami.stop()
+        assert source.sessions == 2
+        return agents, sink, captured, source
+
+
+def test_link_drop_mid_call_loses_nothing_and_pops_nothing_twice() -> None:
+    cut = index_of("AgentConnect", B)  # Alice has just answered B
+    agents, sink, _, _ = run(two_sessions(BLOCKS[:cut], [], BLOCKS[cut:], restart=False))
+    assert lifecycle(sink) == RING
+    assert {r: a.pops for r, a in agents.items()} == RING_POPS
+    assert all(not a.twice() for a in agents.values())
+
+
+def test_a_call_that_started_while_the_link_was_down_is_learned_and_popped_where_it_is() -> None:
+    start = index_of("Hangup", B, nth=6)  # B is over
+    answered = index_of("AgentConnect", C)  # C came in and Alice answered it, unseen
+    assert lifecycle_of(B, RING)[-1][1] == "ended"
+    agents, sink, _, _ = run(
+        two_sessions(BLOCKS[:start], BLOCKS[start:answered], BLOCKS[answered:], restart=False)
+    )
+    learned = [e for e in lifecycle(sink) if e[0] == C]
+    assert learned == [
+        (C, "routed", "100", "", ""),
+        (C, "answered", "100", "", ""),
+        (C, "consulted", "3", "100", ""),
+        (C, "answered", "3", "", ""),
+        (C, "ended", "", "", ""),
+    ]
+    assert agents["100"].pops == [(A, "", ""), (B, "", ""), (C, "", "")]
+    assert agents["101"].pops.count((C, "", "")) == 0  # Bob's ring was over before we were back
+
+
+def lifecycle_of(contact: str, table: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    return [row for row in table if row[0] == contact]
+
+
+def test_asterisk_restarting_ends_the_calls_it_dropped() -> None:
+    answered = index_of("AgentConnect", C)
+    d_start = next(
+        i for i in range(answered, len(BLOCKS)) if f"Linkedid: {D}".encode() in BLOCKS[i]
+    )
+    rest = [b for b in BLOCKS[d_start:] if f"Linkedid: {C}".encode() not in b]
+    agents, sink, _, _ = run(two_sessions(BLOCKS[:answered], [], rest, restart=True))
+    c_events = [e for e in lifecycle(sink) if e[0] == C]
+    assert c_events == [row for row in RING if row[0] == C][:4] + [(C, "ended", "", "", "")]
+    assert [e for e in lifecycle(sink) if e[0] in (D, E, F)] == [
+        row for row in RING if row[0] in (D, E, F)
+    ]
+
+
+# -- a wrong secret, missing read classes, malformed lines ---------------------------------------------
+async def run_for(
+    ami: FakeAsterisk, source: AsteriskSource, until_true: Any, blocks: list[bytes] | None = None
+) -> tuple[Recording, Captured, bool]:
+    async with inprocess_hub() as hub:
+        sink = Recording(hub)
+        ctx, captured = context(sink)
+        task = asyncio.get_running_loop().create_task(source.run(ctx))
+        try:
+            if blocks is not None:
+                await asyncio.wait_for(source.connected.wait(), 10)
+                await ami.play(blocks, seed=3)
+            ok = await until(lambda: until_true(captured, sink), 10)
+            alive = not task.done()
+        finally:
+            ctx.stop.set()
+            await asyncio.wait_for(task, 10)
+            await ami.stop()
+        return sink, captured, ok and alive
+
+
+def test_wrong_secret_is_a_clear_error_naming_manager_conf_and_is_retried() -> None:
+    async def body() -> tuple[Recording, Captured, bool, list[tuple[str, bool]]]:
+        ami = FakeAsterisk()
+        await ami.start()
+        source = source_for(ami, secret="not-the-secret", reconnect_max=0.1)
+        sink, captured, ok = await run_for(ami, source, lambda c, s: len(ami.logins) >= 2)
+        return sink, captured, ok, ami.logins
+
+    _, captured, ok, logins = run(body())
+    assert ok and logins[:2] == [("spop", False), ("spop", False)]
+    errors = [line for line in captured.lines if line.startswith("ERROR")]
+    assert errors[0] == (
+        "ERROR Asterisk refused the login of AMI user 'spop' (Authentication failed): check secret= in "
+        "the [spop] section of Asterisk's manager.conf (and that permit= allows this host), and the "
+        "secret spop uses ([sources.NAME] secret or SPOP_ASTERISK_SECRET); then "
+        "`asterisk -rx 'manager reload'`"
+    )
+    assert not any("not-the-secret" in line for line in captured.lines)
+
+
+@pytest.mark.parametrize("missing", ["agent", "user", "dialplan", "call"])
+def test_a_missing_read_class_is_named_with_the_fix(missing: str) -> None:
+    async def body() -> tuple[Recording, Captured, bool]:
+        ami = FakeAsterisk(read=ALL_CLASSES - {missing})
+        await ami.start()
+        source = source_for(ami)
+        return await run_for(
+            ami, source, lambda c, s: any(f"'{missing}' events" in line for line in c.lines), BLOCKS
+        )
+
+    _, captured, ok = run(body())
+    assert ok, captured.lines
+    errors = [line for line in captured.lines if line.startswith("ERROR")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"ERROR AMI user 'spop' gets no '{missing}' events (")
+    assert errors[0].endswith(
+        "pops will be missing. Fix: read = call,agent,user,dialplan in the [spop] section of "
+        "Asterisk's manager.conf, then `asterisk -rx 'manager reload'`"
+    )
+
+
+def test_all_read_classes_give_no_class_error() -> None:
+    _, _, captured, _ = run(replay(seed=11))
+    assert not [line for line in captured.lines if "events (" in line]
+
+
+def test_malformed_lines_are_logged_and_no_call_is_lost() -> None:
+    first_called = index_of("AgentCalled", A)
+    damaged = list(BLOCKS)
+    damaged[first_called - 1] = damaged[first_called - 1].replace(
+        b"Queue: support\r\n", b"Queue: support\r\nthis line has no colon\r\n"
+    )
+    damaged.insert(
+        first_called, b"Event: Newchannel\r\nPrivilege: call,all\r\n\x00\x01 binary junk\r\n\r\n"
+    )
+    agents, sink, captured, _ = run(replay(seed=5, blocks=damaged))
+    assert lifecycle(sink) == RING
+    assert {r: a.pops for r, a in agents.items()} == RING_POPS
+    warnings = [line for line in captured.lines if line.startswith("WARNING AMI")]
+    assert warnings == [
+        "WARNING AMI: not a 'Key: Value' line, skipped: b'this line has no colon'",
+        "WARNING AMI: not a 'Key: Value' line, skipped: b'\\x00\\x01 binary junk'",
+    ]
+
+
+def test_asterisk_filters_what_the_source_does_not_need() -> None:
+    async def body() -> tuple[int, list[str]]:
+        ami = FakeAsterisk()
+        await ami.start()
+        source = source_for(ami)
+        async with inprocess_hub() as hub:
+            ctx, _ = context(HubSink(hub))
+            task = asyncio.get_running_loop().create_task(source.run(ctx))
+            await asyncio.wait_for(source.connected.wait(), 10)
+            sent = await ami.play(BLOCKS, seed=1)
+            ctx.stop.set()
+            await task
+        await ami.stop()
+        return sent, ami.actions
+
+    sent, actions = run(body())
+    assert actions == ["Login", "Filter", "Filter", "Filter", "CoreShowChannels", "QueueStatus"]
+    assert (len(BLOCKS), sent) == (1142, 283)  # 76 of the 435 VarSets are SPOP_ ones
+
+
+def test_a_refused_filter_is_a_hint_and_the_calls_still_pop() -> None:
+    async def body() -> tuple[Recording, Captured, bool]:
+        ami = FakeAsterisk(allow_filter=False, allow_channels=False)
+        await ami.start()
+        source = source_for(ami)
+        return await run_for(
+            ami, source, lambda c, s: sum(e["event"] == "ended" for e in s.events) == 6, BLOCKS
+        )
+
+    sink, captured, ok = run(body())
+    assert ok and lifecycle(sink) == RING
+    hint = next(line for line in captured.lines if "did not take the event filter" in line)
+    assert hint.startswith("INFO Asterisk did not take the event filter (Permission denied)")
+    assert "eventfilter=Event: (Newchannel|Hangup|" in hint
+    assert any(
+        line.startswith("ERROR AMI user 'spop' may not list channels (Permission denied)")
+        and "add reporting to write=" in line
+        for line in captured.lines
+    )
+
+
+def test_the_same_contacts_under_uvloop() -> None:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        agents, sink, _, _ = runner.run(asyncio.wait_for(replay(seed=21), 60))
+    assert lifecycle(sink) == RING
+
+
+# -- the command line: spop source NAME --check, and standalone beside a hub -------------------------------
+def write_config(path: Path, port: int, address: str = "6000@127.0.0.1", **extra: str) -> Path:
+    lines = [
+        f'[server]\naddress = "{address}"\n',
+        "[sources.pbx]",
+        'type = "asterisk"',
+        f"port = {port}",
+    ]
+    lines += ['resource_names = { pick = "104" }']
+    lines += [f'{k} = "{v}"' for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+async def spop(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "spop_cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_check_logs_in_says_what_it_sees_and_never_prints_the_secret(
+    tmp_path: Path, good: bool
+) -> None:
+    async def body() -> tuple[int, str]:
+        ami = FakeAsterisk()
+        await ami.start()
+        blocks = BLOCKS[: index_of("AgentConnect", A)]
+        ami.learn(blocks)  # A is in progress
+        config = write_config(tmp_path / "spop.toml", ami.port)
+        secret = "spop-secret" if good else "wrong-secret-123"
+        env = {"SPOP_ASTERISK_SECRET": secret, "SPOP_DIAG_DIR": str(tmp_path / "diag")}
+        try:
+            return await spop("source", "pbx", "--check", "--config", str(config), env=env)
+        finally:
+            await ami.stop()
+
+    code, output = run(body())
+    assert "spop-secret" not in output and "wrong-secret-123" not in output
+    if good:
+        assert code == 0, output
+        lines = [line for line in output.splitlines() if line.startswith("pbx: ")]
+        assert (
+            lines[0]
+            == f"pbx: Asterisk Call Manager/11.0.0 at 127.0.0.1:{lines[0].rsplit(':', 1)[1].split(',')[0]}, logged in as spop"
+        )
+        assert lines[1:3] == ["pbx: 4 channels in 1 calls", "pbx: queues: none; 0 callers waiting"]
+        assert lines[4] == "pbx: needs read = call,agent,user,dialplan in [spop] of manager.conf"
+    else:
+        assert code == 3, output
+        assert (
+            "Asterisk refused the login of AMI user 'spop' (Authentication failed): check secret= in the [spop] section"
+            in output
+        )
+
+
+def test_standalone_source_beside_a_hub_pops_the_agents(tmp_path: Path) -> None:
+    with HubProcess(tmp_path / "hub") as hub:
+
+        async def body() -> dict[str, list[tuple[str, str, str]]]:
+            ami = FakeAsterisk()
+            await ami.start()
+            agents = {r: await Agent().up(hub.address, r) for r in AGENTS}
+            config = write_config(tmp_path / "spop.toml", ami.port, hub.address)
+            env = {
+                **os.environ,
+                "SPOP_ASTERISK_SECRET": "spop-secret",
+                "SPOP_DIAG_DIR": str(tmp_path / "diag"),
+            }
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "spop_cli",
+                "source",
+                "pbx",
+                "--config",
+                str(config),
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+            )
+            try:
+                await ami.session(timeout=30)
+                await ami.play(BLOCKS, pace=0.002)
+                want = sum(len(p) for p in RING_POPS.values())
+                await until(lambda: sum(len(a.pops) for a in agents.values()) >= want, 30)
+                await asyncio.sleep(0.3)
+            finally:
+                proc.terminate()
+                await asyncio.wait_for(proc.wait(), 20)
+                for agent in agents.values():
+                    await agent.listener.stop_listening()
+                await ami.stop()
+            assert proc.returncode == 0
+            return {r: a.pops for r, a in agents.items()}
+
+        assert run(body(), timeout=90) == RING_POPS
+
+
+# -- configuration -------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_commented_example_in_config_example_toml_is_a_valid_source(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from spop_cli.cli import cli
+
+    text = (ROOT / "config.example.toml").read_text(encoding="utf-8")
+    block = text[text.index("# [sources.pbx]") :].splitlines()
+    live = [line[2:] for line in block if line.startswith("# ") and not line.startswith("# #")]
+    config = tmp_path / "spop.toml"
+    config.write_text("\n".join(live) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("port = 70000", "sources.pbx.port = 70000: must be a port number"),
+        ("port = 0", "sources.pbx.port = 0: must be a port number"),
+        ('pop_on = "hangup"', 'sources.pbx.pop_on = "hangup": must be "ring" or "answer"'),
+        (
+            'agent_patterns = ["(unclosed"]',
+            "sources.pbx.agent_patterns = [\"(unclosed\"]: bad regular expression '(unclosed': missing )",
+        ),
+        ("queue_names = { support = 5 }", 'sources.pbx.queue_names = {"support": 5}: must be a table of strings'),
+        ("internal_calls = 1", "sources.pbx.internal_calls = 1: must be true or false"),
+        ('hostname = "pbx"', 'sources.pbx.hostname = "pbx": unknown key (expected one of host, port,'),
+        ("reconnect_max = 0", "sources.pbx.reconnect_max = 0: must be more than 0"),
+    ],
+)
+def test_config_check_names_the_asterisk_key_at_fault(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    from click.testing import CliRunner
+
+    from spop_cli.cli import cli
+
+    config = tmp_path / "spop.toml"
+    config.write_text(f'[sources.pbx]\ntype = "asterisk"\n{line}\n', encoding="utf-8")
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(config)])
+    assert result.exit_code == 12
+    assert message in result.output, result.output
+
+
+def test_port_limits_just_inside_are_accepted() -> None:
+    for port in (1, 65535):
+        assert AsteriskSource({"port": port}).port == port
+
+
+def test_no_secret_anywhere_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spop_cli.sources import SourceError
+
+    monkeypatch.delenv("SPOP_ASTERISK_SECRET", raising=False)
+    with pytest.raises(SourceError) as raised:
+        _ = AsteriskSource({}).secret
+    assert (
+        str(raised.value)
+        == "secret: no AMI secret: set secret in the table or SPOP_ASTERISK_SECRET"
+    )
+    monkeypatch.setenv("SPOP_ASTERISK_SECRET", "from-env")
+    source = AsteriskSource({})
+    assert source.secret == "from-env" and "from-env" not in repr(source)
+
+
+def test_source_list_shows_the_builtin_asterisk() -> None:
+    from click.testing import CliRunner
+
+    from spop_cli.cli import cli
+
+    result = CliRunner().invoke(cli, ["source", "--list"])
+    assert "asterisk     Asterisk / FreePBX calls over the Manager Interface (AMI)" in result.output
