@@ -40,6 +40,8 @@ class NumberedRotatingHandler(logging.Handler):
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._stream = open(self.files[0], "a", encoding="utf-8")  # noqa: SIM115
+        # bytes in `.000`, counted here: a text file's tell() flushes and seeks, twice a line
+        self._size = self._stream.tell()
         self.setFormatter(logging.Formatter(FORMAT, DATEFMT))
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -47,10 +49,11 @@ class NumberedRotatingHandler(logging.Handler):
             line = self.format(record) + "\n"
             data = line.encode("utf-8")
             with self._lock:
-                if self._stream.tell() + len(data) > self.max_bytes and self._stream.tell() > 0:
+                if self._size + len(data) > self.max_bytes and self._size > 0:
                     self._rotate()
                 self._stream.write(line)
                 self._stream.flush()
+                self._size += len(data)
         except Exception:  # a diagnostics failure must never break a pop
             self.handleError(record)
 
@@ -61,6 +64,7 @@ class NumberedRotatingHandler(logging.Handler):
             if newer.exists():
                 os.replace(newer, older)
         self._stream = open(self.files[0], "a", encoding="utf-8")  # noqa: SIM115
+        self._size = self._stream.tell()
 
     def close(self) -> None:
         with self._lock:
