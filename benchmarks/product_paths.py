@@ -33,9 +33,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import fanout  # noqa: E402
 import orjson  # noqa: E402
 from _common import raise_nofile, resource_name  # noqa: E402
-import fanout  # noqa: E402
 from fanout import HubProcess, cpu_seconds, spop_command  # noqa: E402
 
 # (key, what, target, unit): checked in `targets`
@@ -353,6 +353,9 @@ def run(
             "gc": probe["gc"],
             "stalls_over_10ms": probe["stalls_over_10ms"],
             "worst_stalls_ms": probe["worst_stalls_ms"],
+            "worst_stalls_cpu_ms": probe.get("worst_stalls_cpu_ms"),
+            "commits_over_2ms": probe.get("commits_over_2ms"),
+            "worst_commits_ms_cpu_onloop": probe.get("worst_commits_ms_cpu_onloop"),
         }
     return result
 
