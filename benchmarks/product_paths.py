@@ -292,6 +292,14 @@ def run(
         rate, duration = 1000, (2 if quick else 5)
         log(f"  open loop: {rate:,} single-pop POSTs/s for {duration} s from 16 connections")
         phase = Phase(hub, listener)
+        spies = (
+            [
+                py_spy(hub.pid, duration - 1, profile / "hub-open.txt"),
+                py_spy(listener.pid, duration - 1, profile / "listen-open.txt"),
+            ]
+            if profile
+            else []
+        )
         load = http_load(
             hub.http_port,
             env,
@@ -303,6 +311,9 @@ def run(
             rate=rate,
         )
         result["open"] = phase.finish(load, rate * duration, rate * duration)
+        for spy in spies:
+            if spy:
+                spy.wait()
         result["open"].update(latencies(listener, "o"), rate=rate, duration=duration)
 
         log(
