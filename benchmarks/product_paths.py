@@ -49,15 +49,19 @@ TARGETS = [
 
 # Why a target is missed, from the profiles (benchmarks/PROFILE.md, "Product paths"); shown beside a gap.
 CAUSES = {
-    "single_hub_us": "aiohttp's own request parsing, routing, response and keep-alive bookkeeping "
-    "(~150 µs in Python per request) plus the journal commit and the delivery and ack of the pop",
-    "batched_hub_us": "per pop: one frame written to its listener's socket and one ack read back "
-    "(two system calls and a loop wake-up per pop with every pop on a different connection)",
-    "listen_us": "per pop: a read and an ack write on that listener's own socket, the pop object "
-    "and its JSON line; 1,000 connections mean no batching of either",
-    "open_p99_ms": "tail set by the hub's and the listener's gen-2 garbage collections and by "
-    "three busy processes sharing two cores",
-    "contacts_hub_us": "the contact tracker's bookkeeping and the journal write of the contact state",
+    "single_hub_us": "per request: aiohttp's parsing, routing and response (its send is a quarter "
+    "of the samples), the pop frame written to its listener's own socket, its ack read back and "
+    "a journal commit of one row (PROFILE.md, product paths)",
+    "batched_hub_us": "per pop: the journal (insert, then the done update, then the purge: a "
+    "fifth to a quarter of the samples), one write to its listener's own socket, validation; "
+    "with 1,000 listeners no two pops share a socket",
+    "listen_us": "per pop: a read and an ack write on that listener's own socket (kernel and "
+    "uvloop), one diagnostics line, the pop object, its view row and its JSON line",
+    "open_p99_ms": "the hub's event loop stalls 10-50 ms now and then with most of that time "
+    "off the CPU (the probe: the process waiting for a core on a shared 2-core machine, load "
+    "average 3-6 while measured), plus the listener's and the orchestrator's own waits",
+    "contacts_hub_us": "per event: aiohttp as for pops, the contact tracker and the journal write "
+    "of the contact's state",
 }
 
 
