@@ -252,7 +252,11 @@ def run(
 ) -> dict[str, Any]:
     """Every product path on one fresh hub with a real `spop listen` of n listeners."""
     scale = 0.25 if quick else 1.0
-    result: dict[str, Any] = {"listeners": n, "quick": quick}
+    result: dict[str, Any] = {
+        "listeners": n,
+        "quick": quick,
+        "loadavg_at_start": os.getloadavg()[0],
+    }
     hub = HubProcess(tmp, env, name="product-hub")
     hub.start()
     listener: ListenProcess | None = None
@@ -362,6 +366,7 @@ def run(
         if listener is not None:
             listener.stop()
         hub.stop()
+    result["loadavg_at_end"] = os.getloadavg()[0]
     probe = hub.probe()
     if probe:
         result["hub_probe"] = {
@@ -438,6 +443,8 @@ def table(r: dict[str, Any]) -> str:
         "",
         f"(contacts: µs per event; 1 pop per 4 events. command action outcomes: {c['outcomes']}; "
         f"open loop: {r['open']['received']:,} received, {r['open']['duplicated']} duplicated, max {r['open']['max_ms']} ms)",
+        f"(load average {r['loadavg_at_start']:.2f} at the start, {r['loadavg_at_end']:.2f} at the end on "
+        f"{os.cpu_count()} cores: CPU per pop grows and latency queues when other work shares them)",
     ]
     return "\n".join(lines + notes)
 
