@@ -25,6 +25,7 @@ import time
 OUT = sys.argv.pop(1)
 gc_stats: dict[int, list[float]] = {0: [], 1: [], 2: []}
 stalls: list[tuple[float, float]] = []  # (monotonic, ms late)
+stall_cpu: list[tuple[float, float]] = []  # (ms late, CPU ms of the loop thread meanwhile)
 _gc_start = [0.0]
 _gc_cpu = [0.0]
 gc_cpu = {0: 0.0, 1: 0.0, 2: 0.0}
@@ -93,11 +94,14 @@ async def manual_gc() -> None:
 
 async def watch_loop() -> None:
     while True:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.thread_time()
         await asyncio.sleep(0.001)
         late = (time.monotonic() - t0 - 0.001) * 1000
         if late > 2:
             stalls.append((time.monotonic(), round(late, 2)))
+            # CPU the loop's thread used meanwhile: far below `late`, the process was waiting
+            # (descheduled on a busy machine, or blocked in a system call), not computing
+            stall_cpu.append((round(late, 2), round((time.thread_time() - c0) * 1000, 2)))
 
 
 def dump() -> None:
@@ -118,6 +122,10 @@ def dump() -> None:
         "stalls_over_2ms": len(stalls),
         "stalls_over_10ms": sum(1 for _, ms in stalls if ms > 10),
         "worst_stalls_ms": sorted((ms for _, ms in stalls), reverse=True)[:10],
+        "worst_stalls_cpu_ms": sorted(stall_cpu, reverse=True)[:10],
+        "commits_over_2ms": len(slow_commits),
+        "on_loop_commits_over_2ms": sum(1 for c in slow_commits if c[2]),
+        "worst_commits_ms_cpu_onloop": sorted(slow_commits, key=lambda c: (c[2], c[0]), reverse=True)[:10],
         "stall_times": [(round(t, 3), ms) for t, ms in stalls if ms > 10][:200],
     }
     with open(OUT, "w") as handle:
@@ -146,6 +154,32 @@ async def start(self: _server.Hub) -> None:
 
 
 _server.Hub.start = start  # type: ignore[method-assign]
+
+from spop_cli.hub import journal as _journal  # noqa: E402
+
+_commit = _journal.Journal._commit
+slow_commits: list[tuple[float, float, bool]] = []  # (wall ms, CPU ms, on the loop's thread)
+
+
+def timed_commit(self: _journal.Journal, *args: object, **kwargs: object) -> None:
+    import threading
+
+    t0, c0 = time.perf_counter(), time.thread_time()
+    try:
+        _commit(self, *args, **kwargs)
+    finally:
+        wall = (time.perf_counter() - t0) * 1000
+        if wall > 2:
+            slow_commits.append(
+                (
+                    round(wall, 2),
+                    round((time.thread_time() - c0) * 1000, 2),
+                    threading.current_thread() is threading.main_thread(),
+                )
+            )
+
+
+_journal.Journal._commit = timed_commit  # type: ignore[method-assign]
 
 from spop_cli.cli import cli  # noqa: E402
 

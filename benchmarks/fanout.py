@@ -1014,6 +1014,14 @@ def main() -> None:
     parser.add_argument(
         "--profile", metavar="FILE", help="py-spy the hub during the 1,000-listener throughput run"
     )
+    parser.add_argument(
+        "--no-product", action="store_true", help="skip the product paths (product_paths.py)"
+    )
+    parser.add_argument(
+        "--product-only",
+        action="store_true",
+        help="only the product paths: POST /v1/pops, /v1/contacts, the real `spop listen`",
+    )
     args = parser.parse_args()
 
     HUB_ARGS.extend(args.hub_arg)
@@ -1065,6 +1073,8 @@ def main() -> None:
         f"spop fan-out benchmark: {results['machine']['nproc']} cores, {results['machine']['cpu']}, Python {results['machine']['python']}; scratch {tmp}"
     )
     profile_n = 1000 if 1000 in plan.listeners else max(plan.listeners)
+    if args.product_only:
+        plan.listeners, args.no_restart = [], True
     try:
         for n in plan.listeners:
             log(f"{n:,} listeners")
@@ -1082,20 +1092,26 @@ def main() -> None:
                 f"hub restart with {plan.restart_listeners:,} AsyncListeners, reconnecting_interval {plan.restart_interval:g} s"
             )
             results["restart"] = measure_restart(plan, tmp, env, log)
-        log("cold start")
-        mq = None
-        if mosquitto:
-            mq = MosquittoProcess(mosquitto, tmp)
-            mq.start()
-        try:
-            results["cold_start"] = measure_cold(plan, tmp, env, mq.port if mq else None)
-        finally:
-            if mq:
-                mq.stop()
+        if not args.product_only:
+            log("cold start")
+            mq = None
+            if mosquitto:
+                mq = MosquittoProcess(mosquitto, tmp)
+                mq.start()
+            try:
+                results["cold_start"] = measure_cold(plan, tmp, env, mq.port if mq else None)
+            finally:
+                if mq:
+                    mq.stop()
+        if not args.no_product:
+            import product_paths
+
+            log("product paths: 1,000 listeners in one real `spop listen --config --json`")
+            results["product"] = product_paths.run(tmp, env, log, n=1000, quick=plan.quick)
     finally:
         results["seconds"] = round(time.monotonic() - started, 1)
         results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["targets"] = targets(results)
+    results["targets"] = targets(results) if results["configs"] else []
     if args.profile and Path(args.profile).exists():
         results["profile"] = top_frames(args.profile)
     print()
@@ -1107,6 +1123,15 @@ def main() -> None:
             f"[{mark:>7}] {t['target']}: {t['figure']}",
             file=sys.stderr if args.json else sys.stdout,
         )
+    if "product" in results:
+        import product_paths
+
+        out = sys.stderr if args.json else sys.stdout
+        print("\nproduct paths (issue 15)", file=out)
+        print(product_paths.table(results["product"]), file=out)
+        print(file=out)
+        print(product_paths.summary(results["product"]), file=out)
+        results["product"]["targets"] = product_paths.targets(results["product"])
     if "profile" in results:
         out = sys.stderr if args.json else sys.stdout
         print(

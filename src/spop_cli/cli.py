@@ -933,15 +933,27 @@ def _listen_plans(settings, types, extra_actions: tuple[str, ...], as_json: bool
 
 def _plain_callbacks(as_json: bool) -> dict:  # type: ignore[type-arg]
     """Not a terminal: pops as JSON on stdout (--json), everything else as plain lines on stderr."""
+    import asyncio
     import sys
 
     from . import view
     from .actions.json import pop_line as json_line
 
+    flush_due = [False]
+
+    def flush() -> None:
+        flush_due[0] = False
+        sys.stdout.flush()
+
     def on_pop(listener, pop) -> None:  # type: ignore[no-untyped-def]
         if as_json:
             sys.stdout.write(json_line(pop))
-            sys.stdout.flush()
+            # One flush (one write to the pipe) for the pops of a loop iteration. Scheduled
+            # before this pop's ack is (the listener acks after its callbacks return, with
+            # call_soon too), so the line is out before the hub hears the pop was handled.
+            if not flush_due[0]:
+                flush_due[0] = True
+                asyncio.get_running_loop().call_soon(flush)
         else:
             click.echo(view.pop_line(listener, pop), err=True)
 
@@ -987,6 +999,12 @@ async def _listen_until_done(session, *, timeout: float | None, live: bool):  # 
                 await session.start()
         except ScreenPopError as exc:
             return exc
+        # The listeners, their links and actions live until the end: out of the full garbage
+        # collections, which otherwise walk them all (tens of ms with 1,000 listeners).
+        import gc
+
+        gc.collect()
+        gc.freeze()
         reason = await session.wait(timeout, stop)
         # Ctrl-C means now: give running actions a moment, not their whole time limit.
         grace = (

@@ -31,6 +31,21 @@ def diag_files(name: str, directory: Path | None = None) -> list[Path]:
     return [base.with_name(f"{name}.{i:03d}") for i in range(KEEP)]
 
 
+class _Formatter(logging.Formatter):
+    """The standard formatter, with the date and time formatted once per second, not per line
+    (time.strftime was a tenth of a listener's diagnostics cost at 1,000 pops a second)."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        second = int(record.created)
+        if second != self._second:
+            self._text = super().formatTime(record, datefmt)
+            self._second = second
+        return self._text
+
+
 class NumberedRotatingHandler(logging.Handler):
     """Writes `<name>.000`; past max_bytes shifts `.000`→`.001`→`.002` and drops the old `.002`."""
 
@@ -40,17 +55,20 @@ class NumberedRotatingHandler(logging.Handler):
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._stream = open(self.files[0], "a", encoding="utf-8")  # noqa: SIM115
-        self.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+        # bytes in `.000`, counted here: a text file's tell() flushes and seeks, twice a line
+        self._size = self._stream.tell()
+        self.setFormatter(_Formatter(FORMAT, DATEFMT))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
             data = line.encode("utf-8")
             with self._lock:
-                if self._stream.tell() + len(data) > self.max_bytes and self._stream.tell() > 0:
+                if self._size + len(data) > self.max_bytes and self._size > 0:
                     self._rotate()
                 self._stream.write(line)
                 self._stream.flush()
+                self._size += len(data)
         except Exception:  # a diagnostics failure must never break a pop
             self.handleError(record)
 
@@ -61,6 +79,7 @@ class NumberedRotatingHandler(logging.Handler):
             if newer.exists():
                 os.replace(newer, older)
         self._stream = open(self.files[0], "a", encoding="utf-8")  # noqa: SIM115
+        self._size = self._stream.tell()
 
     def close(self) -> None:
         with self._lock:

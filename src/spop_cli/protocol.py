@@ -166,14 +166,19 @@ def shown(value: Any, limit: int = 64) -> str:
 def nested_deeper(value: Any, limit: int) -> bool:
     """True when arrays/objects in `value` nest deeper than `limit` (orjson parses any depth,
     but repr() and orjson.dumps() of what we echo back do not)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+    # level by level, only containers kept: a 100-pop body is ~1,500 strings and 200 containers
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 1
+    while level:
+        if depth > limit:
+            return True
+        below = []
+        for item in level:
+            for child in item.values() if isinstance(item, dict) else item:
+                if isinstance(child, (dict, list)):
+                    below.append(child)
+        level = below
+        depth += 1
     return False
 
 

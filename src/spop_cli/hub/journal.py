@@ -258,9 +258,12 @@ class Journal:
         loop = asyncio.get_running_loop()
         last_purge = time.monotonic()
         while True:
-            if not self._closing:
+            if not self._closing and not self._wake.is_set():
+                # asyncio.timeout, not wait_for: no extra task per commit (one commit per
+                # request when requests come one at a time)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=0.2)
+                    async with asyncio.timeout(0.2):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
             self._wake.clear()

@@ -22,6 +22,7 @@ from ..pops import InputError, normalize_pops
 from ..protocol import HEARTBEAT, MAX_FRAME, pop_frame, pop_too_large
 from .connection import PING, HubConnection
 from .delivery import InProcessDelivery
+from .gcpolicy import FreezeOnGrowth
 
 
 @dataclass(slots=True)
@@ -83,6 +84,7 @@ class Hub:
         self._server: asyncio.AbstractServer | None = None
         self._http_runner: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._gc = FreezeOnGrowth()  # connections out of the full collections (gcpolicy.py)
         self._contacts: Any = None
         self.journal: Any = None
         self._dirty: list[HubConnection] = []  # connections with frames to flush
@@ -227,6 +229,7 @@ class Hub:
                 self.log.exception("housekeeping failed")
 
     def _sweep(self) -> None:
+        self._gc.tick(len(self.connections))
         for pending in self.delivery.expire():
             # "undelivered": no listener of its key ever got it; else it was sent, never acked
             self.log.warning(
