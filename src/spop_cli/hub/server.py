@@ -584,6 +584,8 @@ class Hub:
                     key = (change.media, change.resource)
                     ids = self._pending_pops(outcome.contact_id, key, held.get(outcome.contact_id, []))
                     if ids:  # its pop was never acked: taken back, not followed up
+                        if body["change"] == "ended":
+                            body["reason"] = "ended"
                         body["change"] = "withdrawn"
                         if not outcome.ended:  # an `ended` withdraws all of them below
                             for pop_id in ids:
