@@ -118,7 +118,11 @@ EXPECTED: dict[str, dict[str, list[tuple[Any, ...]]]] = {
         "13579": [
             ("pop", "13579"),
             ("answered", "13579", {"answered_by": "13579", "talk_time": 0, "wait_time": 15}),
-            ("requeued", "13579", {"talk_time": 0, "wait_time": 0, "reason": "File d'attente Service"}),
+            (
+                "requeued",
+                "13579",
+                {"talk_time": 0, "wait_time": 0, "reason": "File d'attente Service"},
+            ),
         ],
         "1111": [
             ("pop", "1111"),
@@ -136,7 +140,11 @@ EXPECTED: dict[str, dict[str, list[tuple[Any, ...]]]] = {
         "13579": [
             ("pop", "13579"),
             ("answered", "13579", {"answered_by": "13579", "talk_time": 0, "wait_time": 12}),
-            ("conferenced", "13579", {"talk_time": 0, "wait_time": 12, "reason": "joined by 24680"}),
+            (
+                "conferenced",
+                "13579",
+                {"talk_time": 0, "wait_time": 12, "reason": "joined by 24680"},
+            ),
             ("ended", "13579", {"talk_time": 90, "wait_time": 12}),
         ],
         "24680": [("pop", "24680"), ("ended", "24680", {"talk_time": 90, "wait_time": 12})],
@@ -190,7 +198,12 @@ EXPECTED: dict[str, dict[str, list[tuple[Any, ...]]]] = {
             (
                 "transferred",
                 "13579",
-                {"transferred_to": "24680", "talk_time": 0, "wait_time": 25, "reason": "redirected"},
+                {
+                    "transferred_to": "24680",
+                    "talk_time": 0,
+                    "wait_time": 25,
+                    "reason": "redirected",
+                },
             ),
         ],
         "24680": [
@@ -225,7 +238,11 @@ EXPECTED: dict[str, dict[str, list[tuple[Any, ...]]]] = {
         "mmartin": [
             ("pop", "mmartin"),
             ("answered", "mmartin", {"answered_by": "mmartin", "talk_time": 0, "wait_time": 65}),
-            ("transferred", "mmartin", {"transferred_to": "jdurand", "talk_time": 0, "wait_time": 65}),
+            (
+                "transferred",
+                "mmartin",
+                {"transferred_to": "jdurand", "talk_time": 0, "wait_time": 65},
+            ),
         ],
         "jdurand": [("pop", "jdurand"), ("ended", "jdurand", {"talk_time": 150, "wait_time": 65})],
     },
@@ -247,7 +264,11 @@ EXPECTED: dict[str, dict[str, list[tuple[Any, ...]]]] = {
         "lbernard": [
             ("pop", "lbernard"),
             ("answered", "lbernard", {"answered_by": "lbernard", "talk_time": 0, "wait_time": 18}),
-            ("conferenced", "lbernard", {"talk_time": 0, "wait_time": 18, "reason": "invited pmoreau"}),
+            (
+                "conferenced",
+                "lbernard",
+                {"talk_time": 0, "wait_time": 18, "reason": "invited pmoreau"},
+            ),
             ("ended", "lbernard", {"talk_time": 90, "wait_time": 18}),
         ],
         "pmoreau": [("pop", "pmoreau"), ("ended", "pmoreau", {"talk_time": 90, "wait_time": 18})],
@@ -302,7 +323,10 @@ def test_tracker_makes_the_same_updates_as_the_hub():
                 made[change.resource].append(("change", change.change))
             for pop in outcome.pops:
                 made[pop.resource].append(("pop",))
-        want = {r: [("pop",) if s[0] == "pop" else ("change", s[0]) for s in seen] for r, seen in expected.items()}
+        want = {
+            r: [("pop",) if s[0] == "pop" else ("change", s[0]) for s in seen]
+            for r, seen in expected.items()
+        }
         assert made == want, name
 
 
@@ -319,15 +343,32 @@ def test_ringall_three_listeners_two_learn_it_went_elsewhere(runner: Any) -> Non
                 await hub.apply_contacts(start)
                 for resource in agents:
                     await hub.apply_contacts(
-                        {"contact_id": "ring", "event": "routed", "resource": resource, "at": "2024-05-14T09:00:04Z"}
+                        {
+                            "contact_id": "ring",
+                            "event": "routed",
+                            "resource": resource,
+                            "at": "2024-05-14T09:00:04Z",
+                        }
                     )
                 await quiet(hub)
                 await hub.apply_contacts(
-                    {"contact_id": "ring", "event": "answered", "resource": "1002", "at": "2024-05-14T09:00:07Z"}
+                    {
+                        "contact_id": "ring",
+                        "event": "answered",
+                        "resource": "1002",
+                        "at": "2024-05-14T09:00:07Z",
+                    }
                 )
-                await hub.apply_contacts({"contact_id": "ring", "event": "ended", "at": "2024-05-14T09:01:07Z"})
+                await hub.apply_contacts(
+                    {"contact_id": "ring", "event": "ended", "at": "2024-05-14T09:01:07Z"}
+                )
                 await quiet(hub)
-                elsewhere = {"answered_by": "1002", "talk_time": 0, "wait_time": 7, "reason": "answered elsewhere"}
+                elsewhere = {
+                    "answered_by": "1002",
+                    "talk_time": 0,
+                    "wait_time": 7,
+                    "reason": "answered elsewhere",
+                }
                 assert agents["1001"].seen == [("pop", "1001"), ("answered", "1001", elsewhere)]
                 assert agents["1003"].seen == [("pop", "1003"), ("answered", "1003", elsewhere)]
                 assert agents["1002"].seen == [
@@ -352,12 +393,22 @@ def test_ringall_unacked_pop_is_withdrawn_and_never_delivered():
             try:
                 for resource in ("1001", "1002"):
                     await hub.apply_contacts(
-                        {"contact_id": "ring", "event": "routed", "resource": resource, "at": "2024-05-14T09:00:00Z"}
+                        {
+                            "contact_id": "ring",
+                            "event": "routed",
+                            "resource": resource,
+                            "at": "2024-05-14T09:00:00Z",
+                        }
                     )
                 pending = hub.delivery.pending
                 assert await until(lambda: [p.key[1] for p in pending.values()] == ["1002"])
                 await hub.apply_contacts(
-                    {"contact_id": "ring", "event": "answered", "resource": "1001", "at": "2024-05-14T09:00:05Z"}
+                    {
+                        "contact_id": "ring",
+                        "event": "answered",
+                        "resource": "1001",
+                        "at": "2024-05-14T09:00:05Z",
+                    }
                 )
                 assert hub.status()["pending"] == 0  # 1002's pop was taken back
                 assert hub.status()["counters"]["withdrawn"] == 1
@@ -367,7 +418,12 @@ def test_ringall_unacked_pop_is_withdrawn_and_never_delivered():
                     (
                         "withdrawn",
                         "1002",
-                        {"answered_by": "1001", "talk_time": 0, "wait_time": 0, "reason": "answered elsewhere"},
+                        {
+                            "answered_by": "1001",
+                            "talk_time": 0,
+                            "wait_time": 0,
+                            "reason": "answered elsewhere",
+                        },
                     )
                 ]
                 await late.down()
@@ -382,14 +438,21 @@ def test_ended_withdraws_an_unacked_pop_as_withdrawn():
         async with inprocess_hub() as hub:
             await hub.apply_contacts(
                 [
-                    {"contact_id": "c", "event": "routed", "resource": "1001", "at": "2024-05-14T09:00:00Z"},
+                    {
+                        "contact_id": "c",
+                        "event": "routed",
+                        "resource": "1001",
+                        "at": "2024-05-14T09:00:00Z",
+                    },
                     {"contact_id": "c", "event": "ended", "at": "2024-05-14T09:00:09Z"},
                 ]
             )
             late = await Follower().up(address_of(hub), "1001")
             try:
                 await quiet(hub)
-                assert late.seen == [("withdrawn", "1001", {"talk_time": 0, "wait_time": 0, "reason": "ended"})]
+                assert late.seen == [
+                    ("withdrawn", "1001", {"talk_time": 0, "wait_time": 0, "reason": "ended"})
+                ]
             finally:
                 await late.down()
 
@@ -408,13 +471,19 @@ def test_disconnected_listener_gets_missed_updates_exactly_once():
             hold = asyncio.Event()
             agent = await Follower(hold=hold).up(address_of(hub), "1001")
             try:
+
                 def cut() -> None:
                     for conn in list(hub.connections):
                         if conn.transport is not None:
                             conn.transport.abort()
 
                 def event(kind: str, second: int, **fields: Any) -> dict[str, Any]:
-                    return {"contact_id": "c", "event": kind, "at": f"2024-05-14T09:00:{second:02d}Z", **fields}
+                    return {
+                        "contact_id": "c",
+                        "event": kind,
+                        "at": f"2024-05-14T09:00:{second:02d}Z",
+                        **fields,
+                    }
 
                 await hub.apply_contacts([event("queued", 0), event("routed", 2, resource="1001")])
                 await quiet(hub)
@@ -424,7 +493,17 @@ def test_disconnected_listener_gets_missed_updates_exactly_once():
                 await hub.apply_contacts(event("consulted", 20, resource="2002"))
                 await hub.apply_contacts(event("ended", 50))
                 hold.set()
-                assert await until(lambda: agent.listener.status is ListenerStatus.Status_Up and not hub.delivery.pending.keys() - {p for p in hub.delivery.pending if hub.delivery.pending[p].key[1] == "2002"})
+                assert await until(
+                    lambda: (
+                        agent.listener.status is ListenerStatus.Status_Up
+                        and not hub.delivery.pending.keys()
+                        - {
+                            p
+                            for p in hub.delivery.pending
+                            if hub.delivery.pending[p].key[1] == "2002"
+                        }
+                    )
+                )
                 assert [s[0] for s in agent.seen] == ["pop", "answered", "consulted", "ended"]
                 assert all(n == 1 for n in agent.calls.values()), agent.calls
             finally:
@@ -444,16 +523,34 @@ def test_hub_killed_between_pop_and_end_updates_keep_coming(tmp_path):
 
     async def body() -> None:
         agent = await Follower().up(hub.address, "1001")
-        await asyncio.to_thread(post, {"contact_id": "k", "event": "routed", "resource": "1001", "at": "2024-05-14T09:00:00Z"})
+        await asyncio.to_thread(
+            post,
+            {
+                "contact_id": "k",
+                "event": "routed",
+                "resource": "1001",
+                "at": "2024-05-14T09:00:00Z",
+            },
+        )
         assert await until(lambda: agent.seen == [("pop", "1001")])
         await asyncio.sleep(0.2)  # its ack reaches the hub
         await agent.down()
-        await asyncio.to_thread(post, {"contact_id": "k", "event": "answered", "resource": "1001", "at": "2024-05-14T09:00:03Z"})
+        await asyncio.to_thread(
+            post,
+            {
+                "contact_id": "k",
+                "event": "answered",
+                "resource": "1001",
+                "at": "2024-05-14T09:00:03Z",
+            },
+        )
         await asyncio.to_thread(hub.restart)
         again = await Follower().up(hub.address, "1001")
         try:
             assert await until(lambda: len(again.seen) == 1, 10)
-            await asyncio.to_thread(post, {"contact_id": "k", "event": "ended", "at": "2024-05-14T09:00:33Z"})
+            await asyncio.to_thread(
+                post, {"contact_id": "k", "event": "ended", "at": "2024-05-14T09:00:33Z"}
+            )
             assert await until(lambda: len(again.seen) == 2, 10)
             assert again.seen == [
                 ("answered", "1001", {"answered_by": "1001", "talk_time": 0, "wait_time": 0}),
@@ -473,7 +570,9 @@ def test_retried_event_makes_its_updates_once():
         async with inprocess_hub() as hub:
             agent = await Follower().up(address_of(hub), "1001")
             try:
-                await hub.apply_contacts({"contact_id": "c", "event": "routed", "resource": "1001", "id": "e1"})
+                await hub.apply_contacts(
+                    {"contact_id": "c", "event": "routed", "resource": "1001", "id": "e1"}
+                )
                 answered = {"contact_id": "c", "event": "answered", "resource": "1001", "id": "e2"}
                 await hub.apply_contacts(answered)
                 await hub.apply_contacts(answered)
@@ -500,20 +599,40 @@ async def _raw_listener(hub: Any, **hello: Any) -> tuple[RawClient, dict[str, An
 
 
 async def _play_call(hub: Any) -> None:
-    await hub.apply_contacts({"contact_id": "c", "event": "routed", "resource": "1001", "at": "2024-05-14T09:00:00Z"})
+    await hub.apply_contacts(
+        {"contact_id": "c", "event": "routed", "resource": "1001", "at": "2024-05-14T09:00:00Z"}
+    )
 
 
 async def _finish_call(hub: Any) -> None:
-    await hub.apply_contacts({"contact_id": "c", "event": "answered", "resource": "1001", "at": "2024-05-14T09:00:02Z"})
+    await hub.apply_contacts(
+        {"contact_id": "c", "event": "answered", "resource": "1001", "at": "2024-05-14T09:00:02Z"}
+    )
     await hub.apply_contacts({"contact_id": "c", "event": "ended", "at": "2024-05-14T09:00:12Z"})
 
 
-@pytest.mark.parametrize("hello", [{"version": 1}, {"version": 1, "updates": True}, {"version": 2}, {"version": 2, "updates": False}])
+@pytest.mark.parametrize(
+    "hello",
+    [
+        {"version": 1},
+        {"version": 1, "updates": True},
+        {"version": 2},
+        {"version": 2, "updates": False},
+    ],
+)
 def test_client_without_updates_sees_exactly_what_it_saw_before(hello: dict[str, Any]) -> None:
     async def body() -> None:
         async with inprocess_hub() as hub:
             raw, welcome = await _raw_listener(hub, **hello)
-            expected_welcome = {"op": "welcome", "version": hello["version"], "server": "spop", "heartbeat": 1, "max_frame": 65536, "pop_ttl": 120, "ref": 0}
+            expected_welcome = {
+                "op": "welcome",
+                "version": hello["version"],
+                "server": "spop",
+                "heartbeat": 1,
+                "max_frame": 65536,
+                "pop_ttl": 120,
+                "ref": 0,
+            }
             if hello["version"] == 2:
                 expected_welcome["updates"] = False
             assert welcome == expected_welcome
@@ -550,10 +669,33 @@ def test_protocol_2_client_with_updates_gets_change_frames_and_acks_them():
             assert [f["op"] for f in frames if f is not None] == ["change", "change"]
             ids = [body_.pop("id") for body_ in bodies]
             assert all(isinstance(i, str) for i in ids) and len(set(ids)) == 2
-            common = {"contact_id": "c", "media": "telephone", "resource": "1001", "pop_id": pop["pop"]["id"], "transferred_to": "", "consulted": ""}
+            common = {
+                "contact_id": "c",
+                "media": "telephone",
+                "resource": "1001",
+                "pop_id": pop["pop"]["id"],
+                "transferred_to": "",
+                "consulted": "",
+            }
             assert bodies == [
-                {**common, "change": "answered", "at": "2024-05-14T09:00:02.000Z", "answered_by": "1001", "talk_time": 0, "wait_time": 0, "reason": ""},
-                {**common, "change": "ended", "at": "2024-05-14T09:00:12.000Z", "answered_by": "", "talk_time": 10, "wait_time": 0, "reason": ""},
+                {
+                    **common,
+                    "change": "answered",
+                    "at": "2024-05-14T09:00:02.000Z",
+                    "answered_by": "1001",
+                    "talk_time": 0,
+                    "wait_time": 0,
+                    "reason": "",
+                },
+                {
+                    **common,
+                    "change": "ended",
+                    "at": "2024-05-14T09:00:12.000Z",
+                    "answered_by": "",
+                    "talk_time": 10,
+                    "wait_time": 0,
+                    "reason": "",
+                },
             ]
             await raw.send({"op": "ack", "ids": ids})
             assert await until(lambda: hub.status()["counters"]["changes_pending"] == 0)
