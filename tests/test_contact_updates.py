@@ -41,6 +41,10 @@ def runners() -> list[Any]:
     return [*out, pytest.param(uvloop.run, id="uvloop")]
 
 
+def _journal(on: bool, tmp_path: Any) -> dict[str, Any]:
+    return {"journal": str(tmp_path / "journal.sqlite3")} if on else {}
+
+
 class Follower:
     """An AsyncListener that asks for updates and records pops and changes in order."""
 
@@ -291,13 +295,14 @@ def test_every_builtin_scenario_has_its_updates():
     assert sorted(EXPECTED) == builtin_names()
 
 
+@pytest.mark.parametrize("journal", [False, True], ids=["memory", "journal"])
 @pytest.mark.parametrize("name", builtin_names())
-def test_scenario_updates_reach_each_listener_in_order(name: str) -> None:
+def test_scenario_updates_reach_each_listener_in_order(name: str, journal: bool, tmp_path) -> None:
     """Played through a real hub to real listeners, one event at a time, each acked."""
     media = load_scenario(name).expect[0]["media"]
 
     async def body() -> None:
-        async with inprocess_hub() as hub:
+        async with inprocess_hub(**_journal(journal, tmp_path)) as hub:
             followers = {r: await Follower(media).up(address_of(hub), r) for r in EXPECTED[name]}
             try:
                 for event in played(name):
@@ -383,12 +388,13 @@ def test_ringall_three_listeners_two_learn_it_went_elsewhere(runner: Any) -> Non
     runner(asyncio.wait_for(body(), 60))
 
 
-def test_ringall_unacked_pop_is_withdrawn_and_never_delivered():
+@pytest.mark.parametrize("journal", [False, True], ids=["memory", "journal"])
+def test_ringall_unacked_pop_is_withdrawn_and_never_delivered(journal: bool, tmp_path) -> None:
     """An agent offline while its pop rang: answered elsewhere takes the pop back; when it
     comes, it gets `withdrawn` (no pop for a call someone else has)."""
 
     async def body() -> None:
-        async with inprocess_hub() as hub:
+        async with inprocess_hub(**_journal(journal, tmp_path)) as hub:
             here = await Follower().up(address_of(hub), "1001")
             try:
                 for resource in ("1001", "1002"):
@@ -433,9 +439,10 @@ def test_ringall_unacked_pop_is_withdrawn_and_never_delivered():
     run(body())
 
 
-def test_ended_withdraws_an_unacked_pop_as_withdrawn():
+@pytest.mark.parametrize("journal", [False, True], ids=["memory", "journal"])
+def test_ended_withdraws_an_unacked_pop_as_withdrawn(journal: bool, tmp_path) -> None:
     async def body() -> None:
-        async with inprocess_hub() as hub:
+        async with inprocess_hub(**_journal(journal, tmp_path)) as hub:
             await hub.apply_contacts(
                 [
                     {
@@ -565,9 +572,10 @@ def test_hub_killed_between_pop_and_end_updates_keep_coming(tmp_path):
         hub.kill()
 
 
-def test_retried_event_makes_its_updates_once():
+@pytest.mark.parametrize("journal", [False, True], ids=["memory", "journal"])
+def test_retried_event_makes_its_updates_once(journal: bool, tmp_path) -> None:
     async def body() -> None:
-        async with inprocess_hub() as hub:
+        async with inprocess_hub(**_journal(journal, tmp_path)) as hub:
             agent = await Follower().up(address_of(hub), "1001")
             try:
                 await hub.apply_contacts(

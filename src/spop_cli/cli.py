@@ -764,7 +764,7 @@ def status_command(
     help="Action to run on each pop: an [actions.NAME] or an action type (repeatable).",
 )
 @click.option(
-    "--json", "as_json", is_flag=True, help="One JSON object per pop on stdout, nothing else there."
+    "--json", "as_json", is_flag=True, help="One JSON object per pop, and one per contact change (\"type\": \"change\"), on stdout, nothing else there."
 )
 @click.option("--once", is_flag=True, help="Exit after one pop has been handled by every action.")
 @click.option(
