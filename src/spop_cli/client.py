@@ -206,6 +206,16 @@ async def connect(
         hello["token"] = token
     try:
         welcome = await link.request("hello", timeout=timeout, **hello)
+    except ScreenPopError as exc:
+        link.on_lost = None
+        link.close()
+        if on_change is not None and "not supported" in exc.message:
+            # a hub older than contact updates: speak protocol 1 to it, without them
+            return await connect(
+                addr, token=token, role=role, timeout=timeout, ssl_context=ssl_context,
+                on_pop=on_pop, on_lost=on_lost,
+            )
+        raise
     except BaseException:  # refused, timed out, or cancelled: never leave the socket open
         link.on_lost = None
         link.close()

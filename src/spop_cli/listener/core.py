@@ -217,6 +217,8 @@ class AsyncListener:
             on_lost=self._on_lost,
             on_change=self._on_change if self._change_callbacks else None,
         )
+        if self._change_callbacks and not link.updates:
+            self.log.warning("the hub at %s sends no contact updates (protocol 1)", address)
         if link.pop_ttl is not None:  # the hub replays a pop for that long: remember ids longer
             self._handled.keep = max(self._handled.keep, link.pop_ttl + MARGIN)
         return link
