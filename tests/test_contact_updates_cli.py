@@ -152,3 +152,16 @@ def test_vendor_class_on_contact_changed_runs_on_its_thread_in_order(hub: HubThr
         assert threads == {"spop-telephone-callbacks"}
     finally:
         listener.shutdown()
+
+
+def test_a_change_action_result_names_the_change_and_its_pop() -> None:
+    from guide_pops import guide_pop
+    from spop_cli.dispatch import ChangeTrigger, Outcome
+    from spop_cli.view import result_line
+
+    pop = guide_pop()
+    trigger = ChangeTrigger(_change("ended", talk_time=9, pop_id=pop.id), pop)
+    assert trigger.source == pop.source and trigger.talk_time == 9 and trigger.id == "x"
+    assert trigger.to_dict()["queue_name"] == pop.queue_name
+    line = result_line(None, "wrapup", trigger, Outcome("ok", 0.5))
+    assert line.endswith(f"telephone 13579: action wrapup ok for ended of pop {pop.id} in 0.500 s")

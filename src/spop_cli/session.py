@@ -220,7 +220,10 @@ class ListenSession:
     # -- callbacks ------------------------------------------------------------------------
     def _dispatcher(self, listener: Any, plan: ListenerPlan) -> ActionDispatcher:
         def on_result(action_name: str, pop: Any, outcome: Outcome) -> None:
-            row = self._rows.get(getattr(pop, "id", ""))
+            # a change's action shows on the card of the pop it follows
+            row = self._rows.get(getattr(pop, "id", "")) or self._rows.get(
+                getattr(pop, "pop_id", None) or ""
+            )
             if row is not None:
                 row.outcomes[action_name] = outcome
             if self.on_result is not None:

@@ -255,8 +255,14 @@ def result_line(listener: Any, action: str, pop: Any, outcome: Outcome) -> str:
     detail = f": {outcome.error}" if outcome.error else ""
     return (
         f"{clock(time.time())} {pop.media} {pop.resource}: action {action} {outcome.status} "
-        f"for pop {pop.id} in {outcome.duration:.3f} s{detail}"
+        f"for {_what(pop)} in {outcome.duration:.3f} s{detail}"
     )
+
+
+def _what(pop: Any) -> str:
+    """`pop ID`, or `ended of pop ID` for an action a contact change ran."""
+    change = getattr(pop, "change_event", None)
+    return f"{change.change} of pop {change.pop_id}" if change is not None else f"pop {pop.id}"
 
 
 def listener_rows_plain(snapshot: Snapshot) -> list[str]:
