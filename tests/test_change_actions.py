@@ -12,6 +12,7 @@ import pytest
 from hubproc import address_of, inprocess_hub, run, until
 from spop_cli.actions import DEFAULT_ON, ActionConfigError, configure_action
 from spop_cli.config import check_config
+from spop_cli.hookspecs import hookimpl
 from spop_cli.plugins import action_types, build_plugin_manager
 from spop_cli.session import ListenerPlan, ListenSession
 
@@ -197,3 +198,43 @@ def test_listen_json_writes_one_line_per_change():
         **change.to_dict(),
         "received_at": "r",
     }
+
+
+class Follows:
+    """A plugin with no action: it implements the spop_contact_changed hook."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, Any]] = []
+
+    @hookimpl
+    def spop_contact_changed(self, change: Any, listener: Any) -> None:
+        self.seen.append((change.change, change.answered_by, listener.resource))
+
+
+def test_plugin_hook_sees_each_change_with_its_listener() -> None:
+    pm = build_plugin_manager(entry_points=False)
+    plugin = Follows()
+    pm.add_plugin(plugin, "follows", "test")
+
+    async def body() -> None:
+        async with inprocess_hub() as hub:
+            session = ListenSession(
+                [ListenerPlan("telephone", "1001", [])], address=address_of(hub), plugin_manager=pm
+            )
+            await session.start()
+            try:
+                await hub.apply_contacts({"contact_id": "h", "event": "routed", "resource": "1001"})
+                assert await until(lambda: not hub.delivery.pending)
+                await hub.apply_contacts(
+                    [
+                        {"contact_id": "h", "event": "answered", "resource": "1001"},
+                        {"contact_id": "h", "event": "ended"},
+                    ]
+                )
+                assert await until(lambda: not hub.delivery.pending)
+                assert await session.entries[0].dispatcher.drain(10)
+            finally:
+                await session.finish(5)
+
+    run(body())
+    assert plugin.seen == [("answered", "1001", "1001"), ("ended", "", "1001")]
