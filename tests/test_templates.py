@@ -139,5 +139,8 @@ def test_bad_when(when: object, fragment: str) -> None:
     assert fragment in str(caught.value)
 
 
-def test_every_field_is_in_the_pop_json() -> None:
-    assert set(FIELDS) == set(guide_pop().to_dict()) - {"contact_data"}
+def test_every_field_is_in_the_pop_json_or_a_change() -> None:
+    from spop_cli.hub.contacts import Change
+
+    change = Change("i", "c", "telephone", "1", "p", "ended", "t").to_dict()
+    assert set(FIELDS) == (set(guide_pop().to_dict()) | set(change)) - {"contact_data"}

@@ -19,6 +19,7 @@ _LAZY = {
     "ScreenPopEmailEvent": "model",
     "ScreenPopWebCollaborationEvent": "model",
     "StatusChangedEvent": "model",
+    "ContactChange": "model",
     "ScreenPopTelephoneListener": "listener.blocking",
     "ScreenPopCallbackListener": "listener.blocking",
     "ScreenPopEmailListener": "listener.blocking",
@@ -41,6 +42,7 @@ __all__ = [
     "ScreenPopEmailEvent",
     "ScreenPopWebCollaborationEvent",
     "StatusChangedEvent",
+    "ContactChange",
     "ScreenPopTelephoneListener",
     "ScreenPopCallbackListener",
     "ScreenPopEmailListener",
@@ -59,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .listener.core import AsyncListener
     from .model import (
+        ContactChange,
         ContactDataCollection,
         ContactDataItem,
         Error,

@@ -764,7 +764,7 @@ def status_command(
     help="Action to run on each pop: an [actions.NAME] or an action type (repeatable).",
 )
 @click.option(
-    "--json", "as_json", is_flag=True, help="One JSON object per pop on stdout, nothing else there."
+    "--json", "as_json", is_flag=True, help="One JSON object per pop, and one per contact change (\"type\": \"change\"), on stdout, nothing else there."
 )
 @click.option("--once", is_flag=True, help="Exit after one pop has been handled by every action.")
 @click.option(
@@ -937,6 +937,7 @@ def _plain_callbacks(as_json: bool) -> dict:  # type: ignore[type-arg]
     import sys
 
     from . import view
+    from .actions.json import change_line as json_change_line
     from .actions.json import pop_line as json_line
 
     flush_due = [False]
@@ -963,7 +964,14 @@ def _plain_callbacks(as_json: bool) -> dict:  # type: ignore[type-arg]
     def on_result(listener, action, pop, outcome) -> None:  # type: ignore[no-untyped-def]
         click.echo(view.result_line(listener, action, pop, outcome), err=True)
 
-    return {"on_pop": on_pop, "on_status": on_status, "on_result": on_result}
+    def on_change(listener, change) -> None:  # type: ignore[no-untyped-def]
+        if as_json:  # one line per change; `"type": "change"` tells it from a pop's line
+            sys.stdout.write(json_change_line(change))
+            sys.stdout.flush()
+        else:
+            click.echo(view.change_line(listener, change), err=True)
+
+    return {"on_pop": on_pop, "on_status": on_status, "on_result": on_result, "on_change": on_change}
 
 
 async def _listen_until_done(session, *, timeout: float | None, live: bool):  # type: ignore[no-untyped-def]

@@ -35,9 +35,12 @@ class HubLink(asyncio.Protocol):
         self,
         on_pop: Callable[[dict[str, Any]], None] | None = None,
         on_lost: Callable[[Exception | None], None] | None = None,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.on_pop = on_pop
         self.on_lost = on_lost
+        self.on_change = on_change  # contact updates, when the hello asked for them
+        self.updates = False  # the hub agreed to send them (protocol 2)
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder(1 << 24)  # trust the hub's frames up to 16 MB (status)
         self._refs = itertools.count(1)
@@ -67,6 +70,9 @@ class HubLink(asyncio.Protocol):
             if op == "pop":
                 if self.on_pop is not None:
                     self.on_pop(frame.get("pop") or {})
+            elif op == "change":
+                if self.on_change is not None:
+                    self.on_change(frame.get("change") or {})
             elif op == "ping":
                 self.send(PONG)
             elif op in ("ok", "welcome", "error"):
@@ -172,6 +178,7 @@ async def connect(
     ssl_context: ssl.SSLContext | None = None,
     on_pop: Callable[[dict[str, Any]], None] | None = None,
     on_lost: Callable[[Exception | None], None] | None = None,
+    on_change: Callable[[dict[str, Any]], None] | None = None,
 ) -> HubLink:
     """Connect and shake hands. Unreachable → Cannot_Find_HiPath_ProCenter; refused → the hub's code."""
     addr = parse_address(address) if isinstance(address, str) else address
@@ -179,7 +186,7 @@ async def connect(
     try:
         _, link = await asyncio.wait_for(
             loop.create_connection(
-                lambda: HubLink(on_pop, on_lost),
+                lambda: HubLink(on_pop, on_lost, on_change),
                 addr.host,
                 addr.port,
                 ssl=ssl_context,
@@ -191,15 +198,29 @@ async def connect(
         raise ScreenPopError(
             Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, f"cannot reach the hub at {addr}: {exc or 'timeout'}"
         ) from None
-    hello: dict[str, Any] = {"version": VERSION, "role": role, "client": "spop-python"}
+    # protocol 1 unless we want contact updates: a client that does not is what it always was
+    hello: dict[str, Any] = {"version": 1, "role": role, "client": "spop-python"}
+    if on_change is not None:
+        hello.update(version=VERSION, updates=True)
     if token:
         hello["token"] = token
     try:
         welcome = await link.request("hello", timeout=timeout, **hello)
+    except ScreenPopError as exc:
+        link.on_lost = None
+        link.close()
+        if on_change is not None and "not supported" in exc.message:
+            # a hub older than contact updates: speak protocol 1 to it, without them
+            return await connect(
+                addr, token=token, role=role, timeout=timeout, ssl_context=ssl_context,
+                on_pop=on_pop, on_lost=on_lost,
+            )
+        raise
     except BaseException:  # refused, timed out, or cancelled: never leave the socket open
         link.on_lost = None
         link.close()
         raise
+    link.updates = welcome.get("updates") is True
     link.max_frame = _positive(welcome.get("max_frame"), MAX_FRAME)
     ttl = welcome.get("pop_ttl")
     link.pop_ttl = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else None

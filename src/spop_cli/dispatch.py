@@ -72,9 +72,22 @@ class ActionDispatcher:
     # -- in -------------------------------------------------------------------------------
     def submit(self, pop: Any, listener: Any = None) -> None:
         """Queue the pop for each action, then for the `spop_screen_pop` hook. Never blocks."""
+        self._submit(pop, listener, "pop")
+        self._call_hook("spop_screen_pop", pop=pop, listener=listener)
+
+    def submit_change(self, change: Any, pop: Any = None, listener: Any = None) -> None:
+        """Queue a contact change for the actions whose `on` names it (they get a
+        `ChangeTrigger`: the change's fields over its pop's), then the `spop_contact_changed`
+        hook. Never blocks."""
+        self._submit(ChangeTrigger(change, pop), listener, change.change)
+        self._call_hook("spop_contact_changed", change=change, listener=listener)
+
+    def _submit(self, pop: Any, listener: Any, trigger: str) -> None:
         if self._closed:
             raise RuntimeError("dispatcher is closed")
         for slot in self._slots:
+            if trigger not in getattr(slot.action, "on", ("pop",)):
+                continue
             self._start(slot)
             try:
                 slot.queue.put_nowait((pop, listener))
@@ -83,7 +96,14 @@ class ActionDispatcher:
                 self._report(
                     slot.action, pop, Outcome(FAILED, 0.0, f"{MAX_QUEUED} pops already waiting")
                 )
-        self._call_hook("spop_screen_pop", pop=pop, listener=listener)
+
+    @property
+    def wants_changes(self) -> bool:
+        """Some action runs on a change, or a plugin implements `spop_contact_changed`."""
+        if any(set(a.on) - {"pop"} for a in self.actions):
+            return True
+        pm = self.plugin_manager
+        return pm is not None and bool(pm.hook.spop_contact_changed.get_hookimpls())
 
     def status_changed(self, listener: Any, old: Any, new: Any) -> None:
         """Pass a listener's status change to the `spop_status_changed` hook."""
@@ -230,6 +250,31 @@ class ActionDispatcher:
                         )
             finally:
                 self._hooks.task_done()
+
+
+class ChangeTrigger:
+    """What an action gets for a contact change: the fields of the pop it follows (source,
+    queue, contact data…) with the change's over them (`id`, `change`, `talk_time`…), so one
+    template serves both. `trigger.change_event` is the ContactChange, `trigger.pop` the pop
+    (None when this listener never got it: a `withdrawn`)."""
+
+    __slots__ = ("change_event", "pop", "_fields")
+
+    def __init__(self, change: Any, pop: Any = None) -> None:
+        self.change_event = change
+        self.pop = pop
+        base = pop.to_dict() if pop is not None else {}
+        self._fields = {**base, **change.to_dict()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._fields)
+
+    def __getattr__(self, name: str) -> Any:
+        fields = object.__getattribute__(self, "_fields")
+        key = "from" if name == "from_" else name
+        if key in fields:
+            return fields[key]
+        raise AttributeError(name)
 
 
 def run_in_thread(fn: Callable[..., Any], *args: Any, name: str = "action") -> asyncio.Future[Any]:

@@ -22,6 +22,12 @@ def spop_status_changed(listener, old, new):
 
 
 @hookspec
+def spop_contact_changed(change, listener):
+    """See every update of a contact a listener was popped for: `change` is a ContactChange
+    (answered, consulted, transferred, conferenced, requeued, withdrawn, ended)."""
+
+
+@hookspec
 def register_sources(register):
     """Register source types: call register(name, factory, description); factory(config_table)
     returns a `spop_cli.sources.Source` that turns an outside system's events into contact events."""

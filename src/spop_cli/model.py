@@ -348,3 +348,67 @@ class StatusChangedEvent:
 
     old: ListenerStatus
     new: ListenerStatus
+
+
+CHANGE_KINDS = ("answered", "consulted", "transferred", "conferenced", "requeued", "withdrawn", "ended")
+
+
+@dataclass(frozen=True, slots=True)
+class ContactChange:
+    """A change to a contact this listener was popped for (protocol 2, docs/protocol.md):
+    answered here or elsewhere, consulted, transferred away, conferenced, requeued, withdrawn,
+    ended. Strings are empty when unset; times are whole seconds."""
+
+    id: str
+    contact_id: str
+    media: Media
+    resource: str
+    pop_id: str
+    change: str
+    at: str
+    answered_by: str = ""
+    transferred_to: str = ""
+    consulted: str = ""
+    talk_time: int = 0
+    wait_time: int = 0
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire/JSON form, as the hub sent it."""
+        return {
+            "id": self.id,
+            "contact_id": self.contact_id,
+            "media": self.media.value,
+            "resource": self.resource,
+            "pop_id": self.pop_id,
+            "change": self.change,
+            "at": self.at,
+            "answered_by": self.answered_by,
+            "transferred_to": self.transferred_to,
+            "consulted": self.consulted,
+            "talk_time": self.talk_time,
+            "wait_time": self.wait_time,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ContactChange:
+        """From a `change` frame's body; raises KeyError/ValueError on one that is not."""
+        change = str(data["change"])
+        if change not in CHANGE_KINDS:
+            raise ValueError(f"unknown change {change[:64]!r}")
+        return cls(
+            id=str(data["id"]),
+            contact_id=str(data.get("contact_id") or ""),
+            media=Media.parse(data["media"]),
+            resource=str(data["resource"]),
+            pop_id=str(data.get("pop_id") or ""),
+            change=change,
+            at=str(data.get("at") or ""),
+            answered_by=str(data.get("answered_by") or ""),
+            transferred_to=str(data.get("transferred_to") or ""),
+            consulted=str(data.get("consulted") or ""),
+            talk_time=int(data.get("talk_time") or 0),
+            wait_time=int(data.get("wait_time") or 0),
+            reason=str(data.get("reason") or ""),
+        )

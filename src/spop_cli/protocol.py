@@ -11,7 +11,8 @@ import orjson
 
 from .model import Error, Media, ScreenPopError, validate_resource
 
-VERSION = 1
+VERSION = 2  # the newest version the hub speaks; it also speaks every one in VERSIONS
+VERSIONS = (1, 2)  # 2: contact updates (`change` frames) for clients that ask (`"updates": true`)
 MAX_FRAME = 64 * 1024  # bytes in one line, newline excluded
 HEARTBEAT = 10.0  # seconds between pings when a side has sent nothing else
 MAX_DEPTH = 64  # arrays and objects nested in one frame or body; a pop needs 4
@@ -20,7 +21,8 @@ MAX_DEPTH = 64  # arrays and objects nested in one frame or body; a pop needs 4
 CLIENT_OPS = frozenset(
     {"hello", "register", "unregister", "ack", "ping", "pong", "publish", "contact", "status", "bye"}
 )
-HUB_OPS = frozenset({"welcome", "ok", "error", "pop", "ping", "pong"})
+HUB_OPS = frozenset({"welcome", "ok", "error", "pop", "change", "ping", "pong"})
+CHANGE_HEAD = b'{"op":"change"'  # how a journalled frame is told to be a change, not a pop
 
 
 class FrameError(ScreenPopError):
@@ -38,6 +40,15 @@ def encode(frame: dict[str, Any]) -> bytes:
 def pop_frame(pop: dict[str, Any]) -> bytes:
     """The `pop` frame the hub sends for an accepted pop, built once for every listener."""
     return orjson.dumps({"op": "pop", "pop": pop}) + b"\n"
+
+
+def change_frame(change: dict[str, Any]) -> bytes:
+    """The `change` frame (protocol 2) the hub sends about a contact a listener was popped for."""
+    return orjson.dumps({"op": "change", "change": change}) + b"\n"
+
+
+def is_change_frame(frame: bytes) -> bool:
+    return frame.startswith(CHANGE_HEAD)
 
 
 def pop_too_large(frame: bytes, max_frame: int) -> str | None:
@@ -211,10 +222,10 @@ def check_client_frame(frame: dict[str, Any]) -> dict[str, Any]:
         frame["ids"] = ids
     elif op == "hello":
         version = frame.get("version")
-        if version != VERSION:
+        if isinstance(version, bool) or version not in VERSIONS:
             raise FrameError(
                 Error.SCREENPOP_Initialization_Error,
-                f"protocol version {version!r} not supported (hub speaks {VERSION})",
+                f"protocol version {version!r} not supported (hub speaks 1 and 2)",
                 ref,
             )
     return frame

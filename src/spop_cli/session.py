@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +18,7 @@ from .dispatch import ActionDispatcher, Outcome
 from .model import ListenerStatus, ScreenPopError
 
 RECENT_POPS = 12
+KEPT_POPS = 1000  # pops per listener kept to give a change's actions its pop's fields
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class PopRow:
     from_: str = ""
     redirect: str = ""
     contact_data: tuple[tuple[str, str], ...] = ()  # (key, value), in the pop's order
+    # the contact as it moves (contact updates): "" until the first change, then its name
+    state: str = ""
+    state_detail: str = ""  # who answered, to whom it went, why it was withdrawn
+    talk_since: float | None = None  # time.time() it was answered here: the running clock
+    talk_time: int | None = None  # seconds talked, once ended
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class _Entry:
     listener: Any
     dispatcher: ActionDispatcher
     last_pop_at: float | None = None  # time.time() of its last pop
+    pops: OrderedDict[str, Any] = field(default_factory=OrderedDict)  # id → pop, newest last
 
 
 class ListenSession:
@@ -99,6 +106,7 @@ class ListenSession:
         on_status: Callable[[Any, ListenerStatus, ListenerStatus], None] | None = None,
         on_result: Callable[[Any, str, Any, Outcome], None] | None = None,
         listener_factory: Callable[..., Any] | None = None,
+        on_change: Callable[[Any, Any], None] | None = None,
     ) -> None:
         self.plans = list(plans)
         self.address = address
@@ -112,6 +120,8 @@ class ListenSession:
         self.on_pop = on_pop
         self.on_status = on_status
         self.on_result = on_result
+        self.on_change = on_change
+        self.changes = 0  # contact changes received
         self.listener_factory = listener_factory
         self.entries: list[_Entry] = []
         self.received = 0  # distinct pops handed to the actions
@@ -147,6 +157,8 @@ class ListenSession:
             entry = _Entry(plan, listener, self._dispatcher(listener, plan))
             listener.on_screen_pop(lambda event, entry=entry: self._received(entry, event))
             listener.on_status_changed(lambda old, new, entry=entry: self._status(entry, old, new))
+            if hasattr(listener, "on_contact_changed"):  # the live view and --json show them
+                listener.on_contact_changed(lambda change, entry=entry: self._changed(entry, change))
             self.entries.append(entry)
         try:
             for entry in self.entries:
@@ -208,7 +220,10 @@ class ListenSession:
     # -- callbacks ------------------------------------------------------------------------
     def _dispatcher(self, listener: Any, plan: ListenerPlan) -> ActionDispatcher:
         def on_result(action_name: str, pop: Any, outcome: Outcome) -> None:
-            row = self._rows.get(getattr(pop, "id", ""))
+            # a change's action shows on the card of the pop it follows
+            row = self._rows.get(getattr(pop, "id", "")) or self._rows.get(
+                getattr(pop, "pop_id", None) or ""
+            )
             if row is not None:
                 row.outcomes[action_name] = outcome
             if self.on_result is not None:
@@ -246,11 +261,24 @@ class ListenSession:
             self._rows.pop(self.recent[-1].pop_id, None)
         self.recent.appendleft(row)
         self._rows[event.id] = row
+        entry.pops[event.id] = event
+        if len(entry.pops) > KEPT_POPS:
+            entry.pops.popitem(last=False)
         entry.dispatcher.submit(event, entry.listener)
         if self.on_pop is not None:
             self.on_pop(entry.listener, event)
         if self.count is not None and self.received >= self.count:
             self._enough.set()
+
+    def _changed(self, entry: _Entry, change: Any) -> None:
+        """A contact update: to the actions whose `on` names it, the hook, the view."""
+        self.changes += 1
+        entry.dispatcher.submit_change(change, entry.pops.get(change.pop_id), entry.listener)
+        row = self._rows.get(change.pop_id)
+        if row is not None:
+            _move(row, change)
+        if self.on_change is not None:
+            self.on_change(entry.listener, change)
 
     def _status(self, entry: _Entry, old: ListenerStatus, new: ListenerStatus) -> None:
         entry.dispatcher.status_changed(entry.listener, old, new)
@@ -296,7 +324,35 @@ class ListenSession:
                 r.from_,
                 r.redirect,
                 r.contact_data,
+                r.state,
+                r.state_detail,
+                r.talk_since,
+                r.talk_time,
             )
             for r in self.recent
         )
         return Snapshot(self.address, tuple(rows), pops, self.failures, self.pending, self.count)
+
+
+def _move(row: PopRow, change: Any) -> None:
+    """A pop's card follows its contact: talking (a clock runs), transferred, ended…"""
+    kind = change.change
+    if kind == "answered" and change.answered_by == row.resource:
+        row.state, row.state_detail = "talking", ""
+        if row.talk_since is None:
+            row.talk_since = time.time()
+    elif kind == "answered":
+        row.state, row.state_detail = "answered elsewhere", f"by {change.answered_by}"
+    elif kind == "transferred":
+        row.state, row.state_detail = "transferred", f"to {change.transferred_to}"
+    elif kind == "consulted":
+        row.state_detail = f"consulting {change.consulted}"
+        row.state = row.state or "talking"
+    elif kind == "conferenced":
+        row.state_detail = change.reason
+        row.state = row.state or "talking"
+    elif kind == "ended":
+        row.state, row.talk_time = "ended", change.talk_time
+        row.state_detail = change.reason
+    else:  # requeued, withdrawn
+        row.state, row.state_detail = kind, change.reason

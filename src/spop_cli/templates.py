@@ -25,6 +25,15 @@ FIELDS: tuple[str, ...] = (
     "created_at",
     *TEXT_FIELDS,
     "wait_time",
+    # a contact change's (empty on a pop): docs/configuration.md "Actions per trigger"
+    "change",
+    "pop_id",
+    "at",
+    "answered_by",
+    "transferred_to",
+    "consulted",
+    "talk_time",
+    "reason",
 )
 DATA_PREFIX = "contact_data."
 _DATA_FIELD = re.compile(r"contact_data\[([^\[\]{}]+)\]")

@@ -120,6 +120,8 @@ def card_rows(pop: PopRow) -> list[tuple[Any, Any]]:
         if value or label in ("source", "destination", "queue"):
             rows.append((label, Text(value) if value else Text(EMPTY, style="dim")))
     rows.append(("wait", Text(f"{pop.wait_time} s")))
+    if pop.state:  # the contact moved since the pop (contact updates)
+        rows.append(("state", state_text(pop)))
     for key, value in pop.contact_data:
         rows.append(
             (Text(key, style="magenta"), Text(value) if value else Text(EMPTY, style="dim"))
@@ -127,6 +129,37 @@ def card_rows(pop: PopRow) -> list[tuple[Any, Any]]:
     if pop.outcomes:
         rows.append(("actions", _outcomes(pop.outcomes)))
     return rows
+
+
+def state_text(pop: PopRow, now: float | None = None) -> Any:
+    """`talking 1:05` (a running clock), `ended · talked 2:10`, `transferred to 54321`…"""
+    from rich.text import Text
+
+    text = Text(pop.state, style="bold green" if pop.state == "talking" else "yellow")
+    if pop.state == "talking" and pop.talk_since is not None:
+        text.append(" " + minutes((now or time.time()) - pop.talk_since))
+    if pop.state == "ended" and pop.talk_time:
+        text.append(f" · talked {minutes(pop.talk_time)}")
+    if pop.state_detail:
+        text.append(f" · {pop.state_detail}")
+    return text
+
+
+def minutes(seconds: float) -> str:
+    whole = max(0, int(seconds))
+    return f"{whole // 60}:{whole % 60:02d}"
+
+
+def change_line(listener: Any, change: Any) -> str:
+    """A contact change as one plain line (not a terminal, no --json)."""
+    parts = [f"{clock(time.time())} {change.media} {change.resource}: {change.change} {change.contact_id}"]
+    for label in ("answered_by", "transferred_to", "consulted", "reason"):
+        value = getattr(change, label)
+        if value:
+            parts.append(f"{label}={value!r}")
+    if change.change == "ended":
+        parts.append(f"talk={change.talk_time}s")
+    return " ".join(parts)
 
 
 def card_height(pop: PopRow) -> int:
@@ -158,7 +191,12 @@ def fingerprint(snapshot: Snapshot) -> Any:
         dataclasses.replace(row, retry_in=None if row.retry_in is None else round(row.retry_in))
         for row in snapshot.listeners
     )
-    return dataclasses.replace(snapshot, listeners=rows)
+    # a talking contact's clock changes every second: redraw for it
+    clocks = tuple(
+        int(time.time() - pop.talk_since) if pop.state == "talking" and pop.talk_since else None
+        for pop in snapshot.pops
+    )
+    return dataclasses.replace(snapshot, listeners=rows), clocks
 
 
 def _listener_cells(row: ListenerRow) -> list[Any]:
@@ -217,8 +255,14 @@ def result_line(listener: Any, action: str, pop: Any, outcome: Outcome) -> str:
     detail = f": {outcome.error}" if outcome.error else ""
     return (
         f"{clock(time.time())} {pop.media} {pop.resource}: action {action} {outcome.status} "
-        f"for pop {pop.id} in {outcome.duration:.3f} s{detail}"
+        f"for {_what(pop)} in {outcome.duration:.3f} s{detail}"
     )
+
+
+def _what(pop: Any) -> str:
+    """`pop ID`, or `ended of pop ID` for an action a contact change ran."""
+    change = getattr(pop, "change_event", None)
+    return f"{change.change} of pop {change.pop_id}" if change is not None else f"pop {pop.id}"
 
 
 def listener_rows_plain(snapshot: Snapshot) -> list[str]:

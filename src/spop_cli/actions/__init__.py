@@ -30,8 +30,11 @@ from ..templates import Condition, TemplateError, parse_condition
 if TYPE_CHECKING:  # pragma: no cover
     from ..plugins import ActionType
 
-GENERIC_KEYS = frozenset({"plugin", "when", "timeout"})  # understood for every action type
+GENERIC_KEYS = frozenset({"plugin", "when", "timeout", "on"})  # understood for every action type
 DEFAULT_TIMEOUT = 30.0
+# What may trigger an action (`on`): the pop, and each contact change (docs/configuration.md).
+TRIGGERS = ("pop", "answered", "consulted", "transferred", "conferenced", "requeued", "withdrawn", "ended")
+DEFAULT_ON = frozenset({"pop"})  # a table without `on` means what it always meant
 
 
 class Action(Protocol):
@@ -126,6 +129,7 @@ class ConfiguredAction:
     action: Any
     when: Condition | None = None
     timeout: float = DEFAULT_TIMEOUT
+    on: frozenset[str] = DEFAULT_ON  # the triggers it runs on: "pop" and/or change names
 
 
 def configure_action(
@@ -146,10 +150,24 @@ def configure_action(
             when = parse_condition(table.pop("when"))
         except TemplateError as exc:
             raise ActionConfigError("when", str(exc)) from None
+    on = parse_on(table.pop("on")) if "on" in table else DEFAULT_ON
     if "timeout" in table:
         positive_seconds(table, "timeout", DEFAULT_TIMEOUT)
     action = types[type_name].factory(table)
     # The action knows best (the command action waits a little longer than its own kill);
     # else the table's timeout; else the default.
     timeout = getattr(action, "timeout", None) or table.get("timeout") or DEFAULT_TIMEOUT
-    return ConfiguredAction(name, type_name, action, when, float(timeout))
+    return ConfiguredAction(name, type_name, action, when, float(timeout), on)
+
+
+def parse_on(value: Any) -> frozenset[str]:
+    """`on = ["pop", "ended"]` (or one string) → the triggers; ActionConfigError("on") if wrong."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+        raise ActionConfigError("on", "must be a non-empty list of triggers, e.g. [\"pop\", \"ended\"]")
+    for item in items:
+        if item not in TRIGGERS:
+            raise ActionConfigError(
+                "on", f"unknown trigger {item[:64]!r} (expected one of {', '.join(TRIGGERS)})"
+            )
+    return frozenset(items)

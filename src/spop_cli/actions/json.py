@@ -31,6 +31,13 @@ def pop_line(pop: Any, received_at: str | None = None) -> str:
     return json.dumps(pop_record(pop, received_at), ensure_ascii=False) + "\n"
 
 
+def change_line(change: Any, received_at: str | None = None) -> str:
+    """`spop listen --json`'s line for a contact change: `"type": "change"` first (a pop's
+    line has no `type`), then the change's fields and `received_at`."""
+    record = {"type": "change", **change.to_dict(), "received_at": received_at or utc_now_iso()}
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
 class JsonAction:
     """Appends one line per pop; the file opens at the first pop and stays open."""
 

@@ -48,6 +48,7 @@ class HubConnection(asyncio.Protocol):
         "live_prune_at",
         "backlog",
         "out",
+        "updates",
     )
 
     def __init__(self, hub: Hub) -> None:
@@ -69,6 +70,7 @@ class HubConnection(asyncio.Protocol):
         self.live_prune_at = LIVE_PRUNE_MIN  # drop settled ids from `live` past this length
         self.backlog: deque[str] = deque()  # pending pops owed since `register`, oldest first
         self.out: list[bytes] = []  # frames written this loop iteration, flushed together
+        self.updates = False  # protocol 2 with `"updates": true`: contact updates sent too
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -119,7 +121,7 @@ class HubConnection(asyncio.Protocol):
     # -- pops: a window of unacknowledged ones ---------------------------------------------
     def deliver(self, pending: Pending) -> None:
         """A live pop: out now if the window has room, else queued (ahead of any replay)."""
-        if self.closed:
+        if self.closed or (pending.change and not self.updates):
             return
         if self.live or len(self.inflight) >= self.window:
             live = self.live
@@ -142,7 +144,10 @@ class HubConnection(asyncio.Protocol):
     def _send(self, pending: Pending) -> None:
         self.inflight[pending.id] = pending.key
         pending.sent += 1
-        self.hub.delivery.delivered += 1
+        if pending.change:
+            self.hub.delivery.changes_delivered += 1
+        else:
+            self.hub.delivery.delivered += 1
         self.write(pending.frame)
 
     def _pump(self) -> None:
@@ -153,6 +158,7 @@ class HubConnection(asyncio.Protocol):
         pending = self.hub.delivery.pending
         inflight, window, keys = self.inflight, self.window, self.keys
         live, backlog = self.live, self.backlog
+        updates = self.updates
         while live and len(inflight) < window:
             entry = pending.get(live.popleft())
             if entry is not None and entry.key in keys and entry.id not in inflight:
@@ -160,7 +166,12 @@ class HubConnection(asyncio.Protocol):
         unflushed = 0
         while backlog and len(inflight) < window and not self.paused and not self.closed:
             entry = pending.get(backlog.popleft())
-            if entry is not None and entry.key in keys and entry.id not in inflight:
+            if (
+                entry is not None
+                and entry.key in keys
+                and entry.id not in inflight
+                and (updates or not entry.change)
+            ):
                 self._send(entry)
                 unflushed += len(entry.frame)
                 if unflushed >= REPLAY_CHUNK:
@@ -290,14 +301,18 @@ class HubConnection(asyncio.Protocol):
             raise FrameError(Error.SCREENPOP_Initialization_Error, "wrong or missing token", ref)
         self.role = str(frame.get("role") or "listener")
         self.can_publish = rights == "source"
+        version = frame["version"]  # 1 or 2, checked; a protocol-1 client sees what it always saw
+        self.updates = version >= 2 and frame.get("updates") is True
         welcome = {
             "op": "welcome",
-            "version": VERSION,
+            "version": min(version, VERSION),
             "server": "spop",
             "heartbeat": seconds(self.hub.config.heartbeat),
             "max_frame": self.hub.config.max_frame,
             "pop_ttl": seconds(self.hub.config.pop_ttl),
         }
+        if version >= 2:
+            welcome["updates"] = self.updates
         if ref is not None:
             welcome["ref"] = ref
         self.write(encode(welcome))

@@ -7,6 +7,7 @@ pops that come out; the rules are in docs/contacts.md.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -65,6 +66,12 @@ HOLDING_EVENTS = frozenset(
 ONE_SECOND = timedelta(seconds=1)
 STATE_VERSION = 1  # of a contact's journalled state (`ContactTracker.state`)
 
+# Contact updates (docs/contacts.md "Updates"): the events that move a contact from the
+# resources following it to the event's resource, and the `reason` each change carries.
+MOVING_EVENTS = {"transferred": "", "redirected": "redirected", "recalled": "recalled", "resumed": "resumed"}
+JOINING_EVENTS = {"conferenced": "joined by", "invited": "invited"}
+CHANGES = ("answered", "consulted", "transferred", "conferenced", "requeued", "withdrawn", "ended")
+
 
 class ContactEventError(Exception):
     """A refused lifecycle event: status 400 when malformed, 422 when it does not apply."""
@@ -107,12 +114,63 @@ def _refused(error: str, field: str | None, message: str) -> ContactEventError:
     return ContactEventError(422, error, message, field)
 
 
+@dataclass(slots=True)
+class Change:
+    """One contact update for one resource that was popped for the contact (protocol 2).
+
+    `takes_back`: if that resource's pop is still pending, the hub withdraws it and sends
+    `withdrawn` instead (the contact ended, or was answered elsewhere while it rang there)."""
+
+    id: str
+    contact_id: str
+    media: str
+    resource: str
+    pop_id: str
+    change: str
+    at: str
+    answered_by: str = ""
+    transferred_to: str = ""
+    consulted: str = ""
+    talk_time: int = 0
+    wait_time: int = 0
+    reason: str = ""
+    takes_back: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The body of the `change` frame (docs/protocol.md)."""
+        return {
+            "id": self.id,
+            "contact_id": self.contact_id,
+            "media": self.media,
+            "resource": self.resource,
+            "pop_id": self.pop_id,
+            "change": self.change,
+            "at": self.at,
+            "answered_by": self.answered_by,
+            "transferred_to": self.transferred_to,
+            "consulted": self.consulted,
+            "talk_time": self.talk_time,
+            "wait_time": self.wait_time,
+            "reason": self.reason,
+        }
+
+
+def change_id_for(event_id: str | None, resource: str) -> str:
+    """A change's id: derived from its event's id when it has one (a retried event makes the
+    same ids, which the duplicate window then drops), else random."""
+    if event_id is None:
+        return uuid.uuid4().hex
+    digest = hashlib.sha256(f"{event_id}\nchange\n{resource}".encode()).hexdigest()[:32]
+    return "sha256:" + digest
+
+
 @dataclass
 class Outcome:
-    """What one event produced: pops to deliver, and whether the contact ended."""
+    """What one event produced: pops to deliver, changes, and whether the contact ended."""
 
     contact_id: str
     pops: list[ScreenPopEvent] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
     ended: bool = False
     event_id: str | None = None  # the event's `id`: its pop's id derives from it
     duplicate: bool = False  # an id applied within the window: answered, nothing changed
@@ -149,6 +207,8 @@ class _Contact:
     answered_at: datetime | None = None  # first answer in the current segment
     holder: str = ""  # resource the contact was last routed to or answered at
     ended_seen: datetime | None = None
+    # resources following the contact (popped for it, not yet left) → their last pop's id
+    following: dict[str, str] = field(default_factory=dict)
 
     def wait_time(self, at: datetime) -> int:
         """Whole seconds (floored) from segment start to the first answer, or to `at` if none."""
@@ -365,7 +425,12 @@ class ContactTracker:
             self._check(contact, parsed, at)
             if self.max_frame is not None and parsed.kind in POP_EVENTS:
                 # changed on a copy: an event whose pop is too large must change nothing
-                contact = replace(contact, contact_data=dict(contact.contact_data))
+                contact = replace(
+                    contact,
+                    contact_data=dict(contact.contact_data),
+                    following=dict(contact.following),
+                )
+        ringing = contact.answered_at is None  # before this event: not answered in its segment
         self._update(contact, parsed, at)
         outcome = Outcome(parsed.contact_id, event_id=parsed.event_id)
         if parsed.kind in POP_EVENTS:
@@ -377,6 +442,9 @@ class ContactTracker:
                 if why is not None:
                     raise ContactEventError(413, "pop_too_large", why, "contact_data")
             outcome.pops.append(pop)
+        outcome.changes = self._changes(contact, parsed, at, ringing)
+        if outcome.pops:
+            contact.following[parsed.resource] = outcome.pops[0].id
         if parsed.kind in HOLDING_EVENTS:
             contact.holder = parsed.resource
         if parsed.kind == "ended":
@@ -436,7 +504,7 @@ class ContactTracker:
                 value = datetime.fromisoformat(value)
             elif item.name == "media":
                 value = Media(value)
-            elif item.name == "contact_data":
+            elif item.name in ("contact_data", "following"):
                 value = dict(value)
             values[item.name] = value
         contact = _Contact(**values)
@@ -451,7 +519,11 @@ class ContactTracker:
             out[contact_id] = (
                 None
                 if contact is None
-                else replace(contact, contact_data=dict(contact.contact_data))
+                else replace(
+                    contact,
+                    contact_data=dict(contact.contact_data),
+                    following=dict(contact.following),
+                )
             )
         return out
 
@@ -511,6 +583,80 @@ class ContactTracker:
             contact.answered_at = None
         elif parsed.kind == "answered" and contact.answered_at is None:
             contact.answered_at = at
+
+    @staticmethod
+    def _changes(contact: _Contact, parsed: _Event, at: datetime, ringing: bool) -> list[Change]:
+        """The updates this event makes for the resources following the contact (the table in
+        docs/contacts.md "Updates"); those the contact leaves stop following it."""
+        following = contact.following
+        kind, target = parsed.kind, parsed.resource
+        if not following or kind in ("queued", "routed"):
+            return []
+        stamp = _iso(at)
+        wait = contact.wait_time(at)
+        out: list[Change] = []
+        leaving: list[str] = []
+
+        def add(resource: str, change: str, **values: Any) -> None:
+            out.append(
+                Change(
+                    change_id_for(parsed.event_id, resource),
+                    contact.contact_id,
+                    contact.media.value,
+                    resource,
+                    following[resource],
+                    change,
+                    stamp,
+                    wait_time=wait,
+                    **values,
+                )
+            )
+
+        for resource in following:
+            if kind == "answered":
+                if resource == target:
+                    add(resource, "answered", answered_by=target)
+                elif ringing:  # ringall: the others' contact went elsewhere
+                    add(
+                        resource,
+                        "answered",
+                        answered_by=target,
+                        reason="answered elsewhere",
+                        takes_back=True,
+                    )
+                    leaving.append(resource)
+                else:  # a consultation or conference party answered
+                    add(resource, "answered", answered_by=target)
+            elif resource == target:
+                continue  # this event pops it again: the pop says it all
+            elif kind == "picked_up":
+                add(resource, "answered", answered_by=target, reason="picked up", takes_back=True)
+                leaving.append(resource)
+            elif kind == "consulted":
+                add(resource, "consulted", consulted=target)
+            elif kind in JOINING_EVENTS:
+                add(resource, "conferenced", reason=f"{JOINING_EVENTS[kind]} {target}")
+            elif kind in MOVING_EVENTS:
+                add(resource, "transferred", transferred_to=target, reason=MOVING_EVENTS[kind])
+                leaving.append(resource)
+            elif kind == "requeued":
+                add(resource, "requeued", reason=contact.queue_name)
+                leaving.append(resource)
+            elif kind == "ended":
+                answered = contact.answered_at
+                talk = (at - answered) // ONE_SECOND if answered is not None else 0
+                abandoned = answered is None and contact.segment_start is not None
+                add(
+                    resource,
+                    "ended",
+                    talk_time=max(talk, 0),
+                    reason="abandoned" if abandoned else "",
+                    takes_back=True,
+                )
+                leaving.append(resource)
+        for resource in leaving:
+            del following[resource]
+        return out
 
     @staticmethod
     def _pop(contact: _Contact, parsed: _Event, at: datetime) -> ScreenPopEvent:

@@ -36,6 +36,7 @@ class Pending:
     expires: float  # time.time()
     contact_id: str
     sent: int = 0  # times written to a connection (an expiry says whether anyone saw it)
+    change: bool = False  # a contact update (protocol 2): only opted-in connections get it
 
 
 class InProcessDelivery:
@@ -60,6 +61,11 @@ class InProcessDelivery:
         self.expired = 0
         self.withdrawn = 0
         self.duplicates = 0
+        # contact updates share the pops' machinery (window, acks, replay) but not their counts
+        self.changes_pending = 0
+        self.changes_delivered = 0  # written by connections
+        self.changes_acked = 0
+        self.changes_expired = 0
 
     # -- listeners ------------------------------------------------------------------------
     def subscribe(self, key: Key, subscriber: Subscriber) -> bool:
@@ -86,6 +92,7 @@ class InProcessDelivery:
         contact_id: str = "",
         expires: float | None = None,
         dedupe: bool = True,
+        change: bool = False,
     ) -> bool:
         """Hold and fan out a pop. False (and nothing sent) for an id seen within the window.
 
@@ -98,10 +105,14 @@ class InProcessDelivery:
             return False
         if dedupe:
             self._seen[pop_id] = now
-        pending = Pending(pop_id, key, frame, expires if expires is not None else now + self.ttl, contact_id)
+        pending = Pending(
+            pop_id, key, frame, expires if expires is not None else now + self.ttl, contact_id, change=change
+        )
         self.pending[pop_id] = pending
         self._by_key.setdefault(key, {})[pop_id] = None
-        if contact_id:
+        if change:
+            self.changes_pending += 1
+        elif contact_id:  # a contact's pops, for withdrawal; its updates are never withdrawn
             self._by_contact.setdefault(contact_id, {})[pop_id] = None
         for subscriber in self.routing.of(key):
             subscriber.deliver(pending)
@@ -118,7 +129,10 @@ class InProcessDelivery:
         if pending is None or (keys is not None and pending.key not in keys):
             return None
         self._forget(pop_id)
-        self.acked += 1
+        if pending.change:
+            self.changes_acked += 1
+        else:
+            self.acked += 1
         return pending
 
     def withdraw(self, contact_id: str) -> list[Pending]:
@@ -127,6 +141,12 @@ class InProcessDelivery:
         withdrawn = [p for p in gone if p is not None]
         self.withdrawn += len(withdrawn)
         return withdrawn
+
+    def take_back(self, pop_ids: list[str]) -> list[Pending]:
+        """Withdraw these pops (a ringall contact answered elsewhere); those still pending."""
+        gone = [p for p in (self._forget(pop_id) for pop_id in pop_ids) if p is not None]
+        self.withdrawn += len(gone)
+        return gone
 
     def of_contact(self, contact_id: str) -> list[str]:
         """The ids of the contact's pending pops (what its `ended` would withdraw now)."""
@@ -138,7 +158,9 @@ class InProcessDelivery:
         expired = [p for p in self.pending.values() if p.expires <= now]
         for pending in expired:
             self._forget(pending.id)
-        self.expired += len(expired)
+        changes = sum(1 for pending in expired if pending.change)
+        self.changes_expired += changes
+        self.expired += len(expired) - changes
         horizon = now - self.dedupe_window
         seen = self._seen
         while seen:
@@ -152,6 +174,8 @@ class InProcessDelivery:
         pending = self.pending.pop(pop_id, None)
         if pending is None:
             return None
+        if pending.change:
+            self.changes_pending -= 1
         ids = self._by_key.get(pending.key)
         if ids is not None:
             ids.pop(pop_id, None)
@@ -169,10 +193,14 @@ class InProcessDelivery:
 
     def counters(self) -> dict[str, int]:
         return {
-            "pending": len(self.pending),
+            "pending": len(self.pending) - self.changes_pending,
             "delivered": self.delivered,
             "acked": self.acked,
             "expired": self.expired,
             "withdrawn": self.withdrawn,
             "duplicates": self.duplicates,
+            "changes_pending": self.changes_pending,
+            "changes_delivered": self.changes_delivered,
+            "changes_acked": self.changes_acked,
+            "changes_expired": self.changes_expired,
         }

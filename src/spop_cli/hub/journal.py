@@ -146,7 +146,10 @@ class Journal:
         self.expired_while_down = [
             (row[0], row[1], row[2])
             for row in db.execute(
-                "SELECT id, media, resource FROM pops WHERE done = 0 AND expires < ?", (now,)
+                # contact updates expire quietly (no listener may have asked for them)
+                "SELECT id, media, resource FROM pops WHERE done = 0 AND expires < ?"
+                " AND CAST(substr(body, 1, 14) AS TEXT) != '{\"op\":\"change\"'",
+                (now,),
             )
         ]
         db.execute("UPDATE pops SET done = 1 WHERE done = 0 AND expires < ?", (now,))

@@ -19,7 +19,7 @@ import orjson
 
 from ..model import Error
 from ..pops import InputError, normalize_pops
-from ..protocol import HEARTBEAT, MAX_FRAME, pop_frame, pop_too_large
+from ..protocol import HEARTBEAT, MAX_FRAME, change_frame, is_change_frame, pop_frame, pop_too_large
 from .connection import PING, HubConnection
 from .delivery import InProcessDelivery
 from .gcpolicy import FreezeOnGrowth
@@ -38,6 +38,7 @@ class _Held:
     dedupe: bool
     commit: asyncio.Future[None]
     withdrawn: bool = False
+    change: bool = False  # a contact update, not a pop
 
 
 @dataclass
@@ -189,7 +190,12 @@ class Hub:
                 self.delivery.remember(row.id, row.accepted)
             else:
                 self.delivery.publish(
-                    row.id, (row.media, row.resource), row.body, row.contact_id, row.expires
+                    row.id,
+                    (row.media, row.resource),
+                    row.body,
+                    row.contact_id,
+                    row.expires,
+                    change=is_change_frame(row.body),
                 )
                 restored += 1
         contacts = self._restore_contacts(self.journal.contacts)
@@ -231,6 +237,11 @@ class Hub:
     def _sweep(self) -> None:
         self._gc.tick(len(self.connections))
         for pending in self.delivery.expire():
+            if pending.change:  # normal when no listener of its key asked for updates
+                self.log.debug("change %s for %s %s expired", pending.id, *pending.key)
+                if self.journal is not None:
+                    self.journal.done(pending.id)
+                continue
             # "undelivered": no listener of its key ever got it; else it was sent, never acked
             self.log.warning(
                 "pop %s for %s %s expired %s after %.0f s",
@@ -351,6 +362,11 @@ class Hub:
                 del self._held[pop.id]
             if failed:
                 self.counters["journal_refused"] += 1
+            elif pop.change:
+                if self.delivery.publish(
+                    pop.id, pop.key, pop.frame, pop.contact_id, pop.expires, pop.dedupe, change=True
+                ):
+                    self.counters["changes_accepted"] += 1
             elif not pop.withdrawn:
                 self.delivery.publish(
                     pop.id, pop.key, pop.frame, pop.contact_id, pop.expires, pop.dedupe
@@ -358,6 +374,44 @@ class Hub:
                 self.counters["pops_accepted"] += 1
                 if self.on_pop is not None:  # `--verbose` only: decoding costs nothing otherwise
                     self.on_pop(orjson.loads(pop.frame)["pop"])
+
+    def accept_change(self, change: dict[str, Any], dedupe: bool) -> None:
+        """Take a contact update like a pop: journalled, delivered once committed, pending until
+        a listener of its key acks it (only connections that asked for updates get it)."""
+        change_id = change["id"]
+        key = (change["media"], change["resource"])
+        frame = change_frame(change)
+        if self.journal is None:
+            if self.delivery.publish(
+                change_id, key, frame, change["contact_id"], dedupe=dedupe, change=True
+            ):
+                self.counters["changes_accepted"] += 1
+            return
+        if (
+            change_id in self._held
+            or self.delivery.is_duplicate(change_id)
+            or change_id in self.delivery.pending
+        ):
+            return  # a retried event's update (its id derives from the event's)
+        expires = time.time() + self.config.pop_ttl
+        commit = self.journal.add(
+            change_id, key[0], key[1], change["contact_id"], frame, expires, remember=dedupe
+        )
+        held = _Held(change_id, key, frame, change["contact_id"], expires, dedupe, commit)
+        held.change = True
+        self._held[change_id] = held
+        batch = self._batches.get(commit)
+        if batch is None:
+            batch = self._batches[commit] = []
+            commit.add_done_callback(self._committed)
+        batch.append(held)
+
+    def _pending_pops(self, contact_id: str, key: tuple[str, str], held: list[str]) -> list[str]:
+        """The contact's pops for `key` not yet acked: pending, or waiting for their commit."""
+        pending = self.delivery.pending
+        ids = [i for i in self.delivery.of_contact(contact_id) if pending[i].key == key]
+        ids += [i for i in held if i in self._held and self._held[i].key == key]
+        return ids
 
     def _unhold(self, pop_id: str) -> bool:
         """Withdraw a pop still waiting for its commit: it is never delivered, its row is done."""
@@ -525,7 +579,28 @@ class Hub:
         held: dict[str, list[str]] = {}  # contact → pops of this request still waiting
         ended: list[str] = []
         staged: set[str] = set()  # pops whose withdrawal rides this request's commit
+        taken: list[str] = []  # pops taken back (answered elsewhere) once committed
         for outcome in outcomes:
+            for change in outcome.changes:
+                body = change.to_dict()
+                if change.takes_back:
+                    key = (change.media, change.resource)
+                    ids = self._pending_pops(outcome.contact_id, key, held.get(outcome.contact_id, []))
+                    if ids:  # its pop was never acked: taken back, not followed up
+                        if body["change"] == "ended":
+                            body["reason"] = "ended"
+                        body["change"] = "withdrawn"
+                        if not outcome.ended:  # an `ended` withdraws all of them below
+                            for pop_id in ids:
+                                if self._unhold(pop_id):
+                                    held[outcome.contact_id].remove(pop_id)
+                                elif self.journal is None:
+                                    self.delivery.take_back([pop_id])
+                                else:
+                                    self.journal.done(pop_id)
+                                    staged.add(pop_id)
+                                    taken.append(pop_id)
+                self.accept_change(body, dedupe=outcome.event_id is not None)
             if outcome.ended:
                 if self.journal is None:
                     self.delivery.withdraw(outcome.contact_id)
@@ -565,6 +640,7 @@ class Hub:
                         tracker.event_ids.forget(outcome.event_id)
                 self.counters["contact_events"] -= len(outcomes)
                 return
+            self.delivery.take_back(taken)
             for contact_id in ended:
                 for pending in self.delivery.withdraw(contact_id):
                     if pending.id not in staged:
@@ -621,7 +697,7 @@ class Hub:
             "connections": len(self.connections),
             "registrations": sum(len(c.keys) for c in self.connections),
             "listeners": listeners,
-            "pending": len(self.delivery.pending),
+            "pending": len(self.delivery.pending) - self.delivery.changes_pending,
             "contacts": len(self._contacts) if self._contacts is not None else 0,
             "counters": counters,
         }

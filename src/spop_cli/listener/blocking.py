@@ -110,6 +110,22 @@ class _BlockingListener:
         self._core.on_screen_pop(hand_off)
         return fn
 
+    def on_contact_changed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """fn(change) for every update of a contact this listener was popped for (a
+        `ContactChange`), on the callback thread, in order with the pops. Returns fn.
+
+        Add it before `initialize`: the listener asks the hub for updates as it connects.
+        The change is acknowledged once fn has returned (or raised)."""
+        events, loop = self._events, self._loop
+
+        def hand_off(change: Any) -> asyncio.Future[None]:
+            handled = loop.create_future()
+            events.put((fn, (change,), handled))
+            return handled
+
+        self._core.on_contact_changed(hand_off)
+        return fn
+
     def on_status_changed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """fn(old, new) on every status change, in order with the pops. Returns fn."""
         events = self._events

@@ -15,6 +15,7 @@ from .. import client
 from ..address import parse_address
 from ..diagnostics import open_diagnostics
 from ..model import (
+    ContactChange,
     Error,
     ListenerStatus,
     Media,
@@ -56,6 +57,8 @@ class AsyncListener:
         self._link: client.HubLink | None = None
         self._pop_callbacks: list[Callable[..., Any]] = []
         self._status_callbacks: list[Callable[..., Any]] = []
+        self._change_callbacks: list[Callable[..., Any]] = []
+        self.changes_received = 0
         # ids handled within the hub's pop_ttl (plus a margin): a replayed pop runs nothing twice
         self._handled = HandledIds(DEFAULT_KEEP + MARGIN)
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -79,6 +82,15 @@ class AsyncListener:
     def on_screen_pop(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Call fn(event) for every pop, once per pop. Returns fn, so it works as a decorator."""
         self._pop_callbacks.append(fn)
+        return fn
+
+    def on_contact_changed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Call fn(change) for every update of a contact this listener was popped for (a
+        `ContactChange`), once per change. Returns fn, so it works as a decorator.
+
+        The listener asks the hub for updates (protocol 2) only when it has such a callback as
+        it connects: add it before `initialize` (or it counts from the next reconnection)."""
+        self._change_callbacks.append(fn)
         return fn
 
     def on_status_changed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -203,12 +215,53 @@ class AsyncListener:
             ssl_context=self.ssl_context,
             on_pop=self._on_pop,
             on_lost=self._on_lost,
+            on_change=self._on_change if self._change_callbacks else None,
         )
+        if self._change_callbacks and not link.updates:
+            self.log.warning("the hub at %s sends no contact updates (protocol 1)", address)
         if link.pop_ttl is not None:  # the hub replays a pop for that long: remember ids longer
             self._handled.keep = max(self._handled.keep, link.pop_ttl + MARGIN)
         return link
 
+    def _on_change(self, data: dict[str, Any]) -> None:
+        """A contact update: like a pop, handled once (ids remembered), acked after the
+        callbacks (after an awaitable one completes)."""
+        if self._early is not None:
+            self._early.append({"__change__": data})
+            return
+        change_id = str(data.get("id", ""))
+        if self.status is not S.Status_Up:
+            return
+        if change_id in self._handled:
+            self._ack(change_id)
+            return
+        try:
+            change = ContactChange.from_dict(data)
+        except (KeyError, ValueError, TypeError, ScreenPopError) as exc:
+            self.log.error("bad change from the hub dropped: %s %r", exc, data)
+            return
+        self._handled.add(change_id)
+        self.changes_received += 1
+        self.log.info("change %s %s %s: %s", change.id, change.contact_id, change.resource, change.change)
+        pending = []
+        for fn in list(self._change_callbacks):
+            try:
+                task = self._call(fn, change)
+            except Exception:
+                self.log.exception("contact-changed callback failed for change %s", change_id)
+                continue
+            if task is not None:
+                pending.append(task)
+        if not pending:
+            self._ack(change_id)
+            return
+        done = asyncio.gather(*pending, return_exceptions=True)
+        done.add_done_callback(lambda _: self._ack(change_id))
+
     def _on_pop(self, data: dict[str, Any]) -> None:
+        if "__change__" in data:  # an update held with the early pops, in order
+            self._on_change(data["__change__"])
+            return
         pop_id = str(data.get("id", ""))
         if self._early is not None:
             self._early.append(data)

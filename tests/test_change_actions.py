@@ -1,0 +1,240 @@
+"""Actions per trigger (`on`), combined with `when`; change fields in templates; the hook;
+`spop listen --json` change lines. Real hub, real listeners, real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hubproc import address_of, inprocess_hub, run, until
+from spop_cli.actions import DEFAULT_ON, ActionConfigError, configure_action
+from spop_cli.config import check_config
+from spop_cli.hookspecs import hookimpl
+from spop_cli.plugins import action_types, build_plugin_manager
+from spop_cli.session import ListenerPlan, ListenSession
+
+TYPES = action_types(build_plugin_manager(entry_points=False))
+
+
+def test_old_table_without_on_runs_on_pops_only():
+    configured = configure_action(TYPES, "log", {"plugin": "json", "path": "-"})
+    assert configured.on == DEFAULT_ON == frozenset({"pop"})
+
+
+@pytest.mark.parametrize(
+    ("on", "message"),
+    [
+        ([], "must be a non-empty list of triggers"),
+        ("hangup", "unknown trigger 'hangup'"),
+        (["pop", "answerd"], "unknown trigger 'answerd'"),
+        ([1], "must be a non-empty list of triggers"),
+    ],
+)
+def test_bad_on_is_refused_naming_the_key(on: Any, message: str) -> None:
+    with pytest.raises(ActionConfigError) as caught:
+        configure_action(TYPES, "log", {"plugin": "json", "path": "-", "on": on})
+    assert caught.value.key == "on" and message in caught.value.message
+    problems = check_config({"actions": {"log": {"plugin": "json", "path": "-", "on": on}}}, TYPES)
+    assert [p.path for p in problems] == ["actions.log.on"]
+
+
+def test_every_trigger_is_accepted():
+    triggers = [
+        "pop",
+        "answered",
+        "consulted",
+        "transferred",
+        "conferenced",
+        "requeued",
+        "withdrawn",
+        "ended",
+    ]
+    assert configure_action(
+        TYPES, "log", {"plugin": "json", "path": "-", "on": triggers}
+    ).on == set(triggers)
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_actions_on_and_when_combined(tmp_path: Path) -> None:
+    """`on = ["ended"]` with `when` on the pop's queue: runs for the ended sales call only;
+    an old table (no `on`) still runs on every pop and on no change."""
+    tables = {
+        "wrapup": {
+            "plugin": "json",
+            "path": str(tmp_path / "wrapup.jsonl"),
+            "on": ["ended"],
+            "when": {"queue_name": "Ventes*"},
+        },
+        "both": {"plugin": "json", "path": str(tmp_path / "both.jsonl"), "on": ["pop", "answered"]},
+        "old": {"plugin": "json", "path": str(tmp_path / "old.jsonl")},
+    }
+    actions = [configure_action(TYPES, name, table) for name, table in tables.items()]
+
+    async def body() -> None:
+        async with inprocess_hub() as hub:
+            session = ListenSession(
+                [ListenerPlan("telephone", "1001", actions)], address=address_of(hub)
+            )
+            await session.start()
+            try:
+                for contact, queue in (("sales", "Ventes"), ("service", "Service")):
+                    for kind, second, extra in (
+                        ("queued", 0, {"queue_name": queue}),
+                        ("routed", 5, {"resource": "1001"}),
+                        ("answered", 7, {"resource": "1001"}),
+                        ("ended", 67, {}),
+                    ):
+                        await hub.apply_contacts(
+                            {
+                                "contact_id": contact,
+                                "event": kind,
+                                "at": f"2024-05-14T09:{second // 60:02d}:{second % 60:02d}Z",
+                                **extra,
+                            }
+                        )
+                        assert await until(lambda: not hub.delivery.pending)
+                assert await session.entries[0].dispatcher.drain(10)
+            finally:
+                await session.finish(5)
+        wrapup = _lines(tmp_path / "wrapup.jsonl")
+        assert [
+            (r["contact_id"], r["change"], r["talk_time"], r["queue_name"]) for r in wrapup
+        ] == [("sales", "ended", 60, "Ventes")]
+        both = _lines(tmp_path / "both.jsonl")
+        assert [(r["contact_id"], r.get("change", "pop")) for r in both] == [
+            ("sales", "pop"),
+            ("sales", "answered"),
+            ("service", "pop"),
+            ("service", "answered"),
+        ]
+        old = _lines(tmp_path / "old.jsonl")
+        assert [(r["contact_id"], "change" in r) for r in old] == [
+            ("sales", False),
+            ("service", False),
+        ]
+
+    run(body())
+
+
+def test_change_templates_render_change_and_pop_fields(tmp_path: Path) -> None:
+    out = tmp_path / "args.txt"
+    script = tmp_path / "record.py"
+    script.write_text("import sys\nopen(sys.argv[1], 'a').write(' '.join(sys.argv[2:]) + '\\n')\n")
+    import sys
+
+    action = configure_action(
+        TYPES,
+        "script",
+        {
+            "plugin": "command",
+            "argv": [
+                sys.executable,
+                str(script),
+                str(out),
+                "{change}",
+                "{answered_by}",
+                "{source}",
+                "{talk_time}",
+                "{transferred_to}",
+            ],
+            "on": ["answered", "transferred"],
+        },
+    )
+
+    async def body() -> None:
+        async with inprocess_hub() as hub:
+            session = ListenSession(
+                [ListenerPlan("telephone", "1001", [action])], address=address_of(hub)
+            )
+            await session.start()
+            try:
+                for event in (
+                    {
+                        "event": "routed",
+                        "resource": "1001",
+                        "source": "0612",
+                        "at": "2024-05-14T09:00:00Z",
+                    },
+                    {"event": "answered", "resource": "1001", "at": "2024-05-14T09:00:03Z"},
+                    {"event": "transferred", "resource": "2002", "at": "2024-05-14T09:00:30Z"},
+                ):
+                    await hub.apply_contacts({"contact_id": "t", **event})
+                    assert await until(
+                        lambda: not [p for p in hub.delivery.pending.values() if p.key[1] == "1001"]
+                    )
+                assert await session.entries[0].dispatcher.drain(20)
+            finally:
+                await session.finish(5)
+        assert out.read_text().splitlines() == ["answered 1001 0612 0 ", "transferred  0612 0 2002"]
+
+    run(body())
+
+
+def test_listen_json_writes_one_line_per_change():
+    from spop_cli.actions.json import change_line
+    from spop_cli.model import ContactChange
+
+    change = ContactChange.from_dict(
+        {
+            "id": "x",
+            "contact_id": "c",
+            "media": "telephone",
+            "resource": "1",
+            "pop_id": "p",
+            "change": "ended",
+            "at": "t",
+            "talk_time": 5,
+        }
+    )
+    record = json.loads(change_line(change, received_at="r"))
+    assert list(record)[0] == "type" and record == {
+        "type": "change",
+        **change.to_dict(),
+        "received_at": "r",
+    }
+
+
+class Follows:
+    """A plugin with no action: it implements the spop_contact_changed hook."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, Any]] = []
+
+    @hookimpl
+    def spop_contact_changed(self, change: Any, listener: Any) -> None:
+        self.seen.append((change.change, change.answered_by, listener.resource))
+
+
+def test_plugin_hook_sees_each_change_with_its_listener() -> None:
+    pm = build_plugin_manager(entry_points=False)
+    plugin = Follows()
+    pm.add_plugin(plugin, "follows", "test")
+
+    async def body() -> None:
+        async with inprocess_hub() as hub:
+            session = ListenSession(
+                [ListenerPlan("telephone", "1001", [])], address=address_of(hub), plugin_manager=pm
+            )
+            await session.start()
+            try:
+                await hub.apply_contacts({"contact_id": "h", "event": "routed", "resource": "1001"})
+                assert await until(lambda: not hub.delivery.pending)
+                await hub.apply_contacts(
+                    [
+                        {"contact_id": "h", "event": "answered", "resource": "1001"},
+                        {"contact_id": "h", "event": "ended"},
+                    ]
+                )
+                assert await until(lambda: not hub.delivery.pending)
+                assert await session.entries[0].dispatcher.drain(10)
+            finally:
+                await session.finish(5)
+
+    run(body())
+    assert plugin.seen == [("answered", "1001", "1001"), ("ended", "", "1001")]
