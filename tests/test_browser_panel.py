@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -263,3 +265,71 @@ def wait_until(predicate: Any, timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.05)
     return bool(predicate())
+
+
+def change_frame(change_id: str, pop: dict[str, Any], kind: str, **fields: Any) -> bytes:
+    """A contact-update frame as CHANGE_CONTRACT.md fixes it (issue 12's hub sends these)."""
+    body = {
+        "id": change_id,
+        "contact_id": pop["contact_id"],
+        "media": pop["media"],
+        "resource": pop["resource"],
+        "pop_id": pop["id"],
+        "change": kind,
+        "at": "",
+        "answered_by": "",
+        "transferred_to": "",
+        "consulted": "",
+        "talk_time": "",
+        "wait_time": "",
+        "reason": "",
+        **fields,
+    }
+    return json.dumps({"op": "change", "change": body}).encode() + b"\n"
+
+
+def test_panel_card_follows_its_contact(browser: Any) -> None:
+    from conftest import HubThread
+
+    hub_thread = HubThread(token=TOKEN)
+    try:
+        hub = hub_thread.hub
+        assert hub is not None
+        base = f"http://{LOOPBACK}:{hub.http_port}"
+        page = browser.new_page()
+        page.goto(f"{base}/panel")
+        page.get_by_label("Extension or user id").fill("3001")
+        page.get_by_label("Listener token").fill(TOKEN)
+        page.get_by_role("button", name="Sign in").click()
+        sync_api.expect(page.get_by_role("status")).to_have_text("Up", timeout=15_000)
+
+        async def publish_pop() -> dict[str, Any]:
+            ids = await hub.publish(
+                {"media": "telephone", "resource": "3001", "source": "0655", "contact_id": "k1"}
+            )
+            return {"id": ids[0], "media": "telephone", "resource": "3001", "contact_id": "k1"}
+
+        pop = hub_thread.call(publish_pop())
+        card = page.locator(f'li.card[data-pop-id="{pop["id"]}"]')
+        sync_api.expect(card.locator(".state")).to_have_text("Ringing", timeout=10_000)
+
+        def change(change_id: str, kind: str, **fields: Any) -> None:
+            frame = change_frame(change_id, pop, kind, **fields)
+
+            async def put() -> None:
+                hub.delivery.publish(change_id, ("telephone", "3001"), frame, "k1")
+
+            hub_thread.call(put())
+
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        change("c1", "answered", answered_by="3001", at=now)
+        sync_api.expect(card.locator(".state")).to_have_text(
+            re.compile(r"^Talking 0:0\d$"), timeout=10_000
+        )
+        sync_api.expect(card).to_have_class(re.compile(r"\btalking\b"))
+        change("c2", "ended", talk_time=65, reason="")
+        sync_api.expect(card.locator(".state")).to_have_text("Ended · talked 1:05", timeout=10_000)
+        sync_api.expect(page.locator("#announce")).to_have_text("Ended · talked 1:05")
+        assert wait_until(lambda: not hub.delivery.pending)  # pop and changes acked
+    finally:
+        hub_thread.stop()
