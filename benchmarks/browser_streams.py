@@ -1,0 +1,281 @@
+"""1,000 browser streams (SSE, a plain HTTP client: no browser) on one hub at 1,000 pops/s.
+
+    python benchmarks/browser_streams.py                 # 1,000 streams, 1,000 pops/s, 20 s, journal on
+    python benchmarks/browser_streams.py --no-journal    # the same with pops in memory only
+    python benchmarks/browser_streams.py --streams 100 --rate 500 --duration 5
+
+Three processes share the machine: the hub (`spop serve`, uvloop), this one (every stream, reading
+events and acking each one by POST as spop.js does), and a source posting one pop per
+`POST /v1/pops` at the offered rate. Each pop carries its send time (CLOCK_MONOTONIC, system-wide
+on Linux); the latency is from just before its POST to the moment its event is parsed off the
+stream. Memory per stream: the hub's RSS with every stream open, minus before, over the count.
+Loopback only, free ports, a scratch directory removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import aiohttp  # noqa: E402
+import orjson  # noqa: E402
+from _common import percentiles, raise_nofile, rss_of  # noqa: E402
+
+TOKEN = "bench-listener"
+SOURCE = "bench-source"
+MEDIA = "telephone"
+
+
+def resource_of(index: int) -> str:
+    return str(100_000 + index)
+
+
+def start_hub(workdir: Path, journal: bool) -> tuple[subprocess.Popen[bytes], int]:
+    ready = workdir / "ready.json"
+    cmd = [sys.executable, "-m", "spop_cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+    cmd += ["--http-port", "0", "--ready-file", str(ready), "--token", TOKEN]
+    cmd += ["--source-token", SOURCE]
+    cmd += ["--journal", str(workdir / "journal.sqlite3")] if journal else ["--no-journal"]
+    log = open(workdir / "hub.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"hub did not start: {(workdir / 'hub.log').read_text()}")
+        time.sleep(0.05)
+    return proc, int(json.loads(ready.read_text())["http_port"])
+
+
+# -- the source: its own process --------------------------------------------------------------
+async def source(base: str, rate: int, duration: float, run: str) -> None:
+    """POST one pop at a time on a schedule; a few connections so one slow answer holds no one."""
+    total = int(rate * duration)
+    streams = int(os.environ["BENCH_STREAMS"])
+    headers = {"Authorization": f"Bearer {SOURCE}", "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=64)
+    async with aiohttp.ClientSession(base, connector=connector, headers=headers) as http:
+        start = time.monotonic_ns() + 100_000_000
+        gap = 1_000_000_000 // rate
+        tasks: set[asyncio.Task[None]] = set()
+        refused = 0
+
+        async def post(seq: int, intended: int) -> None:
+            nonlocal refused
+            sent = time.monotonic_ns()
+            pop = {
+                "id": f"{run}-{seq}",
+                "media": MEDIA,
+                "resource": resource_of(seq % streams),
+                "source": "0612345678",
+                "destination": "2468",
+                "queue_name": "File d'attente des ventes",
+                "contact_description": "Ventes",
+                "wait_time": 10,
+                "contact_data": {"code1": "chaîne1", "t": str(intended), "s": str(sent)},
+            }
+            async with http.post("/v1/pops", data=orjson.dumps(pop)) as answer:
+                if answer.status != 200:
+                    refused += 1
+                await answer.read()
+
+        for seq in range(total):
+            intended = start + seq * gap
+            delay = (intended - time.monotonic_ns()) / 1e9
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.get_running_loop().create_task(post(seq, intended))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks)
+    print(json.dumps({"sent": total, "refused": refused}), flush=True)
+
+
+# -- the streams: this process ----------------------------------------------------------------
+class Streams:
+    def __init__(self, base: str, count: int) -> None:
+        self.base = base
+        self.count = count
+        self.lats = array("q")
+        self.sent_lats = array("q")
+        self.seen: set[str] = set()
+        self.duplicates = 0
+        self.ready = 0
+        self.acks_failed = 0
+
+    async def open(self) -> None:
+        jar = aiohttp.CookieJar(unsafe=True)
+        connector = aiohttp.TCPConnector(limit=0)
+        self.http = aiohttp.ClientSession(
+            self.base, cookie_jar=jar, connector=connector, timeout=aiohttp.ClientTimeout(None)
+        )
+        async with self.http.post("/v1/browser/session", json={"token": TOKEN}) as answer:
+            self.csrf = (await answer.json())["csrf"]
+        self.tasks = [
+            asyncio.get_running_loop().create_task(self.stream(i)) for i in range(self.count)
+        ]
+
+    async def stream(self, index: int) -> None:
+        resource = resource_of(index)
+        query = {"media": MEDIA, "resource": resource}
+        async with self.http.get("/v1/browser/stream", params=query) as response:
+            assert response.status == 200, response.status
+            buffer = b""
+            to_ack: list[str] = []
+            acking = False
+
+            async def ack() -> None:
+                nonlocal acking, to_ack
+                acking = True
+                while to_ack:
+                    ids, to_ack = to_ack, []
+                    body = {"media": MEDIA, "resource": resource, "ids": ids}
+                    headers = {"X-Spop-CSRF": self.csrf}
+                    async with self.http.post("/v1/browser/ack", json=body, headers=headers) as r:
+                        if r.status != 200:
+                            self.acks_failed += 1
+                        await r.read()
+                acking = False
+
+            while True:
+                chunk = await response.content.readany()
+                if not chunk:
+                    return
+                now = time.monotonic_ns()
+                buffer += chunk
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    if event.startswith(b"retry:"):
+                        self.ready += 1
+                        continue
+                    if not event.startswith(b"event: pop\n"):
+                        continue
+                    data = event[event.index(b"data: ") + 6 :]
+                    pop = orjson.loads(data)
+                    if pop["id"] in self.seen:
+                        self.duplicates += 1
+                    else:
+                        self.seen.add(pop["id"])
+                        self.lats.append(now - int(pop["contact_data"]["t"]))
+                        self.sent_lats.append(now - int(pop["contact_data"]["s"]))
+                    to_ack.append(pop["id"])
+                if to_ack and not acking:
+                    asyncio.get_running_loop().create_task(ack())
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.http.close()
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    raise_nofile(args.streams * 4 + 1024)
+    with tempfile.TemporaryDirectory(prefix="spop-bench-") as scratch:
+        hub, http_port = start_hub(Path(scratch), not args.no_journal)
+        base = f"http://127.0.0.1:{http_port}"
+        try:
+            await asyncio.sleep(0.5)
+            rss_before = rss_of(hub.pid)
+            streams = Streams(base, args.streams)
+            t0 = time.monotonic()
+            await streams.open()
+            while streams.ready < args.streams:
+                if time.monotonic() - t0 > 60:
+                    raise SystemExit(f"only {streams.ready} of {args.streams} streams opened")
+                await asyncio.sleep(0.05)
+            opened = time.monotonic() - t0
+            await asyncio.sleep(1.0)
+            rss_open = rss_of(hub.pid)
+            env = {**os.environ, "BENCH_STREAMS": str(args.streams)}
+            poster = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--source",
+                base,
+                "--rate",
+                str(args.rate),
+                "--duration",
+                str(args.duration),
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+            )
+            out, _ = await poster.communicate()
+            posted = json.loads(out.decode().strip().splitlines()[-1])
+            total = posted["sent"]
+            deadline = time.monotonic() + 10
+            while len(streams.seen) < total and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            rss_after = rss_of(hub.pid)
+            status_req = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
+            async with status_req, status_req.get(f"{base}/v1/status") as answer:
+                status = await answer.json()
+            await streams.close()
+        finally:
+            hub.terminate()
+            hub.wait(10)
+    from_post = percentiles(streams.sent_lats)
+    from_intended = percentiles(streams.lats)
+    return {
+        "streams": args.streams,
+        "rate": args.rate,
+        "duration_s": args.duration,
+        "journal": not args.no_journal,
+        "streams_opened_in_s": round(opened, 2),
+        "pops_sent": total,
+        "pops_refused": posted["refused"],
+        "received_unique": len(streams.seen),
+        "lost": total - len(streams.seen),
+        "duplicated": streams.duplicates,
+        "acks_failed": streams.acks_failed,
+        "pending_at_end": status["pending"],
+        "from_post_p50_ms": from_post["p50_ms"],
+        "from_post_p99_ms": from_post["p99_ms"],
+        "from_post_max_ms": from_post["max_ms"],
+        "from_schedule_p99_ms": from_intended["p99_ms"],
+        "hub_rss_mb_before": round(rss_before / 2**20, 1),
+        "hub_rss_mb_streams_open": round(rss_open / 2**20, 1),
+        "hub_rss_mb_after_load": round(rss_after / 2**20, 1),
+        "hub_kb_per_stream": round((rss_open - rss_before) / 1024 / args.streams, 1),
+        "hub_kb_per_stream_after_load": round((rss_after - rss_before) / 1024 / args.streams, 1),
+    }
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--rate", type=int, default=1000, help="pops per second offered")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    parser.add_argument("--no-journal", action="store_true")
+    parser.add_argument("--source", metavar="BASE", help=argparse.SUPPRESS)  # the poster process
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if args.source:
+        asyncio.run(source(args.source, args.rate, args.duration, f"r{os.getpid()}"))
+        return
+    result = asyncio.run(main(args))
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}", file=sys.stderr)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    cli()
