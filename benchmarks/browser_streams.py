@@ -57,6 +57,20 @@ def start_hub(workdir: Path, journal: bool) -> tuple[subprocess.Popen[bytes], in
     return proc, int(json.loads(ready.read_text())["http_port"])
 
 
+def cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- the source: its own process --------------------------------------------------------------
 async def source(base: str, rate: int, duration: float, run: str) -> None:
     """POST one pop at a time on a schedule; a few connections so one slow answer holds no one."""
@@ -113,6 +127,7 @@ class Streams:
         self.duplicates = 0
         self.ready = 0
         self.acks_failed = 0
+        self.acks = True
 
     async def open(self) -> None:
         jar = aiohttp.CookieJar(unsafe=True)
@@ -142,10 +157,15 @@ class Streams:
                     ids, to_ack = to_ack, []
                     body = {"media": MEDIA, "resource": resource, "ids": ids}
                     headers = {"X-Spop-CSRF": self.csrf}
-                    async with self.http.post("/v1/browser/ack", json=body, headers=headers) as r:
-                        if r.status != 200:
-                            self.acks_failed += 1
-                        await r.read()
+                    try:
+                        async with self.http.post(
+                            "/v1/browser/ack", json=body, headers=headers
+                        ) as r:
+                            if r.status != 200:
+                                self.acks_failed += 1
+                            await r.read()
+                    except aiohttp.ClientError:
+                        self.acks_failed += 1
                 acking = False
 
             while True:
@@ -170,7 +190,7 @@ class Streams:
                         self.lats.append(now - int(pop["contact_data"]["t"]))
                         self.sent_lats.append(now - int(pop["contact_data"]["s"]))
                     to_ack.append(pop["id"])
-                if to_ack and not acking:
+                if to_ack and not acking and self.acks:
                     asyncio.get_running_loop().create_task(ack())
 
     async def close(self) -> None:
@@ -189,6 +209,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.5)
             rss_before = rss_of(hub.pid)
             streams = Streams(base, args.streams)
+            streams.acks = not args.no_ack
             t0 = time.monotonic()
             await streams.open()
             while streams.ready < args.streams:
@@ -199,6 +220,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(1.0)
             rss_open = rss_of(hub.pid)
             env = {**os.environ, "BENCH_STREAMS": str(args.streams)}
+            hub_cpu0, own_cpu0, wall0 = cpu_of(hub.pid), own_cpu(), time.monotonic()
             poster = await asyncio.create_subprocess_exec(
                 sys.executable,
                 __file__,
@@ -219,6 +241,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
             rss_after = rss_of(hub.pid)
+            wall = time.monotonic() - wall0
+            hub_cpu, streams_cpu = cpu_of(hub.pid) - hub_cpu0, own_cpu() - own_cpu0
             status_req = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
             async with status_req, status_req.get(f"{base}/v1/status") as answer:
                 status = await answer.json()
@@ -233,6 +257,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "rate": args.rate,
         "duration_s": args.duration,
         "journal": not args.no_journal,
+        "acks": not args.no_ack,
         "streams_opened_in_s": round(opened, 2),
         "pops_sent": total,
         "pops_refused": posted["refused"],
@@ -245,6 +270,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "from_post_p99_ms": from_post["p99_ms"],
         "from_post_max_ms": from_post["max_ms"],
         "from_schedule_p99_ms": from_intended["p99_ms"],
+        "hub_cpu_percent": round(100 * hub_cpu / wall, 1),
+        "streams_process_cpu_percent": round(100 * streams_cpu / wall, 1),
+        "load_average_at_end": round(os.getloadavg()[0], 2),
         "hub_rss_mb_before": round(rss_before / 2**20, 1),
         "hub_rss_mb_streams_open": round(rss_open / 2**20, 1),
         "hub_rss_mb_after_load": round(rss_after / 2**20, 1),
@@ -259,6 +287,9 @@ def cli() -> None:
     parser.add_argument("--rate", type=int, default=1000, help="pops per second offered")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     parser.add_argument("--no-journal", action="store_true")
+    parser.add_argument(
+        "--no-ack", action="store_true", help="streams do not ack (pops stay pending)"
+    )
     parser.add_argument("--source", metavar="BASE", help=argparse.SUPPRESS)  # the poster process
     args = parser.parse_args()
     try:

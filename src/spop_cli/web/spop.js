@@ -195,9 +195,9 @@
       source.onerror = function () {
         if (closed) return;
         if (source && source.readyState === EventSource.CLOSED) {
-          // refused (401, 403) or the hub gone for good: ask why, then come back
-          drop();
-          start();
+          // refused (401, 403, 400) or the hub gone for good: after a backoff, ask the
+          // session again (Signed out when it is gone), then open a new stream
+          retry();
           return;
         }
         // the browser reconnects by itself, sending Last-Event-ID
