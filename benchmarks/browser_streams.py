@@ -221,6 +221,27 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             rss_open = rss_of(hub.pid)
             env = {**os.environ, "BENCH_STREAMS": str(args.streams)}
             hub_cpu0, own_cpu0, wall0 = cpu_of(hub.pid), own_cpu(), time.monotonic()
+            spy = None
+            if args.profile:  # py-spy (pip install py-spy) samples the hub during the load
+                spy = subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "--pid",
+                        str(hub.pid),
+                        "--duration",
+                        str(int(args.duration)),
+                        "--rate",
+                        "200",
+                        "--format",
+                        "raw",
+                        "--output",
+                        args.profile,
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             poster = await asyncio.create_subprocess_exec(
                 sys.executable,
                 __file__,
@@ -247,6 +268,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             async with status_req, status_req.get(f"{base}/v1/status") as answer:
                 status = await answer.json()
             await streams.close()
+            if spy is not None:
+                spy.wait(30)
+                hottest(args.profile)
         finally:
             hub.terminate()
             hub.wait(10)
@@ -281,6 +305,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def hottest(path: str, count: int = 25) -> None:
+    """The functions the hub spent most samples in (inclusive), from py-spy's raw output."""
+    from collections import Counter
+
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        n = int(samples)
+        total += n
+        for frame in set(stack.split(";")):
+            inclusive[frame] += n
+    print(f"hub profile: {total} samples, inclusive share", file=sys.stderr)
+    for frame, n in inclusive.most_common(count):
+        print(f"  {100 * n / total:5.1f}%  {frame[:150]}", file=sys.stderr)
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=1000)
@@ -290,6 +331,7 @@ def cli() -> None:
     parser.add_argument(
         "--no-ack", action="store_true", help="streams do not ack (pops stay pending)"
     )
+    parser.add_argument("--profile", metavar="FILE", help="py-spy the hub during the load")
     parser.add_argument("--source", metavar="BASE", help=argparse.SUPPRESS)  # the poster process
     args = parser.parse_args()
     try:

@@ -427,3 +427,96 @@ def test_static_files_are_served() -> None:
                     assert len(await r.read()) > 100
 
     run(body())
+
+
+def test_the_cookie_is_secure_under_tls(tmp_path: Any) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "hub.key"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "hub.pem"))
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+
+    async def body() -> None:
+        tls = {"tls_cert": str(tmp_path / "hub.pem"), "tls_key": str(tmp_path / "hub.key")}
+        async with inprocess_hub(**hub_options(**tls)) as hub:
+            connector = aiohttp.TCPConnector(ssl=client_ssl)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                url = f"{http_of(hub, 'https')}/v1/browser/session"
+                async with http.post(url, json={"token": TOKEN}) as r:
+                    assert r.status == 200
+                    assert "Secure" in r.headers["Set-Cookie"]
+
+    run(body())
+
+
+def test_status_counts_browser_streams_and_refusals() -> None:
+    async def body() -> None:
+        async with inprocess_hub(**hub_options()) as hub:
+            base = http_of(hub)
+            client = await signed_in(base)
+            try:
+                stream = await client.stream("telephone", ["1001", "1002"])
+                await stream.next(("ready",))
+                status = hub.status()
+                assert status["browser_streams"] == 1
+                assert status["listeners"] == [
+                    {"media": "telephone", "resource": "1001", "connections": 1},
+                    {"media": "telephone", "resource": "1002", "connections": 1},
+                ]
+                await client.ack("telephone", ["1001"], ["x"], csrf="forged")
+                assert hub.status()["counters"]["browser_refused"] == 1
+                assert hub.status()["counters"]["browser_streams_opened"] == 1
+                await stream.close()
+                assert await until(lambda: hub.status()["browser_streams"] == 0)
+                assert hub.status()["listeners"] == []
+            finally:
+                await client.close()
+
+    run(body())
+
+
+def test_resume_on_uvloop_as_spop_serve_runs() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def body() -> None:
+        async with inprocess_hub(**hub_options(heartbeat=0.2)) as hub:
+            base = http_of(hub)
+            client = await signed_in(base)
+            try:
+                first = await client.stream("telephone", ["1001"])
+                await first.next(("ready",))
+                a = await post_pop(base)
+                assert (await first.next()).id == a
+                await first.next(("ping",))  # the idle timer fires on this loop too
+                await first.close()
+                assert await until(lambda: not hub.browser_streams)
+                second = await client.stream("telephone", ["1001"], last_event_id=a)
+                assert (await second.next()).id == a
+                await client.ack("telephone", ["1001"], [a])
+                assert a not in hub.delivery.pending
+                await second.close()
+            finally:
+                await client.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(body(), 60))
+
+
+def test_every_web_file_is_package_data() -> None:
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["spop_cli"]
+    web = sorted(p.name for p in (root / "src" / "spop_cli" / "web").iterdir())
+    assert web == ["panel.css", "panel.html", "panel.js", "spop.js"]
+    for name in web:
+        assert any(fnmatch.fnmatch(f"web/{name}", pattern) for pattern in patterns), name
