@@ -520,3 +520,20 @@ def test_every_web_file_is_package_data() -> None:
     assert web == ["panel.css", "panel.html", "panel.js", "spop.js"]
     for name in web:
         assert any(fnmatch.fnmatch(f"web/{name}", pattern) for pattern in patterns), name
+
+
+def test_a_closed_tab_is_unregistered_within_a_second_not_a_heartbeat() -> None:
+    async def body() -> None:
+        async with inprocess_hub(**hub_options(heartbeat=30)) as hub:
+            client = await signed_in(http_of(hub))
+            try:
+                stream = await client.stream("telephone", ["1001"])
+                await stream.next(("ready",))
+                assert hub.status()["browser_streams"] == 1
+                await stream.close()
+                assert await until(lambda: not hub.browser_streams, timeout=5)
+                assert list(hub.delivery.routing.counts()) == []
+            finally:
+                await client.close()
+
+    run(body())

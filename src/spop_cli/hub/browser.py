@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 COOKIE = "spop_session"
 CSRF_HEADER = "X-Spop-CSRF"
+GONE_CHECK = 1.0  # seconds between looks at an idle stream's connection
 RETRY_MS = 1000  # how soon an EventSource comes back after a drop (the `retry:` field)
 STATIC = {  # path → (file in spop_cli/web, content type)
     "/spop.js": ("spop.js", "text/javascript; charset=utf-8"),
@@ -420,14 +421,23 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         hub.delivery.subscribe(key, stream)
     hub.log.info("%s: browser stream %s for %s", stream.peer, stream.id, keys)
     heartbeat = hub.config.heartbeat
+    # aiohttp does not cancel a handler whose client left: look at the transport at least
+    # once a second, so a closed tab's registration goes within a second, not a heartbeat
+    look = min(heartbeat, GONE_CHECK)
+    last_sent = time.monotonic()
     try:
         while not stream.closed:
-            if not stream.out and not await stream.idle(heartbeat):
-                # an event, not a comment line: a comment never reaches the page's script,
-                # and spop.js drops a stream silent for three heartbeats
-                stream.send_raw(b"event: ping\ndata: %d\n\n" % int(time.time()))
+            if not stream.out:
+                woke = await stream.idle(look)
+                if request.transport is None or request.transport.is_closing():
+                    break
+                if not woke and time.monotonic() - last_sent >= heartbeat:
+                    # an event, not a comment line: a comment never reaches the page's
+                    # script, and spop.js drops a stream silent for three heartbeats
+                    stream.send_raw(b"event: ping\ndata: %d\n\n" % int(time.time()))
             if stream.out:
                 await response.write(stream.take())
+                last_sent = time.monotonic()
     except ConnectionResetError:  # the browser went away; its pops wait for its return
         pass
     finally:
