@@ -333,3 +333,18 @@ def test_panel_card_follows_its_contact(browser: Any) -> None:
         assert wait_until(lambda: not hub.delivery.pending)  # pop and changes acked
     finally:
         hub_thread.stop()
+
+
+def test_spop_js_acks_after_a_sign_in_elsewhere_renewed_the_session(
+    hub: HubProcess, site: Site, browser: Any
+) -> None:
+    site.page = CRM_PAGE.replace("HUB", hub.http).replace("TOKEN", TOKEN)
+    page = browser.new_page()
+    page.goto(f"{site.origin}/crm.html")
+    page.wait_for_function("window.statuses.includes('Up')", timeout=15_000)
+    # another tab signs in: the cookie now holds a new session, whose CSRF token differs
+    page.evaluate(f"spop.signIn({{token: {json.dumps(TOKEN)}}})")
+    pop_id = publish(hub, source="0600000003")
+    page.wait_for_function("window.popped.length === 1", timeout=10_000)
+    assert wait_until(lambda: pending(hub) == 0)  # the ack went through with the new token
+    assert page.evaluate("window.popped.map(p => p.id)") == [pop_id]

@@ -277,10 +277,19 @@
           acking = false;
           flushAcks();
         },
-        function () {
-          // hub unreachable or session renewed: the ids go out again once the stream is Up
+        function (error) {
           acking = false;
           toAck = ids.concat(toAck);
+          if (error.status === 403 && error.code === "csrf") {
+            // signed in again (another tab): same cookie, a new session and CSRF token
+            session({ hub: hub }).then(function (s) {
+              if (s.csrf !== csrf) {
+                csrf = s.csrf;
+                flushAcks();
+              }
+            }, function () {});
+          }
+          // else the hub is unreachable: the ids go out again once the stream is Up
         }
       );
     }
