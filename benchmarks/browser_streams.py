@@ -71,22 +71,76 @@ def own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# -- a lean HTTP/1.1 client ----------------------------------------------------------------
+class Pool:
+    """Keep-alive connections, one request at a time on each: requests go to whichever is free.
+    Lean on purpose (a few dozen microseconds a request): aiohttp's client would cost the shared
+    cores more than the hub it measures. Requests are built when written, so a stamp in them is
+    the moment the request leaves."""
+
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self.host, self.port, self.size = host, port, size
+        self.queue: asyncio.Queue[tuple[Any, asyncio.Future[int]]] = asyncio.Queue()
+        self.workers: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(self.size):
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            self.workers.append(loop.create_task(self._work(reader, writer)))
+
+    def send(self, build: Any) -> asyncio.Future[int]:
+        """`build()` returns the request bytes; the future gets the answer's status."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((build, future))
+        return future
+
+    async def _work(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            build, future = await self.queue.get()
+            try:
+                writer.write(build())
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                if length:
+                    await reader.readexactly(length)
+                future.set_result(status)
+            except Exception as exc:  # the connection broke: this request failed
+                future.set_exception(exc)
+                return
+
+    async def close(self) -> None:
+        for worker in self.workers:
+            worker.cancel()
+        await asyncio.gather(*self.workers, return_exceptions=True)
+
+
+def request(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
 # -- the source: its own process --------------------------------------------------------------
 async def source(base: str, rate: int, duration: float, run: str) -> None:
-    """POST one pop at a time on a schedule; a few connections so one slow answer holds no one."""
+    """POST one pop per request on a schedule (open loop), over a pool of keep-alive connections."""
     total = int(rate * duration)
     streams = int(os.environ["BENCH_STREAMS"])
-    headers = {"Authorization": f"Bearer {SOURCE}", "Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=64)
-    async with aiohttp.ClientSession(base, connector=connector, headers=headers) as http:
-        start = time.monotonic_ns() + 100_000_000
-        gap = 1_000_000_000 // rate
-        tasks: set[asyncio.Task[None]] = set()
-        refused = 0
+    host, _, port = base.removeprefix("http://").partition(":")
+    pool = Pool(host, int(port), 32)
+    await pool.start()
+    auth = {"Authorization": f"Bearer {SOURCE}"}
+    start = time.monotonic_ns() + 100_000_000
+    gap = 1_000_000_000 // rate
+    answers: list[asyncio.Future[int]] = []
 
-        async def post(seq: int, intended: int) -> None:
-            nonlocal refused
-            sent = time.monotonic_ns()
+    def build(seq: int, intended: int) -> Any:
+        def now() -> bytes:
             pop = {
                 "id": f"{run}-{seq}",
                 "media": MEDIA,
@@ -96,23 +150,25 @@ async def source(base: str, rate: int, duration: float, run: str) -> None:
                 "queue_name": "File d'attente des ventes",
                 "contact_description": "Ventes",
                 "wait_time": 10,
-                "contact_data": {"code1": "chaîne1", "t": str(intended), "s": str(sent)},
+                "contact_data": {
+                    "code1": "chaîne1",
+                    "t": str(intended),
+                    "s": str(time.monotonic_ns()),
+                },
             }
-            async with http.post("/v1/pops", data=orjson.dumps(pop)) as answer:
-                if answer.status != 200:
-                    refused += 1
-                await answer.read()
+            return request("POST", "/v1/pops", auth, orjson.dumps(pop))
 
-        for seq in range(total):
-            intended = start + seq * gap
-            delay = (intended - time.monotonic_ns()) / 1e9
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.get_running_loop().create_task(post(seq, intended))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.wait(tasks)
+        return now
+
+    for seq in range(total):
+        intended = start + seq * gap
+        delay = (intended - time.monotonic_ns()) / 1e9
+        if delay > 0:
+            await asyncio.sleep(delay)
+        answers.append(pool.send(build(seq, intended)))
+    done = await asyncio.gather(*answers, return_exceptions=True)
+    refused = sum(1 for status in done if status != 200)
+    await pool.close()
     print(json.dumps({"sent": total, "refused": refused}), flush=True)
 
 
@@ -137,6 +193,12 @@ class Streams:
         )
         async with self.http.post("/v1/browser/session", json={"token": TOKEN}) as answer:
             self.csrf = (await answer.json())["csrf"]
+            cookie = answer.cookies["spop_session"].value
+        # acks as a page sends them: the cookie and the CSRF header, on keep-alive connections
+        self.ack_headers = {"Cookie": f"spop_session={cookie}", "X-Spop-CSRF": self.csrf}
+        host, _, port = self.base.removeprefix("http://").partition(":")
+        self.pool = Pool(host, int(port), 16)
+        await self.pool.start()
         self.tasks = [
             asyncio.get_running_loop().create_task(self.stream(i)) for i in range(self.count)
         ]
@@ -155,16 +217,12 @@ class Streams:
                 acking = True
                 while to_ack:
                     ids, to_ack = to_ack, []
-                    body = {"media": MEDIA, "resource": resource, "ids": ids}
-                    headers = {"X-Spop-CSRF": self.csrf}
+                    body = orjson.dumps({"media": MEDIA, "resource": resource, "ids": ids})
+                    data = request("POST", "/v1/browser/ack", self.ack_headers, body)
                     try:
-                        async with self.http.post(
-                            "/v1/browser/ack", json=body, headers=headers
-                        ) as r:
-                            if r.status != 200:
-                                self.acks_failed += 1
-                            await r.read()
-                    except aiohttp.ClientError:
+                        if await self.pool.send(lambda data=data: data) != 200:
+                            self.acks_failed += 1
+                    except (OSError, asyncio.IncompleteReadError):
                         self.acks_failed += 1
                 acking = False
 
@@ -197,6 +255,7 @@ class Streams:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.pool.close()
         await self.http.close()
 
 
