@@ -354,6 +354,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "from_post_max_ms": from_post["max_ms"],
         "from_schedule_p99_ms": from_intended["p99_ms"],
         "hub_cpu_percent": round(100 * hub_cpu / wall, 1),
+        # what one pop costs the hub (its POST, its event, its ack POST): steady whatever else
+        # runs on the machine, unlike the latency
+        "hub_cpu_ms_per_pop": round(1000 * hub_cpu / max(total, 1), 3),
         "streams_process_cpu_percent": round(100 * streams_cpu / wall, 1),
         "load_average_at_end": round(os.getloadavg()[0], 2),
         "hub_rss_mb_before": round(rss_before / 2**20, 1),

@@ -17,6 +17,7 @@ import itertools
 import os
 import secrets
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,18 +173,14 @@ class BrowserStream(HubConnection):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def idle(self, timeout: float) -> bool:
-        """Wait for something to send, at most `timeout` seconds; False when none came.
-        A future and a timer, not `wait_for`: no task per event (3.11 makes one)."""
-        loop = asyncio.get_running_loop()
-        waiter = self.waiter = loop.create_future()
-        timer = loop.call_later(timeout, _time_up, waiter)
+    async def idle(self) -> None:
+        """Wait until there is something to send or the stream is closed. A bare future, no
+        timer: the hub-wide sweep (`_sweep_streams`) sends heartbeats and finds closed tabs."""
+        waiter = self.waiter = asyncio.get_running_loop().create_future()
         try:
             await waiter
         finally:
-            timer.cancel()
             self.waiter = None
-        return bool(self.out) or self.closed
 
     def take(self) -> bytes:
         data = b"".join(self.out)
@@ -206,9 +203,35 @@ class BrowserStream(HubConnection):
         self.backlog.clear()
 
 
-def _time_up(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+async def _sweep_streams(hub: Hub) -> None:
+    """Once per interval, over every stream: close those whose browser left (aiohttp does not
+    cancel their handler, so a closed tab would otherwise stay registered until a write fails),
+    and send a heartbeat to those idle for `heartbeat` seconds. One task for all streams: a
+    timer per stream would cost a wake-up per stream per interval."""
+    heartbeat = hub.config.heartbeat
+    interval = min(GONE_CHECK, heartbeat / 2)
+    while True:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        for stream in list(hub.browser_streams):
+            transport = stream.transport
+            if transport is None or transport.is_closing():
+                stream.close()
+            elif now - stream.last_tx >= heartbeat and not stream.out:
+                # an event, not a comment line: a comment never reaches the page's script,
+                # and spop.js drops a stream silent for three heartbeats
+                stream.send_raw(b"event: ping\ndata: %d\n\n" % int(time.time()))
+
+
+async def sweeping(app: web.Application) -> AsyncIterator[None]:
+    """aiohttp cleanup context: the sweep runs while the HTTP port is up."""
+    task = asyncio.get_running_loop().create_task(_sweep_streams(_hub_of_app(app)))
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -420,24 +443,14 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         stream.keys.add(key)
         hub.delivery.subscribe(key, stream)
     hub.log.info("%s: browser stream %s for %s", stream.peer, stream.id, keys)
-    heartbeat = hub.config.heartbeat
-    # aiohttp does not cancel a handler whose client left: look at the transport at least
-    # once a second, so a closed tab's registration goes within a second, not a heartbeat
-    look = min(heartbeat, GONE_CHECK)
-    last_sent = time.monotonic()
+    stream.transport = request.transport  # type: ignore[assignment]
     try:
         while not stream.closed:
             if not stream.out:
-                woke = await stream.idle(look)
-                if request.transport is None or request.transport.is_closing():
-                    break
-                if not woke and time.monotonic() - last_sent >= heartbeat:
-                    # an event, not a comment line: a comment never reaches the page's
-                    # script, and spop.js drops a stream silent for three heartbeats
-                    stream.send_raw(b"event: ping\ndata: %d\n\n" % int(time.time()))
+                await stream.idle()
             if stream.out:
                 await response.write(stream.take())
-                last_sent = time.monotonic()
+                stream.last_tx = time.monotonic()
     except ConnectionResetError:  # the browser went away; its pops wait for its return
         pass
     finally:
@@ -505,3 +518,4 @@ def add_routes(app: web.Application) -> None:
     for path in STATIC:
         app.router.add_get(path, get_static)
     app.on_shutdown.append(close_streams)
+    app.cleanup_ctx.append(sweeping)
