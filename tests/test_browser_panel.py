@@ -112,8 +112,9 @@ def hub(tmp_path: Path, site: Site) -> Iterator[HubProcess]:
         yield process
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """One chromium for the module (a launch costs a second or two); each test its own page."""
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield b
