@@ -537,3 +537,22 @@ def test_a_closed_tab_is_unregistered_within_a_second_not_a_heartbeat() -> None:
                 await client.close()
 
     run(body())
+
+
+def test_a_stream_ends_with_its_session() -> None:
+    async def body() -> None:
+        async with inprocess_hub(**hub_options(browser_session_ttl=1)) as hub:
+            client = await signed_in(http_of(hub))
+            try:
+                stream = await client.stream("telephone", ["1001"])
+                await stream.next(("ready",))
+                assert stream.task is not None
+                async with asyncio.timeout(5):
+                    await stream.task  # the hub closed it when the session ran out
+                assert not hub.browser_streams
+                again = await client.stream("telephone", ["1001"])
+                assert again.response.status == 401
+            finally:
+                await client.close()
+
+    run(body())

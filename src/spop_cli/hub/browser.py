@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import itertools
+import math
 import os
 import secrets
 import time
@@ -88,7 +89,7 @@ class Sessions:
     def issue(self, rights: str) -> tuple[str, dict[str, Any]]:
         session = {
             "sid": secrets.token_hex(12),
-            "exp": int(time.time() + self.ttl),
+            "exp": math.ceil(time.time() + self.ttl),
             "rights": rights,
         }
         payload = orjson.dumps(session)
@@ -146,6 +147,7 @@ class BrowserStream(HubConnection):
         self.id = f"b{next(_ids)}"
         self.waiter: asyncio.Future[None] | None = None  # the stream's task, idle
         self.queued = 0  # bytes waiting in `out`
+        self.expires = float("inf")  # when its session ends (time.time()): the stream ends too
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -212,11 +214,11 @@ async def _sweep_streams(hub: Hub) -> None:
     interval = min(GONE_CHECK, heartbeat / 2)
     while True:
         await asyncio.sleep(interval)
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         for stream in list(hub.browser_streams):
             transport = stream.transport
-            if transport is None or transport.is_closing():
-                stream.close()
+            if transport is None or transport.is_closing() or wall >= stream.expires:
+                stream.close()  # gone, or its session over: a reconnect must sign in again
             elif now - stream.last_tx >= heartbeat and not stream.out:
                 # an event, not a comment line: a comment never reaches the page's script,
                 # and spop.js drops a stream silent for three heartbeats
@@ -414,9 +416,9 @@ async def post_ack(request: web.Request) -> web.StreamResponse:
 async def get_stream(request: web.Request) -> web.StreamResponse:
     """The SSE stream of one or more (media, resource) pairs."""
     hub = _hub(request)
-    _, refused = _guard(request, csrf=False)
-    if refused is not None:
-        return _cors(request, refused)
+    session, refused = _guard(request, csrf=False)
+    if refused is not None or session is None:
+        return _cors(request, refused or _problem(401, "unauthorized", "sign in first"))
     try:
         keys = _keys(request.query)
     except ValueError as exc:
@@ -425,6 +427,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         return _cors(request, _problem(400, "invalid_key", "too many registrations on one stream"))
     peer = request.remote or "?"
     stream = BrowserStream(hub, f"browser {peer}")
+    stream.expires = float(session["exp"])
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
