@@ -332,7 +332,15 @@ def test_own_origin_needs_no_configuration() -> None:
             [("media", "fax"), ("resource", "1")],
             "unknown media 'fax' (expected one of telephone, callback, email, webcollab)",
         ),
-        ([("media", "telephone"), ("resource", "x" * 129)], "resource must be 1 to 128 characters"),
+        (
+            [("media", "telephone"), ("resource", "x" * 129)],
+            "resource is 129 characters long (at most 128)",
+        ),
+        ([("media", "telephone"), ("resource", "  ")], "resource is empty"),
+        (
+            [("media", "telephone"), ("resource", "10\n01")],
+            "resource has control characters, invisible or private-use ones (U+000A at 2)",
+        ),
     ],
 )
 def test_a_bad_stream_query_names_the_problem(query: list[tuple[str, str]], message: str) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from ..model import MAX_RESOURCE_LEN, Media, ScreenPopError
+from ..model import Media, ScreenPopError, validate_resource
 from .connection import HubConnection
 
 if TYPE_CHECKING:
@@ -330,9 +330,10 @@ def _keys(query: Any) -> list[Key]:
         except ScreenPopError as exc:
             raise ValueError(exc.message) from None
         for resource in resources_:
-            if not isinstance(resource, str) or not resource or len(resource) > MAX_RESOURCE_LEN:
-                raise ValueError(f"resource must be 1 to {MAX_RESOURCE_LEN} characters")
-            keys.append((word, resource))
+            try:  # the one resource rule of both ports (docs/protocol.md)
+                keys.append((word, validate_resource(resource)))
+            except ScreenPopError as exc:
+                raise ValueError(exc.message) from None
     return list(dict.fromkeys(keys))
 
 
