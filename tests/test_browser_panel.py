@@ -349,3 +349,28 @@ def test_spop_js_acks_after_a_sign_in_elsewhere_renewed_the_session(
     page.wait_for_function("window.popped.length === 1", timeout=10_000)
     assert wait_until(lambda: pending(hub) == 0)  # the ack went through with the new token
     assert page.evaluate("window.popped.map(p => p.id)") == [pop_id]
+
+
+def test_panel_notifies_when_the_tab_is_in_the_background(hub: HubProcess, browser: Any) -> None:
+    context = browser.new_context()
+    context.grant_permissions(["notifications"], origin=hub.http)
+    # a background tab, and a Notification that records what the panel shows
+    context.add_init_script(
+        "Object.defineProperty(document, 'hidden', {get: () => window.__hidden === true});"
+        "window.__notes = [];"
+        "window.Notification = class { constructor(title, options) {"
+        "  window.__notes.push({title: title, body: options.body, tag: options.tag}); }"
+        "  close() {} static get permission() { return 'granted'; } };"
+    )
+    page = context.new_page()
+    sign_in(page, hub)
+    sync_api.expect(page.get_by_role("status")).to_have_text("Up", timeout=15_000)
+    shown = publish(hub, source="0622222222")  # tab in front: a card, no notification
+    sync_api.expect(page.locator(f'li.card[data-pop-id="{shown}"]')).to_be_visible(timeout=10_000)
+    page.evaluate("window.__hidden = true")
+    hidden = publish(hub, source="0633333333", queue_name="Sales", contact_description="Gold")
+    sync_api.expect(page.locator(f'li.card[data-pop-id="{hidden}"]')).to_be_attached(timeout=10_000)
+    assert page.evaluate("window.__notes") == [
+        {"title": "Call from 0633333333", "body": "Sales · Gold", "tag": hidden}
+    ]
+    context.close()
