@@ -379,6 +379,37 @@ def _dirs(value: Any) -> str | None:
     return None
 
 
+def _origins(value: Any) -> str | None:
+    """Browser origins as a browser sends them: scheme://host[:port], no path, no slash."""
+    if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+        return "must be a list of origins like \"https://crm.example.com\""
+    for origin in value:
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest or origin == "*":
+            return f"{origin!r} is not an origin like \"https://crm.example.com\" (no path, no *)"
+    return None
+
+
+def _buttons(value: Any) -> str | None:
+    """Panel buttons: [{label, url}], the url a `{field}` template the panel fills in."""
+    if not isinstance(value, list):
+        return "must be a list of {label, url} tables"
+    from .templates import TemplateError, parse_template
+
+    for index, button in enumerate(value):
+        if not isinstance(button, dict) or set(button) != {"label", "url"}:
+            return f"button {index}: must be a table with exactly label and url"
+        if not all(isinstance(v, str) and v for v in button.values()):
+            return f"button {index}: label and url must be non-empty strings"
+        if not button["url"].startswith(("https://", "http://")):
+            return f"button {index}: url must start with https:// or http://"
+        try:
+            parse_template(button["url"])
+        except TemplateError as exc:
+            return f"button {index}: {exc}"
+    return None
+
+
 SCHEMA: dict[str, dict[str, Check]] = {
     "server": {
         "address": _address,
@@ -413,6 +444,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "contact_forget_after": _number(0, strict=False),
         "contact_idle_expiry": _number(0, strict=False),
         "diag_dir": _nonempty_string,
+        "browser_origins": _origins,
+        "browser_session_ttl": _number(0),
+        "panel_buttons": _buttons,
     },
 }
 LISTENER_KEYS = ("media", "resource", "actions")

@@ -171,6 +171,9 @@ def make_app(hub: Hub) -> web.Application:
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/health", get_health)
     app.router.add_get("/openapi.json", get_openapi)
+    from .browser import add_routes as add_browser_routes
+
+    add_browser_routes(app)  # the SSE stream, spop.js and the agent panel (docs/browser.md)
     if hub.sources is not None:  # webhook sources (Twilio, mapped JSON) run inside the hub
         app.router.add_routes(hub.sources.routes())
     return app

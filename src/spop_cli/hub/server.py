@@ -10,7 +10,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,11 @@ class HubConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     diag_dir: str | None = None
+    # browsers (docs/browser.md): other origins allowed to use the stream (CORS), how long a
+    # signed-in session lasts, the panel's buttons ({label, url} with `{field}` templates)
+    browser_origins: list[str] = field(default_factory=list)
+    browser_session_ttl: float = 12 * 3600.0
+    panel_buttons: list[dict[str, str]] = field(default_factory=list)
 
 
 class Hub:
@@ -96,6 +101,8 @@ class Hub:
         self._batches: dict[asyncio.Future[None], list[_Held]] = {}  # the same, by commit
         # contact id → the turn of the contact request changing it: the next waits for it
         self._contact_turns: dict[str, asyncio.Future[None]] = {}
+        self.browser_streams: set[Any] = set()  # open SSE streams (hub/browser.py)
+        self.browser_sessions: Any = None  # signs their cookies; made at start
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,7 +120,14 @@ class Hub:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         if self.config.http_port is not None:
+            from .browser import Sessions, hub_secret
             from .http import start_http
+
+            self.browser_sessions = Sessions(
+                hub_secret(self.config.journal),
+                (self.config.token, self.config.source_token),
+                self.config.browser_session_ttl,
+            )
 
             self._http_runner, self.http_port = await start_http(self, ssl_context)
         self._tasks.append(loop.create_task(self._housekeeping()))
@@ -696,6 +710,7 @@ class Hub:
             "journal": self.config.journal,
             "connections": len(self.connections),
             "registrations": sum(len(c.keys) for c in self.connections),
+            "browser_streams": len(self.browser_streams),
             "listeners": listeners,
             "pending": len(self.delivery.pending) - self.delivery.changes_pending,
             "contacts": len(self._contacts) if self._contacts is not None else 0,
