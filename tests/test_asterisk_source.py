@@ -105,7 +105,7 @@ async def replay(
         try:
             await asyncio.wait_for(source.connected.wait(), 10)
             await ami.play(blocks or BLOCKS, pace=pace, seed=seed)
-            ends = 6 if blocks is None else None
+            ends = 6  # every replay here plays the six calls through
             await until(lambda: sum(e["event"] == "ended" for e in sink.events) == ends, 20)
             await asyncio.sleep(0.2)  # let the last pops reach the listeners
         finally:
