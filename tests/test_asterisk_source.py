@@ -604,9 +604,15 @@ def test_the_commented_example_in_config_example_toml_is_a_valid_source(tmp_path
             'agent_patterns = ["(unclosed"]',
             "sources.pbx.agent_patterns = [\"(unclosed\"]: bad regular expression '(unclosed': missing )",
         ),
-        ("queue_names = { support = 5 }", 'sources.pbx.queue_names = {"support": 5}: must be a table of strings'),
+        (
+            "queue_names = { support = 5 }",
+            'sources.pbx.queue_names = {"support": 5}: must be a table of strings',
+        ),
         ("internal_calls = 1", "sources.pbx.internal_calls = 1: must be true or false"),
-        ('hostname = "pbx"', 'sources.pbx.hostname = "pbx": unknown key (expected one of host, port,'),
+        (
+            'hostname = "pbx"',
+            'sources.pbx.hostname = "pbx": unknown key (expected one of host, port,',
+        ),
         ("reconnect_max = 0", "sources.pbx.reconnect_max = 0: must be more than 0"),
     ],
 )

@@ -375,7 +375,10 @@ class Outbox:
                 self.in_flight.clear()
                 self.events[:0] = retry
                 self.ctx.log.warning(
-                    "hub did not take %d events (%s); retrying in %.1f s", len(retry), task.exception(), delay
+                    "hub did not take %d events (%s); retrying in %.1f s",
+                    len(retry),
+                    task.exception(),
+                    delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -383,7 +386,9 @@ class Outbox:
             for task, _ in self.in_flight:
                 task.cancel()
 
-    def _outcome(self, task: asyncio.Task[Any], batch: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    def _outcome(
+        self, task: asyncio.Task[Any], batch: list[dict[str, Any]]
+    ) -> list[dict[str, Any]] | None:
         """None when the batch is done with (taken, or refused and logged); else what to resend."""
         exc = task.exception()
         if exc is None:
@@ -394,7 +399,10 @@ class Outbox:
             return list(batch)
         bad = batch[index] if 0 <= index < len(batch) else {}
         self.ctx.log.error(
-            "hub refused %s of contact %s: %s; skipping it", bad.get("event"), bad.get("contact_id"), exc
+            "hub refused %s of contact %s: %s; skipping it",
+            bad.get("event"),
+            bad.get("contact_id"),
+            exc,
         )
         self.sent += index
         self.events[:0] = batch[index + 1 :]  # the events after it were not applied
