@@ -524,7 +524,8 @@ def test_check_logs_in_says_what_it_sees_and_never_prints_the_secret(
             lines[0]
             == f"pbx: Asterisk Call Manager/11.0.0 at 127.0.0.1:{lines[0].rsplit(':', 1)[1].split(',')[0]}, logged in as spop"
         )
-        assert lines[1:3] == ["pbx: 4 channels in 1 calls", "pbx: queues: none; 0 callers waiting"]
+        # at the cut: the caller's two Local halves, Alice's two, and Bob's second half, still hanging up
+        assert lines[1:3] == ["pbx: 5 channels in 1 calls", "pbx: queues: none; 0 callers waiting"]
         assert lines[4] == "pbx: needs read = call,agent,user,dialplan in [spop] of manager.conf"
     else:
         assert code == 3, output

@@ -289,10 +289,9 @@ class AsteriskSource(Source):
             )
             answer, channels = await ami.action("CoreShowChannels", {}, self.connect_timeout)
             if answer.get("Response") == "Success":
-                calls = {c.get("Linkedid") for c in channels if c.get("Event") == "CoreShowChannel"}
-                out(
-                    f"{ctx.name}: {len(channels) - 1 if channels else 0} channels in {len(calls - {None})} calls"
-                )
+                listed = [c for c in channels if c.get("Event") == "CoreShowChannel"]
+                calls = {c.get("Linkedid") for c in listed}
+                out(f"{ctx.name}: {len(listed)} channels in {len(calls - {None})} calls")
             else:
                 out(
                     f"{ctx.name}: cannot list channels ({answer.get('Message')}): add reporting to write= in [{self.username}]"
