@@ -148,7 +148,8 @@ class AsteriskSource(Source):
         return ami
 
     async def _ask_filter(self, ami: AmiConnection, ctx: SourceContext) -> bool:
-        """Ask Asterisk to send only the events the mapping reads (needs write=system; else a hint)."""
+        """Ask Asterisk to send only the events the mapping reads; if it refuses (a permission the
+        user lacks), log the manager.conf `eventfilter` lines that do the same."""
         prefix = re.escape(self.map_config.variable_prefix)
         filters = [
             f"Event: ({'|'.join(e for e in EVENTS if e != 'VarSet')})",  # VarSet: by its name below
@@ -201,7 +202,7 @@ class AsteriskSource(Source):
                 try:
                     await self._session(ctx, outbox)
                     delay = 0.5  # it was up: the next try is quick
-                except AmiAuthError as exc:
+                except (AmiAuthError, SourceError) as exc:  # a wrong or missing secret
                     ctx.log.error("%s", exc)
                     delay = self.reconnect_max  # not fixed by hammering; retried for a fixed config
                 except (TimeoutError, OSError, AmiError) as exc:
