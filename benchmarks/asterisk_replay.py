@@ -35,6 +35,7 @@ from spop_cli.listener.core import AsyncListener  # noqa: E402
 from spop_cli.sources.ami_parser import AmiParser  # noqa: E402
 from spop_cli.sources.asterisk_map import AsteriskMapper, MapConfig  # noqa: E402
 
+SETTLE = 10.0  # seconds from the start of the measured run after which the "after" figures count
 POP_EVENTS = {"routed", "consulted", "transferred", "redirected", "picked_up", "recalled"}
 
 
@@ -177,6 +178,7 @@ async def end_to_end(
     )  # fmt: skip
     received: list[float] = []
     latencies: list[float] = []
+    timed: list[tuple[float, float]] = []  # (cause written at, latency ms)
     written: dict[int, float] = {}
     stream: list[bytes] = []
     for scenario in scenarios(blocks):
@@ -201,6 +203,7 @@ async def end_to_end(
         index = queue.popleft()
         received.append(now)
         latencies.append((now - written[index]) * 1000)
+        timed.append((written[index], (now - written[index]) * 1000))
         if os.environ.get("BENCH_DEBUG"):
             created = datetime.fromisoformat(event.created_at.replace("Z", "+00:00")).timestamp()
             lag = round((time.time() - created) * 1000, 1)  # after the source read the event
@@ -299,6 +302,7 @@ async def end_to_end(
                 else -1.0
             )
 
+        later = sorted(lat for at, lat in timed if at - start >= SETTLE)
         return {
             "calls": calls,
             "listeners": len(listeners),
@@ -312,6 +316,14 @@ async def end_to_end(
             "latency_ms_p99": pct(0.99),
             "latency_ms_max": round(latencies[-1], 3) if latencies else -1.0,
             "latency_ms_mean": round(statistics.fmean(latencies), 3) if latencies else -1.0,
+            f"after_{SETTLE:.0f}s_pops": len(later),
+            f"after_{SETTLE:.0f}s_latency_ms_p50": round(later[len(later) // 2], 3)
+            if later
+            else -1.0,
+            f"after_{SETTLE:.0f}s_latency_ms_p99": round(later[int(0.99 * len(later))], 3)
+            if later
+            else -1.0,
+            f"after_{SETTLE:.0f}s_latency_ms_max": round(later[-1], 3) if later else -1.0,
         }
     finally:
         for listener in listeners:
