@@ -658,3 +658,35 @@ def test_source_list_shows_the_builtin_asterisk() -> None:
 
     result = CliRunner().invoke(cli, ["source", "--list"])
     assert "asterisk     Asterisk / FreePBX calls over the Manager Interface (AMI)" in result.output
+
+
+def test_no_secret_while_running_is_logged_and_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPOP_ASTERISK_SECRET", raising=False)
+
+    async def body() -> tuple[Captured, bool, list[tuple[str, bool]]]:
+        ami = FakeAsterisk()
+        await ami.start()
+        source = AsteriskSource({"port": ami.port, "reconnect_max": 0.1})
+        done = lambda c, s: sum("no AMI secret" in line for line in c.lines) >= 2  # noqa: E731
+        _, captured, ok = await run_for(ami, source, done)
+        return captured, ok, ami.logins
+
+    captured, ok, logins = run(body())
+    assert ok and logins == []  # nothing sent to Asterisk without a secret
+    assert (
+        captured.lines[0]
+        == "ERROR secret: no AMI secret: set secret in the table or SPOP_ASTERISK_SECRET"
+    )
+
+
+def test_check_with_asterisk_unreachable_exits_3(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends: nothing listens there
+    config = write_config(tmp_path / "spop.toml", port)
+    env = {"SPOP_ASTERISK_SECRET": "x", "SPOP_DIAG_DIR": str(tmp_path / "diag")}
+    code, output = run(spop("source", "pbx", "--check", "--config", str(config), env=env))
+    assert code == 3
+    assert f"pbx: cannot reach Asterisk AMI at 127.0.0.1:{port}: " in output
