@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fake_ami import FakeAsterisk, headers, transcript_blocks  # noqa: E402
-
 from spop_cli.listener.core import AsyncListener  # noqa: E402
 from spop_cli.sources.ami_parser import AmiParser  # noqa: E402
 from spop_cli.sources.asterisk_map import AsteriskMapper, MapConfig  # noqa: E402
 
+SETTLE = 10.0  # seconds from the start of the measured run after which the "after" figures count
 POP_EVENTS = {"routed", "consulted", "transferred", "redirected", "picked_up", "recalled"}
 
 
@@ -46,7 +46,9 @@ def scenarios(blocks: list[bytes]) -> list[list[bytes]]:
     current = ""
     for block in blocks:
         h = headers(block)
-        linkedid = h.get("Linkedid") or h.get("TransfereeLinkedid") or h.get("DestLinkedid") or current
+        linkedid = (
+            h.get("Linkedid") or h.get("TransfereeLinkedid") or h.get("DestLinkedid") or current
+        )
         if linkedid == "1796221507.32":  # the picker's own call belongs to scenario E
             linkedid = "1796221506.28"
         if linkedid not in calls:
@@ -63,7 +65,9 @@ AGENT = re.compile(rb"(Local/[0-9a-z]+)@(agents|xfer)")
 def relabel(block: bytes, copy: int, groups: int) -> bytes:
     """Copy n of a block: its Uniqueids/Linkedids and channel names made unique to the copy, and
     its agents those of group n % groups (`Local/100@agents` -> `Local/100g017@agents`: 100g017)."""
-    block = block.replace(b"1796221", b"%07d" % (2_000_000 + copy)).replace(b"-0000", b"-%04x" % copy)
+    block = block.replace(b"1796221", b"%07d" % (2_000_000 + copy)).replace(
+        b"-0000", b"-%04x" % copy
+    )
     return AGENT.sub(rb"\1g%03d@\2" % (copy % groups), block)
 
 
@@ -128,7 +132,9 @@ def causes(stream: list[bytes]) -> dict[tuple[str, str], deque[int]]:
     return found
 
 
-async def end_to_end(blocks: list[bytes], calls: int, rate: int, hub_port: int, tmp: Path) -> dict[str, Any]:
+async def end_to_end(
+    blocks: list[bytes], calls: int, rate: int, hub_port: int, tmp: Path
+) -> dict[str, Any]:
     debug_emitted: list[Any] = []
     ami = FakeAsterisk()
     await ami.start()
@@ -172,6 +178,7 @@ async def end_to_end(blocks: list[bytes], calls: int, rate: int, hub_port: int, 
     )  # fmt: skip
     received: list[float] = []
     latencies: list[float] = []
+    timed: list[tuple[float, float]] = []  # (cause written at, latency ms)
     written: dict[int, float] = {}
     stream: list[bytes] = []
     for scenario in scenarios(blocks):
@@ -196,6 +203,7 @@ async def end_to_end(blocks: list[bytes], calls: int, rate: int, hub_port: int, 
         index = queue.popleft()
         received.append(now)
         latencies.append((now - written[index]) * 1000)
+        timed.append((written[index], (now - written[index]) * 1000))
         if os.environ.get("BENCH_DEBUG"):
             created = datetime.fromisoformat(event.created_at.replace("Z", "+00:00")).timestamp()
             lag = round((time.time() - created) * 1000, 1)  # after the source read the event
@@ -236,7 +244,11 @@ async def end_to_end(blocks: list[bytes], calls: int, rate: int, hub_port: int, 
                 await asyncio.sleep(0.005)
                 lags.append((time.perf_counter() - t - 0.005) * 1000)
 
-        prober = asyncio.get_running_loop().create_task(probe()) if os.environ.get("BENCH_DEBUG") else None
+        prober = (
+            asyncio.get_running_loop().create_task(probe())
+            if os.environ.get("BENCH_DEBUG")
+            else None
+        )
         tick = 0.001
         per_tick = max(1, round(rate * tick))
         start = time.perf_counter()
@@ -260,7 +272,14 @@ async def end_to_end(blocks: list[bytes], calls: int, rate: int, hub_port: int, 
         latencies.sort()
         if prober is not None:
             prober.cancel()
-            print("bench loop lag ms: max", round(max(lags), 1), "p99", round(sorted(lags)[int(len(lags) * 0.99)], 1), [round(x) for x in lags[:: max(1, len(lags) // 30)]], file=sys.stderr)
+            print(
+                "bench loop lag ms: max",
+                round(max(lags), 1),
+                "p99",
+                round(sorted(lags)[int(len(lags) * 0.99)], 1),
+                [round(x) for x in lags[:: max(1, len(lags) // 30)]],
+                file=sys.stderr,
+            )
         if slow:
             slow.sort(reverse=True)
             for row in slow[:5] + slow[len(slow) // 2 : len(slow) // 2 + 3]:
@@ -270,11 +289,20 @@ async def end_to_end(blocks: list[bytes], calls: int, rate: int, hub_port: int, 
             byindex = sorted((r[1], r[0], r[3]) for r in slow)
             for k in range(0, len(byindex), len(byindex) // 40):
                 print(byindex[k], file=sys.stderr)
-            print(Counter(r[2].split(b"\r\n")[0] for r in slow if r[0] > 20), sorted(r[1] for r in slow if r[0] > 20)[::100], file=sys.stderr)
+            print(
+                Counter(r[2].split(b"\r\n")[0] for r in slow if r[0] > 20),
+                sorted(r[1] for r in slow if r[0] > 20)[::100],
+                file=sys.stderr,
+            )
 
         def pct(p: float) -> float:
-            return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3) if latencies else -1.0
+            return (
+                round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3)
+                if latencies
+                else -1.0
+            )
 
+        later = sorted(lat for at, lat in timed if at - start >= SETTLE)
         return {
             "calls": calls,
             "listeners": len(listeners),
@@ -288,6 +316,14 @@ async def end_to_end(blocks: list[bytes], calls: int, rate: int, hub_port: int, 
             "latency_ms_p99": pct(0.99),
             "latency_ms_max": round(latencies[-1], 3) if latencies else -1.0,
             "latency_ms_mean": round(statistics.fmean(latencies), 3) if latencies else -1.0,
+            f"after_{SETTLE:.0f}s_pops": len(later),
+            f"after_{SETTLE:.0f}s_latency_ms_p50": round(later[len(later) // 2], 3)
+            if later
+            else -1.0,
+            f"after_{SETTLE:.0f}s_latency_ms_p99": round(later[int(0.99 * len(later))], 3)
+            if later
+            else -1.0,
+            f"after_{SETTLE:.0f}s_latency_ms_max": round(later[-1], 3) if later else -1.0,
         }
     finally:
         for listener in listeners:
@@ -322,10 +358,18 @@ def free_port_pair() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=1000, help="concurrent copies of each recorded call")
-    parser.add_argument("--rate", type=int, default=2000, help="AMI events/s written in the end-to-end run")
-    parser.add_argument("--e2e-calls", type=int, default=None, help="copies in the end-to-end run (default --calls)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--calls", type=int, default=1000, help="concurrent copies of each recorded call"
+    )
+    parser.add_argument(
+        "--rate", type=int, default=2000, help="AMI events/s written in the end-to-end run"
+    )
+    parser.add_argument(
+        "--e2e-calls", type=int, default=None, help="copies in the end-to-end run (default --calls)"
+    )
     parser.add_argument("--no-e2e", action="store_true", help="only the parser + mapping figure")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -336,7 +380,9 @@ def main() -> None:
         import uvloop
 
         with tempfile.TemporaryDirectory() as tmp:
-            e2e = end_to_end(blocks, args.e2e_calls or args.calls, args.rate, free_port_pair(), Path(tmp))
+            e2e = end_to_end(
+                blocks, args.e2e_calls or args.calls, args.rate, free_port_pair(), Path(tmp)
+            )
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 results["end_to_end"] = runner.run(e2e)
         print(f"end to end: {results['end_to_end']}", file=sys.stderr)

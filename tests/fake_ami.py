@@ -14,7 +14,21 @@ from pathlib import Path
 
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
 ALL_CLASSES = frozenset(
-    ["system", "call", "log", "verbose", "command", "agent", "user", "config", "dtmf", "reporting", "cdr", "dialplan", "originate"]
+    [
+        "system",
+        "call",
+        "log",
+        "verbose",
+        "command",
+        "agent",
+        "user",
+        "config",
+        "dtmf",
+        "reporting",
+        "cdr",
+        "dialplan",
+        "originate",
+    ]
 )
 
 

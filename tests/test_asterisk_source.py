@@ -105,7 +105,7 @@ async def replay(
         try:
             await asyncio.wait_for(source.connected.wait(), 10)
             await ami.play(blocks or BLOCKS, pace=pace, seed=seed)
-            ends = 6 if blocks is None else None
+            ends = 6  # every replay here plays the six calls through
             await until(lambda: sum(e["event"] == "ended" for e in sink.events) == ends, 20)
             await asyncio.sleep(0.2)  # let the last pops reach the listeners
         finally:
@@ -524,7 +524,8 @@ def test_check_logs_in_says_what_it_sees_and_never_prints_the_secret(
             lines[0]
             == f"pbx: Asterisk Call Manager/11.0.0 at 127.0.0.1:{lines[0].rsplit(':', 1)[1].split(',')[0]}, logged in as spop"
         )
-        assert lines[1:3] == ["pbx: 4 channels in 1 calls", "pbx: queues: none; 0 callers waiting"]
+        # at the cut: the caller's two Local halves, Alice's two, and Bob's second half, still hanging up
+        assert lines[1:3] == ["pbx: 5 channels in 1 calls", "pbx: queues: none; 0 callers waiting"]
         assert lines[4] == "pbx: needs read = call,agent,user,dialplan in [spop] of manager.conf"
     else:
         assert code == 3, output
@@ -604,9 +605,15 @@ def test_the_commented_example_in_config_example_toml_is_a_valid_source(tmp_path
             'agent_patterns = ["(unclosed"]',
             "sources.pbx.agent_patterns = [\"(unclosed\"]: bad regular expression '(unclosed': missing )",
         ),
-        ("queue_names = { support = 5 }", 'sources.pbx.queue_names = {"support": 5}: must be a table of strings'),
+        (
+            "queue_names = { support = 5 }",
+            'sources.pbx.queue_names = {"support": 5}: must be a table of strings',
+        ),
         ("internal_calls = 1", "sources.pbx.internal_calls = 1: must be true or false"),
-        ('hostname = "pbx"', 'sources.pbx.hostname = "pbx": unknown key (expected one of host, port,'),
+        (
+            'hostname = "pbx"',
+            'sources.pbx.hostname = "pbx": unknown key (expected one of host, port,',
+        ),
         ("reconnect_max = 0", "sources.pbx.reconnect_max = 0: must be more than 0"),
     ],
 )
@@ -651,3 +658,35 @@ def test_source_list_shows_the_builtin_asterisk() -> None:
 
     result = CliRunner().invoke(cli, ["source", "--list"])
     assert "asterisk     Asterisk / FreePBX calls over the Manager Interface (AMI)" in result.output
+
+
+def test_no_secret_while_running_is_logged_and_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPOP_ASTERISK_SECRET", raising=False)
+
+    async def body() -> tuple[Captured, bool, list[tuple[str, bool]]]:
+        ami = FakeAsterisk()
+        await ami.start()
+        source = AsteriskSource({"port": ami.port, "reconnect_max": 0.1})
+        done = lambda c, s: sum("no AMI secret" in line for line in c.lines) >= 2  # noqa: E731
+        _, captured, ok = await run_for(ami, source, done)
+        return captured, ok, ami.logins
+
+    captured, ok, logins = run(body())
+    assert ok and logins == []  # nothing sent to Asterisk without a secret
+    assert (
+        captured.lines[0]
+        == "ERROR secret: no AMI secret: set secret in the table or SPOP_ASTERISK_SECRET"
+    )
+
+
+def test_check_with_asterisk_unreachable_exits_3(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends: nothing listens there
+    config = write_config(tmp_path / "spop.toml", port)
+    env = {"SPOP_ASTERISK_SECRET": "x", "SPOP_DIAG_DIR": str(tmp_path / "diag")}
+    code, output = run(spop("source", "pbx", "--check", "--config", str(config), env=env))
+    assert code == 3
+    assert f"pbx: cannot reach Asterisk AMI at 127.0.0.1:{port}: " in output

@@ -148,7 +148,8 @@ class AsteriskSource(Source):
         return ami
 
     async def _ask_filter(self, ami: AmiConnection, ctx: SourceContext) -> bool:
-        """Ask Asterisk to send only the events the mapping reads (needs write=system; else a hint)."""
+        """Ask Asterisk to send only the events the mapping reads; if it refuses (a permission the
+        user lacks), log the manager.conf `eventfilter` lines that do the same."""
         prefix = re.escape(self.map_config.variable_prefix)
         filters = [
             f"Event: ({'|'.join(e for e in EVENTS if e != 'VarSet')})",  # VarSet: by its name below
@@ -201,7 +202,7 @@ class AsteriskSource(Source):
                 try:
                     await self._session(ctx, outbox)
                     delay = 0.5  # it was up: the next try is quick
-                except AmiAuthError as exc:
+                except (AmiAuthError, SourceError) as exc:  # a wrong or missing secret
                     ctx.log.error("%s", exc)
                     delay = self.reconnect_max  # not fixed by hammering; retried for a fixed config
                 except (TimeoutError, OSError, AmiError) as exc:
@@ -289,10 +290,9 @@ class AsteriskSource(Source):
             )
             answer, channels = await ami.action("CoreShowChannels", {}, self.connect_timeout)
             if answer.get("Response") == "Success":
-                calls = {c.get("Linkedid") for c in channels if c.get("Event") == "CoreShowChannel"}
-                out(
-                    f"{ctx.name}: {len(channels) - 1 if channels else 0} channels in {len(calls - {None})} calls"
-                )
+                listed = [c for c in channels if c.get("Event") == "CoreShowChannel"]
+                calls = {c.get("Linkedid") for c in listed}
+                out(f"{ctx.name}: {len(listed)} channels in {len(calls - {None})} calls")
             else:
                 out(
                     f"{ctx.name}: cannot list channels ({answer.get('Message')}): add reporting to write= in [{self.username}]"
@@ -375,7 +375,10 @@ class Outbox:
                 self.in_flight.clear()
                 self.events[:0] = retry
                 self.ctx.log.warning(
-                    "hub did not take %d events (%s); retrying in %.1f s", len(retry), task.exception(), delay
+                    "hub did not take %d events (%s); retrying in %.1f s",
+                    len(retry),
+                    task.exception(),
+                    delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -383,7 +386,9 @@ class Outbox:
             for task, _ in self.in_flight:
                 task.cancel()
 
-    def _outcome(self, task: asyncio.Task[Any], batch: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    def _outcome(
+        self, task: asyncio.Task[Any], batch: list[dict[str, Any]]
+    ) -> list[dict[str, Any]] | None:
         """None when the batch is done with (taken, or refused and logged); else what to resend."""
         exc = task.exception()
         if exc is None:
@@ -394,7 +399,10 @@ class Outbox:
             return list(batch)
         bad = batch[index] if 0 <= index < len(batch) else {}
         self.ctx.log.error(
-            "hub refused %s of contact %s: %s; skipping it", bad.get("event"), bad.get("contact_id"), exc
+            "hub refused %s of contact %s: %s; skipping it",
+            bad.get("event"),
+            bad.get("contact_id"),
+            exc,
         )
         self.sent += index
         self.events[:0] = batch[index + 1 :]  # the events after it were not applied

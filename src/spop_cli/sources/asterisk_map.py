@@ -6,6 +6,7 @@ tested against the recorded stream row by row. docs/sources/asterisk.md has the 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -133,6 +134,7 @@ class Call:
     transfer_from: str = ""  # set by a transfer until the next agent answers
     redirect_from: str = ""
     consulted: set[str] = field(default_factory=set)
+    legs: list[str] = field(default_factory=list)  # agent legs' base names (to forget at the end)
     on_hold: bool = False
     offers: dict[str, dict[str, Any]] = field(default_factory=dict)  # resource -> offer not popped
     rung: set[str] = field(default_factory=set)  # resources popped in this offer round
@@ -152,7 +154,7 @@ class AsteriskMapper:
         self.legs: dict[str, tuple[str, str]] = {}  # agent leg base name -> (Linkedid, resource)
         self.stale: set[str] = set()  # channels known before a reconnect, not yet confirmed
         # recently hung-up Uniqueids: late events (a NewCallerid after the Hangup) must not revive them
-        self.gone: dict[str, None] = {}
+        self.gone: OrderedDict[str, None] = OrderedDict()
         self.direct: set[str] = set()  # legs dialled outside a queue (answered by their DialEnd)
         self._handlers = {name: getattr(self, f"_on_{name}") for name in EVENTS}
 
@@ -246,7 +248,7 @@ class AsteriskMapper:
                     if leg.get("Uniqueid") == linkedid:
                         continue
                     self._caller_id(call, legs[0])
-                    self.legs[_base(leg.get("Channel", ""))] = (linkedid, resource)
+                    self._leg(call, leg.get("Channel", ""), resource)
                     up = leg.get("ChannelStateDesc") == "Up"
                     if up or self.config.pop_on == "ring":
                         self._offer(call, resource, {"event": "routed"}, at, out, force=up)
@@ -265,6 +267,12 @@ class AsteriskMapper:
         if call is None:
             call = self.calls[linkedid] = Call(linkedid)
         return call
+
+    def _leg(self, call: Call, channel: str, resource: str) -> None:
+        """`channel` is an agent's leg of `call`: its other half and later events name the agent."""
+        base = _base(channel)
+        self.legs[base] = (call.linkedid, resource)
+        call.legs.append(base)
 
     def _track_channel(self, event: Mapping[str, str]) -> None:
         uid = event.get("Uniqueid")
@@ -307,7 +315,8 @@ class AsteriskMapper:
         self.gone[uid] = None
         self.stale.discard(uid)
         if len(self.gone) > GONE_KEPT:
-            del self.gone[next(iter(self.gone))]
+            # not `del d[next(iter(d))]`: on a dict that is O(deleted slots), quadratic here
+            self.gone.popitem(last=False)
         linkedid = self.channel_call.pop(uid, None)
         if linkedid is None:
             return
@@ -320,8 +329,9 @@ class AsteriskMapper:
                 call.ended = True
                 self._emit(call, {"event": "ended"}, at, out)
             del self.calls[linkedid]
-            for base in [b for b, (lid, _) in self.legs.items() if lid == linkedid]:
-                del self.legs[base]
+            for base in call.legs:
+                if self.legs.get(base, ("",))[0] == linkedid:
+                    del self.legs[base]
                 self.direct.discard(base)
 
     # -- output ---------------------------------------------------------------------------------
@@ -420,7 +430,7 @@ class AsteriskMapper:
         )
         if resource is None:
             return
-        self.legs[_base(event.get("DestChannel", ""))] = (call.linkedid, resource)
+        self._leg(call, event.get("DestChannel", ""), resource)
         if resource in call.no_answer:
             call.no_answer.discard(resource)
             call.rung.discard(resource)
@@ -537,7 +547,7 @@ class AsteriskMapper:
             return  # in a queue, only AgentCalled rings agents
         if not call.started and not self._pops_allowed(call):
             return
-        self.legs[_base(dest)] = (call.linkedid, resource)
+        self._leg(call, dest, resource)
         self.direct.add(_base(dest))
         self._caller_id(call, event)
         self._offer(call, resource, self._arrival(call), at, out)
@@ -546,7 +556,7 @@ class AsteriskMapper:
         resource = self.config.resource(dest)
         if resource is None or resource == call.holder or not self._pops_allowed(call):
             return
-        self.legs[_base(dest)] = (call.linkedid, resource)
+        self._leg(call, dest, resource)
         if resource not in call.consulted:
             call.consulted.add(resource)
             self._emit(
@@ -612,7 +622,7 @@ class AsteriskMapper:
             return
         by = self.legs.get(_base(event.get("OrigTransfererChannel", "")))
         transferer = by[1] if by else call.holder
-        self.legs[_base(target)] = (call.linkedid, resource)
+        self._leg(call, target, resource)
         if resource in call.consulted:  # popped when consulted: now it has the call
             call.holder, call.holder_leg = resource, _base(target)
             call.consulted.discard(resource)
@@ -629,7 +639,7 @@ class AsteriskMapper:
         picker = self.config.resource(event.get("Channel", ""))
         if call is None or picker is None or not self._pops_allowed(call):
             return
-        self.legs[_base(event.get("Channel", ""))] = (call.linkedid, picker)
+        self._leg(call, event.get("Channel", ""), picker)
         call.offers.pop(picker, None)
         if picker not in call.rung:
             call.rung.add(picker)
