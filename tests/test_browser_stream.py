@@ -564,3 +564,54 @@ def test_a_stream_ends_with_its_session() -> None:
                 await client.close()
 
     run(body())
+
+
+def test_contact_events_reach_the_stream_as_change_events() -> None:
+    """Issue 12's change frames, made by the hub from real contact events, flow to a browser."""
+
+    async def body() -> None:
+        async with inprocess_hub(**hub_options()) as hub:
+            base = http_of(hub)
+            client = await signed_in(base)
+            try:
+                stream = await client.stream("telephone", ["1001"])
+                await stream.next(("ready",))
+                events = [
+                    {"contact_id": "b-1", "event": "queued", "media": "telephone",
+                     "source": "12345", "queue_name": "Sales"},
+                    {"contact_id": "b-1", "event": "routed", "resource": "1001"},
+                ]  # fmt: skip
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(f"{base}/v1/contacts", json=events,
+                              headers={"Authorization": f"Bearer {SOURCE}"}) as r,
+                ):  # fmt: skip
+                    assert r.status == 200, await r.text()
+                pop = await stream.next()
+                assert (pop.event, pop.json()["source"]) == ("pop", "12345")
+                await client.ack("telephone", ["1001"], [pop.id])
+                for event in ("answered", "ended"):
+                    async with (
+                        aiohttp.ClientSession() as http,
+                        http.post(f"{base}/v1/contacts",
+                                  json={"contact_id": "b-1", "event": event, "resource": "1001"}
+                                  if event == "answered" else {"contact_id": "b-1", "event": event},
+                                  headers={"Authorization": f"Bearer {SOURCE}"}) as r,
+                    ):  # fmt: skip
+                        assert r.status == 200, await r.text()
+                answered = await stream.next()
+                assert answered.event == "change"
+                assert (answered.json()["change"], answered.json()["answered_by"]) == (
+                    "answered",
+                    "1001",
+                )
+                assert answered.json()["pop_id"] == pop.id
+                ended = await stream.next()
+                assert (ended.event, ended.json()["change"]) == ("change", "ended")
+                acked = await client.ack("telephone", ["1001"], [answered.id, ended.id])
+                assert await acked.json() == {"acked": 2}
+                await stream.close()
+            finally:
+                await client.close()
+
+    run(body())

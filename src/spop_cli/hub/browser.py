@@ -408,10 +408,10 @@ async def post_ack(request: web.Request) -> web.StreamResponse:
         keys = set(_keys(body))
     except ValueError as exc:
         return _cors(request, _problem(400, "invalid_key", str(exc)))
-    before = hub.delivery.acked
+    acked = 0
     for pop_id in ids:
-        hub.ack(pop_id, keys)
-    return _json(request, {"acked": hub.delivery.acked - before})
+        acked += hub.ack(pop_id, keys)  # pops and contact changes alike
+    return _json(request, {"acked": acked})
 
 
 async def get_stream(request: web.Request) -> web.StreamResponse:

@@ -501,13 +501,15 @@ class Hub:
 
         commit.add_done_callback(answer)
 
-    def ack(self, pop_id: str, keys: Any = None) -> None:
-        """A listener handled the pop; acks for unknown pops or another key's are only counted."""
+    def ack(self, pop_id: str, keys: Any = None) -> bool:
+        """A listener handled the pop (or change); acks for unknown ids or another key's are only
+        counted. True when it settled a pending one."""
         if self.delivery.ack(pop_id, keys) is not None:
             if self.journal is not None:
                 self.journal.done(pop_id)
-        else:
-            self.counters["unknown_acks"] += 1
+            return True
+        self.counters["unknown_acks"] += 1
+        return False
 
     # -- contacts -------------------------------------------------------------------------
     @property
