@@ -90,14 +90,30 @@ class Agent(Counting):
         self.events.append(event)
 
 
+class FollowingAgent(Agent):
+    """An agent whose listener also follows its contacts (protocol 2 change frames)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: list[tuple[str, str, str, str]] = []
+        self.listener.on_contact_changed(self._change)
+
+    def _change(self, change: Any) -> None:
+        self.changes.append((change.contact_id, change.change, change.answered_by, change.reason))
+
+
 async def replay(
-    pace: float = 0.0, seed: int | None = None, blocks: list[bytes] | None = None, **options: Any
+    pace: float = 0.0,
+    seed: int | None = None,
+    blocks: list[bytes] | None = None,
+    agent: type[Agent] = Agent,
+    **options: Any,
 ) -> tuple[dict[str, Agent], Recording, Captured, AsteriskSource]:
     """The whole transcript through fake Asterisk -> source -> in-process hub -> listeners."""
     async with inprocess_hub() as hub:
         ami = FakeAsterisk()
         await ami.start()
-        agents = {r: await Agent().up(address_of(hub), r) for r in AGENTS}
+        agents = {r: await agent().up(address_of(hub), r) for r in AGENTS}
         sink = Recording(hub)
         ctx, captured = context(sink)
         source = source_for(ami, **options)
@@ -251,7 +267,7 @@ async def two_sessions(
     async with inprocess_hub() as hub:
         ami = FakeAsterisk()
         await ami.start()
-        agents = {r: await Agent().up(address_of(hub), r) for r in AGENTS}
+        agents = {r: await agent().up(address_of(hub), r) for r in AGENTS}
         sink = Recording(hub)
         ctx, captured = context(sink)
         source = source_for(ami, reconnect_max=0.3, **options)
@@ -690,3 +706,15 @@ def test_check_with_asterisk_unreachable_exits_3(tmp_path: Path) -> None:
     code, output = run(spop("source", "pbx", "--check", "--config", str(config), env=env))
     assert code == 3
     assert f"pbx: cannot reach Asterisk AMI at 127.0.0.1:{port}: " in output
+
+
+def test_ringall_agents_who_did_not_answer_learn_the_call_went_elsewhere() -> None:
+    """Scenario A rings Alice (100) and Bob (101); Alice answers: Bob's card is told so."""
+    agents, _, _, _ = run(replay(pace=0.001, agent=FollowingAgent))
+    bob = [c for c in agents["101"].changes if c[0] == A]  # type: ignore[attr-defined]
+    alice = [c for c in agents["100"].changes if c[0] == A]  # type: ignore[attr-defined]
+    # `answered` once Bob's pop was acked, `withdrawn` if it was still on its way (timing); either
+    # way it names who answered and why
+    assert bob[0][2:] == ("100", "answered elsewhere")
+    assert alice[0][1:3] == ("answered", "100")
+    assert alice[-1][1] == "ended"
