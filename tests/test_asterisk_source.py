@@ -267,7 +267,7 @@ async def two_sessions(
     async with inprocess_hub() as hub:
         ami = FakeAsterisk()
         await ami.start()
-        agents = {r: await agent().up(address_of(hub), r) for r in AGENTS}
+        agents = {r: await Agent().up(address_of(hub), r) for r in AGENTS}
         sink = Recording(hub)
         ctx, captured = context(sink)
         source = source_for(ami, reconnect_max=0.3, **options)
