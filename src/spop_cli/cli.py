@@ -117,7 +117,7 @@ def _config_option(fn):  # type: ignore[no-untyped-def]
     )(fn)
 
 
-SERVER_HELP = "Hub address: PORT@HOST (the guide's form), HOST:PORT or [v6]:PORT."
+SERVER_HELP = "Hub address: PORT@HOST (the guide's form), HOST:PORT or [v6]:PORT; several hubs: 6000@a,6000@b."
 # Every command finds the hub one way (`_hub`): option > environment > [server] > default.
 HUB_DEFAULT = "  [default: $SPOP_SERVER, else [server] address of the config file, else 6000@localhost]"
 TOKEN_HELP = "Token the hub requires.  [default: $SPOP_TOKEN, else [server] token]"

@@ -348,10 +348,10 @@ def _port(value: Any) -> str | None:
 def _address(value: Any) -> str | None:
     if not isinstance(value, str):
         return "must be a string like 6000@host"
-    from .address import parse_address
+    from .address import parse_addresses
 
     try:
-        parse_address(value)
+        parse_addresses(value)
     except ScreenPopError as exc:
         return f"{exc.code.value}: {exc.message}"
     return None
