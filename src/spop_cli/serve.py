@@ -41,7 +41,7 @@ def build_hub_config(
         config = HubConfig(**merged)
     except TypeError as exc:
         raise ServeError(str(exc)) from None
-    if no_journal:
+    if no_journal or config.backend == "nats":  # on NATS, JetStream is the journal
         config.journal = None
     elif not config.journal:
         config.journal = str(default_journal_path())

@@ -1,0 +1,148 @@
+"""The NATS JetStream backend (`[hub] backend = "nats"`): a real nats-server started here."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import HubThread, wait_for
+from natsproc import NatsCluster
+from spop_cli import ListenerStatus, ScreenPopTelephoneListener
+from spop_cli.config import validate
+from spop_cli.hub.delivery import InProcessDelivery
+from spop_cli.hub.nats_delivery import NatsDelivery, resource_token, token_resource
+from spop_cli.hub.server import Hub, HubConfig
+
+S = ListenerStatus
+
+
+def test_embedded_is_the_default_backend() -> None:
+    assert HubConfig().backend == "embedded"
+    assert type(Hub(HubConfig()).delivery) is InProcessDelivery
+
+
+def test_backend_nats_chooses_jetstream() -> None:
+    assert type(Hub(HubConfig(backend="nats")).delivery) is NatsDelivery
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("backend", "nats", None),
+        ("backend", "embedded", None),
+        ("backend", "kafka", "must be one of 'embedded', 'nats'"),
+        ("nats_servers", "nats://127.0.0.1:4222", None),
+        ("nats_servers", "nats://a:4222,tls://b:4222", None),
+        ("nats_servers", "a:4222", "'a:4222' is not a nats://HOST:PORT URL"),
+        (
+            "nats_servers",
+            "",
+            "must be a string like nats://127.0.0.1:4222 (comma-separated for a cluster)",
+        ),
+        ("nats_replicas", 1, None),
+        ("nats_replicas", 5, None),
+        ("nats_replicas", 0, "must be an integer from 1 to 5 (JetStream's limit)"),
+        ("nats_replicas", 6, "must be an integer from 1 to 5 (JetStream's limit)"),
+        ("nats_stream", "SPOP_2", None),
+        ("nats_stream", "a.b", "must be 1 to 64 letters, digits, - or _"),
+        ("nats_kv_bucket", "x" * 64, None),
+        ("nats_kv_bucket", "x" * 65, "must be 1 to 64 letters, digits, - or _"),
+        ("nats_token", "", "must be a non-empty string"),
+        ("nats_creds", "/no/such/file.creds", "file not found"),
+        ("nats_timeout", 0, "must be greater than 0"),
+    ],
+)
+def test_nats_settings_are_checked(key: str, value: Any, message: str | None) -> None:
+    problems = validate({"hub": {key: value}})
+    assert [p.message for p in problems] == ([] if message is None else [message])
+
+
+def test_nats_tls_cert_needs_its_key(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    problems = validate({"hub": {"nats_tls_cert": str(cert)}})
+    assert [p.path for p in problems] == ["hub.nats_tls_cert"]
+
+
+@pytest.mark.parametrize(
+    "resource", ["1234", "a.b", "*", ">", "with space", "élan", "a/b", "x" * 40]
+)
+def test_resource_tokens_are_safe_subject_tokens(resource: str) -> None:
+    token = resource_token(resource)
+    assert all(c.isalnum() or c in "-_" for c in token)
+    assert token_resource(token) == resource
+
+
+def nats_hub(cluster: NatsCluster, **options: Any) -> HubThread:
+    return HubThread(backend="nats", nats_servers=cluster.servers, **options)
+
+
+@pytest.fixture
+def nats1(tmp_path: Path) -> Any:
+    cluster = NatsCluster(tmp_path, 1)
+    yield cluster
+    cluster.close()
+
+
+def listen(address: str, resource: str, interval: float = 0.3) -> tuple[Any, list[str]]:
+    listener = ScreenPopTelephoneListener(reconnecting_interval=interval)
+    got: list[str] = []
+    lock = threading.Lock()
+
+    @listener.on_screen_pop
+    def on_pop(event: Any) -> None:
+        with lock:
+            got.append(event.id)
+
+    listener.initialize(address)
+    listener.start_listening(resource)
+    return listener, got
+
+
+def test_single_node_round_trip(nats1: NatsCluster) -> None:
+    hub = nats_hub(nats1)
+    try:
+        # a pop accepted before anyone listens waits in the stream
+        assert hub.publish({"id": "early", "media": "telephone", "resource": "a.b c"}) == ["early"]
+        listener, got = listen(hub.address, "a.b c")
+        assert wait_for(lambda: got == ["early"])
+        hub.publish({"id": "live", "media": "telephone", "resource": "a.b c"})
+        assert wait_for(lambda: got == ["early", "live"])
+        hub.publish({"id": "live", "media": "telephone", "resource": "a.b c"})  # a resend
+        assert wait_for(lambda: hub.status()["counters"]["acked"] == 2)
+        status = hub.status()
+        assert status["counters"]["duplicates"] == 1
+        assert status["counters"]["pops_accepted"] == 2
+        assert status["pending"] == 0
+        assert got == ["early", "live"]
+        listener.shutdown()
+    finally:
+        hub.close()
+
+
+def test_two_hubs_share_pops_and_a_listener_fails_over(nats1: NatsCluster) -> None:
+    a, b = nats_hub(nats1), nats_hub(nats1)
+    try:
+        listener, got = listen(f"{a.address},{b.address}", "7001")
+        b.publish(
+            {"id": "via-b", "media": "telephone", "resource": "7001"}
+        )  # B's source, A's listener
+        assert wait_for(lambda: got == ["via-b"] and a.status()["counters"]["acked"] == 1)
+        # stop A's listener from acking: a pop it receives stays unacked in the stream
+        listener._core._link.send = lambda data: None  # type: ignore[attr-defined]
+        b.publish({"id": "unacked", "media": "telephone", "resource": "7001"})
+        assert wait_for(lambda: got == ["via-b", "unacked"])
+        a.stop()
+        # Up on B; B reads the key's history: `unacked` comes again, is acked, runs nothing twice
+        assert wait_for(lambda: listener.status is S.Status_Up and b.status()["registrations"] == 1)
+        assert wait_for(lambda: b.status()["counters"]["acked"] == 1)
+        b.publish({"id": "after", "media": "telephone", "resource": "7001"})
+        assert wait_for(lambda: got == ["via-b", "unacked", "after"])
+        assert wait_for(lambda: b.status()["pending"] == 0)
+        listener.shutdown()
+    finally:
+        a.close()
+        b.close()
