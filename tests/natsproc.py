@@ -144,7 +144,9 @@ class NatsCluster:
         import nats
 
         async def probe() -> bool:
-            nc = await nats.connect(self.servers, connect_timeout=1, max_reconnect_attempts=1)
+            nc = await nats.connect(
+                [n.url for n in self.nodes], connect_timeout=1, max_reconnect_attempts=1
+            )
             try:
                 await nc.jetstream().account_info()
                 return True
