@@ -187,7 +187,6 @@ def test_a_contact_alternating_between_hubs_pops_as_on_one_hub(nats1: NatsCluste
         b.close()
 
 
-@pytest.mark.chaos
 def test_three_node_cluster_survives_a_node_killed(tmp_path: Path) -> None:
     """Replicas 3: SIGKILL the node both hubs talk to; pops accepted before and after all arrive,
     each callback run once."""
@@ -217,3 +216,48 @@ def _try_publish(hub: HubThread, pop_id: str) -> bool:
     except Exception:
         return False
     return True
+
+
+def test_an_ended_contact_on_one_hub_withdraws_its_pop_on_the_other(nats1: NatsCluster) -> None:
+    a, b = nats_hub(nats1), nats_hub(nats1)
+    try:
+        assert a.hub is not None and b.hub is not None
+        queued = {"contact_id": "c-end", "event": "queued", "media": "telephone", "source": "1"}
+        routed = {"contact_id": "c-end", "event": "routed", "resource": "5150"}
+        a.call(a.hub.apply_contacts([queued, routed]))
+        kept = {"contact_id": "c-kept", "event": "routed", "media": "telephone", "resource": "5150"}
+        kept_pops = a.call(a.hub.apply_contacts(kept))["pops"]
+        b.call(b.hub.apply_contacts({"contact_id": "c-end", "event": "ended"}))
+        # the listener comes to A, which reads the key's history: the ended contact's pop is gone
+        listener, got = listen(a.address, "5150")
+        assert wait_for(lambda: got == kept_pops)
+        assert wait_for(lambda: a.status()["pending"] == 0)
+        listener.shutdown()
+        assert b.hub.contacts.state("c-end")["ended_seen"] is not None  # type: ignore[index]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_resent_event_id_on_another_hub_applies_once(nats1: NatsCluster) -> None:
+    a, b = nats_hub(nats1), nats_hub(nats1)
+    try:
+        assert a.hub is not None and b.hub is not None
+        event = {
+            "id": "ev-1",
+            "contact_id": "c-ev",
+            "event": "routed",
+            "media": "telephone",
+            "resource": "6",
+        }
+        first = a.call(a.hub.apply_contacts(event))
+        again = b.call(b.hub.apply_contacts(event))
+        assert len(first["pops"]) == 1
+        assert again == {"applied": 1, "pops": []}  # as one embedded hub answers a resend
+        assert b.status()["counters"]["duplicate_events"] == 1
+        listener, got = listen(b.address, "6")
+        assert wait_for(lambda: got == first["pops"])
+        listener.shutdown()
+    finally:
+        a.close()
+        b.close()

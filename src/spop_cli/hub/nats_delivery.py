@@ -186,10 +186,11 @@ class NatsDelivery:
                 pass
             self._live = None
         if self.nc is not None:
-            try:
-                await self.nc.drain()
+            try:  # the acks still buffered go out; no drain: it waits on every subscription
+                await self.nc.flush(timeout=1)
             except Exception:
-                await self.nc.close()
+                pass
+            await self.nc.close()
             self.nc = None
 
     async def _reconnected(self) -> None:

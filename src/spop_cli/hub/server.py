@@ -23,6 +23,8 @@ from ..protocol import HEARTBEAT, MAX_FRAME, pop_frame, pop_too_large
 from .connection import PING, HubConnection
 from .delivery import InProcessDelivery
 
+EVENT_IDS_KEPT = 64  # per contact in its KV state (backend nats): resends to any hub are duplicates
+
 
 @dataclass(slots=True)
 class _Held:
@@ -574,19 +576,30 @@ class Hub:
                     loaded = await self.delivery.load_contacts(ids)
                 except Exception as exc:
                     raise JournalUnavailable(exc) from exc
+                now = datetime.now(UTC)
+                applied: dict[str, list[str]] = {}  # contact → its recent event ids (any hub's)
                 for contact_id, (state, _) in loaded.items():
                     tracker.put_back({contact_id: None})
                     if state is not None:
+                        applied[contact_id] = list(state.get("event_ids", ()))
+                        for event_id in applied[contact_id]:
+                            tracker.event_ids.add(event_id, now)  # a resend to this hub: a duplicate
                         tracker.restore(state)
                 before = tracker.snapshot(ids)
                 error: Exception | None = None
                 try:
-                    outcomes = tracker.apply_batch(events, datetime.now(UTC))
+                    outcomes = tracker.apply_batch(events, now)
                 except ContactEventError as exc:
                     error = exc
                     outcomes = getattr(exc, "applied", [])
-                changed = {o.contact_id for o in outcomes}
+                changed = {o.contact_id for o in outcomes if not o.duplicate}
                 states = {c: tracker.state(c) for c in changed}
+                for outcome in outcomes:
+                    if outcome.event_id is not None and not outcome.duplicate:
+                        applied.setdefault(outcome.contact_id, []).append(outcome.event_id)
+                for contact_id, state in states.items():
+                    if state is not None:  # the ids travel with the state, in the same write
+                        state["event_ids"] = applied.get(contact_id, [])[-EVENT_IDS_KEPT:]
                 revisions = {c: loaded.get(c, (None, 0))[1] for c in changed}
                 try:
                     stored = await self.delivery.store_contacts(states, revisions)
