@@ -187,6 +187,29 @@ def test_a_contact_alternating_between_hubs_pops_as_on_one_hub(nats1: NatsCluste
         b.close()
 
 
+def test_three_node_cluster_with_three_replicas(tmp_path: Path) -> None:
+    """The stream and the bucket replicated on three nodes; hubs on different nodes share pops."""
+    cluster = NatsCluster(tmp_path, 3)
+    urls = [node.url for node in cluster.nodes]
+    hubs = [
+        HubThread(backend="nats", nats_servers=",".join(urls[i:] + urls[:i]), nats_replicas=3)
+        for i in range(2)
+    ]
+    try:
+        listener, got = listen(hubs[0].address, "3004")
+        hubs[1].publish({"id": "r3", "media": "telephone", "resource": "3004"})
+        assert wait_for(lambda: got == ["r3"])
+        info = hubs[0].call(hubs[0].hub.delivery.js.stream_info("SPOP"))  # type: ignore[union-attr]
+        assert info.config.num_replicas == 3
+        assert len(info.cluster.replicas) == 2  # a leader and two followers
+        listener.shutdown()
+    finally:
+        for hub in hubs:
+            hub.close()
+        cluster.close()
+
+
+@pytest.mark.chaos  # a stream leader's loss pauses writes for JetStream's election (4-9 s)
 def test_three_node_cluster_survives_a_node_killed(tmp_path: Path) -> None:
     """Replicas 3: SIGKILL the node both hubs talk to; pops accepted before and after all arrive,
     each callback run once."""
