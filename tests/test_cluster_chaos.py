@@ -174,3 +174,32 @@ def test_sigkill_a_nats_node_under_1000_listeners(tmp_path: Path, cluster: NatsC
         desks.stop()
         for hub in hubs:
             hub.kill()
+
+
+def test_contacts_alternating_between_three_hubs_on_three_replicas(
+    tmp_path: Path, cluster: NatsCluster
+) -> None:
+    """Every scenario, its events sent to hub A, B, C, A, … (each hub on a different NATS node,
+    contact state replicated 3 times): the pops one embedded hub gives."""
+    from datetime import UTC, datetime
+
+    from conftest import HubThread
+    from spop_cli.scenario import builtin_names, load_scenario, timeline
+    from test_cluster import play_alternating
+
+    start = datetime(2024, 5, 14, 9, 0, 0, tzinfo=UTC)
+    urls = [node.url for node in cluster.nodes]
+    embedded = HubThread()
+    hubs = [
+        HubThread(backend="nats", nats_servers=",".join(urls[i:] + urls[:i]), nats_replicas=3)
+        for i in range(3)
+    ]
+    try:
+        for name in builtin_names():
+            events = timeline(load_scenario(name), start, contact_suffix="-" + name)
+            alone = play_alternating([embedded], events)
+            assert play_alternating(hubs, events) == alone, name
+    finally:
+        embedded.close()
+        for hub in hubs:
+            hub.close()
