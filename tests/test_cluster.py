@@ -284,3 +284,25 @@ def test_a_resent_event_id_on_another_hub_applies_once(nats1: NatsCluster) -> No
     finally:
         a.close()
         b.close()
+
+
+def test_ended_on_a_hub_started_after_the_pop_still_withdraws_it(nats1: NatsCluster) -> None:
+    """The keys a contact popped travel in its KV state: a hub that never saw the pop withdraws
+    it all the same."""
+    a = nats_hub(nats1)
+    try:
+        assert a.hub is not None
+        routed = {"contact_id": "c-late", "event": "routed", "media": "telephone", "resource": "77"}
+        a.call(a.hub.apply_contacts(routed))
+    finally:
+        a.close()
+    late = nats_hub(nats1)
+    try:
+        assert late.hub is not None
+        late.call(late.hub.apply_contacts({"contact_id": "c-late", "event": "ended"}))
+        listener, got = listen(late.address, "77")
+        late.publish({"id": "marker", "media": "telephone", "resource": "77"})
+        assert wait_for(lambda: got == ["marker"])  # the ended contact's pop never came
+        listener.shutdown()
+    finally:
+        late.close()

@@ -414,9 +414,12 @@ class NatsDelivery:
             self._spawn(self.nc.publish(subject("ack", pending.key), pop_id.encode()))
         return pending
 
-    def withdraw(self, contact_id: str) -> list[Pending]:
-        """The contact ended: its pops still pending, on any hub, are withdrawn."""
+    def withdraw(self, contact_id: str, popped: list[Key] | None = None) -> list[Pending]:
+        """The contact ended: its pops still pending, on any hub, are withdrawn: on the keys its
+        state says it popped (`popped`) and those this hub saw pops of it for."""
         keys = self._contact_keys.pop(contact_id, {})
+        for key in popped or ():
+            keys.setdefault(key, 0.0)
         local = [self.pending[i] for i in list(self._by_contact.get(contact_id, ()))]
         for pending in local:
             keys.setdefault(pending.key, 0.0)

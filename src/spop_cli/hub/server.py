@@ -578,10 +578,12 @@ class Hub:
                     raise JournalUnavailable(exc) from exc
                 now = datetime.now(UTC)
                 applied: dict[str, list[str]] = {}  # contact → its recent event ids (any hub's)
+                popped: dict[str, list[list[str]]] = {}  # contact → the keys it popped (any hub)
                 for contact_id, (state, _) in loaded.items():
                     tracker.put_back({contact_id: None})
                     if state is not None:
                         applied[contact_id] = list(state.get("event_ids", ()))
+                        popped[contact_id] = list(state.get("pop_keys", ()))
                         for event_id in applied[contact_id]:
                             tracker.event_ids.add(event_id, now)  # a resend to this hub: a duplicate
                         tracker.restore(state)
@@ -597,9 +599,15 @@ class Hub:
                 for outcome in outcomes:
                     if outcome.event_id is not None and not outcome.duplicate:
                         applied.setdefault(outcome.contact_id, []).append(outcome.event_id)
+                    keys = popped.setdefault(outcome.contact_id, [])
+                    for event in outcome.pops:
+                        key = [event.media.value, event.resource]
+                        if key not in keys:
+                            keys.append(key)
                 for contact_id, state in states.items():
-                    if state is not None:  # the ids travel with the state, in the same write
+                    if state is not None:  # these travel with the state, in the same write
                         state["event_ids"] = applied.get(contact_id, [])[-EVENT_IDS_KEPT:]
+                        state["pop_keys"] = popped.get(contact_id, [])
                 revisions = {c: loaded.get(c, (None, 0))[1] for c in changed}
                 try:
                     stored = await self.delivery.store_contacts(states, revisions)
@@ -618,8 +626,9 @@ class Hub:
             writes: list[asyncio.Future[None]] = []
             pop_ids: list[str] = []
             for outcome in outcomes:
-                if outcome.ended:
-                    self.delivery.withdraw(outcome.contact_id)
+                if outcome.ended:  # on every key it popped, whichever hub popped it
+                    keys = [(k[0], k[1]) for k in popped.get(outcome.contact_id, [])]
+                    self.delivery.withdraw(outcome.contact_id, keys)
                 for event in outcome.pops:
                     pop = event.to_dict()
                     pop_ids.append(pop["id"])
