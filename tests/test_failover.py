@@ -110,7 +110,7 @@ def test_listener_fails_over_to_the_other_hub_and_gets_its_pops() -> None:
         assert wait_for(lambda: pops == ["waiting-on-b"])
         b.publish({"id": "live-on-b", "media": "telephone", "resource": "13579"})
         assert wait_for(lambda: pops == ["waiting-on-b", "live-on-b"])
-        assert b.status()["pending"] == 0  # both acked to B
+        assert wait_for(lambda: b.status()["pending"] == 0)  # both acked to B
         listener.shutdown()
     finally:
         a.close()
