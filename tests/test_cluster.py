@@ -199,9 +199,13 @@ def test_three_node_cluster_with_three_replicas(tmp_path: Path) -> None:
         listener, got = listen(hubs[0].address, "3004")
         hubs[1].publish({"id": "r3", "media": "telephone", "resource": "3004"})
         assert wait_for(lambda: got == ["r3"])
-        info = hubs[0].call(hubs[0].hub.delivery.js.stream_info("SPOP"))  # type: ignore[union-attr]
-        assert info.config.num_replicas == 3
-        assert len(info.cluster.replicas) == 2  # a leader and two followers
+
+        def info() -> Any:
+            return hubs[0].call(hubs[0].hub.delivery.js.stream_info("SPOP"))  # type: ignore[union-attr]
+
+        assert info().config.num_replicas == 3
+        # a leader and two followers
+        assert wait_for(lambda: len(info().cluster.replicas or []) == 2)
         listener.shutdown()
     finally:
         for hub in hubs:
@@ -306,3 +310,29 @@ def test_ended_on_a_hub_started_after_the_pop_still_withdraws_it(nats1: NatsClus
         listener.shutdown()
     finally:
         late.close()
+
+
+def test_serve_without_a_reachable_nats_says_so_and_exits(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from natsproc import free_ports
+
+    config = tmp_path / "hub.toml"
+    port = free_ports(1)[0]  # nothing listens there
+    config.write_text(
+        f'[hub]\nbackend = "nats"\nnats_servers = "nats://127.0.0.1:{port}"\nnats_timeout = 0.5\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "spop_cli", "serve", "--config", str(config), "--port", "0"]
+        + ["--http-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "SPOP_DIAG_DIR": str(tmp_path / "diag")},
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        f"spop: error: hub.nats_servers: no NATS server answers at nats://127.0.0.1:{port}"
+        " (TimeoutError)"
+    )

@@ -215,8 +215,13 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, ver
         )
         raise SystemExit(EXIT_CONFIG) from None
 
+    from .hub.nats_delivery import NatsUnavailable
+
     try:
         _run(run_hub(config, ready_file=ready_file, verbose=verbose, sources=sources))
+    except NatsUnavailable as exc:  # backend = "nats": no server answers, or no nats-py
+        click.echo(f"spop: error: hub.nats_servers: {exc}", err=True)
+        raise SystemExit(1) from None
     except JournalOpenError as exc:  # in use by another hub, another program's file
         click.echo(f"spop: error: hub.journal: {exc}", err=True)
         raise SystemExit(EXIT_CONFIG) from None

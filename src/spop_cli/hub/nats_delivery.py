@@ -108,8 +108,13 @@ class NatsDelivery:
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect, make sure the stream and the bucket exist, follow the stream from now."""
-        import nats
-        from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
+        try:
+            import nats
+            from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
+        except ImportError:
+            raise NatsUnavailable(
+                'backend = "nats" needs nats-py: pip install \'spop[nats]\''
+            ) from None
 
         c = self.config
         options: dict[str, Any] = {
@@ -132,7 +137,12 @@ class NatsDelivery:
             if c.nats_tls_cert:
                 context.load_cert_chain(c.nats_tls_cert, c.nats_tls_key)
             options["tls"] = context
-        self.nc = await nats.connect(**options)
+        try:  # reconnections go on for ever; the first connection must come in time
+            self.nc = await asyncio.wait_for(nats.connect(**options), 2 * c.nats_timeout)
+        except Exception as exc:
+            raise NatsUnavailable(
+                f"no NATS server answers at {c.nats_servers} ({type(exc).__name__})"
+            ) from None
         self.js = self.nc.jetstream(timeout=c.nats_timeout)
         max_age = max(self.ttl, self.dedupe_window, 1.0)
         stream = StreamConfig(
