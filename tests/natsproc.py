@@ -128,10 +128,14 @@ class NatsCluster:
             )
             for i in range(size)
         ]
-        for node in self.nodes:
-            node.start()
-        if size > 1:
-            self.wait_jetstream()
+        try:
+            for node in self.nodes:
+                node.start()
+            if size > 1:
+                self.wait_jetstream()
+        except BaseException:  # never leave a node running behind a failed start
+            self.close()
+            raise
 
     @property
     def servers(self) -> str:
