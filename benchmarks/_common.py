@@ -200,6 +200,8 @@ def load_args(roles: list[str]) -> Any:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--conns", type=int, default=1)
+    # several hubs of a cluster (benchmarks/cluster.py): listener connection i goes to port i % n
+    parser.add_argument("--ports", default="")
     args = parser.parse_args()
     raise_nofile()
     return args

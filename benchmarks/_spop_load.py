@@ -54,6 +54,7 @@ class Fleet:
         self.reconnects = 0
         self.errors: list[str] = []
         self.closing = False
+        self.ports: list[int] = []  # several hubs: connection i goes to ports[i % n]
 
     def recorder(self, run: str) -> Recorder:
         rec = self.runs.get(run)
@@ -77,8 +78,9 @@ class Fleet:
         loop = asyncio.get_running_loop()
         for attempt in range(50):
             try:
+                port = self.ports[index % len(self.ports)] if self.ports else self.port
                 _, link = await loop.create_connection(
-                    lambda: LeanLink(self, index), self.host, self.port
+                    lambda: LeanLink(self, index), self.host, port
                 )
                 await link.handshake(self.resources_of(index))
                 return link
@@ -184,6 +186,7 @@ async def stdin_lines() -> asyncio.StreamReader:
 
 async def run_listeners(args: argparse.Namespace) -> None:
     fleet = Fleet(args.host, args.port, args.n, args.conns)
+    fleet.ports = [int(p) for p in args.ports.split(",") if p] or [args.port]
     t0 = time.monotonic()
     await fleet.open_all()
     answer(

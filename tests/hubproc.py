@@ -335,7 +335,9 @@ async def main(address, prefix, count, interval):
         listener = AsyncListener("telephone", reconnecting_interval=interval, timeout=60)
         listener.on_screen_pop(lambda event: (calls.update([event.id]), seen[event.resource].add(event.id)))
         listener.on_status_changed(lambda old, new: losses.update([new is ListenerStatus.Status_Reconnecting]))
-        await listener.initialize(address)
+        hubs = address.split(",")  # several hubs: listener i starts at hub i mod n (spread)
+        shift = i % len(hubs)
+        await listener.initialize(",".join(hubs[shift:] + hubs[:shift]))
         await listener.start_listening(f"{prefix}{i}" if count > 1 else prefix)
         listeners.append(listener)
 

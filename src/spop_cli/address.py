@@ -1,4 +1,5 @@
-"""Hub addresses: the guide's `PORT@HOST`, and `HOST:PORT`, `[v6]:PORT`."""
+"""Hub addresses: the guide's `PORT@HOST`, and `HOST:PORT`, `[v6]:PORT`; a comma-separated list
+names several hubs of one cluster (a listener fails over from one to the next)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,19 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
             Error.SCREENPOP_Initialization_Error, f"port {number} out of range in {raw!r}"
         )
     return Address(host, number)
+
+
+def parse_addresses(text: str, default_port: int = DEFAULT_PORT) -> list[Address]:
+    """Parse `6000@hub-a,6000@hub-b`: the hubs of a cluster, in the order they are tried.
+
+    One address is a list of one. An empty item (`a,,b`, a trailing comma) is an error, so a
+    typo never silently drops a hub."""
+    raw = (text or "").strip()
+    if not raw:
+        raise ScreenPopError(Error.SCREENPOP_Initialization_Error, "empty server address")
+    items = raw.split(",")
+    if any(not item.strip() for item in items):
+        raise ScreenPopError(
+            Error.SCREENPOP_Initialization_Error, f"empty item in the address list {raw!r}"
+        )
+    return [parse_address(item, default_port) for item in items]

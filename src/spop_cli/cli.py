@@ -117,7 +117,7 @@ def _config_option(fn):  # type: ignore[no-untyped-def]
     )(fn)
 
 
-SERVER_HELP = "Hub address: PORT@HOST (the guide's form), HOST:PORT or [v6]:PORT."
+SERVER_HELP = "Hub address: PORT@HOST (the guide's form), HOST:PORT or [v6]:PORT; several hubs: 6000@a,6000@b."
 # Every command finds the hub one way (`_hub`): option > environment > [server] > default.
 HUB_DEFAULT = "  [default: $SPOP_SERVER, else [server] address of the config file, else 6000@localhost]"
 TOKEN_HELP = "Token the hub requires.  [default: $SPOP_TOKEN, else [server] token]"
@@ -215,8 +215,13 @@ def serve(config_path: str | None, ready_file: str | None, no_journal: bool, ver
         )
         raise SystemExit(EXIT_CONFIG) from None
 
+    from .hub.nats_delivery import NatsUnavailable
+
     try:
         _run(run_hub(config, ready_file=ready_file, verbose=verbose, sources=sources))
+    except NatsUnavailable as exc:  # backend = "nats": no server answers, or no nats-py
+        click.echo(f"spop: error: hub.nats_servers: {exc}", err=True)
+        raise SystemExit(1) from None
     except JournalOpenError as exc:  # in use by another hub, another program's file
         click.echo(f"spop: error: hub.journal: {exc}", err=True)
         raise SystemExit(EXIT_CONFIG) from None

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .address import Address, parse_address
+from .address import Address, parse_addresses
 from .model import Error, ScreenPopError
 from .protocol import HEARTBEAT, MAX_FRAME, VERSION, FrameDecoder, FrameError, encode
 
@@ -180,8 +180,32 @@ async def connect(
     on_lost: Callable[[Exception | None], None] | None = None,
     on_change: Callable[[dict[str, Any]], None] | None = None,
 ) -> HubLink:
-    """Connect and shake hands. Unreachable → Cannot_Find_HiPath_ProCenter; refused → the hub's code."""
-    addr = parse_address(address) if isinstance(address, str) else address
+    """Connect and shake hands. Unreachable → Cannot_Find_HiPath_ProCenter; refused → the hub's code.
+
+    A list (`6000@a,6000@b`) names the hubs of a cluster: each is tried in turn until one answers;
+    only when none can be reached is the last failure raised (a refusal is raised at once)."""
+    addrs = parse_addresses(address) if isinstance(address, str) else [address]
+    for index, addr in enumerate(addrs):
+        try:
+            return await _connect_one(
+                addr, token, role, timeout, ssl_context, on_pop, on_lost, on_change
+            )
+        except ScreenPopError as exc:
+            if exc.code is not Error.SCREENPOP_Cannot_Find_HiPath_ProCenter or index == len(addrs) - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _connect_one(
+    addr: Address,
+    token: str | None,
+    role: str,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    on_pop: Callable[[dict[str, Any]], None] | None,
+    on_lost: Callable[[Exception | None], None] | None,
+    on_change: Callable[[dict[str, Any]], None] | None = None,
+) -> HubLink:
     loop = asyncio.get_running_loop()
     try:
         _, link = await asyncio.wait_for(
@@ -211,10 +235,7 @@ async def connect(
         link.close()
         if on_change is not None and "not supported" in exc.message:
             # a hub older than contact updates: speak protocol 1 to it, without them
-            return await connect(
-                addr, token=token, role=role, timeout=timeout, ssl_context=ssl_context,
-                on_pop=on_pop, on_lost=on_lost,
-            )
+            return await _connect_one(addr, token, role, timeout, ssl_context, on_pop, on_lost)
         raise
     except BaseException:  # refused, timed out, or cancelled: never leave the socket open
         link.on_lost = None

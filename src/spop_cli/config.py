@@ -348,12 +348,45 @@ def _port(value: Any) -> str | None:
 def _address(value: Any) -> str | None:
     if not isinstance(value, str):
         return "must be a string like 6000@host"
-    from .address import parse_address
+    from .address import parse_addresses
 
     try:
-        parse_address(value)
+        parse_addresses(value)
     except ScreenPopError as exc:
         return f"{exc.code.value}: {exc.message}"
+    return None
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else "must be one of " + ", ".join(map(repr, choices))
+
+    return check
+
+
+def _nats_servers(value: Any) -> str | None:
+    """`nats://host:4222,nats://other:4222`: every item a nats://, tls:// (or ws) URL."""
+    if not isinstance(value, str) or not value.strip():
+        return "must be a string like nats://127.0.0.1:4222 (comma-separated for a cluster)"
+    for item in value.split(","):
+        item = item.strip()
+        scheme, sep, rest = item.partition("://")
+        if not sep or scheme not in ("nats", "tls", "ws", "wss") or not rest:
+            return f"{item!r} is not a nats://HOST:PORT URL"
+    return None
+
+
+def _replicas(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+        return "must be an integer from 1 to 5 (JetStream's limit)"
+    return None
+
+
+def _nats_name(value: Any) -> str | None:
+    import re
+
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        return "must be 1 to 64 letters, digits, - or _"
     return None
 
 
@@ -447,6 +480,17 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "browser_origins": _origins,
         "browser_session_ttl": _number(0),
         "panel_buttons": _buttons,
+        "backend": _one_of("embedded", "nats"),
+        "nats_servers": _nats_servers,
+        "nats_token": _nonempty_string,
+        "nats_creds": _existing_file,
+        "nats_tls_ca": _existing_file,
+        "nats_tls_cert": _existing_file,
+        "nats_tls_key": _existing_file,
+        "nats_replicas": _replicas,
+        "nats_stream": _nats_name,
+        "nats_kv_bucket": _nats_name,
+        "nats_timeout": _number(0),
     },
 }
 LISTENER_KEYS = ("media", "resource", "actions")
@@ -490,6 +534,8 @@ def validate(doc: Mapping[str, Any], sources: Mapping[str, str] | None = None) -
     hub = doc.get("hub") if isinstance(doc.get("hub"), dict) else {}
     if bool(hub.get("tls_cert")) != bool(hub.get("tls_key")):
         problem("hub.tls_cert", "tls_cert and tls_key go together: set both or neither")
+    if bool(hub.get("nats_tls_cert")) != bool(hub.get("nats_tls_key")):
+        problem("hub.nats_tls_cert", "nats_tls_cert and nats_tls_key go together: set both or neither")
     _validate_listeners(doc.get("listeners", []), problem)
     actions = doc.get("actions", {})
     if not isinstance(actions, dict):

@@ -41,7 +41,7 @@ def build_hub_config(
         config = HubConfig(**merged)
     except TypeError as exc:
         raise ServeError(str(exc)) from None
-    if no_journal:
+    if no_journal or config.backend == "nats":  # on NATS, JetStream is the journal
         config.journal = None
     elif not config.journal:
         config.journal = str(default_journal_path())
@@ -227,6 +227,8 @@ async def run_hub(
             os.replace(tmp, ready_file)
         http = f"HTTP on port {hub.http_port}" if hub.http_port else "no HTTP port (--http-port -1)"
         journal = f"journal {config.journal}" if config.journal else "no journal (pops in memory)"
+        if config.backend == "nats":
+            journal = f"pops on NATS JetStream (stream {config.nats_stream}, {config.nats_replicas} replicas)"
         print(
             f"spop hub: listeners on {config.host} port {hub.port}, {http}, {journal}."
             + ("" if verbose else " --verbose shows each pop."),

@@ -24,6 +24,8 @@ from .connection import PING, HubConnection
 from .delivery import InProcessDelivery
 from .gcpolicy import FreezeOnGrowth
 
+EVENT_IDS_KEPT = 64  # per contact in its KV state (backend nats): resends to any hub are duplicates
+
 
 @dataclass(slots=True)
 class _Held:
@@ -73,6 +75,19 @@ class HubConfig:
     browser_origins: list[str] = field(default_factory=list)
     browser_session_ttl: float = 12 * 3600.0
     panel_buttons: list[dict[str, str]] = field(default_factory=list)
+    # where pops, acks and contact state live: "embedded" (this process, the SQLite journal) or
+    # "nats" (a JetStream stream and KV bucket shared by several hubs; docs/cluster.md)
+    backend: str = "embedded"
+    nats_servers: str = "nats://127.0.0.1:4222"  # comma-separated: every node of the cluster
+    nats_token: str | None = None
+    nats_creds: str | None = None  # a .creds file (user JWT and seed)
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    nats_replicas: int = 1  # 3 on a three-node cluster: any one node may fail
+    nats_stream: str = "SPOP"
+    nats_kv_bucket: str = "spop-contacts"
+    nats_timeout: float = 5.0  # for JetStream to acknowledge a write
 
 
 class Hub:
@@ -81,7 +96,7 @@ class Hub:
     def __init__(self, config: HubConfig | None = None, log: logging.Logger | None = None) -> None:
         self.config = config or HubConfig()
         self.log = log or logging.getLogger("spop.hub")
-        self.delivery = InProcessDelivery(self.config.pop_ttl, self.config.dedupe_window)
+        self.delivery: Any = self._make_delivery()
         self.connections: set[HubConnection] = set()
         self.counters: Counter[str] = Counter()
         self.started_at = time.time()
@@ -105,10 +120,24 @@ class Hub:
         self.browser_sessions: Any = None  # signs their cookies; made at start
 
     # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def clustered(self) -> bool:
+        return self.config.backend == "nats"
+
+    def _make_delivery(self) -> Any:
+        """The one place the delivery backend is chosen."""
+        if self.clustered:
+            from .nats_delivery import NatsDelivery
+
+            return NatsDelivery(self.config, self.log)
+        return InProcessDelivery(self.config.pop_ttl, self.config.dedupe_window)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ssl_context = self.ssl_context()
-        if self.config.journal:
+        if self.clustered:
+            await self.delivery.start()  # JetStream is the journal: no SQLite file
+        elif self.config.journal:
             self._open_journal()
         self._server = await loop.create_server(
             lambda: HubConnection(self),
@@ -166,6 +195,8 @@ class Hub:
         if self.journal is not None:
             await self.journal.close()
             self.journal = None
+        if self.clustered:
+            await self.delivery.close()
         self.log.info("hub stopped")
 
     async def serve_forever(self, stop: asyncio.Event) -> None:
@@ -340,6 +371,8 @@ class Hub:
         key = (pop["media"], pop["resource"])
         if frame is None:
             frame = pop_frame(pop)
+        if self.clustered:
+            return self._accept_clustered(pop, key, frame, dedupe)
         if self.journal is None:
             if self.delivery.publish(pop_id, key, frame, pop["contact_id"], dedupe=dedupe):
                 self.counters["pops_accepted"] += 1
@@ -366,6 +399,32 @@ class Hub:
             commit.add_done_callback(self._committed)  # before any source's: delivered first
         batch.append(held)
         return commit
+
+    def _accept_clustered(
+        self, pop: dict[str, Any], key: tuple[str, str], frame: bytes, dedupe: bool
+    ) -> asyncio.Future[None]:
+        """Into the JetStream stream; the future resolves once JetStream stored it (every hub
+        then delivers it to its listeners of the key), or fails with a 503 if it could not."""
+        from .journal import JournalUnavailable
+
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def stored(write: asyncio.Future[bool]) -> None:
+            if done.done():
+                return
+            if write.cancelled() or write.exception() is not None:
+                self.counters["journal_refused"] += 1
+                cause = write.exception() if not write.cancelled() else RuntimeError("cancelled")
+                done.set_exception(JournalUnavailable(cause))  # type: ignore[arg-type]
+                return
+            if write.result():
+                self.counters["pops_accepted"] += 1
+                if self.on_pop is not None:
+                    self.on_pop(pop)
+            done.set_result(None)
+
+        self.delivery.submit(pop["id"], key, frame, pop["contact_id"], dedupe).add_done_callback(stored)
+        return done
 
     def _committed(self, commit: asyncio.Future[None]) -> None:
         """A journal batch is done: deliver its pops, or drop them all if it failed."""
@@ -537,6 +596,8 @@ class Hub:
         from .journal import JournalUnavailable
 
         ids = _contact_ids(events)
+        if self.clustered:
+            return await self._apply_contacts_clustered(events, ids)
         await self._contact_turn(ids)
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for contact_id in ids:
@@ -565,6 +626,95 @@ class Hub:
                 refused = JournalUnavailable(exc.__cause__ or exc)
                 refused.applied_result = {"applied": 0, "pops": []}  # type: ignore[attr-defined]
                 raise refused from exc
+        if error is not None:
+            error.applied_result = result  # type: ignore[attr-defined]
+            raise error
+        return result
+
+    async def _apply_contacts_clustered(self, events: Any, ids: set[str]) -> dict[str, Any]:
+        """Contact state in the JetStream KV bucket: read it, apply the events, write it back
+        at the revision read; another hub's write in between means read again and retry. Then
+        the pops (and withdrawals) go into the stream; the answer waits for JetStream."""
+        from .contacts import ContactEventError
+        from .journal import JournalUnavailable
+
+        await self._contact_turn(ids)  # this hub's own requests about a contact, in turn
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for contact_id in ids:
+            self._contact_turns[contact_id] = turn
+        try:
+            tracker = self.contacts
+            for _attempt in range(50):
+                try:
+                    loaded = await self.delivery.load_contacts(ids)
+                except Exception as exc:
+                    raise JournalUnavailable(exc) from exc
+                now = datetime.now(UTC)
+                applied: dict[str, list[str]] = {}  # contact → its recent event ids (any hub's)
+                popped: dict[str, list[list[str]]] = {}  # contact → the keys it popped (any hub)
+                for contact_id, (state, _) in loaded.items():
+                    tracker.put_back({contact_id: None})
+                    if state is not None:
+                        applied[contact_id] = list(state.get("event_ids", ()))
+                        popped[contact_id] = list(state.get("pop_keys", ()))
+                        for event_id in applied[contact_id]:
+                            tracker.event_ids.add(event_id, now)  # a resend to this hub: a duplicate
+                        tracker.restore(state)
+                before = tracker.snapshot(ids)
+                error: Exception | None = None
+                try:
+                    outcomes = tracker.apply_batch(events, now)
+                except ContactEventError as exc:
+                    error = exc
+                    outcomes = getattr(exc, "applied", [])
+                changed = {o.contact_id for o in outcomes if not o.duplicate}
+                states = {c: tracker.state(c) for c in changed}
+                for outcome in outcomes:
+                    if outcome.event_id is not None and not outcome.duplicate:
+                        applied.setdefault(outcome.contact_id, []).append(outcome.event_id)
+                    keys = popped.setdefault(outcome.contact_id, [])
+                    for event in outcome.pops:
+                        key = [event.media.value, event.resource]
+                        if key not in keys:
+                            keys.append(key)
+                for contact_id, state in states.items():
+                    if state is not None:  # these travel with the state, in the same write
+                        state["event_ids"] = applied.get(contact_id, [])[-EVENT_IDS_KEPT:]
+                        state["pop_keys"] = popped.get(contact_id, [])
+                revisions = {c: loaded.get(c, (None, 0))[1] for c in changed}
+                try:
+                    stored = await self.delivery.store_contacts(states, revisions)
+                except Exception as exc:
+                    stored = False
+                    tracker.put_back(before)
+                    _forget_events(tracker, outcomes)
+                    raise JournalUnavailable(exc) from exc
+                if stored:
+                    break
+                tracker.put_back(before)  # another hub changed one of them: again, from its state
+                _forget_events(tracker, outcomes)
+                self.counters["contact_conflicts"] += 1
+            else:
+                raise JournalUnavailable(RuntimeError("contact state kept changing on other hubs"))
+            writes: list[asyncio.Future[None]] = []
+            pop_ids: list[str] = []
+            for outcome in outcomes:
+                if outcome.ended:  # on every key it popped, whichever hub popped it
+                    keys = [(k[0], k[1]) for k in popped.get(outcome.contact_id, [])]
+                    self.delivery.withdraw(outcome.contact_id, keys)
+                for event in outcome.pops:
+                    pop = event.to_dict()
+                    pop_ids.append(pop["id"])
+                    writes.append(self.accept(pop, dedupe=outcome.event_id is not None))  # type: ignore[arg-type]
+            self.counters["contact_events"] += len(outcomes)
+            result = {"applied": len(outcomes), "pops": pop_ids}
+            if writes:
+                await asyncio.gather(*writes)
+        finally:
+            for contact_id in ids:
+                if self._contact_turns.get(contact_id) is turn:
+                    del self._contact_turns[contact_id]
+            turn.set_result(None)
         if error is not None:
             error.applied_result = result  # type: ignore[attr-defined]
             raise error
@@ -718,6 +868,13 @@ class Hub:
             "contacts": len(self._contacts) if self._contacts is not None else 0,
             "counters": counters,
         }
+
+
+def _forget_events(tracker: Any, outcomes: list[Any]) -> None:
+    """Event ids of outcomes that did not happen: a resend of them applies."""
+    for outcome in outcomes:
+        if outcome.event_id is not None and not outcome.duplicate:
+            tracker.event_ids.forget(outcome.event_id)
 
 
 def _contact_ids(events: Any) -> set[str]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import client
-from ..address import parse_address
+from ..address import Address, parse_addresses
 from ..diagnostics import open_diagnostics
 from ..model import (
     ContactChange,
@@ -54,6 +54,8 @@ class AsyncListener:
         self.next_retry_at: float | None = None
         self.log: logging.Logger = logging.getLogger("spop.listener")
         self._address = ""
+        self._addresses: list[Address] = []  # the hubs of a cluster, in the order given
+        self._current = 0  # the index of the hub we are (or were last) connected to
         self._link: client.HubLink | None = None
         self._pop_callbacks: list[Callable[..., Any]] = []
         self._status_callbacks: list[Callable[..., Any]] = []
@@ -125,11 +127,12 @@ class AsyncListener:
         """Down → Idle, once the hub has answered the handshake."""
         if self.status is not S.Status_Down:
             raise ScreenPopError(Error.SCREENPOP_Wrong_Status, f"initialize needs Status_Down, not {self.status}")
-        parse_address(address)  # a malformed address is an Initialization_Error, before any I/O
+        # a malformed address is an Initialization_Error, before any I/O
+        self._addresses = parse_addresses(address)
         self.log = open_diagnostics("listener")
         self.log.info("%s initialize %s", self.media, address)
         try:
-            self._link = await self._connect(address)
+            self._link = await self._connect_any(0)
         except ScreenPopError as exc:
             self.log.error("initialize %s failed: %s", address, exc)
             raise
@@ -207,6 +210,23 @@ class AsyncListener:
         self._set_status(S.Status_Down)
 
     # -- wiring ---------------------------------------------------------------------------
+    async def _connect_any(self, start: int) -> client.HubLink:
+        """Try the hubs in turn from `start` (wrapping round); the first that answers is ours.
+        A refusal (bad token) is raised at once; if none can be reached, the last failure."""
+        count = len(self._addresses)
+        for step in range(count):
+            index = (start + step) % count
+            try:
+                link = await self._connect(str(self._addresses[index]))
+            except ScreenPopError as exc:
+                if exc.code is not Error.SCREENPOP_Cannot_Find_HiPath_ProCenter or step == count - 1:
+                    raise
+                self.log.info("hub %s unreachable: %s", self._addresses[index], exc)
+                continue
+            self._current = index
+            return link
+        raise ScreenPopError(Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "no hub address")
+
     async def _connect(self, address: str) -> client.HubLink:
         link = await client.connect(
             address,
@@ -333,7 +353,7 @@ class AsyncListener:
         if self.status not in (S.Status_Idle, S.Status_Up):
             return
         self._resume = self.status
-        self.log.warning("connection to %s lost: %s", self._address, exc or "closed by the hub")
+        self.log.warning("connection to %s lost: %s", self._addresses[self._current], exc or "closed by the hub")
         self._set_status(S.Status_Reconnecting)
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
 
@@ -347,7 +367,8 @@ class AsyncListener:
             delay = min(delay * 2, self.reconnecting_interval)
             link: client.HubLink | None = None
             try:
-                link = await self._connect(self._address)
+                # the next hub first: the one we lost is tried last
+                link = await self._connect_any(self._current + 1)
                 if self._resume is S.Status_Up:
                     self._early = []
                     await link.request(
@@ -374,7 +395,7 @@ class AsyncListener:
             self._link = link
             self.next_retry_at = None
             self._reconnect_task = None
-            self.log.info("reconnected to %s", self._address)
+            self.log.info("reconnected to %s", self._addresses[self._current])
             if self.status is S.Status_Reconnecting:
                 self._set_status(self._resume)
             self._flush_early()

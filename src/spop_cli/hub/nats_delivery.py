@@ -1,0 +1,541 @@
+"""Delivery on NATS JetStream: several hubs share pops, acks and contact state; none is a single
+point of failure. The sibling of InProcessDelivery, chosen by `[hub] backend = "nats"`.
+
+One stream (`SPOP` by default, replicated `nats_replicas` times) holds, per (media, resource) key:
+
+- `spop.pop.<media>.<res>`  a pop (the frame; `Nats-Msg-Id` = pop id: JetStream's duplicate window)
+- `spop.ack.<media>.<res>`  a listener of the key handled pop <body>
+- `spop.end.<media>.<res>`  contact <body> ended: its earlier pops of the key are withdrawn
+
+`<res>` is the resource in URL-safe base64 (no `.`, `*`, `>` or space can reach a subject).
+
+Every hub follows the stream live with one ordered consumer (no per-key consumers: they cost a
+Raft group each, and JetStream caps them at 1,000 per stream by default). A hub keeps in memory
+only the keys its own listeners registered: the first registration of a key reads the key's
+history (direct gets, `next_by_subj`), so a listener that moved from a hub that died gets every
+pop it had not acked. Acks go into the stream, so the pop leaves every hub's window. A pop the
+listener handled but whose ack was lost comes again: its handled-id memory runs nothing twice.
+
+Contact state lives in a KV bucket, updated with the revision it was read at (compare-and-set),
+so any hub can take the next event of any contact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+import time
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .delivery import Pending, Subscriber
+from .routing import Key, Routing
+
+if TYPE_CHECKING:
+    from .server import HubConfig
+
+KINDS = ("pop", "ack", "end")
+
+
+def resource_token(resource: str) -> str:
+    """The resource as one subject token: URL-safe base64 of its UTF-8, unpadded."""
+    return base64.urlsafe_b64encode(resource.encode()).rstrip(b"=").decode() or "_"
+
+
+def token_resource(token: str) -> str:
+    if token == "_":
+        return ""
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+
+
+def subject(kind: str, key: Key) -> str:
+    return f"spop.{kind}.{key[0]}.{resource_token(key[1])}"
+
+
+def kv_key(contact_id: str) -> str:
+    """KV keys allow `[-/_=.a-zA-Z0-9]`: a contact id of any characters, encoded."""
+    return "c" + base64.urlsafe_b64encode(contact_id.encode()).decode()
+
+
+class NatsUnavailable(Exception):
+    """JetStream did not acknowledge in time (no quorum, no server reachable)."""
+
+
+class _KeyState:
+    """What a hub holds for one key its listeners registered."""
+
+    __slots__ = ("seq", "buffer", "synced")
+
+    def __init__(self) -> None:
+        self.seq = 0  # last stream sequence applied for this key
+        self.buffer: list[tuple[int, str, bytes, dict[str, str]]] | None = []  # live, while syncing
+        self.synced = False
+
+
+class NatsDelivery:
+    """Pops in a JetStream stream; this hub delivers those of the keys registered here."""
+
+    def __init__(self, config: HubConfig, log: logging.Logger | None = None) -> None:
+        self.config = config
+        self.ttl = config.pop_ttl
+        self.dedupe_window = config.dedupe_window
+        self.log = log or logging.getLogger("spop.hub")
+        self.stream = config.nats_stream
+        self.routing = Routing()
+        self.pending: dict[str, Pending] = {}
+        self._by_key: dict[Key, dict[str, None]] = {}
+        self._by_contact: dict[str, dict[str, None]] = {}
+        self._keys: dict[Key, _KeyState] = {}
+        # contact → keys it has pops for (from every pop in the stream): what `ended` withdraws
+        self._contact_keys: dict[str, dict[Key, float]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.nc: Any = None
+        self.js: Any = None
+        self.kv: Any = None
+        self._live: Any = None
+        self.last_seq = 0
+        self.delivered = 0
+        self.acked = 0
+        self.expired = 0
+        self.withdrawn = 0
+        self.duplicates = 0
+        self.resyncs = 0
+        # contact updates (protocol 2) are not carried by this backend yet: these stay 0
+        self.changes_pending = 0
+        self.changes_delivered = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, make sure the stream and the bucket exist, follow the stream from now."""
+        try:
+            import nats
+            from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
+        except ImportError:
+            raise NatsUnavailable(
+                'backend = "nats" needs nats-py: pip install \'spop[nats]\''
+            ) from None
+
+        c = self.config
+        options: dict[str, Any] = {
+            "servers": [s.strip() for s in c.nats_servers.split(",") if s.strip()],
+            "name": "spop-hub",
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "connect_timeout": 2,
+            "reconnected_cb": self._reconnected,
+            "disconnected_cb": self._disconnected,
+            "error_cb": self._error,
+        }
+        if c.nats_token:
+            options["token"] = c.nats_token
+        if c.nats_creds:
+            options["user_credentials"] = c.nats_creds
+        if c.nats_tls_ca or c.nats_tls_cert:
+            context = ssl.create_default_context(cafile=c.nats_tls_ca)
+            if c.nats_tls_cert:
+                context.load_cert_chain(c.nats_tls_cert, c.nats_tls_key)
+            options["tls"] = context
+        try:  # reconnections go on for ever; the first connection must come in time
+            self.nc = await asyncio.wait_for(nats.connect(**options), 2 * c.nats_timeout)
+        except Exception as exc:
+            raise NatsUnavailable(
+                f"no NATS server answers at {c.nats_servers} ({type(exc).__name__})"
+            ) from None
+        self.js = self.nc.jetstream(timeout=c.nats_timeout)
+        max_age = max(self.ttl, self.dedupe_window, 1.0)
+        stream = StreamConfig(
+            name=self.stream,
+            subjects=[f"spop.{kind}.>" for kind in KINDS],
+            num_replicas=c.nats_replicas,
+            max_age=max_age,
+            duplicate_window=min(max(self.dedupe_window, 0.1), max_age),
+            allow_direct=True,
+            storage=StorageType.FILE,
+        )
+        try:
+            await self.js.add_stream(stream)
+        except Exception as exc:  # exists with other settings: take ours
+            self.log.info("stream %s: %s; updating", self.stream, exc)
+            await self.js.update_stream(stream)
+        self.kv = await self.js.create_key_value(
+            KeyValueConfig(
+                bucket=c.nats_kv_bucket,
+                history=1,
+                ttl=max(c.contact_idle_expiry, 60.0),
+                replicas=c.nats_replicas,
+                storage=StorageType.FILE,
+            )
+        )
+        info = await self.js.stream_info(self.stream)
+        self.last_seq = info.state.last_seq
+        self._live = await self.js.subscribe(
+            "spop.>",
+            stream=self.stream,
+            cb=self._on_live,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+            idle_heartbeat=1.0,
+        )
+        self.log.info(
+            "JetStream stream %s (replicas %d) at sequence %d via %s",
+            self.stream,
+            c.nats_replicas,
+            self.last_seq,
+            self.nc.connected_url.netloc if self.nc.connected_url else "?",
+        )
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._live is not None:
+            try:
+                await self._live.unsubscribe()
+            except Exception:
+                pass
+            self._live = None
+        if self.nc is not None:
+            try:  # the acks still buffered go out; no drain: it waits on every subscription
+                await self.nc.flush(timeout=1)
+            except Exception:
+                pass
+            await self.nc.close()
+            self.nc = None
+
+    async def _reconnected(self) -> None:
+        # the ordered consumer resumes by itself; the direct reads of a sync in progress may
+        # have failed: read every registered key again
+        self.log.warning("NATS: reconnected to %s", self.nc.connected_url.netloc)
+        for key in list(self._keys):
+            self._resync(key)
+
+    async def _disconnected(self) -> None:
+        self.log.warning("NATS: disconnected")
+
+    async def _error(self, exc: Exception) -> None:
+        self.log.warning("NATS: %r", exc)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- listeners ------------------------------------------------------------------------
+    def subscribe(self, key: Key, subscriber: Subscriber) -> bool:
+        """Register; the subscriber is owed the key's pending pops (once the key's history is
+        read, for the first registration of a key on this hub)."""
+        if not self.routing.add(key, subscriber):
+            return False
+        state = self._keys.get(key)
+        if state is None:
+            self._keys[key] = _KeyState()
+            self._spawn(self._sync(key))
+        elif state.synced:
+            owed = list(self._by_key.get(key, ()))
+            if owed:
+                subscriber.owe(owed)
+        return True
+
+    def unsubscribe(self, key: Key, subscriber: Subscriber) -> bool:
+        removed = self.routing.remove(key, subscriber)
+        if removed and not any(True for _ in self.routing.of(key)):
+            self._drop_key(key)  # no listener here any more: another hub may serve it
+        return removed
+
+    def _drop_key(self, key: Key) -> None:
+        self._keys.pop(key, None)
+        for pop_id in list(self._by_key.pop(key, ())):
+            pending = self.pending.pop(pop_id, None)
+            if pending is not None and pending.contact_id:
+                ids = self._by_contact.get(pending.contact_id)
+                if ids is not None:
+                    ids.pop(pop_id, None)
+                    if not ids:
+                        del self._by_contact[pending.contact_id]
+
+    def _resync(self, key: Key) -> None:
+        """Read the key's history again (after a NATS reconnect)."""
+        if key not in self._keys:
+            return
+        self.resyncs += 1
+        state = self._keys[key] = _KeyState()
+        state.seq = 0
+        self._spawn(self._sync(key, again=True))
+
+    async def _sync(self, key: Key, again: bool = False) -> None:
+        """Apply the key's history from the stream, then what came live meanwhile; owe it."""
+        state = self._keys.get(key)
+        if state is None:
+            return
+        pattern = f"spop.*.{key[0]}.{resource_token(key[1])}"
+        seen = set(self._by_key.get(key, ())) if again else set()
+        seq = 1
+        while True:
+            if self._keys.get(key) is not state:
+                return  # dropped or restarted meanwhile
+            try:
+                reply = await self.nc.request(
+                    f"$JS.API.DIRECT.GET.{self.stream}",
+                    orjson.dumps({"seq": seq, "next_by_subj": pattern}),
+                    timeout=self.config.nats_timeout,
+                )
+            except Exception as exc:
+                self.log.warning("reading %s %s from JetStream: %r; retrying", *key, exc)
+                await asyncio.sleep(0.25)
+                continue
+            headers = reply.headers or {}
+            if headers.get("Status"):
+                if headers["Status"] == "404":
+                    break
+                self.log.warning("reading %s %s: status %s; retrying", *key, headers["Status"])
+                await asyncio.sleep(0.25)
+                continue
+            at = int(headers["Nats-Sequence"])
+            kind = headers["Nats-Subject"].split(".", 2)[1]
+            self._apply(key, state, at, kind, reply.data, headers, live=False)
+            seq = at + 1
+        if self._keys.get(key) is not state:
+            return
+        buffered, state.buffer = state.buffer or [], None
+        for at, kind, data, headers in buffered:
+            self._apply(key, state, at, kind, data, headers, live=False)
+        state.synced = True
+        owed = [pop_id for pop_id in self._by_key.get(key, ()) if pop_id not in seen]
+        if owed:
+            for subscriber in self.routing.of(key):
+                subscriber.owe(owed)
+
+    # -- the stream, live -----------------------------------------------------------------
+    async def _on_live(self, msg: Any) -> None:
+        try:
+            at = msg.metadata.sequence.stream
+            self.last_seq = at
+            _, kind, media, token = msg.subject.split(".", 3)
+            key = (media, token_resource(token))
+            headers = msg.headers or {}
+            if kind == "pop":
+                self._note_contact(
+                    headers.get("Spop-Contact", ""), key, _expires(headers, self.ttl)
+                )
+            state = self._keys.get(key)
+            if state is None:
+                return
+            if state.buffer is not None:
+                state.buffer.append((at, kind, msg.data, headers))
+                return
+            self._apply(key, state, at, kind, msg.data, headers, live=True)
+        except Exception:  # one odd message must not stop the hub following the stream
+            self.log.exception("JetStream message %s dropped", getattr(msg, "subject", "?"))
+
+    def _apply(
+        self,
+        key: Key,
+        state: _KeyState,
+        at: int,
+        kind: str,
+        data: bytes,
+        headers: dict[str, str],
+        live: bool,
+    ) -> None:
+        if at <= state.seq:
+            return
+        state.seq = at
+        if kind == "pop":
+            pop_id = headers.get("Spop-Id") or headers.get("Nats-Msg-Id", "")
+            expires = _expires(headers, self.ttl)
+            if not pop_id or pop_id in self.pending or expires <= time.time():
+                return
+            contact_id = headers.get("Spop-Contact", "")
+            pending = Pending(pop_id, key, data, expires, contact_id)
+            self.pending[pop_id] = pending
+            self._by_key.setdefault(key, {})[pop_id] = None
+            if contact_id:
+                self._by_contact.setdefault(contact_id, {})[pop_id] = None
+            if live:
+                for subscriber in self.routing.of(key):
+                    subscriber.deliver(pending)
+        elif kind == "ack":
+            self._forget(data.decode(errors="replace"))
+        elif kind == "end":
+            contact_id = data.decode(errors="replace")
+            for pop_id in list(self._by_contact.get(contact_id, ())):
+                pending = self.pending.get(pop_id)
+                if pending is not None and pending.key == key:
+                    self._forget(pop_id)
+                    self.withdrawn += 1
+
+    def _note_contact(self, contact_id: str, key: Key, expires: float) -> None:
+        if contact_id:
+            self._contact_keys.setdefault(contact_id, {})[key] = expires
+
+    # -- sources --------------------------------------------------------------------------
+    def is_duplicate(self, pop_id: str) -> bool:
+        return False  # JetStream's duplicate window decides, at the write
+
+    def remember(self, pop_id: str, accepted: float) -> None:
+        """Nothing to do: the stream keeps the ids."""
+
+    def submit(
+        self,
+        pop_id: str,
+        key: Key,
+        frame: bytes,
+        contact_id: str = "",
+        dedupe: bool = True,
+    ) -> asyncio.Future[bool]:
+        """Write a pop to the stream; the future is True once JetStream stored it, False for a
+        duplicate within the window, NatsUnavailable if it could not be stored."""
+        expires = time.time() + self.ttl
+        headers = {"Spop-Id": pop_id, "Spop-Expires": f"{expires:.3f}"}
+        if contact_id:
+            headers["Spop-Contact"] = contact_id
+        if dedupe:
+            headers["Nats-Msg-Id"] = pop_id
+        self._note_contact(contact_id, key, expires)  # an `ended` right after withdraws it
+        return self._spawn(self._write(subject("pop", key), frame, headers))
+
+    async def _write(self, subj: str, data: bytes, headers: dict[str, str] | None) -> bool:
+        try:
+            ack = await self.js.publish(
+                subj, data, headers=headers, timeout=self.config.nats_timeout
+            )
+        except Exception as exc:
+            raise NatsUnavailable(f"JetStream did not store it: {exc!r}") from exc
+        if ack.duplicate:
+            self.duplicates += 1
+            return False
+        return True
+
+    def publish(self, *args: Any, **kwargs: Any) -> bool:
+        raise TypeError("NatsDelivery takes pops through submit()")
+
+    # -- outcomes -------------------------------------------------------------------------
+    def ack(self, pop_id: str, keys: Container[Key] | None = None) -> Pending | None:
+        """A listener of the pop's key handled it: it leaves the window here at once, and on
+        every hub once the ack is in the stream."""
+        pending = self.pending.get(pop_id)
+        if pending is None or (keys is not None and pending.key not in keys):
+            return None
+        self._forget(pop_id)
+        self.acked += 1
+        if self.nc is not None:
+            self._spawn(self.nc.publish(subject("ack", pending.key), pop_id.encode()))
+        return pending
+
+    def withdraw(self, contact_id: str, popped: list[Key] | None = None) -> list[Pending]:
+        """The contact ended: its pops still pending, on any hub, are withdrawn: on the keys its
+        state says it popped (`popped`) and those this hub saw pops of it for."""
+        keys = self._contact_keys.pop(contact_id, {})
+        for key in popped or ():
+            keys.setdefault(key, 0.0)
+        local = [self.pending[i] for i in list(self._by_contact.get(contact_id, ()))]
+        for pending in local:
+            keys.setdefault(pending.key, 0.0)
+        for key in keys:
+            self._spawn(self._write(subject("end", key), contact_id.encode(), None))
+        for pending in local:
+            self._forget(pending.id)
+        self.withdrawn += len(local)
+        return local
+
+    def of_contact(self, contact_id: str) -> list[str]:
+        return list(self._by_contact.get(contact_id, ()))
+
+    def expire(self) -> list[Pending]:
+        now = time.time()
+        expired = [p for p in self.pending.values() if p.expires <= now]
+        for pending in expired:
+            self._forget(pending.id)
+        self.expired += len(expired)
+        for contact_id in [
+            c for c, keys in self._contact_keys.items() if max(keys.values()) <= now
+        ]:
+            del self._contact_keys[contact_id]
+        return expired
+
+    def _forget(self, pop_id: str) -> Pending | None:
+        pending = self.pending.pop(pop_id, None)
+        if pending is None:
+            return None
+        ids = self._by_key.get(pending.key)
+        if ids is not None:
+            ids.pop(pop_id, None)
+            if not ids:
+                del self._by_key[pending.key]
+        if pending.contact_id:
+            ids = self._by_contact.get(pending.contact_id)
+            if ids is not None:
+                ids.pop(pop_id, None)
+                if not ids:
+                    del self._by_contact[pending.contact_id]
+        for subscriber in self.routing.of(pending.key):
+            subscriber.settled(pop_id)
+        return pending
+
+    # -- contacts in KV ---------------------------------------------------------------------
+    async def load_contacts(self, ids: set[str]) -> dict[str, tuple[dict[str, Any] | None, int]]:
+        """Each contact's state and the KV revision it was read at (0: no such key)."""
+        from nats.js.errors import KeyNotFoundError
+
+        out: dict[str, tuple[dict[str, Any] | None, int]] = {}
+        for contact_id in ids:
+            try:
+                entry = await self.kv.get(kv_key(contact_id))
+            except KeyNotFoundError as exc:
+                # a deleted key still has a revision: the next write must name it
+                out[contact_id] = (None, getattr(getattr(exc, "entry", None), "revision", 0) or 0)
+                continue
+            except Exception as exc:
+                raise NatsUnavailable(f"contact state unreadable: {exc!r}") from exc
+            state = orjson.loads(entry.value) if entry.value else None
+            out[contact_id] = (state, entry.revision or 0)
+        return out
+
+    async def store_contacts(
+        self, states: dict[str, dict[str, Any] | None], revisions: dict[str, int]
+    ) -> bool:
+        """Write each state if its key is still at the revision read (compare-and-set). False
+        when another hub changed one meanwhile: the caller reads again and retries."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        for contact_id, state in states.items():
+            key = kv_key(contact_id)
+            last = revisions.get(contact_id, 0)
+            try:
+                if state is None:
+                    if last:
+                        await self.kv.delete(key, last=last)
+                elif last:
+                    await self.kv.update(key, orjson.dumps(state), last=last)
+                else:
+                    await self.kv.create(key, orjson.dumps(state))
+            except KeyWrongLastSequenceError:
+                return False
+            except Exception as exc:
+                if "wrong last sequence" in str(exc) or "key exists" in str(exc):
+                    return False
+                raise NatsUnavailable(f"contact state not stored: {exc!r}") from exc
+        return True
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "pending": len(self.pending),
+            "delivered": self.delivered,
+            "acked": self.acked,
+            "expired": self.expired,
+            "withdrawn": self.withdrawn,
+            "duplicates": self.duplicates,
+            "nats_resyncs": self.resyncs,
+        }
+
+
+def _expires(headers: dict[str, str], ttl: float) -> float:
+    try:
+        return float(headers["Spop-Expires"])
+    except (KeyError, ValueError):
+        return time.time() + ttl

