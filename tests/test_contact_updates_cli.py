@@ -7,11 +7,12 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from conftest import HubThread, wait_for
 from spop_cli import ContactChange, ScreenPopTelephoneListener
-from spop_cli.session import PopRow, _move
+from spop_cli.session import PopRow, _move, first_state
 from spop_cli.view import pop_card, state_text
 from test_listen_cli import finish, listen, wait_registered
 
@@ -100,7 +101,9 @@ def _text(renderable: object) -> str:
 
 def test_live_card_moves_ringing_talking_with_a_clock_ended() -> None:
     row = PopRow(1_700_000_000.0, "telephone", "13579", "p1", "0612", "Ventes", "", 10)
-    assert "state" not in _text(pop_card(row))  # ringing: the card as it always was
+    row.state = first_state("telephone", "c")
+    assert state_text(row).plain == "ringing"
+    assert "ringing" in _text(pop_card(row))
     _move(row, _change("answered", answered_by="13579"))
     assert row.state == "talking" and row.talk_since is not None
     assert state_text(row, now=row.talk_since + 65).plain == "talking 1:05"
@@ -165,3 +168,14 @@ def test_a_change_action_result_names_the_change_and_its_pop() -> None:
     assert trigger.to_dict()["queue_name"] == pop.queue_name
     line = result_line(None, "wrapup", trigger, Outcome("ok", 0.5))
     assert line.endswith(f"telephone 13579: action wrapup ok for ended of pop {pop.id} in 0.500 s")
+
+
+@pytest.mark.parametrize(
+    ("media", "contact_id", "state"),
+    [("telephone", "c", "ringing"), ("email", "c", "offered"), ("callback", "c", "offered"),
+     ("webcollab", "c", "offered"), ("telephone", "", "")],
+)  # fmt: skip
+def test_a_tracked_contacts_card_starts_ringing_or_offered(
+    media: str, contact_id: str, state: str
+) -> None:
+    assert first_state(media, contact_id) == state

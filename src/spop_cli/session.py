@@ -256,6 +256,7 @@ class ListenSession:
             from_=event.from_,
             redirect=event.redirect,
             contact_data=tuple((item.key, item.value) for item in event.contact_data),
+            state=first_state(str(event.media), event.contact_id),
         )
         if len(self.recent) == self.recent.maxlen:
             self._rows.pop(self.recent[-1].pop_id, None)
@@ -334,6 +335,14 @@ class ListenSession:
         return Snapshot(self.address, tuple(rows), pops, self.failures, self.pending, self.count)
 
 
+def first_state(media: str, contact_id: str) -> str:
+    """A pop of a tracked contact starts `ringing` (a call) or `offered` (the other media) until
+    its first change; a pop with no contact is never followed, so its card shows no state."""
+    if not contact_id:
+        return ""
+    return "ringing" if media == "telephone" else "offered"
+
+
 def _move(row: PopRow, change: Any) -> None:
     """A pop's card follows its contact: talking (a clock runs), transferred, ended…"""
     kind = change.change
@@ -347,10 +356,10 @@ def _move(row: PopRow, change: Any) -> None:
         row.state, row.state_detail = "transferred", f"to {change.transferred_to}"
     elif kind == "consulted":
         row.state_detail = f"consulting {change.consulted}"
-        row.state = row.state or "talking"
+        row.state = "talking" if row.state in ("", "ringing", "offered") else row.state
     elif kind == "conferenced":
         row.state_detail = change.reason
-        row.state = row.state or "talking"
+        row.state = "talking" if row.state in ("", "ringing", "offered") else row.state
     elif kind == "ended":
         row.state, row.talk_time = "ended", change.talk_time
         row.state_detail = change.reason
