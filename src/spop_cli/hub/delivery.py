@@ -176,17 +176,7 @@ class InProcessDelivery:
             return None
         if pending.change:
             self.changes_pending -= 1
-        ids = self._by_key.get(pending.key)
-        if ids is not None:
-            ids.pop(pop_id, None)
-            if not ids:
-                del self._by_key[pending.key]
-        if pending.contact_id:
-            ids = self._by_contact.get(pending.contact_id)
-            if ids is not None:
-                ids.pop(pop_id, None)
-                if not ids:
-                    del self._by_contact[pending.contact_id]
+        unindex(pending, self._by_key, self._by_contact)
         for subscriber in self.routing.of(pending.key):
             subscriber.settled(pop_id)
         return pending
@@ -204,3 +194,16 @@ class InProcessDelivery:
             "changes_acked": self.changes_acked,
             "changes_expired": self.changes_expired,
         }
+
+
+def unindex(
+    pending: Pending, by_key: dict[Key, dict[str, None]], by_contact: dict[str, dict[str, None]]
+) -> None:
+    """Drop a pop that is no longer pending from the per-key and per-contact indexes of a
+    delivery backend (an index left empty goes too)."""
+    for index, name in ((by_key, pending.key), (by_contact, pending.contact_id)):
+        ids = index.get(name)  # type: ignore[call-overload]
+        if ids is not None:
+            ids.pop(pending.id, None)
+            if not ids:
+                del index[name]  # type: ignore[arg-type]

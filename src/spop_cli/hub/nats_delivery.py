@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .delivery import Pending, Subscriber
+from .delivery import Pending, Subscriber, unindex
 from .routing import Key, Routing
 
 if TYPE_CHECKING:
@@ -251,12 +251,8 @@ class NatsDelivery:
         self._keys.pop(key, None)
         for pop_id in list(self._by_key.pop(key, ())):
             pending = self.pending.pop(pop_id, None)
-            if pending is not None and pending.contact_id:
-                ids = self._by_contact.get(pending.contact_id)
-                if ids is not None:
-                    ids.pop(pop_id, None)
-                    if not ids:
-                        del self._by_contact[pending.contact_id]
+            if pending is not None:
+                unindex(pending, {}, self._by_contact)  # the key's index is gone already
 
     def _resync(self, key: Key) -> None:
         """Read the key's history again (after a NATS reconnect)."""
@@ -462,17 +458,7 @@ class NatsDelivery:
         pending = self.pending.pop(pop_id, None)
         if pending is None:
             return None
-        ids = self._by_key.get(pending.key)
-        if ids is not None:
-            ids.pop(pop_id, None)
-            if not ids:
-                del self._by_key[pending.key]
-        if pending.contact_id:
-            ids = self._by_contact.get(pending.contact_id)
-            if ids is not None:
-                ids.pop(pop_id, None)
-                if not ids:
-                    del self._by_contact[pending.contact_id]
+        unindex(pending, self._by_key, self._by_contact)
         for subscriber in self.routing.of(pending.key):
             subscriber.settled(pop_id)
         return pending
