@@ -141,12 +141,14 @@ class NatsDelivery:
         # id → (key, expires, contact id, is a change); it counts and logs their expiry
         self._mine: dict[str, tuple[Key, float, str, bool]] = {}
         self._mine_by_contact: dict[str, dict[str, None]] = {}
-        # acks: queued this loop iteration, then published and awaited (by reply token)
-        self._ack_queue: list[tuple[str, str]] = []
-        self._acks_out: dict[str, _Ack] = {}
-        self._ack_inbox = ""
-        self._ack_sub: Any = None
-        self._ack_seq = 0
+        # writes (pops, updates, ends) and acks: queued this loop iteration, then published
+        # together by one task, each with a reply subject JetStream answers on (by token)
+        self._outbox: list[tuple[str, bytes, dict[str, str] | None, str]] = []
+        self._writes: dict[str, asyncio.Future[bool]] = {}  # token "w…" → its writer's future
+        self._acks_out: dict[str, _Ack] = {}  # token "a…" → the ack until stored
+        self._inbox = ""
+        self._inbox_sub: Any = None
+        self._token = 0
         self.acks_stored = 0  # confirmed by JetStream
         self.ack_failures = 0  # not confirmed in nats_timeout, or refused, at least once
 
@@ -189,8 +191,8 @@ class NatsDelivery:
                 f"no NATS server answers at {c.nats_servers} ({type(exc).__name__})"
             ) from None
         self.js = self.nc.jetstream(timeout=c.nats_timeout)
-        self._ack_inbox = self.nc.new_inbox()
-        self._ack_sub = await self.nc.subscribe(self._ack_inbox + ".*", cb=self._on_ack_reply)
+        self._inbox = self.nc.new_inbox()
+        self._inbox_sub = await self.nc.subscribe(self._inbox + ".*", cb=self._on_reply)
         max_age = max(self.ttl, self.dedupe_window, 1.0)
         stream = StreamConfig(
             name=self.stream,
@@ -244,9 +246,8 @@ class NatsDelivery:
             self._live = None
         if self.nc is not None:
             try:  # the acks still queued or buffered go out; no drain: it waits on every subscription
-                if self._ack_queue:
-                    self._send_acks()
-                    await asyncio.sleep(0)
+                if self._outbox:
+                    await self._publish(self._take_outbox())
                 await self.nc.flush(timeout=1)
             except Exception:
                 pass
@@ -356,7 +357,7 @@ class NatsDelivery:
     # -- the stream, live -----------------------------------------------------------------
     async def _on_live(self, msg: Any) -> None:
         try:
-            at = msg.metadata.sequence.stream
+            at = _stream_seq(msg.reply)
             self.last_seq = at
             _, kind, media, token = msg.subject.split(".", 3)
             key = (media, token_resource(token))
@@ -478,7 +479,7 @@ class NatsDelivery:
             self._note_contact(contact_id, key, expires)  # an `ended` right after withdraws it
         if dedupe:
             headers["Nats-Msg-Id"] = pop_id
-        write = self._spawn(self._write(subject("pop", key), frame, headers))
+        write = self._write(subject("pop", key), frame, headers)
         if pop_id not in self._mine:  # a resend's outcome must not drop the first copy's
             self._mine[pop_id] = (key, expires, contact_id, change)
             if contact_id and not change:
@@ -486,17 +487,89 @@ class NatsDelivery:
             write.add_done_callback(lambda w: _stored(w) or self._drop_mine(pop_id))
         return write
 
-    async def _write(self, subj: str, data: bytes, headers: dict[str, str] | None) -> bool:
-        try:
-            ack = await self.js.publish(
-                subj, data, headers=headers, timeout=self.config.nats_timeout
+    def _write(
+        self, subj: str, data: bytes, headers: dict[str, str] | None
+    ) -> asyncio.Future[bool]:
+        """Into the stream with this iteration's other writes; the future is True once
+        JetStream stored it, False for a duplicate, NatsUnavailable if refused or unanswered
+        within nats_timeout. No task and no JSON parsing per write."""
+        loop = asyncio.get_running_loop()
+        write: asyncio.Future[bool] = loop.create_future()
+        self._token += 1
+        token = f"w{self._token:x}"
+        self._writes[token] = write
+        self._queue(subj, data, headers, token)
+        return write
+
+    def _queue(self, subj: str, data: bytes, headers: dict[str, str] | None, token: str) -> None:
+        if not self._outbox:  # one publishing task per loop iteration
+            asyncio.get_running_loop().call_soon(self._send_outbox)
+        self._outbox.append((subj, data, headers, token))
+
+    def _take_outbox(self) -> list[tuple[str, bytes, dict[str, str] | None, str]]:
+        batch, self._outbox = self._outbox, []
+        return batch
+
+    def _send_outbox(self) -> None:
+        batch = self._take_outbox()
+        if not batch:
+            return
+        tokens = [token for *_, token in batch if token[0] == "w"]
+        if tokens:  # one timer for the writes of the batch
+            asyncio.get_running_loop().call_later(
+                self.config.nats_timeout, self._unanswered, tokens
             )
-        except Exception as exc:
-            raise NatsUnavailable(f"JetStream did not store it: {exc!r}") from exc
-        if ack.duplicate:
-            self.duplicates += 1
-            return False
-        return True
+        self._spawn(self._publish(batch))
+
+    async def _publish(self, batch: list[tuple[str, bytes, dict[str, str] | None, str]]) -> None:
+        inbox = self._inbox
+        for subj, data, headers, token in batch:
+            try:  # buffered while reconnecting; acks are sent again by _retry_acks
+                await self.nc.publish(subj, data, reply=f"{inbox}.{token}", headers=headers)
+            except Exception as exc:
+                self._failed(token, f"JetStream did not store it: {exc!r}")
+
+    def _failed(self, token: str, why: str) -> None:
+        write = self._writes.pop(token, None)
+        if write is not None and not write.done():
+            write.set_exception(NatsUnavailable(why))
+
+    def _unanswered(self, tokens: list[str]) -> None:
+        for token in tokens:
+            if token in self._writes:
+                self._failed(token, f"JetStream did not answer in {self.config.nats_timeout} s")
+
+    async def _on_reply(self, msg: Any) -> None:
+        """JetStream's answer to a write or an ack (`{"stream":…,"seq":…}`, with
+        `"duplicate": true` for a resend; `{"error":…}`, or a 503 status: refused)."""
+        token = msg.subject.rpartition(".")[2]
+        data = msg.data
+        refused = bool(msg.headers and msg.headers.get("Status")) or b'"error"' in data
+        if token[0] == "w":
+            write = self._writes.pop(token, None)
+            if write is None or write.done():  # answered after its timeout
+                return
+            if refused:
+                why = data.decode(errors="replace") or f"status {msg.headers.get('Status')}"
+                write.set_exception(NatsUnavailable(f"JetStream did not store it: {why}"))
+            elif b'"duplicate"' in data:  # the server writes `"duplicate": true`
+                self.duplicates += 1
+                write.set_result(False)
+            else:
+                write.set_result(True)
+            return
+        ack = self._acks_out.get(token)
+        if ack is None:  # the second answer to an ack sent twice
+            return
+        if refused:  # 503: no JetStream answered; or an API error
+            if not ack.failed:
+                ack.failed = True
+                self.ack_failures += 1
+            # again at the next sweep, not at once: a leader election takes seconds
+            ack.sent = time.monotonic() - self.config.nats_timeout
+            return
+        del self._acks_out[token]
+        self.acks_stored += 1
 
     def publish(self, *args: Any, **kwargs: Any) -> bool:
         raise TypeError("NatsDelivery takes pops through submit()")
@@ -515,50 +588,15 @@ class NatsDelivery:
             self.acked += 1
         if self._mine:
             self._drop_mine(pop_id)
-        if self.nc is not None:
-            if not self._ack_queue:  # one publishing task per loop iteration, not one per ack
-                asyncio.get_running_loop().call_soon(self._send_acks)
-            self._ack_queue.append((subject("ack", pending.key), pop_id))
+        if self.nc is not None:  # with this iteration's other writes; confirmed by reply
+            now = time.monotonic()
+            self._token += 1
+            token = f"a{self._token:x}"
+            ack = self._acks_out[token] = _Ack(
+                subject("ack", pending.key), pop_id.encode(), now, now + self.ttl
+            )
+            self._queue(ack.subject, ack.data, None, token)
         return pending
-
-    def _send_acks(self) -> None:
-        """Publish this iteration's acks, each with a reply subject JetStream answers on."""
-        queued, self._ack_queue = self._ack_queue, []
-        if not queued or self.nc is None:
-            return
-        now = time.monotonic()
-        batch: list[tuple[str, _Ack]] = []
-        for subj, pop_id in queued:
-            self._ack_seq += 1
-            token = f"{self._ack_seq:x}"
-            ack = self._acks_out[token] = _Ack(subj, pop_id.encode(), now, now + self.ttl)
-            batch.append((token, ack))
-        self._spawn(self._publish_acks(batch))
-
-    async def _publish_acks(self, batch: list[tuple[str, _Ack]]) -> None:
-        inbox = self._ack_inbox
-        for token, ack in batch:
-            try:  # buffered while reconnecting; sent again by _retry_acks if never answered
-                await self.nc.publish(ack.subject, ack.data, reply=f"{inbox}.{token}")
-            except Exception:
-                pass
-
-    async def _on_ack_reply(self, msg: Any) -> None:
-        """JetStream's answer to an ack: stored, or refused (sent again soon)."""
-        token = msg.subject.rpartition(".")[2]
-        ack = self._acks_out.get(token)
-        if ack is None:  # the second answer to an ack sent twice
-            return
-        status = msg.headers.get("Status") if msg.headers else None
-        if status or b'"error"' in msg.data:  # 503: no JetStream answered; or an API error
-            if not ack.failed:
-                ack.failed = True
-                self.ack_failures += 1
-            # again at the next sweep, not at once: a leader election takes seconds
-            ack.sent = time.monotonic() - self.config.nats_timeout
-            return
-        del self._acks_out[token]
-        self.acks_stored += 1
 
     def _retry_acks(self) -> None:
         """Send again each ack JetStream did not confirm within nats_timeout (same reply token:
@@ -567,7 +605,6 @@ class NatsDelivery:
             return
         now = time.monotonic()
         timeout = self.config.nats_timeout
-        again: list[tuple[str, _Ack]] = []
         for token, ack in list(self._acks_out.items()):
             if now >= ack.until:
                 del self._acks_out[token]
@@ -583,9 +620,7 @@ class NatsDelivery:
                 self.ack_failures += 1
             ack.sent = now
             if self.nc.is_connected:  # else the copy buffered for the reconnection goes out
-                again.append((token, ack))
-        if again:
-            self._spawn(self._publish_acks(again))
+                self._queue(ack.subject, ack.data, None, token)
 
     def withdraw(
         self,
@@ -603,7 +638,7 @@ class NatsDelivery:
         for pending in local:
             keys.setdefault(pending.key, 0.0)
         for key in keys:
-            write = self._spawn(self._write(subject("end", key), contact_id.encode(), None))
+            write = self._write(subject("end", key), contact_id.encode(), None)
             if writes is not None:
                 writes.append(write)
         for pending in local:
@@ -736,6 +771,14 @@ class NatsDelivery:
             "nats_acks_stored": self.acks_stored,
             "nats_ack_failures": self.ack_failures,
         }
+
+
+def _stream_seq(reply: str) -> int:
+    """The stream sequence in a JetStream delivery's reply subject (`$JS.ACK.<stream>.<consumer>.
+    <delivered>.<sseq>…`, or with domain and account hash after `$JS.ACK`), without building
+    nats-py's Metadata (a dataclass and a datetime per message)."""
+    tokens = reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
 def _stored(write: asyncio.Future[bool]) -> bool:
