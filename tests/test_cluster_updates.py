@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import HubThread, wait_for
-from hubproc import address_of, inprocess_hub, run, until
+from hubproc import RawClient, address_of, inprocess_hub, run, until
 from natsproc import NatsCluster
 from spop_cli import ListenerStatus, ScreenPopTelephoneListener
 from spop_cli.scenario import builtin_names, load_scenario
@@ -156,6 +156,47 @@ def test_answered_elsewhere_withdraws_the_pop_on_the_other_hub(nats1: NatsCluste
                 await late.down()
             finally:
                 await here.down()
+
+    run(body())
+
+
+def test_ended_on_the_listeners_hub_withdraws_its_unacked_pop_as_withdrawn(
+    nats1: NatsCluster,
+) -> None:
+    """The pop is in flight, unacked, on hub A when A applies `ended`: the update says
+    `withdrawn` (reason ended), as on one embedded hub, not `ended`."""
+
+    async def body() -> None:
+        async with inprocess_hub(backend="nats", nats_servers=nats1.servers) as a:
+            raw = await RawClient.open(a.port)
+            await raw.send({"op": "hello", "ref": 0, "version": 2, "updates": True})
+            assert (await raw.frame())["op"] == "welcome"  # type: ignore[index]
+            assert (await raw.request("register", media="telephone", resource="1001"))["op"] == "ok"
+            await settled([a])
+            at = "2024-05-14T09:00:{:02d}Z"
+            await a.apply_contacts(
+                {"contact_id": "c", "event": "routed", "resource": "1001", "at": at.format(0)}
+            )
+            pop = await raw.frame()
+            assert pop is not None and pop["op"] == "pop"
+            await a.apply_contacts({"contact_id": "c", "event": "ended", "at": at.format(9)})
+            change = await raw.frame()
+            assert change is not None and change["op"] == "change"
+            body_ = change["change"]
+            assert (body_["change"], body_["reason"], body_["pop_id"]) == (
+                "withdrawn",
+                "ended",
+                pop["pop"]["id"],
+            )
+            await raw.send({"op": "ack", "ids": [body_["id"]]})
+            assert await until(lambda: not a.delivery.pending)
+            counters = a.status()["counters"]
+            assert (counters["withdrawn"], counters["acked"], counters["changes_acked"]) == (
+                1,
+                0,
+                1,
+            )
+            raw.close()
 
     run(body())
 

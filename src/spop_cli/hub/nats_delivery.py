@@ -630,7 +630,11 @@ class NatsDelivery:
     ) -> list[Pending]:
         """The contact ended: its pops still pending, on any hub, are withdrawn: on the keys its
         state says it popped (`popped`) and those this hub saw pops of it for. The stream
-        writes are added to `writes` (to await them)."""
+        writes are added to `writes` (to await them).
+
+        The pops pending here are returned but stay until the withdrawal comes back from the
+        stream, as on every other hub: the contact's take-back updates, written before it,
+        must still find them (and say `withdrawn`), here as there."""
         keys = self._contact_keys.pop(contact_id, {})
         for key in popped or ():
             keys.setdefault(key, 0.0)
@@ -641,9 +645,6 @@ class NatsDelivery:
             write = self._write(subject("end", key), contact_id.encode(), None)
             if writes is not None:
                 writes.append(write)
-        for pending in local:
-            self._forget(pending.id)
-        self.withdrawn += len(local)
         return local
 
     def of_contact(self, contact_id: str) -> list[str]:
