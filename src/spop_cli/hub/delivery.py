@@ -207,3 +207,11 @@ def unindex(
             ids.pop(pending.id, None)
             if not ids:
                 del index[name]  # type: ignore[arg-type]
+
+
+def sent_phrase(times: int) -> str:
+    """How an expired pop fared: "undelivered" (no listener of its key got it) or how many
+    times it was sent without an ack."""
+    if not times:
+        return "undelivered"
+    return "unacknowledged (sent once)" if times == 1 else f"unacknowledged (sent {times} times)"

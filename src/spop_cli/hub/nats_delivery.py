@@ -3,7 +3,8 @@ point of failure. The sibling of InProcessDelivery, chosen by `[hub] backend = "
 
 One stream (`SPOP` by default, replicated `nats_replicas` times) holds, per (media, resource) key:
 
-- `spop.pop.<media>.<res>`  a pop (the frame; `Nats-Msg-Id` = pop id: JetStream's duplicate window)
+- `spop.pop.<media>.<res>`  a pop (the frame; `Nats-Msg-Id` = pop id: JetStream's duplicate window),
+                            or a contact update (protocol 2 `change` frame, header `Spop-Change`)
 - `spop.ack.<media>.<res>`  a listener of the key handled pop <body>
 - `spop.end.<media>.<res>`  contact <body> ended: its earlier pops of the key are withdrawn
 
@@ -13,8 +14,18 @@ Every hub follows the stream live with one ordered consumer (no per-key consumer
 Raft group each, and JetStream caps them at 1,000 per stream by default). A hub keeps in memory
 only the keys its own listeners registered: the first registration of a key reads the key's
 history (direct gets, `next_by_subj`), so a listener that moved from a hub that died gets every
-pop it had not acked. Acks go into the stream, so the pop leaves every hub's window. A pop the
-listener handled but whose ack was lost comes again: its handled-id memory runs nothing twice.
+pop it had not acked. Acks go into the stream, so the pop leaves every hub's window; each is
+published with a reply subject, counted once JetStream stored it, and sent again until it is. A
+pop the listener handled but whose ack was lost comes again: its handled-id memory runs nothing
+twice.
+
+A contact update rides the same subject as the key's pops, after them in the stream. One that
+takes back (`Spop-Change: take-back`: answered elsewhere, ended) becomes `withdrawn` on every hub
+holding the key if the contact's pop of the key is still pending there at that point of the
+stream, exactly as the embedded hub decides at that point of its journal.
+
+The hub that accepted a pop keeps its id until it is acked, withdrawn or expired (it sees every
+ack and end live): it counts and logs the expiry once, even when no hub had a listener of the key.
 
 Contact state lives in a KV bucket, updated with the revision it was read at (compare-and-set),
 so any hub can take the next event of any contact.
@@ -32,13 +43,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .delivery import Pending, Subscriber, unindex
+from ..protocol import change_frame
+from .delivery import Pending, Subscriber, sent_phrase, unindex
 from .routing import Key, Routing
 
 if TYPE_CHECKING:
     from .server import HubConfig
 
 KINDS = ("pop", "ack", "end")
+CHANGE = "Spop-Change"  # header of a contact update: "1", or TAKE_BACK
+TAKE_BACK = "take-back"  # withdraws the contact's pending pop of the key (sent as `withdrawn`)
 
 
 def resource_token(resource: str) -> str:
@@ -76,6 +90,19 @@ class _KeyState:
         self.synced = False
 
 
+class _Ack:
+    """An ack published and not yet confirmed by JetStream."""
+
+    __slots__ = ("subject", "data", "sent", "until", "failed")
+
+    def __init__(self, subject: str, data: bytes, sent: float, until: float) -> None:
+        self.subject = subject
+        self.data = data
+        self.sent = sent  # time.monotonic() of the last send
+        self.until = until  # its pop has expired by then: no use sending it any more
+        self.failed = False  # counted once in ack_failures
+
+
 class NatsDelivery:
     """Pops in a JetStream stream; this hub delivers those of the keys registered here."""
 
@@ -104,9 +131,26 @@ class NatsDelivery:
         self.withdrawn = 0
         self.duplicates = 0
         self.resyncs = 0
-        # contact updates (protocol 2) are not carried by this backend yet: these stay 0
+        # contact updates: pending here (for keys registered here), written by connections,
+        # acked by a listener here, expired (counted by the hub that accepted them)
         self.changes_pending = 0
         self.changes_delivered = 0
+        self.changes_acked = 0
+        self.changes_expired = 0
+        # pops and changes this hub accepted, until acked, withdrawn or expired anywhere:
+        # id → (key, expires, contact id, is a change); it counts and logs their expiry
+        self._mine: dict[str, tuple[Key, float, str, bool]] = {}
+        self._mine_by_contact: dict[str, dict[str, None]] = {}
+        # writes (pops, updates, ends) and acks: queued this loop iteration, then published
+        # together by one task, each with a reply subject JetStream answers on (by token)
+        self._outbox: list[tuple[str, bytes, dict[str, str] | None, str]] = []
+        self._writes: dict[str, asyncio.Future[bool]] = {}  # token "w…" → its writer's future
+        self._acks_out: dict[str, _Ack] = {}  # token "a…" → the ack until stored
+        self._inbox = ""
+        self._inbox_sub: Any = None
+        self._token = 0
+        self.acks_stored = 0  # confirmed by JetStream
+        self.ack_failures = 0  # not confirmed in nats_timeout, or refused, at least once
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,6 +191,8 @@ class NatsDelivery:
                 f"no NATS server answers at {c.nats_servers} ({type(exc).__name__})"
             ) from None
         self.js = self.nc.jetstream(timeout=c.nats_timeout)
+        self._inbox = self.nc.new_inbox()
+        self._inbox_sub = await self.nc.subscribe(self._inbox + ".*", cb=self._on_reply)
         max_age = max(self.ttl, self.dedupe_window, 1.0)
         stream = StreamConfig(
             name=self.stream,
@@ -199,7 +245,9 @@ class NatsDelivery:
                 pass
             self._live = None
         if self.nc is not None:
-            try:  # the acks still buffered go out; no drain: it waits on every subscription
+            try:  # the acks still queued or buffered go out; no drain: it waits on every subscription
+                if self._outbox:
+                    await self._publish(self._take_outbox())
                 await self.nc.flush(timeout=1)
             except Exception:
                 pass
@@ -309,15 +357,24 @@ class NatsDelivery:
     # -- the stream, live -----------------------------------------------------------------
     async def _on_live(self, msg: Any) -> None:
         try:
-            at = msg.metadata.sequence.stream
+            at = _stream_seq(msg.reply)
             self.last_seq = at
             _, kind, media, token = msg.subject.split(".", 3)
             key = (media, token_resource(token))
             headers = msg.headers or {}
             if kind == "pop":
-                self._note_contact(
-                    headers.get("Spop-Contact", ""), key, _expires(headers, self.ttl)
-                )
+                change = headers.get(CHANGE)
+                if change is None:
+                    self._note_contact(
+                        headers.get("Spop-Contact", ""), key, _expires(headers, self.ttl)
+                    )
+                elif change == TAKE_BACK and self._mine_by_contact:
+                    self._settle_mine(headers.get("Spop-Contact", ""), key)
+            elif self._mine:  # an ack or an end: the pops accepted here it settles
+                if kind == "ack":
+                    self._drop_mine(msg.data.decode(errors="replace"))
+                else:
+                    self._settle_mine(msg.data.decode(errors="replace"), key)
             state = self._keys.get(key)
             if state is None:
                 return
@@ -347,11 +404,18 @@ class NatsDelivery:
             if not pop_id or pop_id in self.pending or expires <= time.time():
                 return
             contact_id = headers.get("Spop-Contact", "")
-            pending = Pending(pop_id, key, data, expires, contact_id)
+            change = headers.get(CHANGE)
+            if change is None:
+                pending = Pending(pop_id, key, data, expires, contact_id)
+                if contact_id:
+                    self._by_contact.setdefault(contact_id, {})[pop_id] = None
+            else:  # a contact update: never withdrawn with the contact's pops
+                if change == TAKE_BACK:
+                    data = self._take_back(contact_id, key, data)
+                pending = Pending(pop_id, key, data, expires, contact_id, change=True)
+                self.changes_pending += 1
             self.pending[pop_id] = pending
             self._by_key.setdefault(key, {})[pop_id] = None
-            if contact_id:
-                self._by_contact.setdefault(contact_id, {})[pop_id] = None
             if live:
                 for subscriber in self.routing.of(key):
                     subscriber.deliver(pending)
@@ -364,6 +428,21 @@ class NatsDelivery:
                 if pending is not None and pending.key == key:
                     self._forget(pop_id)
                     self.withdrawn += 1
+
+    def _take_back(self, contact_id: str, key: Key, frame: bytes) -> bytes:
+        """The contact's pops of `key` still pending are withdrawn; the update then says
+        `withdrawn` (the listener never handled the pop), as on the embedded hub."""
+        ids = [i for i in self._by_contact.get(contact_id, ()) if self.pending[i].key == key]
+        if not ids:
+            return frame
+        body = orjson.loads(frame)["change"]
+        if body["change"] == "ended":
+            body["reason"] = "ended"
+        body["change"] = "withdrawn"
+        for pop_id in ids:
+            self._forget(pop_id)
+        self.withdrawn += len(ids)
+        return change_frame(body)
 
     def _note_contact(self, contact_id: str, key: Key, expires: float) -> None:
         if contact_id:
@@ -383,29 +462,114 @@ class NatsDelivery:
         frame: bytes,
         contact_id: str = "",
         dedupe: bool = True,
+        change: bool = False,
+        takes_back: bool = False,
     ) -> asyncio.Future[bool]:
-        """Write a pop to the stream; the future is True once JetStream stored it, False for a
-        duplicate within the window, NatsUnavailable if it could not be stored."""
+        """Write a pop (or a contact update: `change`) to the stream; the future is True once
+        JetStream stored it, False for a duplicate within the window, NatsUnavailable if it
+        could not be stored. `takes_back`: the update withdraws the contact's pending pop of
+        the key (it is then sent as `withdrawn`)."""
         expires = time.time() + self.ttl
         headers = {"Spop-Id": pop_id, "Spop-Expires": f"{expires:.3f}"}
         if contact_id:
             headers["Spop-Contact"] = contact_id
+        if change:
+            headers[CHANGE] = TAKE_BACK if takes_back else "1"
+        else:
+            self._note_contact(contact_id, key, expires)  # an `ended` right after withdraws it
         if dedupe:
             headers["Nats-Msg-Id"] = pop_id
-        self._note_contact(contact_id, key, expires)  # an `ended` right after withdraws it
-        return self._spawn(self._write(subject("pop", key), frame, headers))
+        write = self._write(subject("pop", key), frame, headers)
+        if pop_id not in self._mine:  # a resend's outcome must not drop the first copy's
+            self._mine[pop_id] = (key, expires, contact_id, change)
+            if contact_id and not change:
+                self._mine_by_contact.setdefault(contact_id, {})[pop_id] = None
+            write.add_done_callback(lambda w: _stored(w) or self._drop_mine(pop_id))
+        return write
 
-    async def _write(self, subj: str, data: bytes, headers: dict[str, str] | None) -> bool:
-        try:
-            ack = await self.js.publish(
-                subj, data, headers=headers, timeout=self.config.nats_timeout
+    def _write(
+        self, subj: str, data: bytes, headers: dict[str, str] | None
+    ) -> asyncio.Future[bool]:
+        """Into the stream with this iteration's other writes; the future is True once
+        JetStream stored it, False for a duplicate, NatsUnavailable if refused or unanswered
+        within nats_timeout. No task and no JSON parsing per write."""
+        loop = asyncio.get_running_loop()
+        write: asyncio.Future[bool] = loop.create_future()
+        self._token += 1
+        token = f"w{self._token:x}"
+        self._writes[token] = write
+        self._queue(subj, data, headers, token)
+        return write
+
+    def _queue(self, subj: str, data: bytes, headers: dict[str, str] | None, token: str) -> None:
+        if not self._outbox:  # one publishing task per loop iteration
+            asyncio.get_running_loop().call_soon(self._send_outbox)
+        self._outbox.append((subj, data, headers, token))
+
+    def _take_outbox(self) -> list[tuple[str, bytes, dict[str, str] | None, str]]:
+        batch, self._outbox = self._outbox, []
+        return batch
+
+    def _send_outbox(self) -> None:
+        batch = self._take_outbox()
+        if not batch:
+            return
+        tokens = [token for *_, token in batch if token[0] == "w"]
+        if tokens:  # one timer for the writes of the batch
+            asyncio.get_running_loop().call_later(
+                self.config.nats_timeout, self._unanswered, tokens
             )
-        except Exception as exc:
-            raise NatsUnavailable(f"JetStream did not store it: {exc!r}") from exc
-        if ack.duplicate:
-            self.duplicates += 1
-            return False
-        return True
+        self._spawn(self._publish(batch))
+
+    async def _publish(self, batch: list[tuple[str, bytes, dict[str, str] | None, str]]) -> None:
+        inbox = self._inbox
+        for subj, data, headers, token in batch:
+            try:  # buffered while reconnecting; acks are sent again by _retry_acks
+                await self.nc.publish(subj, data, reply=f"{inbox}.{token}", headers=headers)
+            except Exception as exc:
+                self._failed(token, f"JetStream did not store it: {exc!r}")
+
+    def _failed(self, token: str, why: str) -> None:
+        write = self._writes.pop(token, None)
+        if write is not None and not write.done():
+            write.set_exception(NatsUnavailable(why))
+
+    def _unanswered(self, tokens: list[str]) -> None:
+        for token in tokens:
+            if token in self._writes:
+                self._failed(token, f"JetStream did not answer in {self.config.nats_timeout} s")
+
+    async def _on_reply(self, msg: Any) -> None:
+        """JetStream's answer to a write or an ack (`{"stream":…,"seq":…}`, with
+        `"duplicate": true` for a resend; `{"error":…}`, or a 503 status: refused)."""
+        token = msg.subject.rpartition(".")[2]
+        data = msg.data
+        refused = bool(msg.headers and msg.headers.get("Status")) or b'"error"' in data
+        if token[0] == "w":
+            write = self._writes.pop(token, None)
+            if write is None or write.done():  # answered after its timeout
+                return
+            if refused:
+                why = data.decode(errors="replace") or f"status {msg.headers.get('Status')}"
+                write.set_exception(NatsUnavailable(f"JetStream did not store it: {why}"))
+            elif b'"duplicate"' in data:  # the server writes `"duplicate": true`
+                self.duplicates += 1
+                write.set_result(False)
+            else:
+                write.set_result(True)
+            return
+        ack = self._acks_out.get(token)
+        if ack is None:  # the second answer to an ack sent twice
+            return
+        if refused:  # 503: no JetStream answered; or an API error
+            if not ack.failed:
+                ack.failed = True
+                self.ack_failures += 1
+            # again at the next sweep, not at once: a leader election takes seconds
+            ack.sent = time.monotonic() - self.config.nats_timeout
+            return
+        del self._acks_out[token]
+        self.acks_stored += 1
 
     def publish(self, *args: Any, **kwargs: Any) -> bool:
         raise TypeError("NatsDelivery takes pops through submit()")
@@ -418,14 +582,59 @@ class NatsDelivery:
         if pending is None or (keys is not None and pending.key not in keys):
             return None
         self._forget(pop_id)
-        self.acked += 1
-        if self.nc is not None:
-            self._spawn(self.nc.publish(subject("ack", pending.key), pop_id.encode()))
+        if pending.change:
+            self.changes_acked += 1
+        else:
+            self.acked += 1
+        if self._mine:
+            self._drop_mine(pop_id)
+        if self.nc is not None:  # with this iteration's other writes; confirmed by reply
+            now = time.monotonic()
+            self._token += 1
+            token = f"a{self._token:x}"
+            ack = self._acks_out[token] = _Ack(
+                subject("ack", pending.key), pop_id.encode(), now, now + self.ttl
+            )
+            self._queue(ack.subject, ack.data, None, token)
         return pending
 
-    def withdraw(self, contact_id: str, popped: list[Key] | None = None) -> list[Pending]:
+    def _retry_acks(self) -> None:
+        """Send again each ack JetStream did not confirm within nats_timeout (same reply token:
+        the later of two answers is ignored); drop those whose pop has expired meanwhile."""
+        if not self._acks_out or self.nc is None:
+            return
+        now = time.monotonic()
+        timeout = self.config.nats_timeout
+        for token, ack in list(self._acks_out.items()):
+            if now >= ack.until:
+                del self._acks_out[token]
+                self.log.warning(
+                    "ack of pop %s never confirmed by JetStream; given up (the pop expired)",
+                    ack.data.decode(errors="replace"),
+                )
+                continue
+            if now - ack.sent < timeout:
+                continue
+            if not ack.failed:
+                ack.failed = True
+                self.ack_failures += 1
+            ack.sent = now
+            if self.nc.is_connected:  # else the copy buffered for the reconnection goes out
+                self._queue(ack.subject, ack.data, None, token)
+
+    def withdraw(
+        self,
+        contact_id: str,
+        popped: list[Key] | None = None,
+        writes: list[asyncio.Future[bool]] | None = None,
+    ) -> list[Pending]:
         """The contact ended: its pops still pending, on any hub, are withdrawn: on the keys its
-        state says it popped (`popped`) and those this hub saw pops of it for."""
+        state says it popped (`popped`) and those this hub saw pops of it for. The stream
+        writes are added to `writes` (to await them).
+
+        The pops pending here are returned but stay until the withdrawal comes back from the
+        stream, as on every other hub: the contact's take-back updates, written before it,
+        must still find them (and say `withdrawn`), here as there."""
         keys = self._contact_keys.pop(contact_id, {})
         for key in popped or ():
             keys.setdefault(key, 0.0)
@@ -433,31 +642,70 @@ class NatsDelivery:
         for pending in local:
             keys.setdefault(pending.key, 0.0)
         for key in keys:
-            self._spawn(self._write(subject("end", key), contact_id.encode(), None))
-        for pending in local:
-            self._forget(pending.id)
-        self.withdrawn += len(local)
+            write = self._write(subject("end", key), contact_id.encode(), None)
+            if writes is not None:
+                writes.append(write)
         return local
 
     def of_contact(self, contact_id: str) -> list[str]:
         return list(self._by_contact.get(contact_id, ()))
 
     def expire(self) -> list[Pending]:
+        """Drop what expired here; count and log (once, here) the expiry of what this hub
+        accepted, wherever it was or was not delivered. Returns [] (logged here already).
+        Also sends again the acks JetStream has not confirmed."""
         now = time.time()
-        expired = [p for p in self.pending.values() if p.expires <= now]
-        for pending in expired:
+        expired = {p.id: p for p in self.pending.values() if p.expires <= now}
+        for pending in expired.values():
             self._forget(pending.id)
-        self.expired += len(expired)
+        mine = self._mine
+        while mine:  # accepted in order with the same ttl: the oldest expire first
+            pop_id, (key, expires, _, change) = next(iter(mine.items()))
+            if expires > now:
+                break
+            self._drop_mine(pop_id)
+            if change:  # normal when no listener of its key asked for updates
+                self.changes_expired += 1
+                self.log.debug("change %s for %s %s expired", pop_id, *key)
+                continue
+            self.expired += 1
+            here = expired.get(pop_id)
+            self.log.warning(
+                "pop %s for %s %s expired %s after %.0f s",
+                pop_id,
+                *key,
+                sent_phrase(here.sent) if here is not None else "unacknowledged (no listener "
+                "of its key on this hub, which accepted it)",
+                self.ttl,
+            )
+        self._retry_acks()
         for contact_id in [
             c for c, keys in self._contact_keys.items() if max(keys.values()) <= now
         ]:
             del self._contact_keys[contact_id]
-        return expired
+        return []
+
+    def _drop_mine(self, pop_id: str) -> None:
+        entry = self._mine.pop(pop_id, None)
+        if entry is not None and entry[2]:
+            ids = self._mine_by_contact.get(entry[2])
+            if ids is not None:
+                ids.pop(pop_id, None)
+                if not ids:
+                    del self._mine_by_contact[entry[2]]
+
+    def _settle_mine(self, contact_id: str, key: Key) -> None:
+        """The contact's pops of `key` accepted here were withdrawn (an end, a take-back)."""
+        for pop_id in list(self._mine_by_contact.get(contact_id, ())):
+            if self._mine[pop_id][0] == key:
+                self._drop_mine(pop_id)
 
     def _forget(self, pop_id: str) -> Pending | None:
         pending = self.pending.pop(pop_id, None)
         if pending is None:
             return None
+        if pending.change:
+            self.changes_pending -= 1
         unindex(pending, self._by_key, self._by_contact)
         for subscriber in self.routing.of(pending.key):
             subscriber.settled(pop_id)
@@ -510,14 +758,33 @@ class NatsDelivery:
 
     def counters(self) -> dict[str, int]:
         return {
-            "pending": len(self.pending),
+            "pending": len(self.pending) - self.changes_pending,
             "delivered": self.delivered,
             "acked": self.acked,
             "expired": self.expired,
             "withdrawn": self.withdrawn,
             "duplicates": self.duplicates,
+            "changes_pending": self.changes_pending,
+            "changes_delivered": self.changes_delivered,
+            "changes_acked": self.changes_acked,
+            "changes_expired": self.changes_expired,
             "nats_resyncs": self.resyncs,
+            "nats_acks_stored": self.acks_stored,
+            "nats_ack_failures": self.ack_failures,
         }
+
+
+def _stream_seq(reply: str) -> int:
+    """The stream sequence in a JetStream delivery's reply subject (`$JS.ACK.<stream>.<consumer>.
+    <delivered>.<sseq>…`, or with domain and account hash after `$JS.ACK`), without building
+    nats-py's Metadata (a dataclass and a datetime per message)."""
+    tokens = reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def _stored(write: asyncio.Future[bool]) -> bool:
+    """The write stored a new message (not refused, not a duplicate)."""
+    return not write.cancelled() and write.exception() is None and write.result()
 
 
 def _expires(headers: dict[str, str], ttl: float) -> float:

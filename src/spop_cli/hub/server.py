@@ -21,7 +21,7 @@ from ..model import Error
 from ..pops import InputError, normalize_pops
 from ..protocol import HEARTBEAT, MAX_FRAME, change_frame, is_change_frame, pop_frame, pop_too_large
 from .connection import PING, HubConnection
-from .delivery import InProcessDelivery
+from .delivery import InProcessDelivery, sent_phrase
 from .gcpolicy import FreezeOnGrowth
 
 EVENT_IDS_KEPT = 64  # per contact in its KV state (backend nats): resends to any hub are duplicates
@@ -292,7 +292,7 @@ class Hub:
                 "pop %s for %s %s expired %s after %.0f s",
                 pending.id,
                 *pending.key,
-                _sent(pending.sent),
+                sent_phrase(pending.sent),
                 self.config.pop_ttl,
             )
             if self.journal is not None:
@@ -401,11 +401,21 @@ class Hub:
         return commit
 
     def _accept_clustered(
-        self, pop: dict[str, Any], key: tuple[str, str], frame: bytes, dedupe: bool
+        self,
+        pop: dict[str, Any],
+        key: tuple[str, str],
+        frame: bytes | None,
+        dedupe: bool,
+        takes_back: bool | None = None,
     ) -> asyncio.Future[None]:
         """Into the JetStream stream; the future resolves once JetStream stored it (every hub
-        then delivers it to its listeners of the key), or fails with a 503 if it could not."""
+        then delivers it to its listeners of the key), or fails with a 503 if it could not.
+        `takes_back` not None: `pop` is a contact update (a `change` frame's body)."""
         from .journal import JournalUnavailable
+
+        change = takes_back is not None
+        if frame is None:
+            frame = change_frame(pop) if change else pop_frame(pop)
 
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -418,12 +428,17 @@ class Hub:
                 done.set_exception(JournalUnavailable(cause))  # type: ignore[arg-type]
                 return
             if write.result():
-                self.counters["pops_accepted"] += 1
-                if self.on_pop is not None:
-                    self.on_pop(pop)
+                if change:
+                    self.counters["changes_accepted"] += 1
+                else:
+                    self.counters["pops_accepted"] += 1
+                    if self.on_pop is not None:
+                        self.on_pop(pop)
             done.set_result(None)
 
-        self.delivery.submit(pop["id"], key, frame, pop["contact_id"], dedupe).add_done_callback(stored)
+        self.delivery.submit(
+            pop["id"], key, frame, pop["contact_id"], dedupe, change, bool(takes_back)
+        ).add_done_callback(stored)
         return done
 
     def _committed(self, commit: asyncio.Future[None]) -> None:
@@ -696,12 +711,22 @@ class Hub:
                 self.counters["contact_conflicts"] += 1
             else:
                 raise JournalUnavailable(RuntimeError("contact state kept changing on other hubs"))
-            writes: list[asyncio.Future[None]] = []
+            writes: list[asyncio.Future[Any]] = []
             pop_ids: list[str] = []
-            for outcome in outcomes:
+            for outcome in outcomes:  # into the stream in the embedded hub's order
+                for change in outcome.changes:
+                    writes.append(
+                        self._accept_clustered(
+                            change.to_dict(),
+                            (change.media, change.resource),
+                            None,
+                            outcome.event_id is not None,
+                            takes_back=change.takes_back,
+                        )
+                    )
                 if outcome.ended:  # on every key it popped, whichever hub popped it
                     keys = [(k[0], k[1]) for k in popped.get(outcome.contact_id, [])]
-                    self.delivery.withdraw(outcome.contact_id, keys)
+                    self.delivery.withdraw(outcome.contact_id, keys, writes)
                 for event in outcome.pops:
                     pop = event.to_dict()
                     pop_ids.append(pop["id"])
@@ -709,7 +734,13 @@ class Hub:
             self.counters["contact_events"] += len(outcomes)
             result = {"applied": len(outcomes), "pops": pop_ids}
             if writes:
-                await asyncio.gather(*writes)
+                try:
+                    await asyncio.gather(*writes)
+                except JournalUnavailable:
+                    raise
+                except Exception as exc:  # an `end` JetStream did not store
+                    self.counters["journal_refused"] += 1
+                    raise JournalUnavailable(exc) from exc
         finally:
             for contact_id in ids:
                 if self._contact_turns.get(contact_id) is turn:
@@ -885,12 +916,6 @@ def _contact_ids(events: Any) -> set[str]:
         for item in items
         if isinstance(item, dict) and isinstance(item.get("contact_id"), str)
     }
-
-
-def _sent(times: int) -> str:
-    if not times:
-        return "undelivered"
-    return "unacknowledged (sent once)" if times == 1 else f"unacknowledged (sent {times} times)"
 
 
 def _version() -> str:
