@@ -172,9 +172,9 @@ async def end_to_end(
         source_obj.mapper.feed = feed  # type: ignore[method-assign]
         debug_emitted.append(emitted)
     hub = subprocess.Popen(["true"]) if inprocess else subprocess.Popen(
-        [sys.executable, "-m", "spop_cli", "serve", "--config", str(config), "--port", str(hub_port),
+        [sys.executable, *([str(ROOT / "benchmarks" / "_hub_probe.py"), str(tmp / "probe.json")] if os.environ.get("BENCH_PROBE") else ["-m", "spop_cli"]), "serve", "--config", str(config), "--port", str(hub_port),
          "--http-port", str(http_port), *(["--no-journal"] if os.environ.get("BENCH_NO_JOURNAL") else ["--journal", str(tmp / "journal.db")])],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.DEVNULL, stderr=(tmp / "hub.log").open("wb"),
     )  # fmt: skip
     received: list[float] = []
     latencies: list[float] = []
@@ -237,16 +237,49 @@ async def end_to_end(
         listener_hook.clear()
         await asyncio.sleep(1.0)
         lags: list[float] = []
+        start = time.perf_counter()
+        big_lags: list[Any] = []
+        gc_log: list[Any] = []
+        gc_t = [0.0]
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                gc_t[0] = time.perf_counter()
+            elif time.perf_counter() - gc_t[0] > 0.01:
+                gc_log.append((round(gc_t[0] - start, 2), info["generation"], round((time.perf_counter() - gc_t[0]) * 1000)))
+
+        if os.environ.get("BENCH_DEBUG"):
+            gc.callbacks.append(on_gc)
 
         async def probe() -> None:
             while True:
                 t = time.perf_counter()
                 await asyncio.sleep(0.005)
                 lags.append((time.perf_counter() - t - 0.005) * 1000)
+                if lags[-1] > 20:
+                    big_lags.append((round(t - start, 2), round(lags[-1])))
 
         prober = (
             asyncio.get_running_loop().create_task(probe())
             if os.environ.get("BENCH_DEBUG")
+            else None
+        )
+        cpu_series: list[float] = []
+
+        async def cpu_sampler() -> None:
+            import psutil
+
+            proc = psutil.Process(hub.pid)
+            last = sum(proc.cpu_times()[:2])
+            while True:
+                await asyncio.sleep(1.0)
+                now_cpu = sum(proc.cpu_times()[:2])
+                cpu_series.append(round((now_cpu - last) * 100))
+                last = now_cpu
+
+        sampler = (
+            asyncio.get_running_loop().create_task(cpu_sampler())
+            if os.environ.get("BENCH_DEBUG") and not inprocess
             else None
         )
         tick = 0.001
@@ -270,6 +303,10 @@ async def end_to_end(
         while len(received) < total and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
         latencies.sort()
+        if sampler is not None:
+            sampler.cancel()
+            print("hub cpu % per s:", cpu_series, file=sys.stderr)
+            print("bench lags > 20 ms (s, ms):", big_lags, "gc > 10 ms:", gc_log, file=sys.stderr)
         if prober is not None:
             prober.cancel()
             print(
@@ -338,6 +375,16 @@ async def end_to_end(
         except subprocess.TimeoutExpired:
             hub.kill()
         await ami.stop()
+        if (tmp / "probe.json").exists():
+            probe = json.loads((tmp / "probe.json").read_text())
+            keep = ("stalls_over_2ms", "stalls_over_10ms", "worst_stalls_ms", "worst_stalls_cpu_ms")
+            keep += ("commits_over_2ms", "on_loop_commits_over_2ms", "worst_commits_ms_cpu_onloop")
+            print("hub probe:", {k: probe.get(k) for k in keep}, file=sys.stderr)
+            print("hub gc:", probe.get("gc"), file=sys.stderr)
+        log = tmp / "hub.log"
+        if os.environ.get("BENCH_DEBUG") and log.exists():
+            lines = log.read_text(errors="replace").splitlines()
+            print(f"hub log: {len(lines)} lines; last:", *lines[-15:], sep="\n  ", file=sys.stderr)
 
 
 def free_port_pair() -> int:
@@ -371,11 +418,14 @@ def main() -> None:
         "--e2e-calls", type=int, default=None, help="copies in the end-to-end run (default --calls)"
     )
     parser.add_argument("--no-e2e", action="store_true", help="only the parser + mapping figure")
+    parser.add_argument("--no-mapping", action="store_true", help="only the end-to-end figure")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     blocks = transcript_blocks()
-    results: dict[str, Any] = {"mapping": bench_mapping(blocks, args.calls)}
-    print(f"parser + mapping, one core: {results['mapping']}", file=sys.stderr)
+    results: dict[str, Any] = {}
+    if not args.no_mapping:
+        results["mapping"] = bench_mapping(blocks, args.calls)
+        print(f"parser + mapping, one core: {results['mapping']}", file=sys.stderr)
     if not args.no_e2e:
         import uvloop
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from spop_cli.diagnostics import NumberedRotatingHandler, diag_dir, diag_files, open_diagnostics
+from spop_cli.diagnostics import (
+    NumberedRotatingHandler,
+    diag_dir,
+    diag_files,
+    flush_diagnostics,
+    open_diagnostics,
+)
 
 
 def test_rotation_keeps_three_numbered_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -35,6 +41,7 @@ def test_every_level_is_written(tmp_path) -> None:  # type: ignore[no-untyped-de
     logger = open_diagnostics("levels", tmp_path)
     logger.debug("a debug line")
     logger.error("an error line")
+    flush_diagnostics(logger)  # written by the handler's thread
     text = (tmp_path / "levels.000").read_text()
     assert "DEBUG" in text and "a debug line" in text and "ERROR" in text
 
@@ -55,3 +62,25 @@ def test_initialized_listener_writes_its_diagnostics(hub, diag_dir) -> None:  # 
     listener.shutdown()
     text = (diag_dir / "listener.000").read_text()
     assert "initialize" in text and "Status_Up" in text
+
+
+def test_lines_are_written_by_the_handlers_thread_in_order(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A write() to a file can block while the file system commits: the hub's and `spop listen`'s
+    event loops only format the line; the handler's own thread writes it."""
+    import threading
+
+    writers: list[int] = []
+    real_write = NumberedRotatingHandler._write
+
+    def recording_write(self, batch):  # type: ignore[no-untyped-def]
+        writers.append(threading.get_ident())
+        real_write(self, batch)
+
+    monkeypatch.setattr(NumberedRotatingHandler, "_write", recording_write)
+    logger = open_diagnostics("threaded", tmp_path)
+    for i in range(500):
+        logger.info("line %03d", i)
+    flush_diagnostics(logger)
+    lines = (tmp_path / "threaded.000").read_text().splitlines()
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [f"{i:03d}" for i in range(500)]
+    assert writers and threading.get_ident() not in writers

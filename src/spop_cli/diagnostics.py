@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from pathlib import Path
 
@@ -47,30 +48,81 @@ class _Formatter(logging.Formatter):
 
 
 class NumberedRotatingHandler(logging.Handler):
-    """Writes `<name>.000`; past max_bytes shifts `.000`→`.001`→`.002` and drops the old `.002`."""
+    """Writes `<name>.000`; past max_bytes shifts `.000`→`.001`→`.002` and drops the old `.002`.
+
+    The caller only formats the line; a thread of the handler's own writes it. A write() to a
+    file can block for 100 ms and more while the file system commits (another process's fsync,
+    a rename), and the callers are event loops: the hub's, or `spop listen`'s with a line per
+    pop. Lines are written in order, flushed as each batch is written; `flush()` waits for them.
+    """
 
     def __init__(self, directory: Path, name: str, max_bytes: int = MAX_BYTES) -> None:
         super().__init__(logging.DEBUG)
         self.files = diag_files(name, directory)
         self.max_bytes = max_bytes
-        self._lock = threading.Lock()
         self._stream = open(self.files[0], "a", encoding="utf-8")  # noqa: SIM115
         # bytes in `.000`, counted here: a text file's tell() flushes and seeks, twice a line
         self._size = self._stream.tell()
         self.setFormatter(_Formatter(FORMAT, DATEFMT))
+        self._lines: queue.SimpleQueue[str | threading.Event | None] = queue.SimpleQueue()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_lines, name=f"spop-diag-{name}", daemon=True)
+        self._writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
-            data = line.encode("utf-8")
-            with self._lock:
-                if self._size + len(data) > self.max_bytes and self._size > 0:
-                    self._rotate()
-                self._stream.write(line)
-                self._stream.flush()
-                self._size += len(data)
         except Exception:  # a diagnostics failure must never break a pop
             self.handleError(record)
+            return
+        if not self._closed:
+            self._lines.put(line)
+
+    def flush(self) -> None:
+        """Wait (at most 5 s) until every line emitted so far is in the file."""
+        if self._closed or not self._writer.is_alive():
+            return
+        written = threading.Event()
+        self._lines.put(written)
+        written.wait(5.0)
+
+    def _write_lines(self) -> None:
+        lines = self._lines
+        while True:
+            batch: list[str] = []
+            waiters: list[threading.Event] = []
+            item = lines.get()
+            while True:
+                if item is None:
+                    self._write(batch)
+                    for waiter in waiters:
+                        waiter.set()
+                    return
+                if isinstance(item, threading.Event):
+                    waiters.append(item)
+                else:
+                    batch.append(item)
+                if lines.empty() or len(batch) >= 1000:
+                    break
+                item = lines.get()
+            self._write(batch)
+            for waiter in waiters:
+                waiter.set()
+
+    def _write(self, batch: list[str]) -> None:
+        try:
+            for line in batch:
+                size = len(line.encode("utf-8"))
+                if self._size + size > self.max_bytes and self._size > 0:
+                    self._stream.flush()
+                    self._rotate()
+                self._stream.write(line)
+                self._size += size
+            self._stream.flush()
+        except Exception:  # a full disk: the lines are lost, the program goes on
+            import traceback
+
+            traceback.print_exc()
 
     def _rotate(self) -> None:
         self._stream.close()
@@ -82,10 +134,19 @@ class NumberedRotatingHandler(logging.Handler):
         self._size = self._stream.tell()
 
     def close(self) -> None:
-        with self._lock:
+        """Write what is queued, then close the file (logging.shutdown calls it at exit)."""
+        if not self._closed:
+            self._closed = True
+            self._lines.put(None)
+            if self._writer.is_alive() and self._writer is not threading.current_thread():
+                self._writer.join(5.0)
             if not self._stream.closed:
                 self._stream.close()
         super().close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
 
 _handlers: dict[tuple[str, str], NumberedRotatingHandler] = {}
@@ -102,7 +163,7 @@ def open_diagnostics(name: str, directory: Path | None = None) -> logging.Logger
     logger = logging.getLogger(f"spop.{name}")
     logger.setLevel(logging.DEBUG)
     with _handlers_lock:
-        if key in _handlers and not _handlers[key]._stream.closed:
+        if key in _handlers and not _handlers[key].closed:
             return logger
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -117,6 +178,12 @@ def open_diagnostics(name: str, directory: Path | None = None) -> logging.Logger
         logger.addHandler(handler)
         _handlers[key] = handler
     return logger
+
+
+def flush_diagnostics(logger: logging.Logger) -> None:
+    """Wait until the lines `logger` emitted so far are in its files (they are written by a thread)."""
+    for handler in logger.handlers:
+        handler.flush()
 
 
 def close_diagnostics(directory: str | Path) -> None:

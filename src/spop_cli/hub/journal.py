@@ -9,6 +9,7 @@ import errno
 import logging
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,11 @@ CREATE TABLE IF NOT EXISTS contacts (
 PURGE = "DELETE FROM pops WHERE accepted < ? AND (done = 1 OR expires < ?)"
 RETRY_AFTER = 2  # seconds a source is told to wait when the journal cannot be written
 SQLITE_FULL = 13
-# A batch this small commits on the event loop: a WAL commit without fsync takes tens of
-# microseconds, less than the two thread hops of the executor it saves on every pop's way
-# to its listeners. A bigger batch, and every checkpoint (which may fsync), runs in a thread.
-INLINE_ROWS = 64
+# Every commit runs in the journal's own thread, never on the event loop: a WAL commit without
+# fsync costs tens of microseconds of CPU, but its write() can block for 100 ms and more when the
+# file system is flushing (a checkpoint's fsync, dirty-page writeback), and on the loop that
+# stalls every pop of every listener. Measured with benchmarks/asterisk_replay.py BENCH_PROBE=1:
+# on-loop commits of 0.7 ms CPU took up to 114 ms.
 CHECKPOINT_ROWS = 4000  # rows written between checkpoints (SQLite's own autocheckpoint is off)
 
 
@@ -112,6 +114,7 @@ class Journal:
         self.rows_committed = 0
         self.failures = 0  # failed commits since the last good one
         self._since_checkpoint = 0  # rows written since the last checkpoint
+        self._thread: ThreadPoolExecutor | None = None  # where every commit runs
 
     def open(self) -> list[JournalRow]:
         """Lock, check the file is ours, open (creating it); return the rows within the window.
@@ -198,6 +201,7 @@ class Journal:
         return int(pops), int(contacts)
 
     def start(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="spop-journal")
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._writer())
         self._task.add_done_callback(_report_end)
@@ -286,12 +290,9 @@ class Journal:
                 self._since_checkpoint = 0
             if rows or purge:
                 try:
-                    if checkpoint or rows > INLINE_ROWS:
-                        await loop.run_in_executor(
-                            None, self._commit, adds, dones, states, purge, checkpoint
-                        )
-                    else:
-                        self._commit(adds, dones, states, purge)
+                    await loop.run_in_executor(
+                        self._thread, self._commit, adds, dones, states, purge, checkpoint
+                    )
                 except Exception as exc:  # disk full, locked: the sources get a 503, not a 2xx
                     error = exc if isinstance(exc, JournalUnavailable) else JournalUnavailable(exc)
                     error.__cause__ = exc
@@ -380,6 +381,9 @@ class Journal:
             self._wake.set()
             await self._task
             self._task = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
         if self._batch is not None and not self._batch.done():  # queued behind a failed commit
             self._batch.set_exception(JournalUnavailable(RuntimeError("the hub is stopping")))
             self._batch.exception()

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import client
 from ..address import Address, parse_addresses
-from ..diagnostics import open_diagnostics
+from ..diagnostics import flush_diagnostics, open_diagnostics
 from ..model import (
     ContactChange,
     Error,
@@ -208,6 +208,8 @@ class AsyncListener:
                     pass
             link.close()
         self._set_status(S.Status_Down)
+        # the diagnostics are written by a thread: what this listener said is in the file now
+        await asyncio.to_thread(flush_diagnostics, self.log)
 
     # -- wiring ---------------------------------------------------------------------------
     async def _connect_any(self, start: int) -> client.HubLink:
