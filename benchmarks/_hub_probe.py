@@ -126,7 +126,8 @@ def dump() -> None:
         "commits_over_2ms": len(slow_commits),
         "on_loop_commits_over_2ms": sum(1 for c in slow_commits if c[2]),
         "worst_commits_ms_cpu_onloop": sorted(slow_commits, key=lambda c: (c[2], c[0]), reverse=True)[:10],
-        "stall_times": [(round(t, 3), ms) for t, ms in stalls if ms > 10][:200],
+        "commit_seconds": commit_seconds,
+        "stall_times": [(round(t, 3), ms) for t, ms in stalls if ms > 10][:2000],
     }
     with open(OUT, "w") as handle:
         json.dump(out, handle)
@@ -159,6 +160,7 @@ from spop_cli.hub import journal as _journal  # noqa: E402
 
 _commit = _journal.Journal._commit
 slow_commits: list[tuple[float, float, bool]] = []  # (wall ms, CPU ms, on the loop's thread)
+commit_seconds: dict[int, list[float]] = {}  # monotonic second -> [commits, wall ms, max ms]
 
 
 def timed_commit(self: _journal.Journal, *args: object, **kwargs: object) -> None:
@@ -169,6 +171,11 @@ def timed_commit(self: _journal.Journal, *args: object, **kwargs: object) -> Non
         _commit(self, *args, **kwargs)
     finally:
         wall = (time.perf_counter() - t0) * 1000
+        second = int(time.monotonic())
+        row = commit_seconds.setdefault(second, [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] = round(row[1] + wall, 2)
+        row[2] = round(max(row[2], wall), 2)
         if wall > 2:
             slow_commits.append(
                 (
