@@ -36,12 +36,17 @@ CREATE TABLE IF NOT EXISTS pops (
     expires REAL NOT NULL,
     done INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS pops_done ON pops(done, accepted);
+DROP INDEX IF EXISTS pops_done;
 CREATE TABLE IF NOT EXISTS contacts (
     contact_id TEXT PRIMARY KEY,
     state BLOB NOT NULL
 );
 """
+# No index beside the primary key: the purge below scans the table whatever the index (its OR
+# defeats one), and only the start-up reads filter on `done`. The index `pops_done` that journals
+# written before had cost every pop three more B-tree changes (insert, done, delete), a quarter of
+# SQLite's work per pop (benchmarks/PROFILE.md); opening such a journal drops it. A hub of an
+# earlier version opening the file again simply builds it anew.
 # A row goes once it is past the duplicate window AND no longer owed (handled or expired): a pop
 # still pending outlives the window when pop_ttl is longer than dedupe_window.
 PURGE = "DELETE FROM pops WHERE accepted < ? AND (done = 1 OR expires < ?)"
