@@ -49,11 +49,11 @@ TARGETS = [
 
 # Why a target is missed, from the profiles (benchmarks/PROFILE.md, "Product paths"); shown beside a gap.
 CAUSES = {
-    "single_hub_us": "per request: aiohttp's parsing, routing and response (its send is a quarter "
-    "of the samples), the pop frame written to its listener's own socket, its ack read back and "
-    "a journal commit of one row (PROFILE.md, product paths)",
-    "batched_hub_us": "per pop: the journal (insert, then the done update, then the purge: a "
-    "fifth to a quarter of the samples), one write to its listener's own socket, validation; "
+    "single_hub_us": "per request: two send system calls (the answer, the pop frame to its "
+    "listener's own socket: a quarter of the samples), aiohttp's parsing, task and response, the "
+    "ack read back and a journal commit (PROFILE.md, the ingest path, second pass)",
+    "batched_hub_us": "per pop: the ack read back and settled (a fifth of the samples), SQLite's "
+    "insert, done update and purge (a sixth), one send to its listener's own socket, validation; "
     "with 1,000 listeners no two pops share a socket",
     "listen_us": "per pop: a read and an ack write on that listener's own socket (kernel and "
     "uvloop), one diagnostics line, the pop object, its view row and its JSON line",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -136,6 +137,60 @@ def test_wrong_path_and_method_are_json(hub: HubThread, canary: Canary) -> None:
     status, answer = post(hub, "/v1/pops", b"", method="GET")
     assert status == 405 and answer["error"] == "method_not_allowed"
     canary.check("after-404-405")
+
+
+def _response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP response off a raw socket: its head and its Content-Length body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head, rest[:length]
+
+
+def test_pops_sent_after_100_continue_or_with_a_query_string_are_taken(
+    hub: HubThread, canary: Canary
+) -> None:
+    """POST /v1/pops skips aiohttp's router, except with `Expect: 100-continue` (the application
+    answers that before the body comes): both ways give the same answer, and the pops arrive."""
+    body = json.dumps(
+        {"id": "continue-1", "media": "telephone", "resource": "canary", "source": "continue"}
+    ).encode()
+    with socket.create_connection(("127.0.0.1", hub.options["http_port"]), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/pops HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        head, _ = _response(sock)
+        assert head == b"HTTP/1.1 100 Continue"
+        sock.sendall(body)
+        head, answer = _response(sock)
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+    assert json.loads(answer) == {"accepted": 1, "ids": ["continue-1"]}
+    body = json.dumps({"id": "query-1", "media": "telephone", "resource": "canary", "source": "query"})
+    assert post(hub, "/v1/pops?from=test", body.encode()) == (200, {"accepted": 1, "ids": ["query-1"]})
+    deadline = time.monotonic() + 5
+    while not {"continue", "query"} <= set(canary.got):
+        assert time.monotonic() < deadline, canary.got
+        time.sleep(0.005)
+
+
+def test_a_body_too_deep_is_named_so_before_any_other_fault(hub: HubThread, canary: Canary) -> None:
+    """The nesting of a pops body is checked only when the body is refused, and then first: a
+    batch with a pop of unknown media and one nested 70 deep is `too_deep`, as it always was."""
+    deep = b'{"media": "telephone", "resource": "1", "contact_data": ' + b'{"a": ' * 70 + b'"x"' + b"}" * 71
+    status, answer = post(hub, "/v1/pops", b'[{"media": "fax", "resource": "1"}, ' + deep + b"]")
+    assert (status, answer["error"]) == (400, "too_deep")
+    status, answer = post(hub, "/v1/pops", b'[{"media": "fax", "resource": "1"}]')
+    assert (status, answer["error"], answer["index"]) == (422, "unknown_media", 0)
+    canary.check("after-deep-batch")
 
 
 def test_contacts_endpoint_refuses_garbage_too(hub: HubThread, canary: Canary) -> None:

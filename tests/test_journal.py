@@ -740,6 +740,58 @@ def test_a_journal_of_the_previous_version_opens_and_is_stamped(tmp_path: Path) 
         assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
 
 
+def test_a_journal_with_the_old_done_index_loses_the_index_and_keeps_every_row(
+    tmp_path: Path,
+) -> None:
+    """Journals written before had an index on (done, accepted) that no query needs; opening one
+    drops it, keeps its rows and their order, and the file still takes new rows and dones."""
+    path = tmp_path / "journal.sqlite3"
+    now = time.time()
+    with sqlite3.connect(path) as db:  # what spop wrote until this version, application_id included
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.executescript(
+            "CREATE TABLE pops (id TEXT PRIMARY KEY, media TEXT NOT NULL, resource TEXT NOT NULL,"
+            " contact_id TEXT NOT NULL, body BLOB NOT NULL, accepted REAL NOT NULL,"
+            " expires REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0);"
+            "CREATE INDEX pops_done ON pops(done, accepted);"
+            "CREATE TABLE contacts (contact_id TEXT PRIMARY KEY, state BLOB NOT NULL);"
+        )
+        db.executemany(
+            "INSERT INTO pops VALUES (?, 'telephone', '1', 'c', x'7b7d', ?, ?, ?)",
+            [("z-pending", now, now + 60, 0), ("a-done", now, now + 60, 1), ("m-expired", now, now - 1, 0)],
+        )
+
+    def indexes() -> list[str]:
+        with sqlite3.connect(path) as db:
+            return [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")]
+
+    assert indexes() == ["pops_done"]
+    journal = Journal(path, retain=60)
+    found = journal.open()
+    assert [(row.id, row.done) for row in found] == [("z-pending", False), ("a-done", True), ("m-expired", True)]
+    assert journal.expired_while_down == [("m-expired", "telephone", "1")]
+    assert indexes() == []
+
+    async def more() -> None:
+        journal.start()
+        commit = journal.add("new", "telephone", "1", "", b"{}", time.time() + 60)
+        journal.done("z-pending")
+        await commit
+        await journal.close()
+
+    run(more())
+    assert rows(path) == {"z-pending": 1, "a-done": 1, "m-expired": 1, "new": 0}
+    found, _ = reopen(path)
+    assert [(row.id, row.done) for row in found] == [
+        ("z-pending", True), ("a-done", True), ("m-expired", True), ("new", False)
+    ]
+    with sqlite3.connect(path) as db:  # a hub of the previous version builds its index again
+        db.execute("CREATE INDEX IF NOT EXISTS pops_done ON pops(done, accepted)")
+        assert db.execute("SELECT id FROM pops WHERE done = 0").fetchall() == [("new",)]
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
 def crash_image(tmp_path: Path, commits: int) -> tuple[Path, int]:
     """A database and its write-ahead log as a crash leaves them: `commits` transactions of one
     4 KiB-page row each, copied while the writer still holds them (never checkpointed)."""

@@ -39,7 +39,7 @@ def encode(frame: dict[str, Any]) -> bytes:
 
 def pop_frame(pop: dict[str, Any]) -> bytes:
     """The `pop` frame the hub sends for an accepted pop, built once for every listener."""
-    return orjson.dumps({"op": "pop", "pop": pop}) + b"\n"
+    return orjson.dumps({"op": "pop", "pop": pop}, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def change_frame(change: dict[str, Any]) -> bytes:
@@ -112,6 +112,10 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Frames completed by `data`. Raises FrameError on the first bad one (the rest is moot)."""
         buffer = self._buffer
+        if not buffer and data[-1:] == b"\n" and len(data) <= self.max_frame:
+            # the usual read: whole frames only (an ack, a publish), nothing held from before;
+            # split as it came, no copy through the buffer
+            return [decode_line(line) for line in data.split(b"\n") if line.strip()]
         buffer += data
         if b"\n" not in data:
             if len(buffer) > self.max_frame:

@@ -109,7 +109,10 @@ class InProcessDelivery:
             pop_id, key, frame, expires if expires is not None else now + self.ttl, contact_id, change=change
         )
         self.pending[pop_id] = pending
-        self._by_key.setdefault(key, {})[pop_id] = None
+        ids = self._by_key.get(key)
+        if ids is None:
+            ids = self._by_key[key] = {}
+        ids[pop_id] = None
         if change:
             self.changes_pending += 1
         elif contact_id:  # a contact's pops, for withdrawal; its updates are never withdrawn

@@ -37,12 +37,17 @@ CREATE TABLE IF NOT EXISTS pops (
     expires REAL NOT NULL,
     done INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS pops_done ON pops(done, accepted);
+DROP INDEX IF EXISTS pops_done;
 CREATE TABLE IF NOT EXISTS contacts (
     contact_id TEXT PRIMARY KEY,
     state BLOB NOT NULL
 );
 """
+# No index beside the primary key: the purge below scans the table whatever the index (its OR
+# defeats one), and only the start-up reads filter on `done`. The index `pops_done` that journals
+# written before had cost every pop three more B-tree changes (insert, done, delete), a quarter of
+# SQLite's work per pop (benchmarks/PROFILE.md); opening such a journal drops it. A hub of an
+# earlier version opening the file again simply builds it anew.
 # A row goes once it is past the duplicate window AND no longer owed (handled or expired): a pop
 # still pending outlives the window when pop_ttl is longer than dedupe_window.
 PURGE = "DELETE FROM pops WHERE accepted < ? AND (done = 1 OR expires < ?)"
@@ -53,6 +58,8 @@ SQLITE_FULL = 13
 # file system is flushing (a checkpoint's fsync, dirty-page writeback), and on the loop that
 # stalls every pop of every listener. Measured with benchmarks/asterisk_replay.py BENCH_PROBE=1:
 # on-loop commits of 0.7 ms CPU took up to 114 ms.
+TICK = 0.2  # seconds at most before queued dones and contact states are committed
+PURGE_EVERY = 5.0  # seconds between purges of rows past the duplicate window
 CHECKPOINT_ROWS = 4000  # rows written between checkpoints (SQLite's own autocheckpoint is off)
 
 
@@ -109,6 +116,8 @@ class Journal:
         self._states: dict[str, bytes | None] = {}  # contact id → its state, None: forget it
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._last_purge = time.monotonic()
         self._closing = False
         self.commits = 0
         self.rows_committed = 0
@@ -205,6 +214,16 @@ class Journal:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._writer())
         self._task.add_done_callback(_report_end)
+        self._ticker = asyncio.get_running_loop().call_later(TICK, self._tick)
+
+    def _tick(self) -> None:
+        """Every TICK: wake the writer for dones and contact states queued without a pop (they
+        do not wake it themselves) and for the purge. A timer of its own, not a timeout around
+        every wait: that was a timer armed and cancelled per commit."""
+        assert self._wake is not None
+        self._ticker = asyncio.get_running_loop().call_later(TICK, self._tick)
+        if self._dones or self._states or time.monotonic() - self._last_purge > PURGE_EVERY:
+            self._wake.set()
 
     def barrier(self) -> asyncio.Future[None]:
         """The commit of the batch that holds everything queued so far (adds, dones, states)."""
@@ -263,25 +282,18 @@ class Journal:
     async def _writer(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
-        last_purge = time.monotonic()
         while True:
             if not self._closing and not self._wake.is_set():
-                # asyncio.timeout, not wait_for: no extra task per commit (one commit per
-                # request when requests come one at a time)
-                try:
-                    async with asyncio.timeout(0.2):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+                await self._wake.wait()  # set by a queued pop, a backlog of dones, or _tick
             self._wake.clear()
             adds = [row for row in self._adds if row is not None]
             batch, self._batch = self._batch, None
             self._adds, self._queued = [], {}
             dones, self._dones = self._dones, []
             states, self._states = self._states, {}
-            purge = time.monotonic() - last_purge > 5.0
+            purge = time.monotonic() - self._last_purge > PURGE_EVERY
             if purge:
-                last_purge = time.monotonic()
+                self._last_purge = time.monotonic()
             error: JournalUnavailable | None = None
             rows = len(adds) + len(dones) + len(states)
             self._since_checkpoint += rows
@@ -375,6 +387,9 @@ class Journal:
 
     async def close(self) -> None:
         """Commit what is queued, record the row counts of this clean stop, close, unlock."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         if self._task is not None:
             self._closing = True
             assert self._wake is not None

@@ -516,9 +516,13 @@ class Hub:
         """Check and accept one pop or a list at once; return their ids and what to await for
         their commit (None: nothing to wait for). Raises InputError before accepting any."""
         checked = normalize_pops(pops)
-        given = pops if isinstance(pops, list) else [pops]
-        where = range(len(checked)) if isinstance(pops, list) else [None]
-        frames = [self.pop_frame(pop, index) for pop, index in zip(checked, where, strict=True)]
+        many = isinstance(pops, list)
+        given = pops if many else [pops]
+        frames = [pop_frame(pop) for pop in checked]
+        longest = max(map(len, frames), default=0) - 1
+        if longest > self.config.max_frame:  # the first pop over the limit, named as pop_frame does
+            for index, pop in enumerate(checked):
+                self.pop_frame(pop, index if many else None)
         commits: list[asyncio.Future[None]] = []
         for pop, raw, frame in zip(checked, given, frames, strict=True):
             # a source's id, a number included (`0` is the id "0"), makes the pop idempotent
