@@ -61,6 +61,10 @@ SQLITE_FULL = 13
 TICK = 0.2  # seconds at most before queued dones and contact states are committed
 PURGE_EVERY = 5.0  # seconds between purges of rows past the duplicate window
 CHECKPOINT_ROWS = 4000  # rows written between checkpoints (SQLite's own autocheckpoint is off)
+# Checkpoints run beside the commits, so under a steady stream one rarely catches the log's end
+# and the log cannot be reused: past this many frames (16 MB of 4 KiB pages) the writer itself
+# checkpoints once between two batches, and the log starts over.
+WAL_LIMIT_FRAMES = 4096
 
 
 class JournalUnavailable(InputError):
@@ -124,6 +128,10 @@ class Journal:
         self.failures = 0  # failed commits since the last good one
         self._since_checkpoint = 0  # rows written since the last checkpoint
         self._thread: ThreadPoolExecutor | None = None  # where every commit runs
+        self._checkpointer: ThreadPoolExecutor | None = None  # where checkpoints run
+        self._checkpointing: asyncio.Future[None] | None = None
+        self._checkpoint_db: sqlite3.Connection | None = None
+        self._wal_frames = 0  # frames in the log at the last checkpoint
 
     def open(self) -> list[JournalRow]:
         """Lock, check the file is ours, open (creating it); return the rows within the window.
@@ -211,6 +219,7 @@ class Journal:
 
     def start(self) -> None:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="spop-journal")
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="spop-checkpoint")
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._writer())
         self._task.add_done_callback(_report_end)
@@ -300,11 +309,9 @@ class Journal:
             checkpoint = purge or self._since_checkpoint >= CHECKPOINT_ROWS
             if checkpoint:
                 self._since_checkpoint = 0
-            if rows or purge:
+            if rows:
                 try:
-                    await loop.run_in_executor(
-                        self._thread, self._commit, adds, dones, states, purge, checkpoint
-                    )
+                    await loop.run_in_executor(self._thread, self._commit, adds, dones, states)
                 except Exception as exc:  # disk full, locked: the sources get a 503, not a 2xx
                     error = exc if isinstance(exc, JournalUnavailable) else JournalUnavailable(exc)
                     error.__cause__ = exc
@@ -325,6 +332,14 @@ class Journal:
                 else:
                     batch.set_exception(error)
                     batch.exception()  # retrieved: those who wait get it; none is no leak
+            # the batch is answered: the upkeep waits for nothing of it
+            if purge:
+                await loop.run_in_executor(self._thread, self._purge)
+            if self._wal_frames > WAL_LIMIT_FRAMES:
+                self._wal_frames = 0
+                await loop.run_in_executor(self._thread, self._checkpoint, True)
+            elif checkpoint and (self._checkpointing is None or self._checkpointing.done()):
+                self._checkpointing = loop.run_in_executor(self._checkpointer, self._checkpoint)
             if self._closing and (
                 error is not None or not (self._adds or self._dones or self._states)
             ):
@@ -348,8 +363,6 @@ class Journal:
         adds: list[tuple[Any, ...]],
         dones: list[tuple[str]],
         states: dict[str, bytes | None],
-        purge: bool,
-        checkpoint: bool = False,
     ) -> None:
         db = self._db
         assert db is not None
@@ -366,9 +379,6 @@ class Journal:
                     db.executemany("INSERT OR REPLACE INTO contacts VALUES (?, ?)", kept)
                 if gone:
                     db.executemany("DELETE FROM contacts WHERE contact_id = ?", gone)
-            if purge:
-                now = time.time()
-                db.execute(PURGE, (now - self.retain, now))
             db.execute("COMMIT")
         except BaseException:
             # else every later BEGIN fails: one bad batch, no journal. SQLite may have rolled
@@ -379,11 +389,34 @@ class Journal:
             raise
         self.commits += 1
         self.rows_committed += len(adds)
-        if checkpoint:  # committed already: a checkpoint that fails (disk full) only waits
-            try:
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:
-                log.debug("journal checkpoint failed: %s", exc)
+
+    def _purge(self) -> None:
+        """Rows past the duplicate window, in a transaction of their own (in the journal's thread,
+        after the batch before it was answered: a scan of the table delays no pop of that batch)."""
+        db = self._db
+        assert db is not None
+        now = time.time()
+        try:
+            db.execute(PURGE, (now - self.retain, now))
+        except sqlite3.Error as exc:  # a full disk: the rows go at a later purge
+            log.debug("journal purge failed: %s", exc)
+
+    def _checkpoint(self, by_writer: bool = False) -> None:
+        """Copy the log into the database so the log is reused. On a connection and a thread of
+        its own, its fsync delays no commit (a PASSIVE checkpoint never blocks the writer); by
+        the writer between two batches when the log has grown past WAL_LIMIT_FRAMES."""
+        db = self._db if by_writer else self._checkpoint_db
+        if db is None:
+            db = self._checkpoint_db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None
+            )
+        try:
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:  # a full disk: the next checkpoint tries again
+            log.debug("journal checkpoint failed: %s", exc)
+            return
+        if not by_writer:
+            self._wal_frames = frames  # the log's length when it ran: the writer's cue
 
     async def close(self) -> None:
         """Commit what is queued, record the row counts of this clean stop, close, unlock."""
@@ -396,9 +429,13 @@ class Journal:
             self._wake.set()
             await self._task
             self._task = None
-        if self._thread is not None:
-            self._thread.shutdown(wait=True)
-            self._thread = None
+        for pool in (self._thread, self._checkpointer):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._thread = self._checkpointer = None
+        if self._checkpoint_db is not None:
+            self._checkpoint_db.close()
+            self._checkpoint_db = None
         if self._batch is not None and not self._batch.done():  # queued behind a failed commit
             self._batch.set_exception(JournalUnavailable(RuntimeError("the hub is stopping")))
             self._batch.exception()
