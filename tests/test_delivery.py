@@ -240,6 +240,7 @@ def test_a_resend_is_answered_only_once_the_first_copy_is_committed(
         real_commit(self, *args)
 
     monkeypatch.setattr(Journal, "_commit", slow_commit)
+    monkeypatch.setattr("spop_cli.hub.journal.INLINE_ROWS", -1)  # the slow commit in its thread
 
     async def body() -> None:
         async with inprocess_hub(journal=str(tmp_path / "j.sqlite3")) as hub:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -141,29 +140,6 @@ def test_ok_and_2xx_come_after_the_commit(tmp_path: Path) -> None:
                     http_post, f"{http_of(hub)}/v1/pops", [pop(), pop()]
                 )
                 assert status == 200 and set(answer["ids"]) <= set(rows(path))
-
-    run(body())
-
-
-def test_no_commit_runs_on_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A commit's write() can block for 100 ms while the file system flushes: on the loop, that
-    stalls every listener. Single pops (the smallest batches) are committed in the journal's thread."""
-    threads: list[int] = []
-    real_commit = Journal._commit
-
-    def recording_commit(self: Journal, *args: Any) -> None:
-        threads.append(threading.get_ident())
-        real_commit(self, *args)
-
-    monkeypatch.setattr(Journal, "_commit", recording_commit)
-
-    async def body() -> None:
-        async with inprocess_hub(journal=str(tmp_path / "j.sqlite3")) as hub:
-            for i in range(5):
-                await client.publish(address_of(hub), pop(source=str(i)))
-            loop_thread = threading.get_ident()
-            assert len(threads) >= 5
-            assert loop_thread not in threads
 
     run(body())
 

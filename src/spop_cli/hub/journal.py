@@ -53,11 +53,11 @@ CREATE TABLE IF NOT EXISTS contacts (
 PURGE = "DELETE FROM pops WHERE accepted < ? AND (done = 1 OR expires < ?)"
 RETRY_AFTER = 2  # seconds a source is told to wait when the journal cannot be written
 SQLITE_FULL = 13
-# Every commit runs in the journal's own thread, never on the event loop: a WAL commit without
-# fsync costs tens of microseconds of CPU, but its write() can block for 100 ms and more when the
-# file system is flushing (a checkpoint's fsync, dirty-page writeback), and on the loop that
-# stalls every pop of every listener. Measured with benchmarks/asterisk_replay.py BENCH_PROBE=1:
-# on-loop commits of 0.7 ms CPU took up to 114 ms.
+# A batch this small commits on the event loop: a WAL commit without fsync takes tens of
+# microseconds, less than the thread hops it would cost every pop (measured: a tenth of the hub's
+# CPU per single-pop POST). Bigger batches run in the journal's thread, and what may fsync or scan
+# (checkpoints, the purge) never runs inside a commit (see _writer).
+INLINE_ROWS = 64
 TICK = 0.2  # seconds at most before queued dones and contact states are committed
 PURGE_EVERY = 5.0  # seconds between purges of rows past the duplicate window
 CHECKPOINT_ROWS = 4000  # rows written between checkpoints (SQLite's own autocheckpoint is off)
@@ -311,7 +311,10 @@ class Journal:
                 self._since_checkpoint = 0
             if rows:
                 try:
-                    await loop.run_in_executor(self._thread, self._commit, adds, dones, states)
+                    if rows <= INLINE_ROWS:
+                        self._commit(adds, dones, states)
+                    else:
+                        await loop.run_in_executor(self._thread, self._commit, adds, dones, states)
                 except Exception as exc:  # disk full, locked: the sources get a 503, not a 2xx
                     error = exc if isinstance(exc, JournalUnavailable) else JournalUnavailable(exc)
                     error.__cause__ = exc
