@@ -30,6 +30,15 @@ from spop_cli.scenario import builtin_names, load_scenario, timeline
 
 START = datetime(2024, 5, 14, 9, 0, 0, tzinfo=UTC)
 
+# what a ringall agent who did not answer (1002) learns when 1001 answers, on every backend
+ANSWERED_ELSEWHERE = [
+    (
+        "withdrawn",
+        "1002",
+        {"answered_by": "1001", "talk_time": 0, "wait_time": 0, "reason": "answered elsewhere"},
+    )
+]
+
 
 def runners() -> list[Any]:
     """Plain asyncio, and uvloop (the CLI's loop) where installed."""
@@ -420,18 +429,7 @@ def test_ringall_unacked_pop_is_withdrawn_and_never_delivered(journal: bool, tmp
                 assert hub.status()["counters"]["withdrawn"] == 1
                 late = await Follower().up(address_of(hub), "1002")
                 await quiet(hub)
-                assert late.seen == [
-                    (
-                        "withdrawn",
-                        "1002",
-                        {
-                            "answered_by": "1001",
-                            "talk_time": 0,
-                            "wait_time": 0,
-                            "reason": "answered elsewhere",
-                        },
-                    )
-                ]
+                assert late.seen == ANSWERED_ELSEWHERE
                 await late.down()
             finally:
                 await here.down()
