@@ -358,7 +358,7 @@ def test_a_slot_frees_when_its_pop_is_settled_elsewhere() -> None:
             assert await after(twin, ack(ids[:2])) == ids[4:6]
             assert await after(one) == ids[4:6]  # the twin's acks freed two slots here too
             for pop_id in ids[2:4]:
-                hub.delivery.pending[pop_id].expires = 0
+                hub.delivery.expire_at(pop_id, 0)
             hub._sweep()
             assert hub.delivery.expired == 2
             assert await after(one) == ids[6:8]

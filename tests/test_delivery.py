@@ -421,3 +421,29 @@ def test_thousands_of_idle_connections_time_out_and_others_are_served() -> None:
             await listener.listener.shutdown()
 
     run(body())
+
+
+def test_each_pending_pop_expires_at_its_own_time_whatever_the_order_it_came_in() -> None:
+    """The sweep looks only at what is due (a heap by expiry): a pop restored with an earlier
+    expiry than the ones published before it still goes at its time, and not a moment before."""
+    from spop_cli.hub.delivery import InProcessDelivery
+
+    now = [1000.0]
+    delivery = InProcessDelivery(ttl=120, clock=lambda: now[0])
+    key = ("telephone", "13579")
+    delivery.publish("late", key, b"{}", expires=1100.0)
+    delivery.publish("early", key, b"{}", expires=1010.0)
+    delivery.publish("default", key, b"{}")  # now + ttl = 1120
+    delivery.publish("acked", key, b"{}", expires=1005.0)
+    delivery.ack("acked")
+    now[0] = 1009.999
+    assert delivery.expire() == []
+    now[0] = 1010.0
+    assert [p.id for p in delivery.expire()] == ["early"]
+    now[0] = 1099.999
+    assert delivery.expire() == []
+    now[0] = 1100.0
+    assert [p.id for p in delivery.expire()] == ["late"]
+    now[0] = 1120.0
+    assert [p.id for p in delivery.expire()] == ["default"]
+    assert delivery.expired == 3 and not delivery.pending
