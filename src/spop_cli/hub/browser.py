@@ -28,6 +28,7 @@ from aiohttp import web
 
 from ..model import Media, ScreenPopError, validate_resource
 from .connection import HubConnection
+from .http import HUB_KEY
 
 if TYPE_CHECKING:
     from .delivery import Pending
@@ -285,9 +286,20 @@ async def sweeping(app: web.Application) -> AsyncIterator[None]:
 
 # -- helpers -------------------------------------------------------------------------------
 def _hub(request: web.Request) -> Hub:
-    from .http import HUB_KEY
+    return _hub_of_app(request.app)
 
-    return request.app[HUB_KEY]  # type: ignore[return-value]
+
+def _cookie(request: web.Request) -> str | None:
+    """The session cookie's value, read off the Cookie header without parsing every cookie
+    into a jar (aiohttp's `request.cookies` did that on every ack)."""
+    header = request.headers.get("Cookie")
+    if not header:
+        return None
+    for part in header.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE:
+            return value.strip('"')
+    return None
 
 
 def _problem(status: int, error: str, message: str) -> web.Response:
@@ -328,7 +340,7 @@ def _guard(request: web.Request, csrf: bool) -> tuple[dict[str, Any] | None, web
         return None, _problem(
             403, "cross_origin", f"origin {origin[:100]!r} is not in browser_origins"
         )
-    session = hub.browser_sessions.check(request.cookies.get(COOKIE))
+    session = hub.browser_sessions.check(_cookie(request))
     if session is None:
         return None, _problem(401, "unauthorized", "no valid session: sign in first")
     if csrf and not hmac.compare_digest(
@@ -554,8 +566,6 @@ async def close_streams(app: web.Application) -> None:
 
 
 def _hub_of_app(app: web.Application) -> Hub:
-    from .http import HUB_KEY
-
     return app[HUB_KEY]  # type: ignore[return-value]
 
 
