@@ -579,7 +579,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result["hub_worst_stalls_ms"] = probed["worst_stalls_ms"][:5]
         result["hub_worst_stalls_cpu_ms"] = probed["worst_stalls_cpu_ms"][:5]
         result["hub_gc"] = {g: (v["count"], v["total_ms"], v["max_ms"]) for g, v in probed["gc"].items()}
+        result["hub_commits_over_2ms"] = probed["commits_over_2ms"]
         result["hub_commits_over_2ms_on_loop"] = probed["on_loop_commits_over_2ms"]
+        result["hub_worst_commits_ms_cpu_onloop"] = probed["worst_commits_ms_cpu_onloop"][:5]
     return result
 
 
