@@ -582,6 +582,55 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result["hub_commits_over_2ms"] = probed["commits_over_2ms"]
         result["hub_commits_over_2ms_on_loop"] = probed["on_loop_commits_over_2ms"]
         result["hub_worst_commits_ms_cpu_onloop"] = probed["worst_commits_ms_cpu_onloop"][:5]
+        result["hub_worst_commits_off_loop"] = probed["worst_commits_off_loop"][:5]
+        result["hub_stall_times"] = probed["stall_times"][:40]
+        result["hub_slow_commit_times"] = probed["commit_times"][:40]
+    return result
+
+
+def ack_cost(count: int) -> dict[str, Any]:
+    """The hub's CPU per request, one at a time on one keep-alive connection: `GET /v1/health`
+    (the floor of any aiohttp request) and `POST /v1/browser/ack` (one id, unknown: the handler's
+    whole path but no pop to settle), alternated twice."""
+
+    def exchange(sock: socket.socket, data: bytes) -> bytes:
+        sock.sendall(data)
+        buf = b""
+        while True:
+            buf += sock.recv(65536)
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                length = int(buf[:end].lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(buf) >= end + 4 + length:
+                    return buf
+
+    with tempfile.TemporaryDirectory(prefix="spop-bench-") as scratch:
+        hub, port = start_hub(Path(scratch), False, None)
+        try:
+            time.sleep(0.5)
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                body = orjson.dumps({"token": TOKEN})
+                answer = exchange(sock, request("POST", "/v1/browser/session", {}, body))
+                cookie = answer.split(b"spop_session=")[1].split(b";")[0].decode()
+                csrf = orjson.loads(answer.partition(b"\r\n\r\n")[2])["csrf"]
+                health = b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                ack = request(
+                    "POST",
+                    "/v1/browser/ack",
+                    {"Cookie": f"spop_session={cookie}", "X-Spop-CSRF": csrf},
+                    orjson.dumps({"media": MEDIA, "resource": [resource_of(1)], "ids": ["x-1"]}),
+                )
+                result: dict[str, Any] = {"health_us": [], "ack_us": []}
+                for name, data in (("health", health), ("ack", ack)) * 2:
+                    for _ in range(200):  # warm-up
+                        exchange(sock, data)
+                    cpu0 = cpu_of(hub.pid)
+                    for _ in range(count):
+                        exchange(sock, data)
+                    result[f"{name}_us"].append(round((cpu_of(hub.pid) - cpu0) / count * 1e6))
+        finally:
+            hub.terminate()
+            hub.wait(10)
     return result
 
 
@@ -614,6 +663,9 @@ def cli() -> None:
     parser.add_argument("--profile", metavar="FILE", help="py-spy the hub during the load")
     parser.add_argument("--probe", action="store_true", help="hub under _hub_probe.py: stalls, GC")
     parser.add_argument("--clients", type=int, default=1, help="stream processes")
+    parser.add_argument(
+        "--ack-cost", type=int, metavar="N", help="only: hub CPU per health and per ack request"
+    )
     parser.add_argument("--source", metavar="BASE", help=argparse.SUPPRESS)  # the poster process
     parser.add_argument("--client", metavar="BASE", help=argparse.SUPPRESS)  # a stream process
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
@@ -628,6 +680,9 @@ def cli() -> None:
         pass
     if args.source:
         asyncio.run(source(args.source, args.rate, args.duration, f"r{os.getpid()}"))
+        return
+    if args.ack_cost:
+        print(json.dumps(ack_cost(args.ack_cost)))
         return
     if args.client:
         client_main(args.client, args.first, args.step, args.streams, not args.no_ack, args.out)
