@@ -128,6 +128,8 @@ def dump() -> None:
         "worst_commits_ms_cpu_onloop": sorted(slow_commits, key=lambda c: (c[2], c[0]), reverse=True)[:10],
         "commit_seconds": commit_seconds,
         "stall_times": [(round(t, 3), ms) for t, ms in stalls if ms > 10][:2000],
+        "worst_commits_off_loop": sorted((c for c in slow_commits if not c[2]), reverse=True)[:10],
+        "commit_times": [(round(t, 3), ms, on) for t, ms, on in commit_times][:200],
     }
     with open(OUT, "w") as handle:
         json.dump(out, handle)
@@ -161,6 +163,7 @@ from spop_cli.hub import journal as _journal  # noqa: E402
 _commit = _journal.Journal._commit
 slow_commits: list[tuple[float, float, bool]] = []  # (wall ms, CPU ms, on the loop's thread)
 commit_seconds: dict[int, list[float]] = {}  # monotonic second -> [commits, wall ms, max ms]
+commit_times: list[tuple[float, float, bool]] = []  # (monotonic, wall ms, on the loop) over 10 ms
 
 
 def timed_commit(self: _journal.Journal, *args: object, **kwargs: object) -> None:
@@ -176,6 +179,8 @@ def timed_commit(self: _journal.Journal, *args: object, **kwargs: object) -> Non
         row[0] += 1
         row[1] = round(row[1] + wall, 2)
         row[2] = round(max(row[2], wall), 2)
+        if wall > 10:  # when, to line up with the loop's stalls
+            commit_times.append((time.monotonic(), round(wall, 2), threading.current_thread() is threading.main_thread()))
         if wall > 2:
             slow_commits.append(
                 (

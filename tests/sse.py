@@ -90,12 +90,16 @@ class Stream:
 class BrowserClient:
     """What a page does: one cookie jar, a CSRF token, streams and acks."""
 
-    def __init__(self, base: str, origin: str | None = None) -> None:
+    def __init__(
+        self, base: str, origin: str | None = None, ssl: Any = None
+    ) -> None:
         self.base = base
         self.origin = origin
         jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
         self.session = aiohttp.ClientSession(
-            cookie_jar=jar, timeout=aiohttp.ClientTimeout(total=None)
+            cookie_jar=jar,
+            timeout=aiohttp.ClientTimeout(total=None),
+            connector=aiohttp.TCPConnector(ssl=ssl) if ssl is not None else None,
         )
         self.csrf = ""
 

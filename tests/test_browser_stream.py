@@ -615,3 +615,139 @@ def test_contact_events_reach_the_stream_as_change_events() -> None:
                 await client.close()
 
     run(body())
+
+
+async def _session_cookie(base: str) -> str:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{base}/v1/browser/session", json={"token": TOKEN}) as r,
+    ):
+        assert r.status == 200
+        return r.cookies["spop_session"].value
+
+
+async def _raw_stream(
+    base: str, version: str = "1.1", rcvbuf: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A stream opened by hand: the reader, the writer, and the bytes up to the `ready` event."""
+    import socket
+
+    cookie = await _session_cookie(base)
+    host, _, port = base.removeprefix("http://").partition(":")
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        f"GET /v1/browser/stream?media=telephone&resource=1001 HTTP/{version}\r\n"
+        f"Host: {host}\r\nCookie: spop_session={cookie}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"event: ready\n"), 10)
+    head += await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
+    if b"transfer-encoding: chunked" in head.lower():
+        head += await reader.readexactly(2)  # the end of the ready event's chunk
+    return reader, writer, head
+
+
+def test_an_http_1_0_stream_gets_its_events_unchunked() -> None:
+    async def body() -> None:
+        async with inprocess_hub(**hub_options()) as hub:
+            base = http_of(hub)
+            reader, writer, head = await _raw_stream(base, "1.0")
+            assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+            pop_id = await post_pop(base)
+            event = await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
+            assert event.startswith(b"event: pop\nid: %s\ndata: {" % pop_id.encode())
+            writer.close()
+
+    run(body())
+
+
+def test_an_event_is_one_chunk_built_once_for_every_stream_of_its_key() -> None:
+    async def body() -> None:
+        async with inprocess_hub(**hub_options()) as hub:
+            base = http_of(hub)
+            first = await _raw_stream(base)
+            second = await _raw_stream(base)
+            assert b"transfer-encoding: chunked" in first[2].lower()
+            pop_id = await post_pop(base, queue_name="Sales")
+            event = hub.delivery.pending[pop_id].sse
+            assert event is not None and event.startswith(b"event: pop\nid: %s\n" % pop_id.encode())
+            for reader, writer, _ in (first, second):
+                chunk = b"%x\r\n%s\r\n" % (len(event), event)
+                assert await asyncio.wait_for(reader.readexactly(len(chunk)), 10) == chunk
+                writer.close()
+
+    run(body())
+
+
+def test_a_browser_that_stops_reading_is_dropped_and_its_pops_kept() -> None:
+    async def body() -> None:
+        async with inprocess_hub(**hub_options(max_buffer=64 * 1024)) as hub:
+            base = http_of(hub)
+            _, writer, _ = await _raw_stream(base, rcvbuf=4096)  # then never read again
+            await until(lambda: len(hub.browser_streams) == 1)
+            big = {"a": "x" * 4000, "b": "y" * 4000}
+            pops = [
+                {"media": "telephone", "resource": "1001", "source": "1", "contact_data": big}
+                for _ in range(50)
+            ]
+            headers = {"Authorization": f"Bearer {SOURCE}"}
+            posted = 0
+            async with aiohttp.ClientSession() as http:
+                while posted < 1000 and not hub.counters["slow_consumers_dropped"]:
+                    async with http.post(f"{base}/v1/pops", json=pops, headers=headers) as r:
+                        assert r.status == 200  # up to 8 MB: past any kernel buffers
+                    posted += 50
+            assert await until(lambda: hub.counters["slow_consumers_dropped"] == 1)
+            assert await until(lambda: not hub.browser_streams)
+            # nothing acked, nothing lost: every pop waits for the browser's return
+            assert len(hub.delivery.pending) == posted
+            assert any(p.sent for p in hub.delivery.pending.values())
+            writer.close()
+
+    run(body())
+
+
+def test_events_reach_a_stream_under_tls(tmp_path: Any) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "hub.key"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "hub.pem"))
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+
+    async def body() -> None:
+        tls = {"tls_cert": str(tmp_path / "hub.pem"), "tls_key": str(tmp_path / "hub.key")}
+        async with inprocess_hub(**hub_options(**tls)) as hub:
+            base = http_of(hub, "https")
+            client = BrowserClient(base, ssl=client_ssl)
+            try:
+                assert (await client.login(TOKEN)).status == 200
+                stream = await client.stream("telephone", ["1001"])
+                await stream.next(("ready",))
+                pop = {"media": "telephone", "resource": "1001", "source": "0612345678"}
+                async with (
+                    aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl)) as http,
+                    http.post(
+                        f"{base}/v1/pops", json=pop, headers={"Authorization": f"Bearer {SOURCE}"}
+                    ) as r,
+                ):
+                    pop_id = (await r.json())["ids"][0]
+                event = await stream.next()
+                assert (event.event, event.id, event.json()["source"]) == (
+                    "pop",
+                    pop_id,
+                    "0612345678",
+                )
+                await stream.close()
+            finally:
+                await client.close()
+
+    run(body())

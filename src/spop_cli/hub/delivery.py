@@ -38,6 +38,7 @@ class Pending:
     contact_id: str
     sent: int = 0  # times written to a connection (an expiry says whether anyone saw it)
     change: bool = False  # a contact update (protocol 2): only opted-in connections get it
+    sse: bytes | None = None  # the frame as an SSE event, built once for every browser stream
 
 
 class InProcessDelivery:

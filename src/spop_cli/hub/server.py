@@ -280,7 +280,8 @@ class Hub:
                 self.log.exception("housekeeping failed")
 
     def _sweep(self) -> None:
-        self._gc.tick(len(self.connections))
+        # browser streams count as connections: each holds its request, response and transport
+        self._gc.tick(len(self.connections) + len(self.browser_streams))
         for pending in self.delivery.expire():
             if pending.change:  # normal when no listener of its key asked for updates
                 self.log.debug("change %s for %s %s expired", pending.id, *pending.key)
