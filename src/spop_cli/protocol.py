@@ -39,7 +39,9 @@ def encode(frame: dict[str, Any]) -> bytes:
 
 def pop_frame(pop: dict[str, Any]) -> bytes:
     """The `pop` frame the hub sends for an accepted pop, built once for every listener."""
-    return orjson.dumps({"op": "pop", "pop": pop}, option=orjson.OPT_APPEND_NEWLINE)
+    # `+ b"\n"`, not OPT_APPEND_NEWLINE: the option's bytes keep orjson's larger buffer, and a
+    # flood of 20,000 pending 1 KB pops grew the hub by 15.5 MB instead of 11 (test_chaos)
+    return orjson.dumps({"op": "pop", "pop": pop}) + b"\n"
 
 
 def change_frame(change: dict[str, Any]) -> bytes:
