@@ -437,7 +437,8 @@ def test_static_files_are_served() -> None:
     run(body())
 
 
-def test_the_cookie_is_secure_under_tls(tmp_path: Any) -> None:
+def tls_pair(tmp_path: Any) -> tuple[Any, dict[str, str]]:
+    """A client context trusting a fresh CA, and the hub options for a certificate it issued."""
     import ssl
 
     import trustme
@@ -448,9 +449,13 @@ def test_the_cookie_is_secure_under_tls(tmp_path: Any) -> None:
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "hub.pem"))
     client_ssl = ssl.create_default_context()
     ca.configure_trust(client_ssl)
+    return client_ssl, {"tls_cert": str(tmp_path / "hub.pem"), "tls_key": str(tmp_path / "hub.key")}
+
+
+def test_the_cookie_is_secure_under_tls(tmp_path: Any) -> None:
+    client_ssl, tls = tls_pair(tmp_path)
 
     async def body() -> None:
-        tls = {"tls_cert": str(tmp_path / "hub.pem"), "tls_key": str(tmp_path / "hub.key")}
         async with inprocess_hub(**hub_options(**tls)) as hub:
             connector = aiohttp.TCPConnector(ssl=client_ssl)
             async with aiohttp.ClientSession(connector=connector) as http:
@@ -712,19 +717,9 @@ def test_a_browser_that_stops_reading_is_dropped_and_its_pops_kept() -> None:
 
 
 def test_events_reach_a_stream_under_tls(tmp_path: Any) -> None:
-    import ssl
-
-    import trustme
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.private_key_pem.write_to_path(str(tmp_path / "hub.key"))
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "hub.pem"))
-    client_ssl = ssl.create_default_context()
-    ca.configure_trust(client_ssl)
+    client_ssl, tls = tls_pair(tmp_path)
 
     async def body() -> None:
-        tls = {"tls_cert": str(tmp_path / "hub.pem"), "tls_key": str(tmp_path / "hub.key")}
         async with inprocess_hub(**hub_options(**tls)) as hub:
             base = http_of(hub, "https")
             client = BrowserClient(base, ssl=client_ssl)

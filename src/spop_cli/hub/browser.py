@@ -182,12 +182,7 @@ class BrowserStream(HubConnection):
         event = pending.sse
         if event is None:
             event = pending.sse = sse_event(pending.frame) or b""
-        self.inflight[pending.id] = pending.key
-        pending.sent += 1
-        if pending.change:
-            self.hub.delivery.changes_delivered += 1
-        else:
-            self.hub.delivery.delivered += 1
+        self._in_flight(pending)
         if event:
             HubConnection.write(self, event)
 

@@ -142,13 +142,17 @@ class HubConnection(asyncio.Protocol):
             self._pump()
 
     def _send(self, pending: Pending) -> None:
+        self._in_flight(pending)
+        self.write(pending.frame)
+
+    def _in_flight(self, pending: Pending) -> None:
+        """Count a pop (or change) as sent here and hold its slot until it is settled."""
         self.inflight[pending.id] = pending.key
         pending.sent += 1
         if pending.change:
             self.hub.delivery.changes_delivered += 1
         else:
             self.hub.delivery.delivered += 1
-        self.write(pending.frame)
 
     def _pump(self) -> None:
         """Fill the window: live pops first (a call ringing now beats one that waited), then
