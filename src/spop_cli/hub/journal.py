@@ -127,7 +127,7 @@ class Journal:
         self.rows_committed = 0
         self.failures = 0  # failed commits since the last good one
         self._since_checkpoint = 0  # rows written since the last checkpoint
-        self._thread: ThreadPoolExecutor | None = None  # where every commit runs
+        self._thread: ThreadPoolExecutor | None = None  # bigger commits, the purge, the writer's checkpoint
         self._checkpointer: ThreadPoolExecutor | None = None  # where checkpoints run
         self._checkpointing: asyncio.Future[None] | None = None
         self._checkpoint_db: sqlite3.Connection | None = None
@@ -414,7 +414,7 @@ class Journal:
                 self.path, check_same_thread=False, isolation_level=None
             )
         try:
-            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:  # a full disk: the next checkpoint tries again
             log.debug("journal checkpoint failed: %s", exc)
             return
