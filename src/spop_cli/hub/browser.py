@@ -564,6 +564,22 @@ def _hub_of_app(app: web.Application) -> Hub:
     return app[HUB_KEY]  # type: ignore[return-value]
 
 
+def fast_routes() -> dict[tuple[str, str], Any]:
+    """The routes below that answer in one piece, for the HTTP port's lean front (the SSE stream
+    is not one of them: aiohttp serves it)."""
+    routes: dict[tuple[str, str], Any] = {
+        ("POST", "/v1/browser/session"): post_session,
+        ("GET", "/v1/browser/session"): get_session,
+        ("DELETE", "/v1/browser/session"): delete_session,
+        ("POST", "/v1/browser/ack"): post_ack,
+    }
+    for path in ("/v1/browser/session", "/v1/browser/stream", "/v1/browser/ack"):
+        routes[("OPTIONS", path)] = options_browser
+    for path in STATIC:
+        routes[("GET", path)] = get_static
+    return routes
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/browser/session", post_session)
     app.router.add_get("/v1/browser/session", get_session)

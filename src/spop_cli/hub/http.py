@@ -238,7 +238,23 @@ class _RequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         self.warning("%s: %s", str(msg) % args, reason[:200])
 
 
-async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
+class HttpPort:
+    """The HTTP port: the lean front (fasthttp.py) and the aiohttp application behind it."""
+
+    def __init__(self, front: Any, runner: web.AppRunner) -> None:
+        self.front = front
+        self.runner = runner
+
+    async def cleanup(self) -> None:
+        await self.front.close()
+        await self.runner.cleanup()
+        await self.front.wait_closed()
+
+
+async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[HttpPort, int]:
+    from .browser import fast_routes
+    from .fasthttp import Front
+
     # keepalive_timeout also closes a connection that never completes a request head (idle
     # from the start, or dribbling its headers): aiohttp's timer runs until a request is parsed.
     # After an answer sent before the whole body came (a 408, a 413), aiohttp reads on for
@@ -253,12 +269,28 @@ async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[web.
     )
     await runner.setup()
     server = runner.server
-    if server is not None:  # aiohttp's Server takes its handler for each new connection from here
-        server.request_handler = _direct(hub, server.request_handler)
-    site = web.TCPSite(
-        runner, hub.config.host, hub.config.http_port or 0, ssl_context=ssl_context, reuse_address=True
-    )
-    await site.start()
-    server = site._server  # the only way aiohttp tells the port picked for 0
-    port = server.sockets[0].getsockname()[1] if server is not None else hub.config.http_port
-    return runner, int(port)
+    assert server is not None
+    # aiohttp's Server takes its handler for each new connection from here
+    server.request_handler = _direct(hub, server.request_handler)
+    # what the lean front answers itself (fasthttp.py): the same handlers as the app's routes
+    routes: dict[tuple[str, str], Any] = {
+        ("POST", path): _bound(handler, hub) for path, handler in INGEST.items()
+    }
+    routes[("GET", "/v1/status")] = get_status
+    routes[("GET", "/v1/health")] = get_health
+    routes[("GET", "/openapi.json")] = get_openapi
+    routes.update(fast_routes())
+    front = Front(hub, runner.app, server, routes, lambda r, e: _error_response(r, hub, e), bool(ssl_context))
+    try:
+        port = await front.start(hub.config.host, hub.config.http_port or 0, ssl_context)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return HttpPort(front, runner), port
+
+
+def _bound(handler: Any, hub: Hub) -> Any:
+    async def handle(request: Any) -> web.StreamResponse:
+        return await handler(request, hub)
+
+    return handle

@@ -1,0 +1,349 @@
+"""The hub's HTTP port, lean in front of aiohttp: a keep-alive connection that only POSTs pops,
+contact events or browser acks is answered here, and any other request hands the connection to
+aiohttp for the rest of its life.
+
+Why: aiohttp's own work per request (a task wake-up, its request and response objects, header
+parsing and serialising) was 90-150 µs of hub CPU on this project's 2-core machine, more than a
+pop's validation, journal commit and delivery together (benchmarks/PROFILE.md). Sources POST one
+pop at a time and every browser pop costs an ack POST, so that cost was paid twice per pop.
+
+What this front answers itself is deliberately narrow: an HTTP/1.1 request for one of the
+routes it was given (a method and an exact path, no query string: ingest, acks, sessions,
+health, status, the static files) whose head is plain ASCII, with at most one `Content-Length`
+(required for a POST; no `Transfer-Encoding`, `Expect` or `Upgrade`), one `Host`, and the whole
+body already received. Everything else (the SSE stream, webhook sources, unknown paths, HEAD,
+HTTP/1.0, odd or malformed heads, a body still on its way, bodies over `max_body`) goes to aiohttp
+with every byte the connection sent, so its parser, limits, timeouts and error answers are the
+ones the client meets. Both run the same handlers (`http.py`, `browser.py`), so a request gets
+the same answer either way; the tests run both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .server import Hub
+
+MAX_HEAD = 8190  # aiohttp's own limit for a request line and for each header line
+PAUSE_AT = 1 << 20  # pipelined bytes buffered while a request is answered before reading pauses
+_FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*[\x20-\x7e]*?[ \t]*")
+_SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
+
+
+class _Date:
+    """The `Date` header, formatted once a second (as aiohttp does)."""
+
+    second = -1
+    line = b""
+
+    @classmethod
+    def get(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second = now
+            cls.line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return cls.line
+
+
+class FastRequest:
+    """What the fast routes' handlers read of a request: the same names as aiohttp's."""
+
+    __slots__ = ("app", "body", "headers", "method", "path", "scheme", "transport")
+    query: MultiDictProxy[str] = MultiDictProxy(MultiDict())  # a query string goes to aiohttp
+
+    def __init__(
+        self,
+        app: web.Application,
+        transport: asyncio.Transport,
+        scheme: str,
+        method: str,
+        path: str,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+    ) -> None:
+        self.app = app
+        self.transport = transport
+        self.scheme = scheme
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+
+    @property
+    def content(self) -> FastRequest:  # the body is whole: reading it never waits
+        return self
+
+    def is_eof(self) -> bool:
+        return True
+
+    async def read(self, n: int = -1) -> bytes:
+        return self.body if n < 0 else self.body[:n]
+
+    @property
+    def content_length(self) -> int:
+        return len(self.body)
+
+    @property
+    def content_type(self) -> str:
+        value = self.headers.get("Content-Type")
+        if not value:
+            return "application/octet-stream"
+        return value.partition(";")[0].strip().lower()
+
+    @property
+    def host(self) -> str:
+        return self.headers["Host"]
+
+    @property
+    def remote(self) -> str | None:
+        peer = self.transport.get_extra_info("peername")
+        return str(peer[0]) if isinstance(peer, (list, tuple)) else None
+
+
+class FastHTTP(asyncio.Protocol):
+    """One connection of the HTTP port, until a request it does not answer itself."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.busy = False  # a request is being answered: later ones wait in the buffer
+        self.paused = False
+        self.last = time.monotonic()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.front.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.connections.discard(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.busy:
+            self._next()
+        elif len(self.buffer) > PAUSE_AT and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # -- requests -----------------------------------------------------------------------------
+    def _next(self) -> None:
+        """Answer the request at the head of the buffer, or hand the connection over."""
+        buffer = self.buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                self._hand_over()
+            return
+        parsed = self._parse(bytes(buffer[:end]))
+        if parsed is None:
+            self._hand_over()
+            return
+        handler, method, path, headers, length, close = parsed
+        start = end + 4
+        if len(buffer) - start < length:  # the body is still coming: aiohttp times it
+            self._hand_over()
+            return
+        body = bytes(buffer[start : start + length])
+        del buffer[: start + length]
+        assert self.transport is not None
+        request = FastRequest(
+            self.front.app, self.transport, self.front.scheme, method, path, headers, body
+        )
+        self.busy = True
+        task = asyncio.get_running_loop().create_task(self._answer(handler, request, close))
+        self.front.tasks.add(task)
+        task.add_done_callback(self.front.tasks.discard)
+
+    def _parse(self, head: bytes) -> tuple[Any, str, str, CIMultiDictProxy[str], int, bool] | None:
+        """The head's handler, method, path, headers, body length and `Connection: close`;
+        None: not one this front answers."""
+        if not head.isascii():
+            return None
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+            return None
+        method, path = parts[0].decode(), parts[1].decode()
+        handler = self.front.routes.get((method, path))
+        if handler is None:
+            return None
+        fields: list[tuple[str, str]] = []
+        for line in lines[1:]:
+            if _FIELD.fullmatch(line) is None:
+                return None
+            name, _, value = line.decode().partition(":")
+            fields.append((name, value.strip(" \t")))
+        headers = CIMultiDictProxy(CIMultiDict(fields))
+        lengths = headers.getall("Content-Length", ("0",) if method != "POST" else ())
+        if (
+            len(lengths) != 1
+            or not lengths[0].isdigit()
+            or len(lengths[0]) > 12
+            or "Transfer-Encoding" in headers
+            or "Expect" in headers
+            or "Upgrade" in headers
+            or len(headers.getall("Host", ())) != 1
+        ):
+            return None
+        length = int(lengths[0])
+        if length > self.front.max_body:
+            return None
+        connection = headers.getall("Connection", ())
+        close = False
+        if connection:
+            if len(connection) != 1 or connection[0].lower() not in ("close", "keep-alive"):
+                return None
+            close = connection[0].lower() == "close"
+        return handler, method, path, headers, length, close
+
+    async def _answer(self, handler: Any, request: FastRequest, close: bool) -> None:
+        front = self.front
+        try:
+            response = await handler(request)
+        except Exception as exc:  # the same JSON error aiohttp's path gives
+            response = front.on_error(request, exc)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        close = close or getattr(response, "_keep_alive", None) is False
+        transport.write(_serialise(response, close))
+        self.last = time.monotonic()
+        self.busy = False
+        if close:
+            transport.close()
+            return
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        if self.buffer:
+            self._next()
+
+    def _hand_over(self) -> None:
+        """From here on aiohttp serves this connection, starting from the bytes not yet answered."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.front.connections.discard(self)
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        handler = self.front.server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        data, self.buffer = bytes(self.buffer), bytearray()
+        self.transport = None
+        if data:
+            handler.data_received(data)
+
+    def idle_for(self, now: float) -> float:
+        return 0.0 if self.busy else now - self.last
+
+
+def _serialise(response: web.StreamResponse, close: bool) -> bytes:
+    """The response as aiohttp would write it for an HTTP/1.1 request."""
+    body = response.body if isinstance(response, web.Response) else b""  # type: ignore[union-attr]
+    body = body if isinstance(body, bytes) else b""
+    empty = response.status in (204, 304) or response.status < 200
+    head = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason.encode())]
+    headers = response.headers
+    for name, value in headers.items():
+        if name.lower() not in ("content-length", "connection", "date", "server"):
+            head.append(f"{name}: {value}\r\n".encode())
+    cookies = response._cookies  # the jar aiohttp itself reads (set_cookie, del_cookie)
+    if cookies:
+        for cookie in cookies.values():
+            head.append(f"Set-Cookie: {cookie.output(header='')[1:]}\r\n".encode())
+    if empty:
+        body = b""
+    else:
+        if body and "Content-Type" not in headers:
+            head.append(b"Content-Type: application/octet-stream\r\n")
+        head.append(b"Content-Length: %d\r\n" % len(body))
+    head.append(_Date.get())
+    head.append(_SERVER)
+    if close:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    head.append(body)
+    return b"".join(head)
+
+
+class Front:
+    """The listening socket of the HTTP port and its lean connections."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        app: web.Application,
+        server: Any,
+        routes: dict[str, Any],
+        on_error: Callable[[Any, Exception], web.StreamResponse],
+        tls: bool,
+    ) -> None:
+        self.hub = hub
+        self.app = app
+        self.server = server  # aiohttp's protocol factory: what a connection is handed to
+        self.routes = routes
+        self.on_error = on_error
+        self.scheme = "https" if tls else "http"
+        self.max_body = hub.config.max_body
+        self.connections: set[FastHTTP] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int, ssl_context: Any) -> int:
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: FastHTTP(self), host, port, ssl=ssl_context, reuse_address=True, backlog=128
+        )
+        self._sweeper = loop.create_task(self._sweep())
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    async def _sweep(self) -> None:
+        """Close lean connections idle past `http_idle_timeout` (aiohttp's keep-alive timeout:
+        a connection that never completes a request head is closed the same way)."""
+        limit = self.hub.config.http_idle_timeout
+        while True:
+            await asyncio.sleep(min(1.0, limit / 2))
+            now = time.monotonic()
+            for conn in [c for c in self.connections if c.idle_for(now) > limit]:
+                if conn.transport is not None:
+                    conn.transport.close()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        for conn in list(self.connections):
+            if conn.transport is not None and not conn.busy:
+                conn.transport.close()
+        if self.tasks:  # answers already on their way finish (their commit is awaited)
+            await asyncio.wait(list(self.tasks), timeout=5)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+
+    async def wait_closed(self) -> None:
+        """After aiohttp closed the connections handed to it (some Pythons wait for those)."""
+        if self._listener is not None:
+            try:
+                await asyncio.wait_for(self._listener.wait_closed(), 5)
+            except TimeoutError:
+                pass
+            self._listener = None
