@@ -365,6 +365,9 @@ async def _json_body(request: web.Request) -> Any:
         raise web.HTTPBadRequest(text="body is not valid JSON") from None
 
 
+_known_keys: dict[tuple[Any, Any], list[Key]] = {}  # an ack's (media, resource) seen before
+
+
 def _keys(query: Any) -> list[Key]:
     """(media, resource) pairs from a query or body: one or more media × one or more resources."""
     medias = query.getall("media", []) if hasattr(query, "getall") else query.get("media", [])
@@ -373,6 +376,22 @@ def _keys(query: Any) -> list[Key]:
     )
     medias = [medias] if isinstance(medias, str) else medias
     resources_ = [resources_] if isinstance(resources_, str) else resources_
+    try:  # every ack of a page names the same pairs: checked once
+        seen = (tuple(medias), tuple(resources_))
+        known = _known_keys.get(seen)
+    except TypeError:  # not hashable (a list inside): checked below, refused there
+        seen, known = None, None
+    if known is not None:
+        return known
+    keys = _checked_keys(medias, resources_)
+    if seen is not None:
+        if len(_known_keys) >= CHECKED_MAX:
+            _known_keys.clear()
+        _known_keys[seen] = keys
+    return keys
+
+
+def _checked_keys(medias: Any, resources_: Any) -> list[Key]:
     if not medias or not resources_:
         raise ValueError("name a media and at least one resource")
     keys: list[Key] = []

@@ -38,21 +38,21 @@ if TYPE_CHECKING:
 MAX_HEAD = 8190  # aiohttp's own limit for a request line and for each header line
 PAUSE_AT = 1 << 20  # pipelined bytes buffered while a request is answered before reading pauses
 _FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*[\x20-\x7e]*?[ \t]*")
-_SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
+_SERVER = f"Server: {SERVER_SOFTWARE}\r\n"
 
 
 class _Date:
     """The `Date` header, formatted once a second (as aiohttp does)."""
 
     second = -1
-    line = b""
+    line = ""
 
     @classmethod
-    def get(cls) -> bytes:
+    def get(cls) -> str:
         now = int(time.time())
         if now != cls.second:
             cls.second = now
-            cls.line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+            cls.line = f"Date: {formatdate(now, usegmt=True)}\r\n"
         return cls.line
 
 
@@ -253,33 +253,38 @@ class FastHTTP(asyncio.Protocol):
         return 0.0 if self.busy else now - self.last
 
 
+_OWN = frozenset(  # headers the front writes itself (handlers never set them)
+    ("Content-Length", "content-length", "Connection", "connection", "Date", "date")
+    + ("Server", "server")
+)
+
+
 def _serialise(response: web.StreamResponse, close: bool) -> bytes:
     """The response as aiohttp would write it for an HTTP/1.1 request."""
     body = response.body if isinstance(response, web.Response) else b""  # type: ignore[union-attr]
     body = body if isinstance(body, bytes) else b""
-    empty = response.status in (204, 304) or response.status < 200
-    head = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason.encode())]
+    status = response.status
+    lines = [f"HTTP/1.1 {status} {response.reason}\r\n"]
     headers = response.headers
     for name, value in headers.items():
-        if name.lower() not in ("content-length", "connection", "date", "server"):
-            head.append(f"{name}: {value}\r\n".encode())
+        if name not in _OWN:
+            lines.append(f"{name}: {value}\r\n")
     cookies = response._cookies  # the jar aiohttp itself reads (set_cookie, del_cookie)
     if cookies:
         for cookie in cookies.values():
-            head.append(f"Set-Cookie: {cookie.output(header='')[1:]}\r\n".encode())
-    if empty:
+            lines.append(f"Set-Cookie: {cookie.output(header='')[1:]}\r\n")
+    if status in (204, 304) or status < 200:
         body = b""
     else:
         if body and "Content-Type" not in headers:
-            head.append(b"Content-Type: application/octet-stream\r\n")
-        head.append(b"Content-Length: %d\r\n" % len(body))
-    head.append(_Date.get())
-    head.append(_SERVER)
+            lines.append("Content-Type: application/octet-stream\r\n")
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append(_Date.get())
+    lines.append(_SERVER)
     if close:
-        head.append(b"Connection: close\r\n")
-    head.append(b"\r\n")
-    head.append(body)
-    return b"".join(head)
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1") + body
 
 
 class Front:
