@@ -6,7 +6,8 @@ and `POST /v1/contacts`, closed or open loop.
 One JSON object on stdout at the end. The client is a lean HTTP/1.1 one on asyncio streams (uvloop
 when installed): one request in flight per connection, `Connection: keep-alive`, a `Content-Length`
 body, the answer read to its `Content-Length`. A lean client keeps the load's own CPU small on a
-2-core machine; every request is still a complete HTTP request the hub parses with aiohttp.
+2-core machine; every request is still a complete HTTP request the hub parses (its lean front,
+hub/fasthttp.py, answers these; aiohttp any other).
 
 Open loop: request *i* is meant to leave at `start + i/rate` on connection `i mod conns`; its pop
 carries that intended time (CLOCK_MONOTONIC ns) in `contact_data.t`, so the listener side measures

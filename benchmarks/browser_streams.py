@@ -590,7 +590,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def ack_cost(count: int) -> dict[str, Any]:
     """The hub's CPU per request, one at a time on one keep-alive connection: `GET /v1/health`
-    (the floor of any aiohttp request) and `POST /v1/browser/ack` (one id, unknown: the handler's
+    (the floor of any request the HTTP front answers) and `POST /v1/browser/ack` (one id, unknown: the handler's
     whole path but no pop to settle), alternated twice."""
 
     def exchange(sock: socket.socket, data: bytes) -> bytes:

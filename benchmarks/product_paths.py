@@ -50,8 +50,8 @@ TARGETS = [
 # Why a target is missed, from the profiles (benchmarks/PROFILE.md, "Product paths"); shown beside a gap.
 CAUSES = {
     "single_hub_us": "per request: two send system calls (the answer, the pop frame to its "
-    "listener's own socket: a quarter of the samples), aiohttp's parsing, task and response, the "
-    "ack read back and a journal commit (PROFILE.md, the ingest path, second pass)",
+    "listener's own socket: a quarter of the samples), the HTTP front's parsing, task and "
+    "answer, the ack read back and a journal commit (PROFILE.md, the HTTP front)",
     "batched_hub_us": "per pop: the ack read back and settled (a fifth of the samples), SQLite's "
     "insert, done update and purge (a sixth), one send to its listener's own socket, validation; "
     "with 1,000 listeners no two pops share a socket",
