@@ -344,3 +344,23 @@ def test_the_hub_stops_with_front_connections_open(hub: HubThread) -> None:
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_a_peer_that_does_not_read_its_answers_stops_the_answering(hub: HubThread) -> None:
+    """Pipelined requests from a peer that never reads: the answers stop at the transport's high
+    mark instead of piling up in the hub, and all come once it reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", hub.options["http_port"]))
+    conn = Conn.__new__(Conn)
+    conn.sock, conn.buffer = sock, b""
+    count = 20_000
+    try:
+        conn.send(request("GET", "/v1/health") * count)
+        assert wait_for(lambda: any(c.blocked for c in front(hub).connections), 10)
+        (lean,) = front(hub).connections
+        assert lean.transport.get_write_buffer_size() < 80_000
+        answers = [conn.response() for _ in range(count)]
+        assert [status for status, _, _ in answers] == [200] * count
+    finally:
+        sock.close()

@@ -119,7 +119,8 @@ class FastHTTP(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.busy = False  # a request is being answered: later ones wait in the buffer
-        self.paused = False
+        self.paused = False  # reading paused: too many pipelined bytes wait
+        self.blocked = False  # the peer does not read its answers: none is made until it does
         self.last = time.monotonic()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -133,11 +134,20 @@ class FastHTTP(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if not self.busy:
+        if not self.busy and not self.blocked:
             self._next()
         elif len(self.buffer) > PAUSE_AT and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        """The answers pile up unread (the transport's buffer is over its high mark)."""
+        self.blocked = True
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        if not self.busy and self.transport is not None:
+            self._resume()
 
     # -- requests -----------------------------------------------------------------------------
     def _next(self) -> None:
@@ -226,9 +236,14 @@ class FastHTTP(asyncio.Protocol):
         if close:
             transport.close()
             return
-        if self.paused:
+        if not self.blocked:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Go on with the pipelined requests, reading again if it had paused."""
+        if self.paused and self.transport is not None:
             self.paused = False
-            transport.resume_reading()
+            self.transport.resume_reading()
         if self.buffer:
             self._next()
 
