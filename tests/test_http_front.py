@@ -202,6 +202,11 @@ HANDED_OVER = [
     ),
     ("folded header", b"POST /v1/pops HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n b\r\nContent-Length: 2\r\n\r\n{}", 400),
     ("space before colon", b"POST /v1/pops HTTP/1.1\r\nHost : x\r\nContent-Length: 2\r\n\r\n{}", 400),
+    (
+        "a tab inside a value",
+        b"POST /v1/pops HTTP/1.1\r\nHost: x\r\nX-A: a\tAuthorization: Bearer y\r\nContent-Length: 2\r\n\r\n{}",
+        401,
+    ),
     ("no Host", b"POST /v1/pops HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 400),
     ("query string", b"GET /v1/health?x=1 HTTP/1.1\r\nHost: x\r\n\r\n", 200),
     ("HEAD", b"HEAD /v1/health HTTP/1.1\r\nHost: x\r\n\r\n", 200),
@@ -357,10 +362,33 @@ def test_a_peer_that_does_not_read_its_answers_stops_the_answering(hub: HubThrea
     count = 20_000
     try:
         conn.send(request("GET", "/v1/health") * count)
-        assert wait_for(lambda: any(c.blocked for c in front(hub).connections), 10)
+        assert wait_for(lambda: any(c.blocked for c in front(hub).connections), 30)
         (lean,) = front(hub).connections
         assert lean.transport.get_write_buffer_size() < 80_000
         answers = [conn.response() for _ in range(count)]
         assert [status for status, _, _ in answers] == [200] * count
     finally:
         sock.close()
+
+
+def test_answers_that_wait_for_the_journal_commit_come_in_order(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With a journal a pop's answer waits for its commit (a task finishes it); pipelined pops
+    and a health check between them are still answered in order, each once committed."""
+    running = HubThread(source_token=SOURCE, journal=str(tmp_path / "journal.sqlite3"))
+    try:
+        conn = Conn(running)
+        ids = [f"j{n}" for n in range(30)]
+        data = [
+            pop_request(json.dumps({"media": "telephone", "resource": "6000", "id": i}).encode())
+            for i in ids
+        ]
+        conn.send(b"".join(data[:15]) + request("GET", "/v1/health") + b"".join(data[15:]))
+        answers = [conn.response() for _ in range(31)]
+        assert [s for s, _, _ in answers] == [200] * 31
+        bodies = [json.loads(b) for _, _, b in answers]
+        assert bodies[15]["status"] == "ok"
+        assert [b["ids"] for b in bodies[:15] + bodies[16:]] == [[i] for i in ids]
+        assert running.status()["pending"] == 30
+        conn.close()
+    finally:
+        running.close()

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 MAX_HEAD = 8190  # aiohttp's own limit for a request line and for each header line
 PAUSE_AT = 1 << 20  # pipelined bytes buffered while a request is answered before reading pauses
-_FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*[\x20-\x7e]*?[ \t]*")
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD = re.compile(rf"({_TOKEN}):[ \t]*([\x20-\x7e]*?)[ \t]*\r\n")  # name: value, trimmed
+_FIELDS = re.compile(rf"(?:{_TOKEN}:[ \t]*[\x20-\x7e]*\r\n)*")  # every line one, nothing else
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n"
 
 
@@ -151,53 +153,86 @@ class FastHTTP(asyncio.Protocol):
 
     # -- requests -----------------------------------------------------------------------------
     def _next(self) -> None:
-        """Answer the request at the head of the buffer, or hand the connection over."""
-        buffer = self.buffer
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buffer) > MAX_HEAD:
-                self._hand_over()
-            return
-        parsed = self._parse(bytes(buffer[:end]))
-        if parsed is None:
-            self._hand_over()
-            return
-        handler, method, path, headers, length, close = parsed
-        start = end + 4
-        if len(buffer) - start < length:  # the body is still coming: aiohttp times it
-            self._hand_over()
-            return
-        body = bytes(buffer[start : start + length])
-        del buffer[: start + length]
-        assert self.transport is not None
-        request = FastRequest(
-            self.front.app, self.transport, self.front.scheme, method, path, headers, body
-        )
-        self.busy = True
-        task = asyncio.get_running_loop().create_task(self._answer(handler, request, close))
-        self.front.tasks.add(task)
-        task.add_done_callback(self.front.tasks.discard)
+        """Answer the requests at the head of the buffer in turn, or hand the connection over.
 
-    def _parse(self, head: bytes) -> tuple[Any, str, str, CIMultiDictProxy[str], int, bool] | None:
+        A handler runs at once, in this call, as far as its first wait: most (health, acks,
+        sessions, static files) never wait and are answered without a task or another turn of
+        the loop; one that waits (a pop's journal commit) is finished by a task."""
+        buffer = self.buffer
+        while buffer and not self.busy and not self.blocked and self.transport is not None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    self._hand_over()
+                return
+            parsed = self._parse(buffer[:end].decode("latin-1"))
+            if parsed is None:
+                self._hand_over()
+                return
+            handler, method, path, headers, length, close = parsed
+            start = end + 4
+            if len(buffer) - start < length:  # the body is still coming: aiohttp times it
+                self._hand_over()
+                return
+            body = bytes(buffer[start : start + length])
+            del buffer[: start + length]
+            request = FastRequest(
+                self.front.app, self.transport, self.front.scheme, method, path, headers, body
+            )
+            self.busy = True
+            answer = self._answer(handler, request, close)
+            try:
+                waiting = answer.send(None)
+            except StopIteration as done:
+                if not done.value:
+                    return
+                if self.paused:
+                    self.paused = False
+                    self.transport.resume_reading()
+                continue
+            task = asyncio.get_running_loop().create_task(self._finish(answer, waiting))
+            self.front.tasks.add(task)
+            task.add_done_callback(self.front.tasks.discard)
+            return
+
+    async def _finish(self, answer: Any, waiting: Any) -> None:
+        """Drive an answer that waits, as a task would drive it from its first wait on."""
+        while True:
+            if waiting is None:  # a bare yield (sleep(0))
+                await asyncio.sleep(0)
+            else:
+                waiting._asyncio_future_blocking = False  # taken over, as a task takes a yield
+                try:
+                    await waiting
+                except BaseException:  # noqa: S110 - the answer reads the outcome when resumed
+                    pass
+            try:
+                waiting = answer.send(None)
+            except StopIteration as done:
+                if done.value:
+                    self._resume()
+                return
+
+    def _parse(self, head: str) -> tuple[Any, str, str, CIMultiDictProxy[str], int, bool] | None:
         """The head's handler, method, path, headers, body length and `Connection: close`;
         None: not one this front answers."""
         if not head.isascii():
             return None
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        line_end = head.find("\r\n")
+        parts = (head[:line_end] if line_end >= 0 else head).split(" ")
+        if len(parts) != 3 or parts[2] != "HTTP/1.1":
             return None
-        method, path = parts[0].decode(), parts[1].decode()
+        method, path = parts[0], parts[1]
         handler = self.front.routes.get((method, path))
         if handler is None:
             return None
-        fields: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            if _FIELD.fullmatch(line) is None:
-                return None
-            name, _, value = line.decode().partition(":")
-            fields.append((name, value.strip(" \t")))
-        headers = CIMultiDictProxy(CIMultiDict(fields))
+        fields = head[line_end + 2 :] + "\r\n" if line_end >= 0 else ""
+        if _FIELDS.fullmatch(fields) is None:
+            return None
+        pairs = _FIELD.findall(fields)
+        if len(pairs) != fields.count("\r\n"):  # each line is one field, whole
+            return None
+        headers = CIMultiDictProxy(CIMultiDict(pairs))
         lengths = headers.getall("Content-Length", ("0",) if method != "POST" else ())
         if (
             len(lengths) != 1
@@ -220,7 +255,8 @@ class FastHTTP(asyncio.Protocol):
             close = connection[0].lower() == "close"
         return handler, method, path, headers, length, close
 
-    async def _answer(self, handler: Any, request: FastRequest, close: bool) -> None:
+    async def _answer(self, handler: Any, request: FastRequest, close: bool) -> bool:
+        """Run the handler and write its answer; True: go on with the next request."""
         front = self.front
         try:
             response = await handler(request)
@@ -228,24 +264,22 @@ class FastHTTP(asyncio.Protocol):
             response = front.on_error(request, exc)
         transport = self.transport
         if transport is None or transport.is_closing():
-            return
+            return False
         close = close or getattr(response, "_keep_alive", None) is False
         transport.write(_serialise(response, close))
         self.last = time.monotonic()
         self.busy = False
         if close:
             transport.close()
-            return
-        if not self.blocked:
-            self._resume()
+            return False
+        return True
 
     def _resume(self) -> None:
         """Go on with the pipelined requests, reading again if it had paused."""
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
-        if self.buffer:
-            self._next()
+        self._next()
 
     def _hand_over(self) -> None:
         """From here on aiohttp serves this connection, starting from the bytes not yet answered."""
