@@ -1,6 +1,6 @@
-"""The hub's HTTP port, lean in front of aiohttp: a keep-alive connection that only POSTs pops,
-contact events or browser acks is answered here, and any other request hands the connection to
-aiohttp for the rest of its life.
+"""The hub's HTTP port, lean in front of aiohttp: the plain requests of sources and browsers
+(pops, contact events, acks, sessions, health) are answered here, and the first request that is
+not one of them hands its connection to aiohttp for the rest of the connection's life.
 
 Why: aiohttp's own work per request (a task wake-up, its request and response objects, header
 parsing and serialising) was 90-150 µs of hub CPU on this project's 2-core machine, more than a
