@@ -129,3 +129,23 @@ def test_unknown_media_names_the_choices() -> None:
     with pytest.raises(ScreenPopError) as info:
         Media.parse("fax")
     assert "telephone" in info.value.message
+
+
+def test_contact_data_of_strings_and_of_other_values_alike() -> None:
+    from spop_cli.model import ContactDataCollection
+
+    plain = ContactDataCollection({"b": "2", "a": "1"})
+    mixed = ContactDataCollection({"b": 2, "a": None})
+    assert plain.pairs() == (("b", "2"), ("a", "1"))
+    assert mixed.pairs() == (("b", "2"), ("a", ""))
+    assert [(i.key, i.value) for i in plain] == list(plain.pairs())
+    source = {"k": "v"}
+    copied = ContactDataCollection(source)
+    source["k"] = "changed"
+    assert copied["k"] == "v"  # a copy, not the caller's dict
+
+
+@pytest.mark.parametrize("word", ["telephone", " TELEPHONE ", "Telephone"])
+def test_from_dict_takes_the_media_word_in_any_case(word: str) -> None:
+    event = ScreenPopEvent.from_dict({"media": word, "resource": "6000"})
+    assert event.media is Media.telephone and type(event).__name__ == "ScreenPopTelephoneEvent"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .actions import DEFAULT_TIMEOUT, ActionError, ActionSkipped, ConfiguredAction
+from .diagnostics import log_line
 
 MAX_QUEUED = 10_000  # pops waiting for one action before further ones are reported as failed
 HOOK_TIMEOUT = 30.0
@@ -204,8 +205,13 @@ class ActionDispatcher:
         elif outcome.status == SKIPPED:
             self.log.info("action %s skipped pop %s: %s", configured.name, pop_id, outcome.error)
         else:
-            self.log.info(
-                "action %s ok for pop %s in %.3f s", configured.name, pop_id, outcome.duration
+            log_line(
+                self.log,
+                logging.INFO,
+                "action %s ok for pop %s in %.3f s",
+                configured.name,
+                pop_id,
+                outcome.duration,
             )
         if self.on_result is not None:
             try:

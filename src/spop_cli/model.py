@@ -192,9 +192,14 @@ class ContactDataCollection:
     def __init__(self, pairs: Mapping[str, str] | Iterable[tuple[str, str]] | None = None) -> None:
         items: dict[str, str] = {}
         if pairs:
-            source = pairs.items() if isinstance(pairs, Mapping) else pairs
-            for key, value in source:
-                items[str(key)] = "" if value is None else str(value)
+            if pairs.__class__ is dict and all(
+                k.__class__ is str and v.__class__ is str for k, v in pairs.items()
+            ):
+                items = dict(pairs)  # a pop's, as the hub sends it: strings already
+            else:
+                source = pairs.items() if isinstance(pairs, Mapping) else pairs
+                for key, value in source:
+                    items[str(key)] = "" if value is None else str(value)
         self._items = items
 
     def __iter__(self) -> Iterator[ContactDataItem]:
@@ -223,6 +228,10 @@ class ContactDataCollection:
 
     def to_dict(self) -> dict[str, str]:
         return dict(self._items)
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """(key, value) in order, without an item object each."""
+        return tuple(self._items.items())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ContactDataCollection):
@@ -299,7 +308,10 @@ class ScreenPopEvent:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScreenPopEvent:
         """Build the media's event class from a validated wire dict."""
-        media = Media.parse(data["media"])
+        word = data["media"]
+        media = _MEDIA_WORDS.get(word) if word.__class__ is str else None
+        if media is None:
+            media = Media.parse(word)
         event_cls = EVENT_CLASSES[media]
         return event_cls(
             media=media,
@@ -316,6 +328,9 @@ class ScreenPopEvent:
             wait_time=int(data.get("wait_time") or 0),
             contact_data=ContactDataCollection(data.get("contact_data") or {}),
         )
+
+
+_MEDIA_WORDS = {m.value: m for m in Media}  # the wire's words, as the hub sends them
 
 
 class ScreenPopTelephoneEvent(ScreenPopEvent):

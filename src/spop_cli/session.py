@@ -255,7 +255,7 @@ class ListenSession:
             destination=event.destination,
             from_=event.from_,
             redirect=event.redirect,
-            contact_data=tuple((item.key, item.value) for item in event.contact_data),
+            contact_data=_pairs(event.contact_data),
             state=first_state(str(event.media), event.contact_id),
         )
         if len(self.recent) == self.recent.maxlen:
@@ -333,6 +333,13 @@ class ListenSession:
             for r in self.recent
         )
         return Snapshot(self.address, tuple(rows), pops, self.failures, self.pending, self.count)
+
+
+def _pairs(contact_data: Any) -> tuple[tuple[str, str], ...]:
+    pairs = getattr(contact_data, "pairs", None)
+    if pairs is not None:
+        return pairs()  # type: ignore[no-any-return]
+    return tuple((item.key, item.value) for item in contact_data)
 
 
 def first_state(media: str, contact_id: str) -> str:
