@@ -132,6 +132,13 @@ class NumberedRotatingHandler(logging.Handler):
 
     def _write(self, batch: list[str]) -> None:
         try:
+            text = "".join(batch)
+            size = len(text.encode("utf-8"))
+            if self._size + size <= self.max_bytes:  # the usual batch: no rotation within it
+                self._stream.write(text)
+                self._size += size
+                self._stream.flush()
+                return
             for line in batch:
                 size = len(line.encode("utf-8"))
                 if self._size + size > self.max_bytes and self._size > 0:

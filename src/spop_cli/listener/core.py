@@ -315,7 +315,7 @@ class AsyncListener:
             logging.INFO,
             "pop %s %s %s from %s queue %r wait %s",
             event.id,
-            event.media,
+            event.media.value,
             event.resource,
             event.source,
             event.queue_name,
