@@ -22,7 +22,7 @@ class ListenerStatus(enum.Enum):
     Status_Unknown = "Status_Unknown"
 
     def __str__(self) -> str:
-        return self.value
+        return self._value_  # the plain attribute: `.value` is a Python-level property call
 
 
 class Error(enum.Enum):
@@ -39,7 +39,7 @@ class Error(enum.Enum):
     SCREENPOP_Wrong_Status = "SCREENPOP_Wrong_Status"
 
     def __str__(self) -> str:
-        return self.value
+        return self._value_  # the plain attribute: `.value` is a Python-level property call
 
 
 class ScreenPopError(Exception):
@@ -63,7 +63,7 @@ class Media(enum.Enum):
     webcollab = "webcollab"
 
     def __str__(self) -> str:
-        return self.value
+        return self._value_  # the plain attribute: `.value` is a Python-level property call
 
     @classmethod
     def parse(cls, word: str) -> Media:
@@ -249,15 +249,20 @@ def new_pop_id() -> str:
 
 
 _last_iso: tuple[int, str] = (0, "")
+_last_second: tuple[int, str] = (-1, "")
 
 
 def utc_now_iso() -> str:
-    """Now, UTC, to the millisecond; one formatting per millisecond however many pops."""
-    global _last_iso
+    """Now, UTC, to the millisecond; the date and time formatted once per second, the
+    milliseconds appended (a pop a millisecond apart from the last is the usual case)."""
+    global _last_iso, _last_second
     now_ms = time.time_ns() // 1_000_000
     if _last_iso[0] != now_ms:
-        moment = datetime.fromtimestamp(now_ms / 1000, UTC)
-        _last_iso = (now_ms, moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+        second, ms = divmod(now_ms, 1000)
+        if _last_second[0] != second:
+            moment = datetime.fromtimestamp(second, UTC)
+            _last_second = (second, moment.isoformat(timespec="seconds").removesuffix("+00:00"))
+        _last_iso = (now_ms, f"{_last_second[1]}.{ms:03d}Z")
     return _last_iso[1]
 
 
@@ -291,7 +296,7 @@ class ScreenPopEvent:
         """The wire/JSON form: snake_case, `from` not `from_`, every text field a string."""
         return {
             "id": self.id,
-            "media": self.media.value,
+            "media": self.media._value_,
             "resource": self.resource,
             "contact_id": self.contact_id,
             "created_at": self.created_at,
@@ -393,7 +398,7 @@ class ContactChange:
         return {
             "id": self.id,
             "contact_id": self.contact_id,
-            "media": self.media.value,
+            "media": self.media._value_,
             "resource": self.resource,
             "pop_id": self.pop_id,
             "change": self.change,

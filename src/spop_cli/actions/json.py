@@ -48,7 +48,7 @@ def _event_line(pop: ScreenPopEvent, received_at: str) -> str | None:
     try:
         pairs = ", ".join([f"{q(k)}: {q(v)}" for k, v in data.pairs()])
         return (
-            f'{{"id": {q(pop.id)}, "media": {q(pop.media.value)}, "resource": {q(pop.resource)}, '
+            f'{{"id": {q(pop.id)}, "media": {q(pop.media._value_)}, "resource": {q(pop.resource)}, '
             f'"contact_id": {q(pop.contact_id)}, "created_at": {q(pop.created_at)}, '
             f'"source": {q(pop.source)}, "destination": {q(pop.destination)}, '
             f'"queue_name": {q(pop.queue_name)}, "contact_description": {q(pop.contact_description)}, '

@@ -315,7 +315,7 @@ class AsyncListener:
             logging.INFO,
             "pop %s %s %s from %s queue %r wait %s",
             event.id,
-            event.media.value,
+            event.media._value_,
             event.resource,
             event.source,
             event.queue_name,
