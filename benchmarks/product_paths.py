@@ -56,7 +56,8 @@ CAUSES = {
     "insert, done update and purge (a sixth), one send to its listener's own socket, validation; "
     "with 1,000 listeners no two pops share a socket",
     "listen_us": "per pop: a read and an ack write on that listener's own socket (kernel and "
-    "uvloop), one diagnostics line, the pop object, its view row and its JSON line",
+    "uvloop), the frame's parse, the pop object, its diagnostics line and its JSON line "
+    "(PROFILE.md, `spop listen` per pop; listen_instructions.py counts it without noise)",
     "open_p99_ms": "the hub's event loop stalls 10-50 ms now and then with most of that time "
     "off the CPU (the probe: the process waiting for a core on a shared 2-core machine, load "
     "average 3-6 while measured), plus the listener's and the orchestrator's own waits",

@@ -441,3 +441,63 @@ def test_double_dash_keeps_a_dash_value_from_being_an_option(tmp_path: Path) -> 
     with pytest.raises(ActionError, match="exited with status"):
         guarded.run(pop)  # sort looks for a file named "-o…" and fails; it writes nothing
     assert not pwned.exists()
+
+
+# The `--json` line and the json action's line: exactly what json.dumps(ensure_ascii=False) gives
+# the pop's record, whichever way it is written (a pop of from_dict's types is put together from
+# the standard encoder's string encoding; anything else goes through json.dumps).
+AWKWARD_TEXTS = [
+    "",
+    'a "quoted", colon: comma',
+    "back\\slash \\\" \\u0041",
+    "tab\tnew\nline\rcr\x00nul\x1f\x7fdel\x08\x0c",
+    "chaîne é ü ß 漢字 🎉",
+    "\u2028\u2029 separators",
+    "\ud800 lone surrogate",
+    "{}[]:,\"",
+]
+
+
+@pytest.mark.parametrize("text", AWKWARD_TEXTS)
+def test_pop_line_is_json_dumps_of_the_record_for_any_text(text: str) -> None:
+    from spop_cli.actions.json import pop_line, pop_record
+
+    pop = ScreenPopEvent.from_dict(
+        {
+            "media": "telephone",
+            "resource": text or "r",
+            "id": text or "i",
+            "contact_id": text,
+            "source": text,
+            "destination": text,
+            "queue_name": text,
+            "contact_description": text,
+            "from": text,
+            "redirect": text,
+            "wait_time": 7,
+            "contact_data": {text: text, "k": "v", "other" + text: ""},
+        }
+    )
+    at = "2026-12-03T00:00:00.000Z"
+    assert pop_line(pop, at) == json.dumps(pop_record(pop, at), ensure_ascii=False) + "\n"
+    assert json.loads(pop_line(pop, at)) == {**pop.to_dict(), "received_at": at}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"wait_time": 1.5},  # a float, set by hand: json.dumps writes it
+        {"wait_time": True},
+        {"wait_time": 10**30},
+        {"source": 12345},  # a number where a string belongs
+        {"queue_name": None},
+    ],
+)
+def test_pop_line_of_a_hand_made_pop_is_still_json_dumps(changes: dict) -> None:
+    from spop_cli.actions.json import pop_line, pop_record
+
+    pop = make_pop()
+    for name, value in changes.items():
+        setattr(pop, name, value)
+    at = "2026-12-03T00:00:00.000Z"
+    assert pop_line(pop, at) == json.dumps(pop_record(pop, at), ensure_ascii=False) + "\n"

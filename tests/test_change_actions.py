@@ -238,3 +238,86 @@ def test_plugin_hook_sees_each_change_with_its_listener() -> None:
 
     run(body())
     assert plugin.seen == [("answered", "1001", "1001"), ("ended", "", "1001")]
+
+
+def test_the_live_views_cards_follow_pops_outcomes_and_changes(tmp_path: Path) -> None:
+    """The session keeps the last pops for the live view; a card is made when it is first
+    wanted (an outcome, a change, a snapshot), and shows the same whichever came first."""
+    from spop_cli.dispatch import OK
+    from spop_cli.session import RECENT_POPS
+
+    actions = [configure_action(TYPES, "log", {"plugin": "json", "path": str(tmp_path / "p.jsonl")})]
+
+    async def body() -> None:
+        async with inprocess_hub() as hub:
+            session = ListenSession([ListenerPlan("telephone", "1001", actions)], address=address_of(hub))
+            await session.start()
+            try:
+                # a tracked call: a pop (routed), then answered here
+                for kind, second, extra in (
+                    ("queued", 0, {"queue_name": "Ventes", "source": "12345"}),
+                    ("routed", 5, {"resource": "1001"}),
+                    ("answered", 7, {"resource": "1001"}),
+                ):
+                    await hub.apply_contacts(
+                        {"contact_id": "call-1", "event": kind, "at": f"2024-05-14T09:00:{second:02d}Z", **extra}
+                    )
+                    assert await until(lambda: not hub.delivery.pending)
+                await hub.publish(
+                    [
+                        {"id": f"p-{i}", "media": "telephone", "resource": "1001", "source": str(i),
+                         "contact_data": {"k": f"v{i}"}}
+                        for i in range(RECENT_POPS)
+                    ]
+                )  # fmt: skip
+                assert await until(lambda: session.received == RECENT_POPS + 1)
+                assert await session.entries[0].dispatcher.drain(10)
+                cards = session.snapshot().pops
+            finally:
+                await session.finish(5)
+        # newest first, only the last RECENT_POPS: the tracked call's card has gone
+        assert [c.pop_id for c in cards] == [f"p-{i}" for i in reversed(range(RECENT_POPS))]
+        newest = cards[0]
+        assert (newest.source, newest.contact_data, newest.state) == (
+            str(RECENT_POPS - 1), (("k", f"v{RECENT_POPS - 1}"),), ""
+        )
+        assert {c.outcomes["log"].status for c in cards} == {OK}
+
+    run(body())
+
+
+def test_a_card_made_by_an_outcome_then_moved_by_a_change(tmp_path: Path) -> None:
+    from spop_cli.dispatch import OK
+
+    actions = [configure_action(TYPES, "log", {"plugin": "json", "path": str(tmp_path / "p.jsonl")})]
+
+    async def body() -> None:
+        async with inprocess_hub() as hub:
+            session = ListenSession([ListenerPlan("telephone", "1001", actions)], address=address_of(hub))
+            await session.start()
+            try:
+                for kind, second, extra in (
+                    ("queued", 0, {"queue_name": "Ventes", "source": "12345"}),
+                    ("routed", 5, {"resource": "1001"}),
+                ):
+                    await hub.apply_contacts(
+                        {"contact_id": "call-1", "event": kind, "at": f"2024-05-14T09:00:{second:02d}Z", **extra}
+                    )
+                    assert await until(lambda: not hub.delivery.pending)
+                assert await until(lambda: session.received == 1)
+                assert await session.entries[0].dispatcher.drain(10)
+                (ringing,) = session.snapshot().pops
+                await hub.apply_contacts(
+                    {"contact_id": "call-1", "event": "answered", "at": "2024-05-14T09:00:07Z", "resource": "1001"}
+                )
+                assert await until(lambda: session.changes == 1)
+                (talking,) = session.snapshot().pops
+            finally:
+                await session.finish(5)
+        assert (ringing.state, ringing.source, ringing.queue, ringing.outcomes["log"].status) == (
+            "ringing", "12345", "Ventes", OK
+        )
+        assert (talking.pop_id, talking.state, talking.outcomes["log"].status) == (ringing.pop_id, "talking", OK)
+        assert talking.talk_since is not None
+
+    run(body())

@@ -84,3 +84,60 @@ def test_lines_are_written_by_the_handlers_thread_in_order(tmp_path, monkeypatch
     lines = (tmp_path / "threaded.000").read_text().splitlines()
     assert [line.rsplit(" ", 1)[1] for line in lines] == [f"{i:03d}" for i in range(500)]
     assert writers and threading.get_ident() not in writers
+
+
+def test_log_line_writes_what_logger_log_writes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`log_line` (the per-pop line, without a LogRecord) gives the line `logger.info` gives."""
+    from spop_cli.diagnostics import log_line
+
+    logger = open_diagnostics("same", tmp_path)
+    args = ("b-1", "telephone", "6000", "12345", "File d'attente", 10)
+    logger.info("pop %s %s %s from %s queue %r wait %s", *args)
+    log_line(logger, logging.INFO, "pop %s %s %s from %s queue %r wait %s", *args)
+    logger.warning("plain %d%%", 5)
+    log_line(logger, logging.WARNING, "plain %d%%", 5)
+    log_line(logger, logging.DEBUG, "no args 100%")
+    logger.debug("no args 100%")
+    flush_diagnostics(logger)
+    lines = (tmp_path / "same.000").read_text().splitlines()
+    assert len(lines) == 6
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} "
+    import re
+
+    for line in lines:
+        assert re.match(stamp, line), line
+    bodies = [line[24:] for line in lines]
+    assert bodies[0] == bodies[1] == "INFO    spop.same pop b-1 telephone 6000 from 12345 queue \"File d'attente\" wait 10"
+    assert bodies[2] == bodies[3] == "WARNING spop.same plain 5%"
+    assert bodies[4] == bodies[5] == "DEBUG   spop.same no args 100%"
+
+
+def test_log_line_reaches_every_other_handler_as_a_record(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Another handler on the way (the root's, a test's) gets the usual record, and a filter
+    still applies: the shortcut is only taken when the diagnostics file is all there is."""
+    from spop_cli.diagnostics import log_line
+
+    logger = open_diagnostics("others", tmp_path)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    try:
+        log_line(logger, logging.INFO, "to both %s", "x")
+    finally:
+        logging.getLogger().removeHandler(keep)
+    logger.addFilter(lambda record: "secret" not in record.getMessage())
+    try:
+        log_line(logger, logging.INFO, "a secret %s", "y")
+        log_line(logger, logging.INFO, "after the filter %s", "z")
+    finally:
+        logger.filters.clear()
+    flush_diagnostics(logger)
+    text = (tmp_path / "others.000").read_text()
+    assert [r.getMessage() for r in seen] == ["to both x"]
+    assert seen[0].funcName == "test_log_line_reaches_every_other_handler_as_a_record"
+    assert "to both x" in text and "after the filter z" in text and "secret" not in text

@@ -290,3 +290,65 @@ def test_hooks_see_every_pop_and_status_change(caplog) -> None:
     assert watcher.changes == [("listener-a", "Status_Idle", "Status_Up")]
     assert len(recorder.ran) == 2  # a broken plugin does not stop the actions
     assert "hook spop_screen_pop of broken failed: ValueError: plugin bug" in caplog.text
+
+
+class Threads:
+    """A sync action that records the thread of each run; `hang_on` names a pop it hangs on
+    until released."""
+
+    name = "threads"
+    timeout = 0.5
+
+    def __init__(self, hang_on: str | None = None) -> None:
+        self.hang_on = hang_on
+        self.release = threading.Event()
+        self.ran: list[tuple[str, int]] = []
+
+    def run(self, event: Any) -> None:
+        self.ran.append((event.source, threading.get_ident()))
+        if event.source == self.hang_on:
+            self.release.wait(30)
+
+
+def test_a_queues_sync_runs_share_one_thread_that_ends_at_close() -> None:
+    """One daemon thread per action queue, kept from pop to pop (not one started per pop)."""
+
+    async def scenario() -> None:
+        action = Threads()
+        dispatcher = ActionDispatcher([action], logging.getLogger("test"))
+        for n in range(5):
+            dispatcher.submit(pop(n))
+        assert await dispatcher.drain(10)
+        threads = {ident for _, ident in action.ran}
+        assert [source for source, _ in action.ran] == [f"src{n}" for n in range(5)]
+        assert len(threads) == 1 and threading.get_ident() not in threads
+        (worker,) = [t for t in threading.enumerate() if t.ident in threads]
+        assert worker.daemon and worker.name == "spop-threads"
+        dispatcher.close()
+        await asyncio.to_thread(worker.join, 5)
+        assert not worker.is_alive()
+
+    run(scenario())
+
+
+def test_a_run_past_its_time_keeps_its_thread_and_the_next_run_gets_a_new_one() -> None:
+    async def scenario() -> None:
+        results = Results()
+        action = Threads(hang_on="src1")
+        dispatcher = ActionDispatcher([action], logging.getLogger("test"), results)
+        for n in range(4):
+            dispatcher.submit(pop(n))
+        assert await dispatcher.drain(10)
+        assert [o.status for o in results.of("threads")] == [OK, FAILED, OK, OK]
+        assert results.of("threads")[1].error == "timed out after 0.5 s"
+        idents = [ident for _, ident in action.ran]
+        assert idents[0] == idents[1]  # the hung run is on the queue's thread...
+        assert idents[2] == idents[3] != idents[1]  # ...and the runs after it on a new one
+        stuck = next(t for t in threading.enumerate() if t.ident == idents[1])
+        assert stuck.is_alive()  # left to finish alone
+        action.release.set()
+        await asyncio.to_thread(stuck.join, 5)
+        assert not stuck.is_alive()  # it ended once its run returned
+        dispatcher.close()
+
+    run(scenario())

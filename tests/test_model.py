@@ -129,3 +129,42 @@ def test_unknown_media_names_the_choices() -> None:
     with pytest.raises(ScreenPopError) as info:
         Media.parse("fax")
     assert "telephone" in info.value.message
+
+
+def test_contact_data_of_strings_and_of_other_values_alike() -> None:
+    from spop_cli.model import ContactDataCollection
+
+    plain = ContactDataCollection({"b": "2", "a": "1"})
+    mixed = ContactDataCollection({"b": 2, "a": None})
+    assert plain.pairs() == (("b", "2"), ("a", "1"))
+    assert mixed.pairs() == (("b", "2"), ("a", ""))
+    assert [(i.key, i.value) for i in plain] == list(plain.pairs())
+    source = {"k": "v"}
+    copied = ContactDataCollection(source)
+    source["k"] = "changed"
+    assert copied["k"] == "v"  # a copy, not the caller's dict
+
+
+@pytest.mark.parametrize("word", ["telephone", " TELEPHONE ", "Telephone"])
+def test_from_dict_takes_the_media_word_in_any_case(word: str) -> None:
+    event = ScreenPopEvent.from_dict({"media": word, "resource": "6000"})
+    assert event.media is Media.telephone and type(event).__name__ == "ScreenPopTelephoneEvent"
+
+
+def test_utc_now_iso_is_now_to_the_millisecond() -> None:
+    import re
+    import time
+    from datetime import UTC, datetime
+
+    from spop_cli.model import utc_now_iso
+
+    for _ in range(2000):  # across several milliseconds, and likely a second's edge or two
+        before = time.time_ns() // 1_000_000
+        text = utc_now_iso()
+        after = time.time_ns() // 1_000_000
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        assert moment.tzinfo is not None and moment.utcoffset().total_seconds() == 0
+        at = round(moment.timestamp() * 1000)
+        assert before <= at <= after
+        assert text == datetime.fromtimestamp(at / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -6,7 +6,9 @@ import logging
 import os
 import queue
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from .model import Error, ScreenPopError
 
@@ -46,6 +48,14 @@ class _Formatter(logging.Formatter):
             self._second = second
         return self._text
 
+    def line(self, created: float, levelname: str, name: str, message: str) -> str:
+        """The line `format` gives a record made at `created` (FORMAT), without the record."""
+        second = int(created)
+        if second != self._second:
+            self._text = time.strftime(self.datefmt or DATEFMT, self.converter(created))
+            self._second = second
+        return f"{self._text}.{int((created - second) * 1000):03d} {levelname:<7} {name} {message}\n"
+
 
 class NumberedRotatingHandler(logging.Handler):
     """Writes `<name>.000`; past max_bytes shifts `.000`→`.001`→`.002` and drops the old `.002`.
@@ -63,7 +73,8 @@ class NumberedRotatingHandler(logging.Handler):
         self._stream = open(self.files[0], "a", encoding="utf-8")  # noqa: SIM115
         # bytes in `.000`, counted here: a text file's tell() flushes and seeks, twice a line
         self._size = self._stream.tell()
-        self.setFormatter(_Formatter(FORMAT, DATEFMT))
+        self._own_formatter = _Formatter(FORMAT, DATEFMT)
+        self.setFormatter(self._own_formatter)
         self._lines: queue.SimpleQueue[str | threading.Event | None] = queue.SimpleQueue()
         self._closed = False
         self._writer = threading.Thread(target=self._write_lines, name=f"spop-diag-{name}", daemon=True)
@@ -77,6 +88,16 @@ class NumberedRotatingHandler(logging.Handler):
             return
         if not self._closed:
             self._lines.put(line)
+
+    def put_line(self, levelname: str, name: str, message: str) -> bool:
+        """Queue the line a record of `name` at `levelname` with `message` would give, made now;
+        False (nothing queued) when a formatter of someone else's would write it otherwise."""
+        formatter = self._own_formatter
+        if self.formatter is not formatter:
+            return False
+        if not self._closed:
+            self._lines.put(formatter.line(time.time(), levelname, name, message))
+        return True
 
     def flush(self) -> None:
         """Wait (at most 5 s) until every line emitted so far is in the file."""
@@ -111,6 +132,13 @@ class NumberedRotatingHandler(logging.Handler):
 
     def _write(self, batch: list[str]) -> None:
         try:
+            text = "".join(batch)
+            size = len(text.encode("utf-8"))
+            if self._size + size <= self.max_bytes:  # the usual batch: no rotation within it
+                self._stream.write(text)
+                self._size += size
+                self._stream.flush()
+                return
             for line in batch:
                 size = len(line.encode("utf-8"))
                 if self._size + size > self.max_bytes and self._size > 0:
@@ -178,6 +206,47 @@ def open_diagnostics(name: str, directory: Path | None = None) -> logging.Logger
         logger.addHandler(handler)
         _handlers[key] = handler
     return logger
+
+
+def log_line(logger: logging.Logger, level: int, msg: str, *args: Any) -> None:
+    """`logger.log(level, msg, *args)`: the same line in the same file, but without a LogRecord
+    (its caller's frame and line number looked up, its thread and process names) when a
+    diagnostics set is the only place the line goes; else through `logger.log` as usual.
+
+    For the lines written per pop (`spop listen`'s event loop): a LogRecord was a fifth of the
+    listener's work per pop. `args` are positional (no mapping), as in every caller's message."""
+    handler = _only_diagnostics(logger, level)
+    if handler is not None:
+        try:
+            message = msg % args if args else msg
+        except (TypeError, ValueError):  # let logging report the bad format as it does
+            handler = None
+        else:
+            if handler.put_line(logging.getLevelName(level), logger.name, message):
+                return
+    logger.log(level, msg, *args, stacklevel=2)
+
+
+def _only_diagnostics(logger: logging.Logger, level: int) -> NumberedRotatingHandler | None:
+    """The one handler a record of `level` from `logger` would reach, when it is a diagnostics
+    set's without filters (none on the logger either); None otherwise, or when not enabled."""
+    if logger.disabled or logger.filters or not logger.isEnabledFor(level):
+        return None
+    found = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if level < handler.level:
+                continue
+            if found is not None or handler.__class__ is not NumberedRotatingHandler or handler.filters:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    if found is None and logging.lastResort is not None and level >= logging.lastResort.level:
+        return None  # no handler at all: logging's last resort prints it on stderr
+    return found  # type: ignore[return-value]
 
 
 def flush_diagnostics(logger: logging.Logger) -> None:

@@ -1,8 +1,9 @@
 """Runs a listener's actions for each pop, each action on its own queue and worker.
 
 A failing, slow or hanging action delays nobody: every action has its own asyncio queue, a sync
-`run` goes to a daemon thread of its own (a hung one cannot hold the process at exit, as a
-thread-pool worker would), and each run has a time limit. Results go to `on_result` and to the
+`run` goes to a daemon thread of that queue's own (a hung one cannot hold the process at exit, as a
+thread-pool worker would), and each run has a time limit: a run past it keeps its thread, left to
+finish alone, and the next run gets a new one. Results go to `on_result` and to the
 diagnostics logger; plugin hooks (`spop_screen_pop`, `spop_status_changed`) run on a worker too.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .actions import DEFAULT_TIMEOUT, ActionError, ActionSkipped, ConfiguredAction
+from .diagnostics import log_line
 
 MAX_QUEUED = 10_000  # pops waiting for one action before further ones are reported as failed
 HOOK_TIMEOUT = 30.0
@@ -44,6 +47,7 @@ class _Slot:
         self.action = action
         self.queue: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue(MAX_QUEUED)
         self.worker: asyncio.Task[None] | None = None
+        self.runner = ThreadRunner(action.name)
 
 
 class ActionDispatcher:
@@ -129,6 +133,8 @@ class ActionDispatcher:
         for task in [slot.worker for slot in self._slots] + [self._hook_worker]:
             if task is not None and not task.done():
                 task.cancel()
+        for slot in self._slots:
+            slot.runner.close()
         for configured in self.actions:
             close = getattr(configured.action, "close", None)
             if callable(close):
@@ -148,7 +154,7 @@ class ActionDispatcher:
         while True:
             pop, _listener = await slot.queue.get()
             try:
-                outcome = await self._run(slot.action, pop)
+                outcome = await self._run(slot.action, pop, slot.runner)
                 self._report(slot.action, pop, outcome)
             except asyncio.CancelledError:
                 raise
@@ -158,7 +164,9 @@ class ActionDispatcher:
                 self.pending -= 1
                 slot.queue.task_done()
 
-    async def _run(self, configured: ConfiguredAction, pop: Any) -> Outcome:
+    async def _run(
+        self, configured: ConfiguredAction, pop: Any, runner: ThreadRunner | None = None
+    ) -> Outcome:
         if configured.when is not None:
             why = configured.when.mismatch(pop)
             if why is not None:
@@ -170,17 +178,22 @@ class ActionDispatcher:
             async with deadline:
                 if inspect.iscoroutinefunction(run):
                     await run(pop)
+                elif runner is not None:
+                    result = await runner.run(run, pop)
+                    if inspect.isawaitable(result):
+                        await result
                 else:
                     result = await run_in_thread(run, pop, name=configured.name)
                     if inspect.isawaitable(result):
                         await result
         except TimeoutError as exc:
             # Our deadline, or a timeout inside the action (a socket's, say): say which.
-            error = (
-                f"timed out after {configured.timeout:g} s"
-                if deadline.expired()
-                else _describe(exc)
-            )
+            if deadline.expired():
+                if runner is not None:
+                    runner.abandon()  # the run goes on alone in its thread; the next gets a new one
+                error = f"timed out after {configured.timeout:g} s"
+            else:
+                error = _describe(exc)
             return Outcome(FAILED, time.monotonic() - started, error)
         except ActionSkipped as exc:
             return Outcome(SKIPPED, time.monotonic() - started, str(exc) or "skipped")
@@ -204,8 +217,13 @@ class ActionDispatcher:
         elif outcome.status == SKIPPED:
             self.log.info("action %s skipped pop %s: %s", configured.name, pop_id, outcome.error)
         else:
-            self.log.info(
-                "action %s ok for pop %s in %.3f s", configured.name, pop_id, outcome.duration
+            log_line(
+                self.log,
+                logging.INFO,
+                "action %s ok for pop %s in %.3f s",
+                configured.name,
+                pop_id,
+                outcome.duration,
             )
         if self.on_result is not None:
             try:
@@ -275,6 +293,64 @@ class ChangeTrigger:
         if key in fields:
             return fields[key]
         raise AttributeError(name)
+
+
+class ThreadRunner:
+    """The daemon thread that runs one action queue's sync `run`s, one at a time, kept from pop
+    to pop: a thread started per run cost more CPU than the built-in actions' own work. A run
+    past its time limit keeps its thread (`abandon`), which ends once that run returns; the
+    next run starts a new one, so a hung run never holds up the queue past its time limit."""
+
+    __slots__ = ("name", "_jobs")
+
+    def __init__(self, name: str = "action") -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[Any] | None = None
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Queue fn(*args) for the thread; the future gets its result or exception."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(
+                target=_serve, args=(self._jobs,), name=f"spop-{self.name}", daemon=True
+            ).start()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def abandon(self) -> None:
+        """Leave the thread to its current run; it ends after it. The next run gets a new one."""
+        if self._jobs is not None:
+            self._jobs.put(None)
+            self._jobs = None
+
+    close = abandon
+
+
+def _serve(jobs: queue.SimpleQueue[Any]) -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        loop, future, fn, args = job
+        del job
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, not swallowed
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, future, result, error)
+        del loop, future, fn, args, result, error  # hold no pop while waiting for the next
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # timed out and cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def run_in_thread(fn: Callable[..., Any], *args: Any, name: str = "action") -> asyncio.Future[Any]:

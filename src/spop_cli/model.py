@@ -22,7 +22,7 @@ class ListenerStatus(enum.Enum):
     Status_Unknown = "Status_Unknown"
 
     def __str__(self) -> str:
-        return self.value
+        return self._value_  # the plain attribute: `.value` is a Python-level property call
 
 
 class Error(enum.Enum):
@@ -39,7 +39,7 @@ class Error(enum.Enum):
     SCREENPOP_Wrong_Status = "SCREENPOP_Wrong_Status"
 
     def __str__(self) -> str:
-        return self.value
+        return self._value_  # the plain attribute: `.value` is a Python-level property call
 
 
 class ScreenPopError(Exception):
@@ -63,7 +63,7 @@ class Media(enum.Enum):
     webcollab = "webcollab"
 
     def __str__(self) -> str:
-        return self.value
+        return self._value_  # the plain attribute: `.value` is a Python-level property call
 
     @classmethod
     def parse(cls, word: str) -> Media:
@@ -192,9 +192,14 @@ class ContactDataCollection:
     def __init__(self, pairs: Mapping[str, str] | Iterable[tuple[str, str]] | None = None) -> None:
         items: dict[str, str] = {}
         if pairs:
-            source = pairs.items() if isinstance(pairs, Mapping) else pairs
-            for key, value in source:
-                items[str(key)] = "" if value is None else str(value)
+            if pairs.__class__ is dict and all(
+                k.__class__ is str and v.__class__ is str for k, v in pairs.items()
+            ):
+                items = dict(pairs)  # a pop's, as the hub sends it: strings already
+            else:
+                source = pairs.items() if isinstance(pairs, Mapping) else pairs
+                for key, value in source:
+                    items[str(key)] = "" if value is None else str(value)
         self._items = items
 
     def __iter__(self) -> Iterator[ContactDataItem]:
@@ -224,6 +229,10 @@ class ContactDataCollection:
     def to_dict(self) -> dict[str, str]:
         return dict(self._items)
 
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """(key, value) in order, without an item object each."""
+        return tuple(self._items.items())
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ContactDataCollection):
             return list(self._items.items()) == list(other._items.items())
@@ -240,15 +249,20 @@ def new_pop_id() -> str:
 
 
 _last_iso: tuple[int, str] = (0, "")
+_last_second: tuple[int, str] = (-1, "")
 
 
 def utc_now_iso() -> str:
-    """Now, UTC, to the millisecond; one formatting per millisecond however many pops."""
-    global _last_iso
+    """Now, UTC, to the millisecond; the date and time formatted once per second, the
+    milliseconds appended (a pop a millisecond apart from the last is the usual case)."""
+    global _last_iso, _last_second
     now_ms = time.time_ns() // 1_000_000
     if _last_iso[0] != now_ms:
-        moment = datetime.fromtimestamp(now_ms / 1000, UTC)
-        _last_iso = (now_ms, moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+        second, ms = divmod(now_ms, 1000)
+        if _last_second[0] != second:
+            moment = datetime.fromtimestamp(second, UTC)
+            _last_second = (second, moment.isoformat(timespec="seconds").removesuffix("+00:00"))
+        _last_iso = (now_ms, f"{_last_second[1]}.{ms:03d}Z")
     return _last_iso[1]
 
 
@@ -282,7 +296,7 @@ class ScreenPopEvent:
         """The wire/JSON form: snake_case, `from` not `from_`, every text field a string."""
         return {
             "id": self.id,
-            "media": self.media.value,
+            "media": self.media._value_,
             "resource": self.resource,
             "contact_id": self.contact_id,
             "created_at": self.created_at,
@@ -299,7 +313,10 @@ class ScreenPopEvent:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScreenPopEvent:
         """Build the media's event class from a validated wire dict."""
-        media = Media.parse(data["media"])
+        word = data["media"]
+        media = _MEDIA_WORDS.get(word) if word.__class__ is str else None
+        if media is None:
+            media = Media.parse(word)
         event_cls = EVENT_CLASSES[media]
         return event_cls(
             media=media,
@@ -316,6 +333,9 @@ class ScreenPopEvent:
             wait_time=int(data.get("wait_time") or 0),
             contact_data=ContactDataCollection(data.get("contact_data") or {}),
         )
+
+
+_MEDIA_WORDS = {m.value: m for m in Media}  # the wire's words, as the hub sends them
 
 
 class ScreenPopTelephoneEvent(ScreenPopEvent):
@@ -378,7 +398,7 @@ class ContactChange:
         return {
             "id": self.id,
             "contact_id": self.contact_id,
-            "media": self.media.value,
+            "media": self.media._value_,
             "resource": self.resource,
             "pop_id": self.pop_id,
             "change": self.change,

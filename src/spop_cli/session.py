@@ -126,8 +126,10 @@ class ListenSession:
         self.entries: list[_Entry] = []
         self.received = 0  # distinct pops handed to the actions
         self._counted: set[str] = set()  # their ids, while a count is to be reached
-        self.recent: deque[PopRow] = deque(maxlen=RECENT_POPS)
-        self._rows: dict[str, PopRow] = {}
+        # the last pops, newest first: each a (received_at, event) pair until its PopRow is
+        # wanted (an outcome, a change, a snapshot), so the pops no view shows cost no row
+        self.recent: deque[PopRow | tuple[float, Any]] = deque(maxlen=RECENT_POPS)
+        self._rows: dict[str, PopRow | tuple[float, Any]] = {}  # pop id → its entry in `recent`
         self._enough = asyncio.Event()
 
     @property
@@ -221,9 +223,7 @@ class ListenSession:
     def _dispatcher(self, listener: Any, plan: ListenerPlan) -> ActionDispatcher:
         def on_result(action_name: str, pop: Any, outcome: Outcome) -> None:
             # a change's action shows on the card of the pop it follows
-            row = self._rows.get(getattr(pop, "id", "")) or self._rows.get(
-                getattr(pop, "pop_id", None) or ""
-            )
+            row = self._row(getattr(pop, "id", "")) or self._row(getattr(pop, "pop_id", None) or "")
             if row is not None:
                 row.outcomes[action_name] = outcome
             if self.on_result is not None:
@@ -243,25 +243,12 @@ class ListenSession:
             self._counted.add(event.id)
         self.received += 1
         entry.last_pop_at = time.time()
-        row = PopRow(
-            entry.last_pop_at,
-            str(event.media),
-            event.resource,
-            event.id,
-            event.source,
-            event.queue_name,
-            event.contact_description,
-            event.wait_time,
-            destination=event.destination,
-            from_=event.from_,
-            redirect=event.redirect,
-            contact_data=tuple((item.key, item.value) for item in event.contact_data),
-            state=first_state(str(event.media), event.contact_id),
-        )
-        if len(self.recent) == self.recent.maxlen:
-            self._rows.pop(self.recent[-1].pop_id, None)
-        self.recent.appendleft(row)
-        self._rows[event.id] = row
+        recent = self.recent
+        if len(recent) == recent.maxlen:
+            self._rows.pop(_row_id(recent[-1]), None)
+        item = (entry.last_pop_at, event)
+        recent.appendleft(item)
+        self._rows[event.id] = item
         entry.pops[event.id] = event
         if len(entry.pops) > KEPT_POPS:
             entry.pops.popitem(last=False)
@@ -275,7 +262,7 @@ class ListenSession:
         """A contact update: to the actions whose `on` names it, the hook, the view."""
         self.changes += 1
         entry.dispatcher.submit_change(change, entry.pops.get(change.pop_id), entry.listener)
-        row = self._rows.get(change.pop_id)
+        row = self._row(change.pop_id)
         if row is not None:
             _move(row, change)
         if self.on_change is not None:
@@ -330,9 +317,58 @@ class ListenSession:
                 r.talk_since,
                 r.talk_time,
             )
-            for r in self.recent
+            for r in map(self._materialized, list(self.recent))
         )
         return Snapshot(self.address, tuple(rows), pops, self.failures, self.pending, self.count)
+
+
+    def _row(self, pop_id: str) -> PopRow | None:
+        """The card of a recent pop (made now if it had none yet); None once it is not recent."""
+        item = self._rows.get(pop_id)
+        return None if item is None else self._materialized(item)
+
+    def _materialized(self, item: PopRow | tuple[float, Any]) -> PopRow:
+        if item.__class__ is PopRow:
+            return item  # type: ignore[return-value]
+        received_at, event = item  # type: ignore[misc]
+        row = pop_row(received_at, event)
+        if self._rows.get(event.id) is item:
+            self._rows[event.id] = row
+        for index, other in enumerate(self.recent):
+            if other is item:
+                self.recent[index] = row
+                break
+        return row
+
+
+def _row_id(item: PopRow | tuple[float, Any]) -> str:
+    return item.pop_id if item.__class__ is PopRow else item[1].id  # type: ignore[union-attr,index]
+
+
+def pop_row(received_at: float, event: Any) -> PopRow:
+    """A pop's card in the live view."""
+    return PopRow(
+        received_at,
+        str(event.media),
+        event.resource,
+        event.id,
+        event.source,
+        event.queue_name,
+        event.contact_description,
+        event.wait_time,
+        destination=event.destination,
+        from_=event.from_,
+        redirect=event.redirect,
+        contact_data=_pairs(event.contact_data),
+        state=first_state(str(event.media), event.contact_id),
+    )
+
+
+def _pairs(contact_data: Any) -> tuple[tuple[str, str], ...]:
+    pairs = getattr(contact_data, "pairs", None)
+    if pairs is not None:
+        return pairs()  # type: ignore[no-any-return]
+    return tuple((item.key, item.value) for item in contact_data)
 
 
 def first_state(media: str, contact_id: str) -> str:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from json.encoder import encode_basestring  # the standard encoder's own, for ensure_ascii=False
 from pathlib import Path
 from typing import IO, Any
 
 from ..hookspecs import hookimpl
-from ..model import utc_now_iso
+from ..model import ContactDataCollection, ScreenPopEvent, utc_now_iso
 from . import ActionConfigError, check_keys, option
 
 
@@ -28,7 +29,34 @@ def pop_record(pop: Any, received_at: str | None = None) -> dict[str, Any]:
 
 
 def pop_line(pop: Any, received_at: str | None = None) -> str:
+    if pop.__class__.to_dict is ScreenPopEvent.to_dict:
+        line = _event_line(pop, received_at or utc_now_iso())
+        if line is not None:
+            return line
     return json.dumps(pop_record(pop, received_at), ensure_ascii=False) + "\n"
+
+
+def _event_line(pop: ScreenPopEvent, received_at: str) -> str | None:
+    """`json.dumps(pop_record(pop), ensure_ascii=False)`'s text for a pop whose fields have the
+    types `from_dict` gives them, put together from the standard encoder's own string encoding
+    (one call per string, not a dict, an encoder and a walk per pop: a third of the time);
+    None for anything else (`json.dumps` then writes it, or says why it cannot)."""
+    q = encode_basestring
+    wait, data = pop.wait_time, pop.contact_data
+    if wait.__class__ is not int or data.__class__ is not ContactDataCollection:
+        return None
+    try:
+        pairs = ", ".join([f"{q(k)}: {q(v)}" for k, v in data.pairs()])
+        return (
+            f'{{"id": {q(pop.id)}, "media": {q(pop.media._value_)}, "resource": {q(pop.resource)}, '
+            f'"contact_id": {q(pop.contact_id)}, "created_at": {q(pop.created_at)}, '
+            f'"source": {q(pop.source)}, "destination": {q(pop.destination)}, '
+            f'"queue_name": {q(pop.queue_name)}, "contact_description": {q(pop.contact_description)}, '
+            f'"from": {q(pop.from_)}, "redirect": {q(pop.redirect)}, "wait_time": {wait!r}, '
+            f'"contact_data": {{{pairs}}}, "received_at": {q(received_at)}}}\n'
+        )
+    except (TypeError, AttributeError):  # a field that is not a string: json.dumps decides
+        return None
 
 
 def change_line(change: Any, received_at: str | None = None) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import client
 from ..address import Address, parse_addresses
-from ..diagnostics import flush_diagnostics, open_diagnostics
+from ..diagnostics import flush_diagnostics, log_line, open_diagnostics
 from ..model import (
     ContactChange,
     Error,
@@ -115,7 +115,7 @@ class AsyncListener:
     def _call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any] | None:
         """Call fn; an awaitable result runs on as a task, returned so the caller may wait."""
         result = fn(*args)
-        if not inspect.isawaitable(result):
+        if result is None or not inspect.isawaitable(result):
             return None
         task = asyncio.ensure_future(result)
         self._tasks.add(task)
@@ -310,10 +310,12 @@ class AsyncListener:
             )
         self.pops_received += 1
         self.last_pop = event
-        self.log.info(
+        log_line(
+            self.log,
+            logging.INFO,
             "pop %s %s %s from %s queue %r wait %s",
             event.id,
-            event.media,
+            event.media._value_,
             event.resource,
             event.source,
             event.queue_name,

@@ -45,16 +45,19 @@ class HandledIds:
 
     def add(self, pop_id: str) -> None:
         """Remember a newly handled id (an id already remembered keeps its first time)."""
-        if pop_id in self._ids:
+        ids = self._ids
+        if pop_id in ids:
             return
         now = self.clock()
-        self._forget_before(now - self.keep)
         buckets = self._buckets
         if not buckets or now - buckets[-1][0] >= BUCKET:
+            # old buckets go when a new one starts (at most once a second, not per pop): an id
+            # is forgotten at most a bucket's span late, never early
+            self._forget_before(now - self.keep)
             buckets.append((now, deque()))
         buckets[-1][1].append(pop_id)
-        self._ids.add(pop_id)
-        while len(self._ids) > self.limit:
+        ids.add(pop_id)
+        while len(ids) > self.limit:
             self._ids.discard(buckets[0][1].popleft())
             self.overflowed += 1
             if not buckets[0][1]:
