@@ -13,7 +13,8 @@ One stream (`SPOP` by default, replicated `nats_replicas` times) holds, per (med
 `<res>` is the resource in URL-safe base64 (no `.`, `*`, `>` or space can reach a subject).
 
 Every hub follows the stream live with one ordered consumer (no per-key consumers: they cost a
-Raft group each, and JetStream caps them at 1,000 per stream by default). A hub keeps in memory
+Raft group each, and JetStream caps them at 1,000 per stream by default). Its data messages and
+JetStream's answers to writes are read straight off nats-py's parser (_direct_reads). A hub keeps in memory
 only the keys its own listeners registered: the first registration of a key reads the key's
 history (direct gets, `next_by_subj`), so a listener that moved from a hub that died gets every
 pop it had not acked. Acks go into the stream, so the pop leaves every hub's window: a hub
@@ -163,6 +164,7 @@ class NatsDelivery:
         # the ack's stream sequence): a key's history read drops each at its ack's place (the
         # acks are not on the key's subject)
         self._acked: dict[str, tuple[float, int]] = {}
+        self._resources: dict[str, str] = {}  # subject token → resource
         self._acks_loaded: asyncio.Event | None = None
         self._inbox = ""
         self._inbox_sub: Any = None
@@ -245,6 +247,7 @@ class NatsDelivery:
             deliver_policy=DeliverPolicy.NEW,
             idle_heartbeat=1.0,
         )
+        self._direct_reads()
         # the acks stored before the live consumer began: read once; key reads wait for them
         self._acks_loaded = asyncio.Event()
         self._spawn(self._load_acks())
@@ -470,15 +473,18 @@ class NatsDelivery:
 
     # -- the stream, live -----------------------------------------------------------------
     async def _on_live(self, msg: Any) -> None:
+        """nats-py's callback: what the direct path (_direct_reads) passes on to it."""
+        self._on_message(_stream_seq(msg.reply), msg.subject, msg.data, msg.headers or {})
+
+    def _on_message(self, at: int, subj: str, data: bytes, headers: dict[str, str]) -> None:
+        """One message of the stream, live, in order."""
         try:
-            at = _stream_seq(msg.reply)
             self.last_seq = at
-            if msg.subject == ACKS:
-                self._acks_in(orjson.loads(msg.data), at)
+            if subj == ACKS:
+                self._acks_in(orjson.loads(data), at)
                 return
-            _, kind, media, token = msg.subject.split(".", 3)
-            key = (media, token_resource(token))
-            headers = msg.headers or {}
+            _, kind, media, token = subj.split(".", 3)
+            key = (media, self._resource(token))
             if kind == "pop":
                 change = headers.get(CHANGE)
                 if change is None:
@@ -488,19 +494,81 @@ class NatsDelivery:
                 elif change == TAKE_BACK and self._mine_by_contact:
                     self._settle_mine(headers.get("Spop-Contact", ""), key)
             elif kind == "ack":  # one ack on the key's subject (a hub before batched acks)
-                self._acks_in([msg.data.decode(errors="replace")], at)
+                self._acks_in([data.decode(errors="replace")], at)
                 return
             elif self._mine:  # an end: the pops accepted here it settles
-                self._settle_mine(msg.data.decode(errors="replace"), key)
+                self._settle_mine(data.decode(errors="replace"), key)
             state = self._keys.get(key)
             if state is None:
                 return
             if state.buffer is not None:
-                state.buffer.append((at, kind, msg.data, headers))
+                state.buffer.append((at, kind, data, headers))
                 return
-            self._apply(key, state, at, kind, msg.data, headers, live=True)
+            self._apply(key, state, at, kind, data, headers, live=True)
         except Exception:  # one odd message must not stop the hub following the stream
-            self.log.exception("JetStream message %s dropped", getattr(msg, "subject", "?"))
+            self.log.exception("JetStream message %s dropped", subj)
+
+    def _resource(self, token: str) -> str:
+        """token_resource, remembered (every hub decodes the key of every message)."""
+        resource = self._resources.get(token)
+        if resource is None:
+            if len(self._resources) >= 100_000:
+                self._resources.clear()
+            resource = self._resources[token] = token_resource(token)
+        return resource
+
+    def _direct_reads(self) -> None:
+        """Take the live consumer's data messages and JetStream's answers to writes off
+        nats-py's path for them (a header parse into an email-like dict, a Msg object, a queue
+        and a task wake per message): parsed here and handled at once, in order. Anything else
+        (flow control, heartbeats, an ordered consumer's gap, which nats-py answers by starting
+        the consumer again) still goes through nats-py. Off when nats-py's internals differ."""
+        client, replies = self.nc, self._inbox_sub
+        live = getattr(self._live, "_sub", None)  # the subscription nats-py's client holds
+        jsi = getattr(live, "_jsi", None)
+        if not all(
+            hasattr(o, a)
+            for o, a in (
+                (client, "_process_msg"),
+                (client, "stats"),
+                (live, "_id"),
+                (live, "_received"),
+                (replies, "_id"),
+                (jsi, "_dseq"),
+                (jsi, "_sseq"),
+                (jsi, "track_sequences"),
+            )
+        ):
+            self.log.info("nats-py without the expected internals: messages through its path")
+            return
+        nats_path = client._process_msg
+        on_message, on_reply = self._on_message, self._reply
+
+        async def process_msg(
+            sid: int, subj: bytes, reply: bytes, data: bytes, headers: bytes | None
+        ) -> None:
+            if sid == replies._id:  # JetStream's answer to a write or an ack
+                status = ""
+                if headers and headers[8:9] == b" ":  # NATS/1.0 503
+                    status = headers[9:12].decode(errors="replace")
+                on_reply(subj.decode(), data, status)
+                return
+            if sid != live._id or not reply.startswith(b"$JS.ACK."):
+                return await nats_path(sid, subj, reply, data, headers)
+            tokens = reply.split(b".")
+            if len(tokens) != 9 or int(tokens[6]) != jsi._dseq:  # a gap: nats-py resets
+                return await nats_path(sid, subj, reply, data, headers)
+            jsi._dseq += 1
+            sseq = jsi._sseq = int(tokens[5])
+            jsi._active = True
+            jsi.track_sequences(reply.decode())  # its heartbeats compare with the last one
+            live._received += 1
+            stats = client.stats
+            stats["in_msgs"] += 1
+            stats["in_bytes"] += len(data)
+            on_message(sseq, subj.decode(), data, _headers(headers) if headers else {})
+
+        client._process_msg = process_msg
 
     def _acks_in(self, ids: list[str], at: int) -> None:
         """Acks in the stream at sequence `at`, of any keys: their pops leave this hub's
@@ -690,17 +758,20 @@ class NatsDelivery:
                 self._failed(token, f"JetStream did not answer in {self.config.nats_timeout} s")
 
     async def _on_reply(self, msg: Any) -> None:
+        """nats-py's callback: what the direct path (_direct_reads) passes on to it."""
+        self._reply(msg.subject, msg.data, (msg.headers or {}).get("Status", ""))
+
+    def _reply(self, subj: str, data: bytes, status: str) -> None:
         """JetStream's answer to a write or an ack (`{"stream":…,"seq":…}`, with
         `"duplicate": true` for a resend; `{"error":…}`, or a 503 status: refused)."""
-        token = msg.subject.rpartition(".")[2]
-        data = msg.data
-        refused = bool(msg.headers and msg.headers.get("Status")) or b'"error"' in data
+        token = subj.rpartition(".")[2]
+        refused = bool(status) or b'"error"' in data
         if token[0] == "w":
             write = self._writes.pop(token, None)
             if write is None or write.done():  # answered after its timeout
                 return
             if refused:
-                why = data.decode(errors="replace") or f"status {msg.headers.get('Status')}"
+                why = data.decode(errors="replace") or f"status {status}"
                 write.set_exception(NatsUnavailable(f"JetStream did not store it: {why}"))
             elif b'"duplicate"' in data:  # the server writes `"duplicate": true`
                 self.duplicates += 1
@@ -956,6 +1027,16 @@ def _stream_seq(reply: str) -> int:
     nats-py's Metadata (a dataclass and a datetime per message)."""
     tokens = reply.split(".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def _headers(raw: bytes) -> dict[str, str]:
+    """A stream message's headers (`NATS/1.0\r\nName: value\r\n…`), as nats-py reads them."""
+    out = {}
+    for line in raw.decode("utf-8", "replace").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
 
 
 def _stream_pending(reply: str) -> int:
