@@ -295,14 +295,20 @@ class NatsDelivery:
                 if (at >= last or _stream_pending(msg.reply) == 0) and not done.done():
                     done.set_result(None)
 
-            sub = await self.js.subscribe(
-                ACKS,
-                stream=self.stream,
-                cb=on_batch,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
-                idle_heartbeat=1.0,
-            )
+            while True:
+                try:
+                    sub = await self.js.subscribe(
+                        ACKS,
+                        stream=self.stream,
+                        cb=on_batch,
+                        ordered_consumer=True,
+                        deliver_policy=DeliverPolicy.ALL,
+                        idle_heartbeat=1.0,
+                    )
+                    break
+                except Exception as exc:
+                    self.log.warning("reading the acks from JetStream: %r; retrying", exc)
+                    await asyncio.sleep(0.25)
             try:
                 while not done.done():
                     try:
@@ -544,6 +550,8 @@ class NatsDelivery:
         nats_path = client._process_msg
         on_message, on_reply = self._on_message, self._reply
 
+        log = self.log
+
         async def process_msg(
             sid: int, subj: bytes, reply: bytes, data: bytes, headers: bytes | None
         ) -> None:
@@ -551,22 +559,27 @@ class NatsDelivery:
                 status = ""
                 if headers and headers[8:9] == b" ":  # NATS/1.0 503
                     status = headers[9:12].decode(errors="replace")
-                on_reply(subj.decode(), data, status)
+                try:  # nothing of ours may escape into nats-py's read loop
+                    on_reply(subj.decode(errors="replace"), data, status)
+                except Exception:
+                    log.exception("JetStream answer on %r dropped", subj)
                 return
-            if sid != live._id or not reply.startswith(b"$JS.ACK."):
-                return await nats_path(sid, subj, reply, data, headers)
-            tokens = reply.split(b".")
+            tokens = reply.split(b".") if sid == live._id and reply[:8] == b"$JS.ACK." else ()
             if len(tokens) != 9 or int(tokens[6]) != jsi._dseq:  # a gap: nats-py resets
                 return await nats_path(sid, subj, reply, data, headers)
-            jsi._dseq += 1
-            sseq = jsi._sseq = int(tokens[5])
-            jsi._active = True
-            jsi.track_sequences(reply.decode())  # its heartbeats compare with the last one
-            live._received += 1
-            stats = client.stats
-            stats["in_msgs"] += 1
-            stats["in_bytes"] += len(data)
-            on_message(sseq, subj.decode(), data, _headers(headers) if headers else {})
+            try:  # nothing of ours may escape into nats-py's read loop
+                jsi._dseq += 1
+                sseq = jsi._sseq = int(tokens[5])
+                jsi._active = True
+                jsi.track_sequences(reply.decode())  # its heartbeats compare with the last one
+                live._received += 1
+                stats = client.stats
+                stats["in_msgs"] += 1
+                stats["in_bytes"] += len(data)
+                subject_ = subj.decode(errors="replace")
+                on_message(sseq, subject_, data, _headers(headers) if headers else {})
+            except Exception:
+                log.exception("JetStream message %r dropped", subj)
 
         client._process_msg = process_msg
 
