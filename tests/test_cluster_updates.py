@@ -9,12 +9,14 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from conftest import HubThread, wait_for
 from hubproc import RawClient, address_of, inprocess_hub, run, until
 from natsproc import NatsCluster
 from spop_cli import ListenerStatus, ScreenPopTelephoneListener
+from spop_cli.hub.nats_delivery import _headers, subject
 from spop_cli.scenario import builtin_names, load_scenario
 from test_contact_updates import ANSWERED_ELSEWHERE, EXPECTED, Follower, played, quiet
 
@@ -283,6 +285,133 @@ def test_acks_are_confirmed_and_counted(nats1: NatsCluster) -> None:
         counters = hub.status()["counters"]
         assert (counters["acked"], counters["nats_ack_failures"], counters["pending"]) == (50, 0, 0)
         assert got == [f"p{n}" for n in range(50)]
+        listener.shutdown()
+    finally:
+        hub.close()
+
+
+async def _stream_acks(hub: HubThread) -> tuple[list[list[str]], int]:
+    """The ack batches in the stream (each message's ids) and the count of one-ack messages."""
+    assert hub.hub is not None
+    delivery = hub.hub.delivery
+    info = await delivery.js.stream_info(delivery.stream, subjects_filter="spop.>")
+    subjects = info.state.subjects or {}
+    batches, seq = [], 1
+    while True:
+        msg = await delivery._next(seq, "spop.acks", "acks", lambda: True)
+        if msg is None:
+            break
+        batches.append(orjson.loads(msg.data))
+        seq = int(msg.headers["Nats-Sequence"]) + 1
+    return batches, sum(n for s, n in subjects.items() if s.startswith("spop.ack."))
+
+
+def test_acks_go_to_the_stream_in_batches(nats1: NatsCluster) -> None:
+    """A listener's acks leave the hub as ack batches (`spop.acks`): every acked id exactly
+    once, no message per ack on the key's subject."""
+    hub = HubThread(backend="nats", nats_servers=nats1.servers)
+    try:
+        listener = ScreenPopTelephoneListener(reconnecting_interval=0.3)
+        listener.on_screen_pop(lambda event: None)
+        listener.initialize(hub.address)
+        listener.start_listening("5")
+        assert wait_for(lambda: hub.status()["registrations"] == 1)
+        hub.publish([{"id": f"p{n}", "media": "telephone", "resource": "5"} for n in range(50)])
+        assert wait_for(lambda: hub.status()["counters"]["nats_acks_stored"] == 50)
+        batches, single = hub.call(_stream_acks(hub))
+        assert sorted(i for batch in batches for i in batch) == sorted(f"p{n}" for n in range(50))
+        assert single == 0
+        listener.shutdown()
+    finally:
+        hub.close()
+
+
+def test_a_hub_started_later_knows_the_acks_already_stored(nats1: NatsCluster) -> None:
+    """Hub B starts after hub A's listener acked p1 and p2 (B reads the ack batches already in
+    the stream); a listener of the same key on B gets only what comes next."""
+    a = HubThread(backend="nats", nats_servers=nats1.servers)
+    b = None
+    try:
+        first = ScreenPopTelephoneListener(reconnecting_interval=0.3)
+        first.on_screen_pop(lambda event: None)
+        first.initialize(a.address)
+        first.start_listening("6")
+        assert wait_for(lambda: a.status()["registrations"] == 1)
+        a.publish([{"id": f"p{n}", "media": "telephone", "resource": "6"} for n in (1, 2)])
+        assert wait_for(lambda: a.status()["counters"]["nats_acks_stored"] == 2)
+        b = HubThread(backend="nats", nats_servers=nats1.servers)
+        got: list[str] = []
+        second = ScreenPopTelephoneListener(reconnecting_interval=0.3)
+        second.on_screen_pop(lambda event: got.append(event.id))
+        second.initialize(b.address)
+        second.start_listening("6")
+        assert wait_for(lambda: b.status()["registrations"] == 1)
+        a.publish({"id": "p3", "media": "telephone", "resource": "6"})
+        assert wait_for(lambda: got == ["p3"])
+        assert wait_for(lambda: b.status()["counters"]["pending"] == 0)
+        assert b.status()["counters"]["delivered"] == 1
+        first.shutdown()
+        second.shutdown()
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
+def test_an_ack_from_a_hub_before_batched_acks_still_counts(nats1: NatsCluster) -> None:
+    """A hub of an earlier version writes one ack per message on the key's subject
+    (`spop.ack.<media>.<resource>`): the pop leaves the window here too."""
+    hub = HubThread(backend="nats", nats_servers=nats1.servers)
+    try:
+        released = threading.Event()
+        listener = ScreenPopTelephoneListener(reconnecting_interval=0.3)
+        listener.on_screen_pop(lambda event: released.wait(30))  # does not ack yet
+        listener.initialize(hub.address)
+        listener.start_listening("7")
+        assert wait_for(lambda: hub.status()["registrations"] == 1)
+        hub.publish({"id": "old", "media": "telephone", "resource": "7"})
+        assert wait_for(lambda: hub.status()["counters"]["pending"] == 1)
+        assert hub.hub is not None
+        delivery = hub.hub.delivery
+        hub.call(delivery.js.publish(subject("ack", ("telephone", "7")), b"old"))
+        assert wait_for(lambda: hub.status()["counters"]["pending"] == 0)
+        released.set()
+        listener.shutdown()
+    finally:
+        hub.close()
+
+
+def test_stream_headers_are_read_as_nats_py_reads_them() -> None:
+    raw = (
+        "NATS/1.0\r\nSpop-Id: p:1\r\nSpop-Contact: Zoë 1\r\nSpop-Expires:12.500\r\n"
+        "Nats-Msg-Id:  p:1 \r\nbroken line\r\n\r\n"
+    ).encode()
+    assert _headers(raw) == {
+        "Spop-Id": "p:1",
+        "Spop-Contact": "Zoë 1",
+        "Spop-Expires": "12.500",
+        "Nats-Msg-Id": "p:1",
+    }
+
+
+def test_the_live_stream_and_the_answers_take_the_direct_path(nats1: NatsCluster) -> None:
+    """With the nats-py this project installs, the live consumer's messages and JetStream's
+    answers are read by the hub's own path (a nats-py whose internals differ falls back to
+    its callbacks, logged): a pop still goes round."""
+    hub = HubThread(backend="nats", nats_servers=nats1.servers)
+    try:
+        assert hub.hub is not None
+        delivery = hub.hub.delivery
+        assert delivery.nc._process_msg.__qualname__.endswith("_direct_reads.<locals>.process_msg")
+        listener = ScreenPopTelephoneListener(reconnecting_interval=0.3)
+        got: list[str] = []
+        listener.on_screen_pop(lambda event: got.append(event.id))
+        listener.initialize(hub.address)
+        listener.start_listening("8")
+        assert wait_for(lambda: hub.status()["registrations"] == 1)
+        hub.publish({"id": "direct", "media": "telephone", "resource": "8"})
+        assert wait_for(lambda: got == ["direct"])
+        assert wait_for(lambda: hub.status()["counters"]["nats_acks_stored"] == 1)
         listener.shutdown()
     finally:
         hub.close()

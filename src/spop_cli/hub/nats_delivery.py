@@ -5,19 +5,28 @@ One stream (`SPOP` by default, replicated `nats_replicas` times) holds, per (med
 
 - `spop.pop.<media>.<res>`  a pop (the frame; `Nats-Msg-Id` = pop id: JetStream's duplicate window),
                             or a contact update (protocol 2 `change` frame, header `Spop-Change`)
-- `spop.ack.<media>.<res>`  a listener of the key handled pop <body>
+- `spop.acks`               listeners of one hub handled the pops <body> (an orjson list of ids,
+                            any keys): the acks of one tick (ACK_TICK), one stored message
 - `spop.end.<media>.<res>`  contact <body> ended: its earlier pops of the key are withdrawn
+- `spop.ack.<media>.<res>`  one ack per message, as hubs before batched acks wrote it: still read
 
 `<res>` is the resource in URL-safe base64 (no `.`, `*`, `>` or space can reach a subject).
 
 Every hub follows the stream live with one ordered consumer (no per-key consumers: they cost a
-Raft group each, and JetStream caps them at 1,000 per stream by default). A hub keeps in memory
+Raft group each, and JetStream caps them at 1,000 per stream by default). Its data messages and
+JetStream's answers to writes are read straight off nats-py's parser (_direct_reads). A hub keeps in memory
 only the keys its own listeners registered: the first registration of a key reads the key's
 history (direct gets, `next_by_subj`), so a listener that moved from a hub that died gets every
-pop it had not acked. Acks go into the stream, so the pop leaves every hub's window; each is
-published with a reply subject, counted once JetStream stored it, and sent again until it is. A
-pop the listener handled but whose ack was lost comes again: its handled-id memory runs nothing
-twice.
+pop it had not acked. Acks go into the stream, so the pop leaves every hub's window: a hub
+gathers the acks of ACK_TICK into one message (half the stored messages of one per ack, and
+every hub reads every one), published with a reply subject, counted once JetStream stored it,
+and sent again until it is. A pop the listener handled but whose ack was lost comes again: its
+handled-id memory runs nothing twice.
+
+The acks are not on the key's subject, so every hub keeps the ids acked within pop_ttl with the
+stream sequence of their ack (read from the stream at start, then live); a key's history read
+drops each pop at its ack's place, and first reads the ack batches the live consumer has not
+brought yet (it may lag, or wait to resume after a reconnect).
 
 A contact update rides the same subject as the key's pops, after them in the stream. One that
 takes back (`Spop-Change: take-back`: answered elsewhere, ended) becomes `withdrawn` on every hub
@@ -51,6 +60,10 @@ if TYPE_CHECKING:
     from .server import HubConfig
 
 KINDS = ("pop", "ack", "end")
+ACKS = "spop.acks"  # the acked pop ids of one hub's tick, any keys: an orjson list
+ACK_TICK = 0.02  # s: a hub gathers the acks of this long into one stored message
+ACK_BATCH = 1000  # ids: a batch this full goes out at once
+_UNSEEN = 1 << 62  # the stream sequence of an ack sent from here and not yet back
 CHANGE = "Spop-Change"  # header of a contact update: "1", or TAKE_BACK
 TAKE_BACK = "take-back"  # withdraws the contact's pending pop of the key (sent as `withdrawn`)
 
@@ -91,15 +104,15 @@ class _KeyState:
 
 
 class _Ack:
-    """An ack published and not yet confirmed by JetStream."""
+    """Acks gathered in one tick, then published as one message until JetStream confirms it."""
 
-    __slots__ = ("subject", "data", "sent", "until", "failed")
+    __slots__ = ("ids", "data", "sent", "until", "failed")
 
-    def __init__(self, subject: str, data: bytes, sent: float, until: float) -> None:
-        self.subject = subject
-        self.data = data
+    def __init__(self, sent: float, until: float) -> None:
+        self.ids: list[str] = []
+        self.data: bytes | None = None  # set when the tick ends and the message goes out
         self.sent = sent  # time.monotonic() of the last send
-        self.until = until  # its pop has expired by then: no use sending it any more
+        self.until = until  # its pops have expired by then: no use sending it any more
         self.failed = False  # counted once in ack_failures
 
 
@@ -145,7 +158,14 @@ class NatsDelivery:
         # together by one task, each with a reply subject JetStream answers on (by token)
         self._outbox: list[tuple[str, bytes, dict[str, str] | None, str]] = []
         self._writes: dict[str, asyncio.Future[bool]] = {}  # token "w…" → its writer's future
-        self._acks_out: dict[str, _Ack] = {}  # token "a…" → the ack until stored
+        self._acks_out: dict[str, _Ack] = {}  # token "a…" → the acks until stored
+        self._ack_batch: tuple[str, _Ack] | None = None  # this tick's acks, gathering
+        # every pop id acked in the stream (by any hub) within pop_ttl → (when to forget it,
+        # the ack's stream sequence): a key's history read drops each at its ack's place (the
+        # acks are not on the key's subject)
+        self._acked: dict[str, tuple[float, int]] = {}
+        self._resources: dict[str, str] = {}  # subject token → resource
+        self._acks_loaded: asyncio.Event | None = None
         self._inbox = ""
         self._inbox_sub: Any = None
         self._token = 0
@@ -196,7 +216,7 @@ class NatsDelivery:
         max_age = max(self.ttl, self.dedupe_window, 1.0)
         stream = StreamConfig(
             name=self.stream,
-            subjects=[f"spop.{kind}.>" for kind in KINDS],
+            subjects=[f"spop.{kind}.>" for kind in KINDS] + [ACKS],
             num_replicas=c.nats_replicas,
             max_age=max_age,
             duplicate_window=min(max(self.dedupe_window, 0.1), max_age),
@@ -227,6 +247,10 @@ class NatsDelivery:
             deliver_policy=DeliverPolicy.NEW,
             idle_heartbeat=1.0,
         )
+        self._direct_reads()
+        # the acks stored before the live consumer began: read once; key reads wait for them
+        self._acks_loaded = asyncio.Event()
+        self._spawn(self._load_acks())
         self.log.info(
             "JetStream stream %s (replicas %d) at sequence %d via %s",
             self.stream,
@@ -234,6 +258,73 @@ class NatsDelivery:
             self.last_seq,
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
         )
+
+    async def _load_acks(self) -> None:
+        """Read the ack batches already in the stream into `_acked` (those after the live
+        consumer began come live). One direct read for the last, then an ordered consumer."""
+        from nats.js.api import DeliverPolicy
+
+        assert self._acks_loaded is not None
+        while True:
+            try:
+                reply = await self.nc.request(
+                    f"$JS.API.DIRECT.GET.{self.stream}",
+                    orjson.dumps({"last_by_subj": ACKS}),
+                    timeout=self.config.nats_timeout,
+                )
+                headers = reply.headers or {}
+                status = headers.get("Status")
+                if status and status != "404":
+                    raise NatsUnavailable(f"status {status}")
+                last = 0 if status else int(headers["Nats-Sequence"])
+                break
+            except Exception as exc:
+                self.log.warning("reading the last acks from JetStream: %r; retrying", exc)
+                await asyncio.sleep(0.25)
+        if last:
+            done = asyncio.get_running_loop().create_future()
+            until = time.monotonic() + self.ttl
+
+            async def on_batch(msg: Any) -> None:
+                at = _stream_seq(msg.reply)
+                try:
+                    for pop_id in orjson.loads(msg.data):
+                        self._acked.setdefault(pop_id, (until, at))
+                except Exception:
+                    self.log.exception("ack batch in JetStream unreadable; skipped")
+                if (at >= last or _stream_pending(msg.reply) == 0) and not done.done():
+                    done.set_result(None)
+
+            while True:
+                try:
+                    sub = await self.js.subscribe(
+                        ACKS,
+                        stream=self.stream,
+                        cb=on_batch,
+                        ordered_consumer=True,
+                        deliver_policy=DeliverPolicy.ALL,
+                        idle_heartbeat=1.0,
+                    )
+                    break
+                except Exception as exc:
+                    self.log.warning("reading the acks from JetStream: %r; retrying", exc)
+                    await asyncio.sleep(0.25)
+            try:
+                while not done.done():
+                    try:
+                        await asyncio.wait_for(asyncio.shield(done), 1.0)
+                    except TimeoutError:  # the last batch may have expired meanwhile
+                        try:
+                            if (await sub.consumer_info()).num_pending == 0:
+                                break
+                        except Exception:
+                            pass
+            finally:
+                try:
+                    await sub.unsubscribe()
+                except Exception:
+                    pass
+        self._acks_loaded.set()
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -246,6 +337,7 @@ class NatsDelivery:
             self._live = None
         if self.nc is not None:
             try:  # the acks still queued or buffered go out; no drain: it waits on every subscription
+                self._seal_acks()
                 if self._outbox:
                     await self._publish(self._take_outbox())
                 await self.nc.flush(timeout=1)
@@ -311,43 +403,74 @@ class NatsDelivery:
         state.seq = 0
         self._spawn(self._sync(key, again=True))
 
-    async def _sync(self, key: Key, again: bool = False) -> None:
-        """Apply the key's history from the stream, then what came live meanwhile; owe it."""
-        state = self._keys.get(key)
-        if state is None:
-            return
-        pattern = f"spop.*.{key[0]}.{resource_token(key[1])}"
-        seen = set(self._by_key.get(key, ())) if again else set()
-        seq = 1
-        while True:
-            if self._keys.get(key) is not state:
-                return  # dropped or restarted meanwhile
+    async def _next(self, seq: int, subjects: str, what: str, alive: Any) -> Any:
+        """The first message at or after `seq` on `subjects` (a direct read), None at the end
+        or once `alive()` is false; retried while JetStream does not answer."""
+        while alive():
             try:
                 reply = await self.nc.request(
                     f"$JS.API.DIRECT.GET.{self.stream}",
-                    orjson.dumps({"seq": seq, "next_by_subj": pattern}),
+                    orjson.dumps({"seq": seq, "next_by_subj": subjects}),
                     timeout=self.config.nats_timeout,
                 )
             except Exception as exc:
-                self.log.warning("reading %s %s from JetStream: %r; retrying", *key, exc)
+                self.log.warning("reading %s from JetStream: %r; retrying", what, exc)
                 await asyncio.sleep(0.25)
                 continue
-            headers = reply.headers or {}
-            if headers.get("Status"):
-                if headers["Status"] == "404":
-                    break
-                self.log.warning("reading %s %s: status %s; retrying", *key, headers["Status"])
-                await asyncio.sleep(0.25)
-                continue
+            status = (reply.headers or {}).get("Status")
+            if not status:
+                return reply
+            if status == "404":
+                return None
+            self.log.warning("reading %s: status %s; retrying", what, status)
+            await asyncio.sleep(0.25)
+        return None
+
+    async def _catch_up_acks(self, seq: int, alive: Any) -> int:
+        """Apply the ack batches from `seq` on that the live consumer has not brought yet (it
+        may lag, or wait to resume after a reconnect); they come live again later, harmlessly.
+        Returns the sequence to read from next time."""
+        seq = max(seq, self.last_seq + 1)
+        while (reply := await self._next(seq, ACKS, "acks", alive)) is not None:
+            at = int(reply.headers["Nats-Sequence"])
+            self._acks_in(orjson.loads(reply.data), at)
+            seq = at + 1
+        return seq
+
+    async def _sync(self, key: Key, again: bool = False) -> None:
+        """Apply the key's history from the stream, then what came live meanwhile; owe it.
+        Acks are not on the key's subject: those the live consumer has not brought yet are
+        read before and after the key's messages."""
+        state = self._keys.get(key)
+        if state is None:
+            return
+        if self._acks_loaded is not None:
+            await self._acks_loaded.wait()
+
+        def alive() -> bool:
+            return self._keys.get(key) is state
+
+        acks_seq = await self._catch_up_acks(0, alive)
+        pattern = f"spop.*.{key[0]}.{resource_token(key[1])}"
+        seen = set(self._by_key.get(key, ())) if again else set()
+        seq = 1
+        what = f"{key[0]} {key[1]}"
+        while (reply := await self._next(seq, pattern, what, alive)) is not None:
+            headers = reply.headers
             at = int(headers["Nats-Sequence"])
             kind = headers["Nats-Subject"].split(".", 2)[1]
+            self._settle_acked(key, at)
             self._apply(key, state, at, kind, reply.data, headers, live=False)
             seq = at + 1
+        if alive():
+            await self._catch_up_acks(acks_seq, alive)
         if self._keys.get(key) is not state:
             return
         buffered, state.buffer = state.buffer or [], None
         for at, kind, data, headers in buffered:
+            self._settle_acked(key, at)
             self._apply(key, state, at, kind, data, headers, live=False)
+        self._settle_acked(key, None)
         state.synced = True
         owed = [pop_id for pop_id in self._by_key.get(key, ()) if pop_id not in seen]
         if owed:
@@ -356,12 +479,18 @@ class NatsDelivery:
 
     # -- the stream, live -----------------------------------------------------------------
     async def _on_live(self, msg: Any) -> None:
+        """nats-py's callback: what the direct path (_direct_reads) passes on to it."""
+        self._on_message(_stream_seq(msg.reply), msg.subject, msg.data, msg.headers or {})
+
+    def _on_message(self, at: int, subj: str, data: bytes, headers: dict[str, str]) -> None:
+        """One message of the stream, live, in order."""
         try:
-            at = _stream_seq(msg.reply)
             self.last_seq = at
-            _, kind, media, token = msg.subject.split(".", 3)
-            key = (media, token_resource(token))
-            headers = msg.headers or {}
+            if subj == ACKS:
+                self._acks_in(orjson.loads(data), at)
+                return
+            _, kind, media, token = subj.split(".", 3)
+            key = (media, self._resource(token))
             if kind == "pop":
                 change = headers.get(CHANGE)
                 if change is None:
@@ -370,20 +499,115 @@ class NatsDelivery:
                     )
                 elif change == TAKE_BACK and self._mine_by_contact:
                     self._settle_mine(headers.get("Spop-Contact", ""), key)
-            elif self._mine:  # an ack or an end: the pops accepted here it settles
-                if kind == "ack":
-                    self._drop_mine(msg.data.decode(errors="replace"))
-                else:
-                    self._settle_mine(msg.data.decode(errors="replace"), key)
+            elif kind == "ack":  # one ack on the key's subject (a hub before batched acks)
+                self._acks_in([data.decode(errors="replace")], at)
+                return
+            elif self._mine:  # an end: the pops accepted here it settles
+                self._settle_mine(data.decode(errors="replace"), key)
             state = self._keys.get(key)
             if state is None:
                 return
             if state.buffer is not None:
-                state.buffer.append((at, kind, msg.data, headers))
+                state.buffer.append((at, kind, data, headers))
                 return
-            self._apply(key, state, at, kind, msg.data, headers, live=True)
+            self._apply(key, state, at, kind, data, headers, live=True)
         except Exception:  # one odd message must not stop the hub following the stream
-            self.log.exception("JetStream message %s dropped", getattr(msg, "subject", "?"))
+            self.log.exception("JetStream message %s dropped", subj)
+
+    def _resource(self, token: str) -> str:
+        """token_resource, remembered (every hub decodes the key of every message)."""
+        resource = self._resources.get(token)
+        if resource is None:
+            if len(self._resources) >= 100_000:
+                self._resources.clear()
+            resource = self._resources[token] = token_resource(token)
+        return resource
+
+    def _direct_reads(self) -> None:
+        """Take the live consumer's data messages and JetStream's answers to writes off
+        nats-py's path for them (a header parse into an email-like dict, a Msg object, a queue
+        and a task wake per message): parsed here and handled at once, in order. Anything else
+        (flow control, heartbeats, an ordered consumer's gap, which nats-py answers by starting
+        the consumer again) still goes through nats-py. Off when nats-py's internals differ."""
+        client, replies = self.nc, self._inbox_sub
+        live = getattr(self._live, "_sub", None)  # the subscription nats-py's client holds
+        jsi = getattr(live, "_jsi", None)
+        if not all(
+            hasattr(o, a)
+            for o, a in (
+                (client, "_process_msg"),
+                (client, "stats"),
+                (live, "_id"),
+                (live, "_received"),
+                (replies, "_id"),
+                (jsi, "_dseq"),
+                (jsi, "_sseq"),
+                (jsi, "track_sequences"),
+            )
+        ):
+            self.log.info("nats-py without the expected internals: messages through its path")
+            return
+        nats_path = client._process_msg
+        on_message, on_reply = self._on_message, self._reply
+
+        log = self.log
+
+        async def process_msg(
+            sid: int, subj: bytes, reply: bytes, data: bytes, headers: bytes | None
+        ) -> None:
+            if sid == replies._id:  # JetStream's answer to a write or an ack
+                status = ""
+                if headers and headers[8:9] == b" ":  # NATS/1.0 503
+                    status = headers[9:12].decode(errors="replace")
+                try:  # nothing of ours may escape into nats-py's read loop
+                    on_reply(subj.decode(errors="replace"), data, status)
+                except Exception:
+                    log.exception("JetStream answer on %r dropped", subj)
+                return
+            tokens = reply.split(b".") if sid == live._id and reply[:8] == b"$JS.ACK." else ()
+            if len(tokens) != 9 or int(tokens[6]) != jsi._dseq:  # a gap: nats-py resets
+                return await nats_path(sid, subj, reply, data, headers)
+            try:  # nothing of ours may escape into nats-py's read loop
+                jsi._dseq += 1
+                sseq = jsi._sseq = int(tokens[5])
+                jsi._active = True
+                jsi.track_sequences(reply.decode())  # its heartbeats compare with the last one
+                live._received += 1
+                stats = client.stats
+                stats["in_msgs"] += 1
+                stats["in_bytes"] += len(data)
+                subject_ = subj.decode(errors="replace")
+                on_message(sseq, subject_, data, _headers(headers) if headers else {})
+            except Exception:
+                log.exception("JetStream message %r dropped", subj)
+
+        client._process_msg = process_msg
+
+    def _acks_in(self, ids: list[str], at: int) -> None:
+        """Acks in the stream at sequence `at`, of any keys: their pops leave this hub's
+        window (a key whose history is being read drops them at their place in it)."""
+        entry = (time.monotonic() + self.ttl, at)
+        acked, pending, mine = self._acked, self.pending, self._mine
+        for pop_id in ids:
+            acked[pop_id] = entry
+            p = pending.get(pop_id)
+            if p is not None:
+                state = self._keys.get(p.key)
+                if state is None or state.synced:
+                    self._forget(pop_id)
+            if mine:
+                self._drop_mine(pop_id)
+
+    def _settle_acked(self, key: Key, before: int | None) -> None:
+        """While reading a key's history: its pending pops acked before sequence `before`
+        (any, for None: the history is read) leave the window, as if the acks were there."""
+        acked = self._acked
+        for pop_id in [
+            i
+            for i in self._by_key.get(key, ())
+            if i in acked and (before is None or acked[i][1] < before)
+        ]:
+            self._forget(pop_id)
 
     def _apply(
         self,
@@ -401,7 +625,12 @@ class NatsDelivery:
         if kind == "pop":
             pop_id = headers.get("Spop-Id") or headers.get("Nats-Msg-Id", "")
             expires = _expires(headers, self.ttl)
-            if not pop_id or pop_id in self.pending or expires <= time.time():
+            if (
+                not pop_id
+                or pop_id in self.pending
+                or (live and pop_id in self._acked)
+                or expires <= time.time()
+            ):
                 return
             contact_id = headers.get("Spop-Contact", "")
             change = headers.get(CHANGE)
@@ -419,8 +648,10 @@ class NatsDelivery:
             if live:
                 for subscriber in self.routing.of(key):
                     subscriber.deliver(pending)
-        elif kind == "ack":
-            self._forget(data.decode(errors="replace"))
+        elif kind == "ack":  # read from a key's history (live ones go through _acks_in)
+            pop_id = data.decode(errors="replace")
+            self._acked[pop_id] = (time.monotonic() + self.ttl, at)
+            self._forget(pop_id)
         elif kind == "end":
             contact_id = data.decode(errors="replace")
             for pop_id in list(self._by_contact.get(contact_id, ())):
@@ -540,17 +771,20 @@ class NatsDelivery:
                 self._failed(token, f"JetStream did not answer in {self.config.nats_timeout} s")
 
     async def _on_reply(self, msg: Any) -> None:
+        """nats-py's callback: what the direct path (_direct_reads) passes on to it."""
+        self._reply(msg.subject, msg.data, (msg.headers or {}).get("Status", ""))
+
+    def _reply(self, subj: str, data: bytes, status: str) -> None:
         """JetStream's answer to a write or an ack (`{"stream":…,"seq":…}`, with
         `"duplicate": true` for a resend; `{"error":…}`, or a 503 status: refused)."""
-        token = msg.subject.rpartition(".")[2]
-        data = msg.data
-        refused = bool(msg.headers and msg.headers.get("Status")) or b'"error"' in data
+        token = subj.rpartition(".")[2]
+        refused = bool(status) or b'"error"' in data
         if token[0] == "w":
             write = self._writes.pop(token, None)
             if write is None or write.done():  # answered after its timeout
                 return
             if refused:
-                why = data.decode(errors="replace") or f"status {msg.headers.get('Status')}"
+                why = data.decode(errors="replace") or f"status {status}"
                 write.set_exception(NatsUnavailable(f"JetStream did not store it: {why}"))
             elif b'"duplicate"' in data:  # the server writes `"duplicate": true`
                 self.duplicates += 1
@@ -564,12 +798,12 @@ class NatsDelivery:
         if refused:  # 503: no JetStream answered; or an API error
             if not ack.failed:
                 ack.failed = True
-                self.ack_failures += 1
+                self.ack_failures += len(ack.ids)
             # again at the next sweep, not at once: a leader election takes seconds
             ack.sent = time.monotonic() - self.config.nats_timeout
             return
         del self._acks_out[token]
-        self.acks_stored += 1
+        self.acks_stored += len(ack.ids)
 
     def publish(self, *args: Any, **kwargs: Any) -> bool:
         raise TypeError("NatsDelivery takes pops through submit()")
@@ -588,15 +822,33 @@ class NatsDelivery:
             self.acked += 1
         if self._mine:
             self._drop_mine(pop_id)
-        if self.nc is not None:  # with this iteration's other writes; confirmed by reply
+        if self.nc is not None:  # with this tick's other acks; confirmed by reply
             now = time.monotonic()
-            self._token += 1
-            token = f"a{self._token:x}"
-            ack = self._acks_out[token] = _Ack(
-                subject("ack", pending.key), pop_id.encode(), now, now + self.ttl
-            )
-            self._queue(ack.subject, ack.data, None, token)
+            # handled here: a history read of its key before the ack comes back skips it
+            self._acked.setdefault(pop_id, (now + self.ttl, _UNSEEN))
+            batch = self._ack_batch
+            if batch is None:
+                self._token += 1
+                token = f"a{self._token:x}"
+                batch = self._ack_batch = (token, _Ack(now, now + self.ttl))
+                self._acks_out[token] = batch[1]  # owed from now on (close() sends it)
+                asyncio.get_running_loop().call_later(ACK_TICK, self._seal_acks, token)
+            batch[1].ids.append(pop_id)
+            if len(batch[1].ids) >= ACK_BATCH:
+                self._seal_acks()
         return pending
+
+    def _seal_acks(self, token: str | None = None) -> None:
+        """The tick's acks go out as one message (`token`: only if that batch is the one
+        gathering, for the tick's timer)."""
+        batch = self._ack_batch
+        if batch is None or (token is not None and batch[0] != token):
+            return
+        self._ack_batch = None
+        token, ack = batch
+        ack.data = orjson.dumps(ack.ids)
+        ack.sent = time.monotonic()
+        self._queue(ACKS, ack.data, None, token)
 
     def _retry_acks(self) -> None:
         """Send again each ack JetStream did not confirm within nats_timeout (same reply token:
@@ -606,21 +858,23 @@ class NatsDelivery:
         now = time.monotonic()
         timeout = self.config.nats_timeout
         for token, ack in list(self._acks_out.items()):
+            if ack.data is None:  # still gathering
+                continue
             if now >= ack.until:
                 del self._acks_out[token]
                 self.log.warning(
-                    "ack of pop %s never confirmed by JetStream; given up (the pop expired)",
-                    ack.data.decode(errors="replace"),
+                    "acks of pops %s never confirmed by JetStream; given up (the pops expired)",
+                    ", ".join(ack.ids),
                 )
                 continue
             if now - ack.sent < timeout:
                 continue
             if not ack.failed:
                 ack.failed = True
-                self.ack_failures += 1
+                self.ack_failures += len(ack.ids)
             ack.sent = now
             if self.nc.is_connected:  # else the copy buffered for the reconnection goes out
-                self._queue(ack.subject, ack.data, None, token)
+                self._queue(ACKS, ack.data, None, token)
 
     def withdraw(
         self,
@@ -679,6 +933,12 @@ class NatsDelivery:
                 self.ttl,
             )
         self._retry_acks()
+        acked, clock = self._acked, time.monotonic()
+        while acked:  # added in time order
+            pop_id, (until, _) = next(iter(acked.items()))
+            if until > clock:
+                break
+            del acked[pop_id]
         for contact_id in [
             c for c, keys in self._contact_keys.items() if max(keys.values()) <= now
         ]:
@@ -780,6 +1040,22 @@ def _stream_seq(reply: str) -> int:
     nats-py's Metadata (a dataclass and a datetime per message)."""
     tokens = reply.split(".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def _headers(raw: bytes) -> dict[str, str]:
+    """A stream message's headers (`NATS/1.0\r\nName: value\r\n…`), as nats-py reads them."""
+    out = {}
+    for line in raw.decode("utf-8", "replace").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
+
+
+def _stream_pending(reply: str) -> int:
+    """The messages the consumer still has to deliver after this one (reply subject)."""
+    tokens = reply.split(".")
+    return int(tokens[8] if len(tokens) == 9 else tokens[10])
 
 
 def _stored(write: asyncio.Future[bool]) -> bool:
