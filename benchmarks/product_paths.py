@@ -330,10 +330,13 @@ def run(
         )
         events = int(4000 * scale)
         phase = Phase(hub, listener)
+        spy = py_spy(hub.pid, 2, profile / "hub-contacts.txt") if profile else None
         load = http_load(
             hub.http_port, env, run="c", kind="contact", n=n, conns=16, requests=events
         )
         result["contacts"] = phase.finish(load, events, events, expect_lines=events // 4)
+        if spy:
+            spy.wait()
 
         listener.stop()
         listener = None

@@ -532,3 +532,59 @@ def test_a_snapshot_put_back_undoes_every_change_since() -> None:
     assert len(tracker) == 1
     assert tracker.state("call-1")["contact_data"] == {"a": "1"}  # type: ignore[index]
     assert tracker.state("call-1")["holder"] == ""  # type: ignore[index]
+
+
+def test_the_journalled_state_is_the_state_as_json_byte_for_byte() -> None:
+    """`state_json` (the journal's row, made without copies) is `orjson.dumps(state())` at every
+    step: times with and without fractions of a second, an answer, an end, followers, data."""
+    import orjson
+
+    tracker = ContactTracker()
+    steps = [
+        ev("queued", 0, media="telephone", **SALES),
+        ev("routed", 10.25, resource="13579"),
+        ev("answered", 15, resource="13579", contact_data={"clé": "välue"}),
+        ev("transferred", 40.5, resource="54321"),
+        ev("ended", 61.125),
+    ]
+    received = T0 + timedelta(seconds=0.123456)
+    assert tracker.state_json("call-1") is None
+    for step in steps:
+        tracker.apply(step, received)
+        state = tracker.state("call-1")
+        assert tracker.state_json("call-1") == orjson.dumps(state)
+        assert orjson.loads(tracker.state_json("call-1")) == state  # type: ignore[arg-type]
+    assert state is not None and state["ended_seen"] == "2024-05-14T09:00:00.123456+00:00"
+    assert state["answered_at"] == "2024-05-14T09:00:15+00:00"
+    assert state["following"] == {}
+    restored = ContactTracker()
+    restored.restore(orjson.loads(tracker.state_json("call-1")))  # type: ignore[arg-type]
+    assert restored.state("call-1") == state
+
+
+def test_an_applied_event_leaves_a_snapshot_taken_before_it_untouched() -> None:
+    """The tracker changes a copy of a contact and swaps it in: the snapshot (the objects as they
+    were) still holds every field, data and followers included, as before the event."""
+    tracker = ContactTracker()
+    tracker.apply_batch([*ROUTED_CALL[:2]], T0)
+    before_state = tracker.state("call-1")
+    before = tracker.snapshot(["call-1"])
+    tracker.apply_batch(
+        [ev("answered", 15, resource="13579", contact_data={"more": "1"}), ev("ended", 20)], T0
+    )
+    assert tracker.state("call-1") != before_state
+    tracker.put_back(before)
+    assert tracker.state("call-1") == before_state
+
+
+def test_each_pop_comes_with_its_wire_form_and_frame() -> None:
+    """The hub sends the frame the tracker made (and sized against max_frame): it is the pop's."""
+    from spop_cli.protocol import pop_frame
+
+    tracker = ContactTracker(max_frame=65536)
+    outcomes = tracker.apply_batch([{**e, "id": f"e{i}"} for i, e in enumerate(CONSULTATION)], T0)
+    wires = [wire for outcome in outcomes for wire in outcome.wire]
+    pops = [pop for outcome in outcomes for pop in outcome.pops]
+    assert [pop.id for pop in pops] == ["e1", "e3"]
+    assert [body for body, _ in wires] == [pop.to_dict() for pop in pops]
+    assert [frame for _, frame in wires] == [pop_frame(pop.to_dict()) for pop in pops]

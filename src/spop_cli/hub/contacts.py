@@ -10,9 +10,11 @@ import hashlib
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 from spop_cli.model import (
     EVENT_CLASSES,
@@ -22,6 +24,7 @@ from spop_cli.model import (
     Media,
     ScreenPopError,
     ScreenPopEvent,
+    new_pop_id,
     parse_time,
     validate_resource,
 )
@@ -63,6 +66,13 @@ CREATING_EVENTS = frozenset({"queued", "routed"})
 HOLDING_EVENTS = frozenset(
     {"routed", "answered", "transferred", "redirected", "picked_up", "recalled", "resumed"}
 )
+# The fields each event may carry (any other one, unless null, is refused), computed once.
+ALLOWED_FIELDS: dict[str, frozenset[str]] = {
+    kind: frozenset(
+        {"id", "contact_id", "event", "at", *(QUEUE_FIELDS if kind == "requeued" else CONTACT_FIELDS), *takes}
+    )
+    for kind, takes in EVENT_FIELDS.items()
+}
 ONE_SECOND = timedelta(seconds=1)
 STATE_VERSION = 1  # of a contact's journalled state (`ContactTracker.state`)
 
@@ -171,6 +181,8 @@ class Outcome:
     contact_id: str
     pops: list[ScreenPopEvent] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
+    # each pop's wire form and `pop` frame, made once (the frame's size was checked with them)
+    wire: list[tuple[dict[str, Any], bytes]] = field(default_factory=list)
     ended: bool = False
     event_id: str | None = None  # the event's `id`: its pop's id derives from it
     duplicate: bool = False  # an id applied within the window: answered, nothing changed
@@ -209,6 +221,25 @@ class _Contact:
     ended_seen: datetime | None = None
     # resources following the contact (popped for it, not yet left) → their last pop's id
     following: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> _Contact:
+        """A copy to change (its dicts too): a tracked contact is never changed in place."""
+        return _Contact(
+            self.contact_id,
+            self.media,
+            self.last_at,
+            self.last_seen,
+            self.source,
+            self.destination,
+            self.queue_name,
+            self.contact_description,
+            dict(self.contact_data),
+            self.segment_start,
+            self.answered_at,
+            self.holder,
+            self.ended_seen,
+            dict(self.following),
+        )
 
     def wait_time(self, at: datetime) -> int:
         """Whole seconds (floored) from segment start to the first answer, or to `at` if none."""
@@ -282,16 +313,20 @@ def _parse(event: Any) -> _Event:
         known = ", ".join(EVENT_FIELDS)
         raise _refused("unknown_event", "event", f"unknown event {kind[:64]!r} (expected {known})")
     # Requeueing keeps source and destination: the pilot dialled to requeue is not the destination.
-    contact_fields = QUEUE_FIELDS if kind == "requeued" else CONTACT_FIELDS
-    allowed = {"id", "contact_id", "event", "at", *contact_fields, *EVENT_FIELDS[kind]}
-    for name, value in event.items():
-        if value is not None and name not in allowed:
-            raise _refused(
-                "unexpected_field", str(name), f"{kind} does not take {str(name)[:64]!r}"
+    allowed = ALLOWED_FIELDS[kind]
+    if not allowed.issuperset(event):  # a field it does not take: refused unless null
+        for name, value in event.items():
+            if value is not None and name not in allowed:
+                raise _refused(
+                    "unexpected_field", str(name), f"{kind} does not take {str(name)[:64]!r}"
+                )
+    texts: dict[str, str] = {}
+    for name in TEXT_EVENT_FIELDS:
+        value = event.get(name)
+        if value is not None:
+            texts[name] = (
+                value if value.__class__ is str and len(value) <= MAX_TEXT_LEN else _text(value, name)
             )
-    texts = {
-        name: _text(event[name], name) for name in TEXT_EVENT_FIELDS if event.get(name) is not None
-    }
     media = None
     if event.get("media") is not None:
         try:
@@ -423,26 +458,25 @@ class ContactTracker:
             contact = self._admit(parsed, at, seen)
         else:
             self._check(contact, parsed, at)
-            if self.max_frame is not None and parsed.kind in POP_EVENTS:
-                # changed on a copy: an event whose pop is too large must change nothing
-                contact = replace(
-                    contact,
-                    contact_data=dict(contact.contact_data),
-                    following=dict(contact.following),
-                )
+            # changed on a copy, swapped in at the end: a refused event (a pop too large)
+            # changes nothing, and the tracked object itself is a snapshot (`snapshot`)
+            contact = contact.copy()
         ringing = contact.answered_at is None  # before this event: not answered in its segment
         self._update(contact, parsed, at)
         outcome = Outcome(parsed.contact_id, event_id=parsed.event_id)
+        # the event's time as the wire writes it, for its pop and its changes (if any)
+        stamp = _iso(at) if parsed.kind in POP_EVENTS or contact.following else ""
         if parsed.kind in POP_EVENTS:
-            pop = self._pop(contact, parsed, at)
-            if parsed.event_id is not None:
-                pop.id = pop_id_for(parsed.event_id)
+            pop = self._pop(contact, parsed, at, stamp)
+            body = pop.to_dict()
+            frame = pop_frame(body)
             if self.max_frame is not None:
-                why = pop_too_large(pop_frame(pop.to_dict()), self.max_frame)
+                why = pop_too_large(frame, self.max_frame)
                 if why is not None:
                     raise ContactEventError(413, "pop_too_large", why, "contact_data")
             outcome.pops.append(pop)
-        outcome.changes = self._changes(contact, parsed, at, ringing)
+            outcome.wire.append((body, frame))
+        outcome.changes = self._changes(contact, parsed, at, ringing, stamp)
         if outcome.pops:
             contact.following[parsed.resource] = outcome.pops[0].id
         if parsed.kind in HOLDING_EVENTS:
@@ -481,17 +515,20 @@ class ContactTracker:
         contact = self._contacts.get(contact_id)
         if contact is None:
             return None
-        out: dict[str, Any] = {"v": STATE_VERSION}
-        for item in fields(_Contact):
-            value = getattr(contact, item.name)
-            if isinstance(value, datetime):
-                value = value.isoformat()
-            elif isinstance(value, Media):
-                value = value.value
-            elif isinstance(value, dict):
-                value = dict(value)
-            out[item.name] = value
-        return out
+        state = _state(contact)
+        state["contact_data"] = dict(contact.contact_data)
+        state["following"] = dict(contact.following)
+        for name in _TIMES:
+            moment = state[name]
+            if moment is not None:
+                state[name] = moment.isoformat()
+        return state
+
+    def state_json(self, contact_id: str) -> bytes | None:
+        """`state()` as JSON, the journal's row (byte for byte `orjson.dumps(state())`), made
+        without the copies: orjson writes a datetime as `isoformat()` does."""
+        contact = self._contacts.get(contact_id)
+        return None if contact is None else orjson.dumps(_state(contact))
 
     def restore(self, state: Mapping[str, Any]) -> str:
         """Track a contact again from `state()`'s output (after a restart); its id."""
@@ -512,20 +549,10 @@ class ContactTracker:
         return contact.contact_id
 
     def snapshot(self, contact_ids: Iterable[str]) -> dict[str, _Contact | None]:
-        """Copies of these contacts as they are now, to put back if a change is not committed."""
-        out: dict[str, _Contact | None] = {}
-        for contact_id in contact_ids:
-            contact = self._contacts.get(contact_id)
-            out[contact_id] = (
-                None
-                if contact is None
-                else replace(
-                    contact,
-                    contact_data=dict(contact.contact_data),
-                    following=dict(contact.following),
-                )
-            )
-        return out
+        """These contacts as they are now, to put back if a change is not committed. No copies:
+        `apply` changes a copy of a contact and swaps it in, never the tracked object."""
+        contacts = self._contacts
+        return {contact_id: contacts.get(contact_id) for contact_id in contact_ids}
 
     def put_back(self, snapshot: Mapping[str, _Contact | None]) -> None:
         """Undo every change since `snapshot` for its contacts (a refused commit)."""
@@ -585,14 +612,16 @@ class ContactTracker:
             contact.answered_at = at
 
     @staticmethod
-    def _changes(contact: _Contact, parsed: _Event, at: datetime, ringing: bool) -> list[Change]:
+    def _changes(
+        contact: _Contact, parsed: _Event, at: datetime, ringing: bool, stamp: str
+    ) -> list[Change]:
         """The updates this event makes for the resources following the contact (the table in
-        docs/contacts.md "Updates"); those the contact leaves stop following it."""
+        docs/contacts.md "Updates"); those the contact leaves stop following it. `stamp`: `at`
+        as the wire writes it."""
         following = contact.following
         kind, target = parsed.kind, parsed.resource
         if not following or kind in ("queued", "routed"):
             return []
-        stamp = _iso(at)
         wait = contact.wait_time(at)
         out: list[Change] = []
         leaving: list[str] = []
@@ -659,7 +688,8 @@ class ContactTracker:
         return out
 
     @staticmethod
-    def _pop(contact: _Contact, parsed: _Event, at: datetime) -> ScreenPopEvent:
+    def _pop(contact: _Contact, parsed: _Event, at: datetime, stamp: str) -> ScreenPopEvent:
+        """The event's pop; its id derives from the event's id when it has one, else random."""
         values = {
             "source": contact.source,
             "destination": contact.destination,
@@ -677,8 +707,9 @@ class ContactTracker:
         return EVENT_CLASSES[contact.media](
             media=contact.media,
             resource=parsed.resource,
+            id=new_pop_id() if parsed.event_id is None else pop_id_for(parsed.event_id),
             contact_id=contact.contact_id,
-            created_at=_iso(at),
+            created_at=stamp,
             source=values["source"],
             destination=values["destination"],
             queue_name=values["queue_name"],
@@ -688,6 +719,31 @@ class ContactTracker:
             wait_time=contact.wait_time(at),
             contact_data=ContactDataCollection(contact.contact_data),
         )
+
+
+_TIMES = ("last_at", "last_seen", "segment_start", "answered_at", "ended_seen")
+
+
+def _state(contact: _Contact) -> dict[str, Any]:
+    """A contact's journalled state, datetimes and dicts as they are (the fields of `_Contact`
+    in order, after the state's version)."""
+    return {
+        "v": STATE_VERSION,
+        "contact_id": contact.contact_id,
+        "media": contact.media.value,
+        "last_at": contact.last_at,
+        "last_seen": contact.last_seen,
+        "source": contact.source,
+        "destination": contact.destination,
+        "queue_name": contact.queue_name,
+        "contact_description": contact.contact_description,
+        "contact_data": contact.contact_data,
+        "segment_start": contact.segment_start,
+        "answered_at": contact.answered_at,
+        "holder": contact.holder,
+        "ended_seen": contact.ended_seen,
+        "following": contact.following,
+    }
 
 
 def _check_data_size(current: Mapping[str, str], parsed: _Event) -> None:

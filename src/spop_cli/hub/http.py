@@ -13,6 +13,7 @@ from aiohttp import hdrs, web
 
 from ..pops import InputError
 from ..protocol import MAX_DEPTH, nested_deeper, shown, too_deep_for_parser
+from .contacts import ContactEventError
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -126,8 +127,6 @@ async def post_contacts(request: web.Request) -> web.Response:
 
 async def ingest_contacts(request: web.Request, hub: Hub) -> web.Response:
     """`POST /v1/contacts`: events applied in order, the journal committed, then answered."""
-    from .contacts import ContactEventError
-
     denied = _source_guard(request, hub)
     if denied is not None:
         return denied

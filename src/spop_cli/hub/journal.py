@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS contacts (
 # A row goes once it is past the duplicate window AND no longer owed (handled or expired): a pop
 # still pending outlives the window when pop_ttl is longer than dedupe_window.
 PURGE = "DELETE FROM pops WHERE accepted < ? AND (done = 1 OR expires < ?)"
+# A contact's state, changed at each of its events: updated in place (not INSERT OR REPLACE,
+# which deletes the row and its key and inserts both again: a third more of SQLite's work per row).
+UPSERT_CONTACT = (
+    "INSERT INTO contacts VALUES (?, ?) ON CONFLICT(contact_id) DO UPDATE SET state = excluded.state"
+)
 RETRY_AFTER = 2  # seconds a source is told to wait when the journal cannot be written
 SQLITE_FULL = 13
 # A batch this small commits on the event loop: a WAL commit without fsync takes tens of
@@ -379,7 +384,7 @@ class Journal:
                 kept = [(cid, state) for cid, state in states.items() if state is not None]
                 gone = [(cid,) for cid, state in states.items() if state is None]
                 if kept:
-                    db.executemany("INSERT OR REPLACE INTO contacts VALUES (?, ?)", kept)
+                    db.executemany(UPSERT_CONTACT, kept)
                 if gone:
                     db.executemany("DELETE FROM contacts WHERE contact_id = ?", gone)
             db.execute("COMMIT")

@@ -21,8 +21,10 @@ from ..model import Error
 from ..pops import InputError, normalize_pops
 from ..protocol import HEARTBEAT, MAX_FRAME, change_frame, is_change_frame, pop_frame, pop_too_large
 from .connection import PING, HubConnection
+from .contacts import ContactEventError
 from .delivery import InProcessDelivery, sent_phrase
 from .gcpolicy import FreezeOnGrowth
+from .journal import JournalUnavailable
 
 EVENT_IDS_KEPT = 64  # per contact in its KV state (backend nats): resends to any hub are duplicates
 
@@ -612,33 +614,15 @@ class Hub:
         commit fails, none of it happened (JournalUnavailable). Requests about the same contact
         take turns until their commit is done, so a refused commit is undone without undoing
         anyone else's events, even when its caller has gone away."""
-        from .contacts import ContactEventError
-        from .journal import JournalUnavailable
-
         ids = _contact_ids(events)
         if self.clustered:
             return await self._apply_contacts_clustered(events, ids)
-        await self._contact_turn(ids)
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for contact_id in ids:
-            self._contact_turns[contact_id] = turn
-
-        def release(_: Any = None) -> None:
-            for contact_id in ids:
-                if self._contact_turns.get(contact_id) is turn:
-                    del self._contact_turns[contact_id]
-            if not turn.done():
-                turn.set_result(None)
-
-        try:
-            commit, result, error = self._stage_contacts(events, ids, ContactEventError)
-        except BaseException:
-            release()
-            raise
-        if commit is None:
-            release()
-        else:
-            commit.add_done_callback(release)  # after the commit's outcome is applied
+        turns = self._contact_turns
+        if turns and not turns.keys().isdisjoint(ids):
+            await self._contact_turn(ids)
+        # staged at once (nothing else runs meanwhile); the commit is then these contacts' turn
+        commit, result, error = self._stage_contacts(events, ids, ContactEventError)
+        if commit is not None:
             try:
                 await asyncio.shield(commit)
             except JournalUnavailable as exc:
@@ -757,7 +741,8 @@ class Hub:
         return result
 
     async def _contact_turn(self, ids: set[str]) -> None:
-        """Wait until no other request is changing any of these contacts."""
+        """Wait until no other request is changing any of these contacts (embedded: until the
+        commit of the last one's changes is done and its outcome applied)."""
         while True:
             busy = {self._contact_turns[c] for c in ids if c in self._contact_turns}
             if not busy:
@@ -768,7 +753,9 @@ class Hub:
         self, events: Any, ids: set[str], refusal: type[Exception]
     ) -> tuple[asyncio.Future[None] | None, dict[str, Any], Exception | None]:
         """Apply the events in memory and queue what they change in one journal batch; return
-        that batch's commit (None without a journal), the answer, and the refusal if any."""
+        that batch's commit (None without a journal), the answer, and the refusal if any.
+        Until that commit's outcome is applied, it is the turn of the contacts `ids`: another
+        request about any of them waits for it (`_contact_turn`)."""
         tracker = self.contacts
         before = tracker.snapshot(ids) if self.journal is not None else {}
         error: Exception | None = None
@@ -787,13 +774,15 @@ class Hub:
                 body = change.to_dict()
                 if change.takes_back:
                     key = (change.media, change.resource)
-                    ids = self._pending_pops(outcome.contact_id, key, held.get(outcome.contact_id, []))
-                    if ids:  # its pop was never acked: taken back, not followed up
+                    pending = self._pending_pops(
+                        outcome.contact_id, key, held.get(outcome.contact_id, [])
+                    )
+                    if pending:  # its pop was never acked: taken back, not followed up
                         if body["change"] == "ended":
                             body["reason"] = "ended"
                         body["change"] = "withdrawn"
                         if not outcome.ended:  # an `ended` withdraws all of them below
-                            for pop_id in ids:
+                            for pop_id in pending:
                                 if self._unhold(pop_id):
                                     held[outcome.contact_id].remove(pop_id)
                                 elif self.journal is None:
@@ -814,27 +803,39 @@ class Hub:
                     for pop_id in self.delivery.of_contact(outcome.contact_id):
                         self.journal.done(pop_id)
                         staged.add(pop_id)
-            for event in outcome.pops:
-                pop = event.to_dict()
+            for pop, frame in outcome.wire:  # the pops' wire forms, made by the tracker
                 pop_ids.append(pop["id"])
                 # an id derived from the event's id may come again (a retried webhook after a
                 # restart): keep it in the journal's duplicate window; the hub's own need not
-                self.accept(pop, dedupe=outcome.event_id is not None)
+                self.accept(pop, dedupe=outcome.event_id is not None, frame=frame)
                 held.setdefault(outcome.contact_id, []).append(pop["id"])
         self.counters["contact_events"] += len(outcomes)
         result = {"applied": len(outcomes), "pops": pop_ids}
         journal = self.journal
         if journal is None or not outcomes:
             return None, result, error
-        for contact_id in {outcome.contact_id for outcome in outcomes}:
-            state = tracker.state(contact_id)
+        for contact_id in {outcome.contact_id: None for outcome in outcomes}:
+            state = tracker.state_json(contact_id)
             if state is None:
                 journal.forget_contact(contact_id)
             else:
-                journal.put_contact(contact_id, orjson.dumps(state))
+                journal.put_contact(contact_id, state)
         commit = journal.barrier()  # the batch holding the pops, the dones and the states
+        turns = self._contact_turns
+        for contact_id in ids:
+            turns[contact_id] = commit
 
         def finish(done: asyncio.Future[None]) -> None:
+            # before any request waiting for this turn wakes: it waits on `commit` too, and
+            # its callback was added after this one
+            try:
+                applied(done)
+            finally:
+                for contact_id in ids:
+                    if turns.get(contact_id) is commit:
+                        del turns[contact_id]
+
+        def applied(done: asyncio.Future[None]) -> None:
             if done.cancelled() or done.exception() is not None:
                 tracker.put_back(before)  # nothing of this request happened
                 for outcome in outcomes:  # so a resend of its events applies them
@@ -842,7 +843,8 @@ class Hub:
                         tracker.event_ids.forget(outcome.event_id)
                 self.counters["contact_events"] -= len(outcomes)
                 return
-            self.delivery.take_back(taken)
+            if taken:
+                self.delivery.take_back(taken)
             for contact_id in ended:
                 for pending in self.delivery.withdraw(contact_id):
                     if pending.id not in staged:
@@ -915,6 +917,9 @@ def _forget_events(tracker: Any, outcomes: list[Any]) -> None:
 
 def _contact_ids(events: Any) -> set[str]:
     """The contact ids a request names (what it may change), without checking anything else."""
+    if events.__class__ is dict:  # one event, the usual request
+        contact_id = events.get("contact_id")
+        return {contact_id} if isinstance(contact_id, str) else set()
     items = [events] if isinstance(events, dict) else events if isinstance(events, list) else []
     return {
         item["contact_id"]
