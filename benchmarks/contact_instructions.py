@@ -10,7 +10,8 @@ handler `_direct` installs) on transports that keep what is written. Each round,
 gets the next event of its contacts as a whole HTTP request (`data_received`): queued, routed (a
 pop), answered, ended, the product-path benchmark's bodies (_http_load.contact_body); the round
 ends when all 16 answers are written (16 events in flight share a journal commit, as under the
-benchmark's 16 clients). Each pop is acked by its listener connection, as `spop listen` does.
+benchmark's 16 clients). The listener connections ask for contact updates, as `spop listen --json`
+does: each pop (routed) and each change (answered, ended) is acked by its listener connection.
 HTTP parsing, the handler, the tracker, the journal commit, delivery and the response are in it;
 the kernel's side of the system calls is not. Two runs with different round counts, the
 difference divided by the events between them: start-up, imports and set-up cancel out. `--src`
@@ -91,6 +92,7 @@ async def _work(rounds: int) -> None:
     from ingest_instructions import _Dropping
 
     from spop_cli.hub.connection import HubConnection
+    from spop_cli.hub.contacts import change_id_for
     from spop_cli.hub.server import Hub, HubConfig
 
     tmp = tempfile.mkdtemp(prefix="spop-instr-")
@@ -109,7 +111,8 @@ async def _work(rounds: int) -> None:
     for i in range(LISTENERS):
         conn = HubConnection(hub)
         conn.connection_made(_Dropping())  # type: ignore[arg-type]
-        conn.data_received(b'{"op":"hello","version":1,"role":"listener"}\n')
+        # protocol 2 with updates, as `spop listen --json` says: the changes come too
+        conn.data_received(b'{"op":"hello","version":2,"role":"listener","updates":true}\n')
         register = {"op": "register", "media": "telephone", "resource": str(100000 + i)}
         conn.data_received(orjson.dumps(register) + b"\n")
         listeners.append(conn)
@@ -143,16 +146,23 @@ async def _work(rounds: int) -> None:
             status = transport.written[-1][9:12] if transport.written else b"---"
             statuses[status] = statuses.get(status, 0) + 1
             transport.written.clear()
-            if k % 4 == 1:  # the routed event's pop: its listener acks it, as `spop listen` does
-                contact = c + CONNS * (k // 4)
-                pop_id = b"c-e%d" % (4 * contact + 1)
-                listeners[contact % LISTENERS].data_received(b'{"op":"ack","ids":["%s"]}\n' % pop_id)
+            # what the listener got (the routed event's pop, the answered and ended changes), it
+            # acks, as `spop listen` does
+            if k % 4 == 0:
+                continue
+            contact = c + CONNS * (k // 4)
+            event_id = f"c-e{4 * contact + k % 4}"
+            if k % 4 > 1:
+                event_id = change_id_for(event_id, str(100000 + contact % LISTENERS))
+            ack = {"op": "ack", "ids": [event_id]}
+            listeners[contact % LISTENERS].data_received(orjson.dumps(ack) + b"\n")
     await asyncio.sleep(0.3)  # the dones committed
     counters = hub.status()["counters"]
     await hub.stop()
     if (
         statuses != {b"200": rounds * CONNS}
         or counters.get("acked") != rounds // 4 * CONNS
+        or counters.get("changes_acked") != rounds // 2 * CONNS
         or counters.get("dead_peers")
     ):
         raise SystemExit(f"answers {statuses}, counters {counters}")
