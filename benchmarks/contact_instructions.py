@@ -1,12 +1,12 @@
 """Instructions per contact event on `POST /v1/contacts`, counted by valgrind: free of machine noise.
 
-    python benchmarks/contact_instructions.py [--src DIR] [--rounds 10,40] [--cprofile]
+    python benchmarks/contact_instructions.py [--src DIR] [--rounds 8,40] [--cprofile]
 
 The sibling of ingest_instructions.py for the contact path. It runs the hub's own code in one
 process under `valgrind --tool=callgrind`: a hub with its SQLite journal and 1,000 listener
 connections (real `HubConnection`s on a transport that drops what is written), and 16 HTTP/1.1
-keep-alive connections made by the hub's own aiohttp server (`RequestHandler`s, the request
-handler `_direct` installs) on transports that keep what is written. Each round, every connection
+keep-alive connections of the hub's own HTTP port (the front's `FastHTTP` protocol; in a tree
+from before the front, aiohttp's `RequestHandler`s) on transports that keep what is written. Each round, every connection
 gets the next event of its contacts as a whole HTTP request (`data_received`): queued, routed (a
 pop), answered, ended, the product-path benchmark's bodies (_http_load.contact_body); the round
 ends when all 16 answers are written (16 events in flight share a journal commit, as under the
@@ -116,11 +116,22 @@ async def _work(rounds: int) -> None:
         register = {"op": "register", "media": "telephone", "resource": str(100000 + i)}
         conn.data_received(orjson.dumps(register) + b"\n")
         listeners.append(conn)
-    server = hub._http_runner.server
+    port = hub._http_runner
+    front = getattr(port, "front", None)
+    if front is not None:  # the HTTP front (fasthttp.py) answers ingest requests itself
+        from spop_cli.hub.fasthttp import FastHTTP
+
+        if front._sweeper is not None:
+            front._sweeper.cancel()  # a timer, as the others above
+
+        def connection() -> asyncio.Protocol:
+            return FastHTTP(front)
+    else:  # a tree from before the front: aiohttp's server makes each connection's protocol
+        connection = port.server
     clients = []
     for _ in range(CONNS):
         transport = _Kept()
-        protocol = server()
+        protocol = connection()
         protocol.connection_made(transport)
         clients.append((protocol, transport))
     hub._gc.tick(len(hub.connections))  # as the hub's sweep does: the connections frozen
