@@ -205,3 +205,33 @@ def load_args(roles: list[str]) -> Any:
     args = parser.parse_args()
     raise_nofile()
     return args
+
+
+def callgrind_total(stderr: str) -> int:
+    """The instruction count valgrind's callgrind prints at the end ("Collected : N")."""
+    import re
+
+    found = re.search(r"Collected : (\d+)", stderr)
+    if found is None:
+        raise SystemExit(f"no instruction count from valgrind:\n{stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def callgrind_child(script: str, src: str | None, *args: str) -> int:
+    """Run `script --child ARGS` under callgrind (with `src` first on the path: another tree
+    for a before/after) and return the instructions it executed."""
+    import subprocess
+    import tempfile
+
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = src
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
+             sys.executable, script, "--child", *args],
+            capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"valgrind run failed:\n{out.stderr[-2000:]}")
+    return callgrind_total(out.stderr)

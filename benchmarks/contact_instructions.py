@@ -25,12 +25,12 @@ import argparse
 import asyncio
 import math
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import callgrind_child
 
 HERE = Path(__file__).resolve().parent
 CONNS = 16
@@ -189,19 +189,7 @@ def _child(rounds: int) -> None:
 
 
 def _count(src: str | None, rounds: int) -> int:
-    env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = src
-    with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
-             sys.executable, __file__, "--child", str(rounds)],
-            capture_output=True, text=True, env=env, check=False,
-        )  # fmt: skip
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or found is None:
-        raise SystemExit(f"no instruction count from valgrind:\n{out.stderr[-2000:]}")
-    return int(found.group(1))
+    return callgrind_child(__file__, src, str(rounds))
 
 
 def main() -> None:

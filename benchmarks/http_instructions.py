@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import orjson
+from _common import callgrind_total
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "instr-token"  # one token: it may publish and sign a page in
@@ -105,10 +106,7 @@ def _count(src: str | None, kind: str, count: int) -> int:
         _requests(port, kind, count)
         hub.terminate()
         _, err = hub.communicate(timeout=600)
-    found = re.search(r"Collected : (\d+)", err)
-    if found is None:
-        raise SystemExit(f"no instruction count from valgrind:\n{err[-2000:]}")
-    return int(found.group(1))
+    return callgrind_total(err)
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import resource_name  # noqa: E402
+from _common import callgrind_total, resource_name  # noqa: E402
 
 
 def _pop(seq: int, n: int) -> dict[str, object]:
@@ -164,12 +163,10 @@ def _run(
                 raise SystemExit(f"{len(printed)} lines printed for {rounds * batch} pops:\n{err[-2000:]}")
             if cprofile is not None:
                 return 0
-            found = re.search(r"Collected : (\d+)", err)
-            if found is None:
-                raise SystemExit(f"no instruction count from valgrind:\n{err[-2000:]}")
+            total = callgrind_total(err)
             if keep is not None:
                 shutil.copy(out_file, keep / f"callgrind.{rounds}rounds.out")
-            return int(found.group(1))
+            return total
         finally:
             hub.kill()
             hub.wait()
