@@ -16,6 +16,11 @@ of the listener process counts (the event loop, its diagnostics writer thread, t
 the kernel's side of the system calls does not (product_paths.py measures those). Each run checks
 that every pop was printed once and acked once.
 
+`--batch 1 --rounds 50,250` is the open loop's case: each pop arrives alone (the hub waits for its
+ack before the next), in a loop turn and a read of its own, so it pays alone every per-turn cost
+(the stdout flush, the diagnostics writer's wake-up, a turn for the ack if deferred) that a batch
+of 100 shares.
+
 `--src` runs another tree (e.g. a `git worktree` of an older commit) for a before/after; valgrind
 must be installed. `--profile DIR` keeps the callgrind files (open with callgrind_annotate).
 """

@@ -938,28 +938,19 @@ def _listen_plans(settings, types, extra_actions: tuple[str, ...], as_json: bool
 
 def _plain_callbacks(as_json: bool) -> dict:  # type: ignore[type-arg]
     """Not a terminal: pops as JSON on stdout (--json), everything else as plain lines on stderr."""
-    import asyncio
     import sys
 
     from . import view
     from .actions.json import change_line as json_change_line
     from .actions.json import pop_line as json_line
 
-    flush_due = [False]
-
-    def flush() -> None:
-        flush_due[0] = False
-        sys.stdout.flush()
-
     def on_pop(listener, pop) -> None:  # type: ignore[no-untyped-def]
         if as_json:
+            # Flushed here, before this callback returns: the listener acks only after its
+            # callbacks, so the line is out before the hub hears the pop was handled, and the
+            # ack leaves in this loop turn (no turn of its own for a deferred flush).
             sys.stdout.write(json_line(pop))
-            # One flush (one write to the pipe) for the pops of a loop iteration. Scheduled
-            # before this pop's ack is (the listener acks after its callbacks return, with
-            # call_soon too), so the line is out before the hub hears the pop was handled.
-            if not flush_due[0]:
-                flush_due[0] = True
-                asyncio.get_running_loop().call_soon(flush)
+            sys.stdout.flush()
         else:
             click.echo(view.pop_line(listener, pop), err=True)
 

@@ -40,6 +40,9 @@ class HubLink(asyncio.Protocol):
         self.on_pop = on_pop
         self.on_lost = on_lost
         self.on_change = on_change  # contact updates, when the hello asked for them
+        # called once after the frames of one read were handled (the listener sends its acks
+        # there: in the loop turn the pops were handled in, not one later)
+        self.on_read_done: Callable[[], None] | None = None
         self.updates = False  # the hub agreed to send them (protocol 2)
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder(1 << 24)  # trust the hub's frames up to 16 MB (status)
@@ -65,22 +68,26 @@ class HubLink(asyncio.Protocol):
         except FrameError as exc:
             self._fail(ScreenPopError(Error.SCREENPOP_Framework_Error, f"hub sent a bad frame: {exc.message}"))
             return
-        for frame in frames:
-            op = frame["op"]
-            if op == "pop":
-                if self.on_pop is not None:
-                    self.on_pop(frame.get("pop") or {})
-            elif op == "change":
-                if self.on_change is not None:
-                    self.on_change(frame.get("change") or {})
-            elif op == "ping":
-                self.send(PONG)
-            elif op in ("ok", "welcome", "error"):
-                future = self._waiting.pop(frame.get("ref"), None)
-                if future is not None and not future.done():
-                    future.set_result(frame)
-                elif op == "error":
-                    self._fail(ScreenPopError(_code(frame), frame.get("message", "")))
+        try:
+            for frame in frames:
+                op = frame["op"]
+                if op == "pop":
+                    if self.on_pop is not None:
+                        self.on_pop(frame.get("pop") or {})
+                elif op == "change":
+                    if self.on_change is not None:
+                        self.on_change(frame.get("change") or {})
+                elif op == "ping":
+                    self.send(PONG)
+                elif op in ("ok", "welcome", "error"):
+                    future = self._waiting.pop(frame.get("ref"), None)
+                    if future is not None and not future.done():
+                        future.set_result(frame)
+                    elif op == "error":
+                        self._fail(ScreenPopError(_code(frame), frame.get("message", "")))
+        finally:
+            if self.on_read_done is not None:
+                self.on_read_done()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

@@ -70,6 +70,7 @@ class AsyncListener:
         # wait here so callbacks see the listener Up; None when not registering.
         self._early: list[dict[str, Any]] | None = None
         self._acks: list[str] = []
+        self._reading = False  # inside our link's data_received: acks go at its end
 
     # -- vendor names -----------------------------------------------------------------------
     @property
@@ -235,10 +236,11 @@ class AsyncListener:
             token=self.token,
             timeout=self.timeout,
             ssl_context=self.ssl_context,
-            on_pop=self._on_pop,
+            on_pop=self._on_read_pop,
             on_lost=self._on_lost,
             on_change=self._on_change if self._change_callbacks else None,
         )
+        link.on_read_done = self._on_read_done
         if self._change_callbacks and not link.updates:
             self.log.warning("the hub at %s sends no contact updates (protocol 1)", address)
         if link.pop_ttl is not None:  # the hub replays a pop for that long: remember ids longer
@@ -338,9 +340,23 @@ class AsyncListener:
         done = asyncio.gather(*pending, return_exceptions=True)
         done.add_done_callback(lambda _: self._ack(pop_id))
 
+    def _on_read_pop(self, data: dict[str, Any]) -> None:
+        """A pop frame of one read of our link: its ack waits for the end of that read."""
+        self._reading = True
+        self._on_pop(data)
+
+    def _on_read_done(self) -> None:
+        """The end of one read of our link: the acks of its pops leave now, together, in the
+        loop turn they were handled in (no extra turn, no call_soon per read)."""
+        if self._reading:
+            self._reading = False
+            if self._acks:
+                self._send_acks()
+
     def _ack(self, pop_id: str) -> None:
-        """Acks of one loop iteration leave together (`ids`), after the callbacks ran."""
-        if not self._acks:
+        """Acks leave after the callbacks ran: at the end of the read the pop came in, or (an
+        ack from elsewhere: an awaited callback, an early pop) at the end of the loop iteration."""
+        if not self._acks and not self._reading:
             asyncio.get_running_loop().call_soon(self._send_acks)
         self._acks.append(pop_id)
 
