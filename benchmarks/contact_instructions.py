@@ -89,9 +89,8 @@ async def _work(rounds: int) -> None:
 
     sys.path.insert(0, str(HERE))
     from _http_load import contact_body
-    from ingest_instructions import _Dropping
+    from ingest_instructions import listener_connections
 
-    from spop_cli.hub.connection import HubConnection
     from spop_cli.hub.contacts import change_id_for
     from spop_cli.hub.server import Hub, HubConfig
 
@@ -107,15 +106,9 @@ async def _work(rounds: int) -> None:
     for task in hub._tasks:
         task.cancel()
     hub.journal._last_purge = math.inf
-    listeners = []
-    for i in range(LISTENERS):
-        conn = HubConnection(hub)
-        conn.connection_made(_Dropping())  # type: ignore[arg-type]
-        # protocol 2 with updates, as `spop listen --json` says: the changes come too
-        conn.data_received(b'{"op":"hello","version":2,"role":"listener","updates":true}\n')
-        register = {"op": "register", "media": "telephone", "resource": str(100000 + i)}
-        conn.data_received(orjson.dumps(register) + b"\n")
-        listeners.append(conn)
+    # protocol 2 with updates, as `spop listen --json` says: the changes come too
+    hello = b'{"op":"hello","version":2,"role":"listener","updates":true}\n'
+    listeners = listener_connections(hub, LISTENERS, hello)
     port = hub._http_runner
     front = getattr(port, "front", None)
     if front is not None:  # the HTTP front (fasthttp.py) answers ingest requests itself

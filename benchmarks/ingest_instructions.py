@@ -30,6 +30,24 @@ BATCH = 100
 LISTENERS = 1000
 
 
+def listener_connections(hub: object, count: int, hello: bytes) -> list[object]:
+    """`count` real `HubConnection`s on transports that drop what is written, each said `hello`
+    and registered for its own key (telephone, 100000 + i): the hub's side of N listeners."""
+    import orjson
+
+    from spop_cli.hub.connection import HubConnection
+
+    conns = []
+    for i in range(count):
+        conn = HubConnection(hub)  # type: ignore[arg-type]
+        conn.connection_made(_Dropping())  # type: ignore[arg-type]
+        conn.data_received(hello)
+        register = {"op": "register", "media": "telephone", "resource": str(100000 + i)}
+        conn.data_received(orjson.dumps(register) + b"\n")
+        conns.append(conn)
+    return conns
+
+
 class _Dropping:
     """A transport that takes every write and drops it."""
 
@@ -61,20 +79,12 @@ async def _work(rounds: int) -> None:
     sys.path.insert(0, str(HERE))
     from _http_load import pop_body
 
-    from spop_cli.hub.connection import HubConnection
     from spop_cli.hub.server import Hub, HubConfig
 
     tmp = tempfile.mkdtemp(prefix="spop-instr-")
     hub = Hub(HubConfig(port=0, http_port=None, journal=os.path.join(tmp, "journal.sqlite3")))
     await hub.start()
-    conns = []
-    for i in range(LISTENERS):
-        conn = HubConnection(hub)
-        conn.connection_made(_Dropping())  # type: ignore[arg-type]
-        conn.data_received(b'{"op":"hello","version":1,"role":"listener"}\n')
-        register = {"op": "register", "media": "telephone", "resource": str(100000 + i)}
-        conn.data_received(orjson.dumps(register) + b"\n")
-        conns.append(conn)
+    conns = listener_connections(hub, LISTENERS, b'{"op":"hello","version":1,"role":"listener"}\n')
     bodies = [
         orjson.loads(
             orjson.dumps([pop_body("b", r * BATCH + k, LISTENERS, 0) for k in range(BATCH)])

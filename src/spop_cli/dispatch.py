@@ -358,21 +358,13 @@ def run_in_thread(fn: Callable[..., Any], *args: Any, name: str = "action") -> a
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
 
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():  # timed out and cancelled meanwhile
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
     def target() -> None:
         try:
             result, error = fn(*args), None
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, not swallowed
             result, error = None, exc
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(_settle, future, result, error)
 
     threading.Thread(target=target, name=f"spop-{name}", daemon=True).start()
     return future
