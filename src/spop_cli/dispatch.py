@@ -333,15 +333,18 @@ def _serve(jobs: queue.SimpleQueue[Any]) -> None:
         job = jobs.get()
         if job is None:
             return
-        loop, future, fn, args = job
-        del job
-        try:
-            result, error = fn(*args), None
-        except BaseException as exc:  # noqa: BLE001 - handed to the loop, not swallowed
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle, future, result, error)
-        del loop, future, fn, args, result, error  # hold no pop while waiting for the next
+        _call(*job)
+        del job  # hold no pop while waiting for the next
+
+
+def _call(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], fn: Any, args: Any) -> None:
+    """Run fn(*args) on this thread and hand the outcome to the future on its loop."""
+    try:
+        result, error = fn(*args), None
+    except BaseException as exc:  # noqa: BLE001 - handed to the loop, not swallowed
+        result, error = None, exc
+    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+        loop.call_soon_threadsafe(_settle, future, result, error)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -357,16 +360,9 @@ def run_in_thread(fn: Callable[..., Any], *args: Any, name: str = "action") -> a
     """Run fn(*args) in a new daemon thread; the future gets its result or exception."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
-
-    def target() -> None:
-        try:
-            result, error = fn(*args), None
-        except BaseException as exc:  # noqa: BLE001 - handed to the loop, not swallowed
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle, future, result, error)
-
-    threading.Thread(target=target, name=f"spop-{name}", daemon=True).start()
+    threading.Thread(
+        target=_call, args=(loop, future, fn, args), name=f"spop-{name}", daemon=True
+    ).start()
     return future
 
 
