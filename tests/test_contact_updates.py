@@ -638,6 +638,7 @@ def test_client_without_updates_sees_exactly_what_it_saw_before(hello: dict[str,
                 "heartbeat": 1,
                 "max_frame": 65536,
                 "pop_ttl": 120,
+                "max_registrations": 10000,
                 "ref": 0,
             }
             if hello["version"] == 2:

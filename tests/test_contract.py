@@ -410,6 +410,7 @@ def test_welcome_is_as_documented(heartbeat: float, shown: int | float) -> None:
                 "heartbeat": shown,
                 "max_frame": 65536,
                 "pop_ttl": 120,
+                "max_registrations": 10000,
                 "ref": 1,
             }
             if isinstance(shown, int):

@@ -108,6 +108,9 @@ path = "{tmp_path / "pops.ndjson"}"
     )
     process = listen("--config", str(config), "--count", "2", "--timeout", "30", tmp_path=tmp_path)
     wait_registered(hub, process, "13579", "agent7")
+    # both listeners on one connection (docs/cli.md): the hub counts one
+    status = hub.status()
+    assert (status["connections"], status["registrations"]) == (1, 2)
     hub.publish(GUIDE_POP)
     hub.publish({"media": "email", "resource": "agent7", "source": "client@example.com"})
     code, out, err = finish(process)

@@ -26,6 +26,7 @@ class BlockingHub:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.acked: list[str] = []
+        self.ack_frames: list[list[str]] = []  # the ids of each `ack` frame, frame by frame
         self.got_ack = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -49,6 +50,7 @@ class BlockingHub:
                     conn.sendall(json.dumps({"op": "ok", "ref": ref}).encode() + b"\n")
                 elif op == "ack":
                     self.acked.extend(frame["ids"])
+                    self.ack_frames.append(frame["ids"])
                     self.got_ack.set()
 
 

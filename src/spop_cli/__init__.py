@@ -25,6 +25,7 @@ _LAZY = {
     "ScreenPopEmailListener": "listener.blocking",
     "ScreenPopWebCollaborationListener": "listener.blocking",
     "AsyncListener": "listener.core",
+    "LinkPool": "listener.shared",
     "hookimpl": "hookspecs",
 }
 
@@ -48,6 +49,7 @@ __all__ = [
     "ScreenPopEmailListener",
     "ScreenPopWebCollaborationListener",
     "AsyncListener",
+    "LinkPool",
     "hookimpl",
 ]
 
@@ -60,6 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ScreenPopWebCollaborationListener,
     )
     from .listener.core import AsyncListener
+    from .listener.shared import LinkPool
     from .model import (
         ContactChange,
         ContactDataCollection,

@@ -14,7 +14,7 @@ from typing import Any
 
 from .address import Address, parse_addresses
 from .model import Error, ScreenPopError
-from .protocol import HEARTBEAT, MAX_FRAME, VERSION, FrameDecoder, FrameError, encode
+from .protocol import HEARTBEAT, MAX_FRAME, VERSION, FrameDecoder, FrameError, ack_frames, encode
 
 PING = encode({"op": "ping"})
 PONG = encode({"op": "pong"})
@@ -53,6 +53,7 @@ class HubLink(asyncio.Protocol):
         # what the hub announced in `welcome`: the largest frame it reads, how long it keeps a pop
         self.max_frame = MAX_FRAME
         self.pop_ttl: float | None = None
+        self.max_registrations: int | None = None  # per connection, when the hub says
         self.last_rx = self.last_tx = time.monotonic()
         self._beat: asyncio.Task[None] | None = None
         self.lost = False
@@ -110,10 +111,26 @@ class HubLink(asyncio.Protocol):
             self.transport.write(data)
             self.last_tx = time.monotonic()
 
+    def send_acks(self, ids: list[str]) -> None:
+        """As few `ack` frames as fit the hub's max_frame: one over it would close the
+        connection, and none of its acks would count."""
+        for frame in ack_frames(ids, self.max_frame):
+            self.send(frame)
+
+    async def goodbye(self, timeout: float) -> None:
+        """`bye`, then close: the hub logs a clean goodbye rather than a lost connection."""
+        self.on_lost = None
+        if not self.lost:
+            try:
+                await self.request("bye", timeout=timeout)
+            except ScreenPopError:
+                pass
+        self.close()
+
     async def request(self, op: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
         """Send a frame with a fresh `ref`; return the `ok`/`welcome` answer or raise its error."""
         if self.lost:
-            raise ScreenPopError(Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "not connected")
+            raise not_connected()
         ref = next(self._refs)
         data = encode({"op": op, "ref": ref, **fields})
         if len(data) - 1 > self.max_frame:  # the hub would close the connection on it
@@ -167,6 +184,10 @@ class HubLink(asyncio.Protocol):
                 return
             if now - self.last_tx > self.heartbeat:
                 self.send(PING)
+
+
+def not_connected() -> ScreenPopError:
+    return ScreenPopError(Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "not connected")
 
 
 def _code(frame: dict[str, Any]) -> Error:
@@ -252,6 +273,8 @@ async def _connect_one(
     link.max_frame = _positive(welcome.get("max_frame"), MAX_FRAME)
     ttl = welcome.get("pop_ttl")
     link.pop_ttl = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else None
+    if "max_registrations" in welcome:  # an older hub does not say: its default was 10,000
+        link.max_registrations = _positive(welcome.get("max_registrations"), 10_000)
     link.start_heartbeat(float(welcome.get("heartbeat") or HEARTBEAT))
     return link
 

@@ -131,6 +131,7 @@ class ListenSession:
         self.recent: deque[PopRow | tuple[float, Any]] = deque(maxlen=RECENT_POPS)
         self._rows: dict[str, PopRow | tuple[float, Any]] = {}  # pop id → its entry in `recent`
         self._enough = asyncio.Event()
+        self.pool: Any = None  # the listeners' shared connections (a LinkPool), once started
 
     @property
     def failures(self) -> int:
@@ -144,10 +145,15 @@ class ListenSession:
     async def start(self) -> None:
         """Initialize and start every listener; on the first error shut the others down and raise."""
         factory = self.listener_factory
+        options: dict[str, Any] = {}
         if factory is None:
             from .listener.core import AsyncListener
+            from .listener.shared import LinkPool
 
             factory = AsyncListener
+            # one connection per hub for all our listeners (up to 1,000 each): a pop batch is
+            # one read here and one send in the hub, a read's acks one frame
+            options["pool"] = self.pool = LinkPool()
         for plan in self.plans:
             listener = factory(
                 plan.media,
@@ -155,6 +161,7 @@ class ListenSession:
                 token=self.token,
                 ssl_context=self.ssl_context,
                 timeout=self.connect_timeout,
+                **options,
             )
             entry = _Entry(plan, listener, self._dispatcher(listener, plan))
             listener.on_screen_pop(lambda event, entry=entry: self._received(entry, event))

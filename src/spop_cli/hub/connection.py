@@ -314,6 +314,7 @@ class HubConnection(asyncio.Protocol):
             "heartbeat": seconds(self.hub.config.heartbeat),
             "max_frame": self.hub.config.max_frame,
             "pop_ttl": seconds(self.hub.config.pop_ttl),
+            "max_registrations": self.hub.config.max_registrations,
         }
         if version >= 2:
             welcome["updates"] = self.updates

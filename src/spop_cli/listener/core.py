@@ -23,8 +23,8 @@ from ..model import (
     ScreenPopEvent,
     validate_resource,
 )
-from ..protocol import ack_frames
 from .handled import DEFAULT_KEEP, MARGIN, HandledIds
+from .shared import LinkPool, Member
 
 S = ListenerStatus
 
@@ -40,12 +40,15 @@ class AsyncListener:
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 10.0,
+        pool: LinkPool | None = None,
     ) -> None:
         self.media = media if isinstance(media, Media) else Media.parse(media)
         self.reconnecting_interval = reconnecting_interval
         self.token = token
         self.ssl_context = ssl_context
         self.timeout = timeout
+        # listeners given the same pool share a hub connection (spop listen gives all its own)
+        self.pool = pool
         self.status = S.Status_Down
         self.administration_server_address = ""
         self.resource = ""
@@ -56,7 +59,7 @@ class AsyncListener:
         self._address = ""
         self._addresses: list[Address] = []  # the hubs of a cluster, in the order given
         self._current = 0  # the index of the hub we are (or were last) connected to
-        self._link: client.HubLink | None = None
+        self._link: client.HubLink | Member | None = None
         self._pop_callbacks: list[Callable[..., Any]] = []
         self._status_callbacks: list[Callable[..., Any]] = []
         self._change_callbacks: list[Callable[..., Any]] = []
@@ -156,6 +159,7 @@ class AsyncListener:
         assert self._link is not None
         self._early = []
         try:
+            await self._bind(resource)
             await self._link.request("register", timeout=self.timeout, media=self.media.value, resource=resource)
         except ScreenPopError as exc:
             self._early = None
@@ -186,6 +190,8 @@ class AsyncListener:
                 await link.request("unregister", timeout=self.timeout, media=self.media.value, resource=self.resource)
             except ScreenPopError as exc:
                 self.log.warning("unregister %s: %s", self.resource, exc)
+        if self.pool is not None and isinstance(link, Member):
+            self.pool.unbind(link)
         self._set_status(S.Status_Idle)
 
     async def shutdown(self) -> None:
@@ -202,18 +208,13 @@ class AsyncListener:
         link, self._link = self._link, None
         if link is not None:
             link.on_lost = None
-            if not link.lost:
-                try:
-                    await link.request("bye", timeout=min(self.timeout, 2.0))
-                except ScreenPopError:
-                    pass
-            link.close()
+            await link.goodbye(min(self.timeout, 2.0))
         self._set_status(S.Status_Down)
         # the diagnostics are written by a thread: what this listener said is in the file now
         await asyncio.to_thread(flush_diagnostics, self.log)
 
     # -- wiring ---------------------------------------------------------------------------
-    async def _connect_any(self, start: int) -> client.HubLink:
+    async def _connect_any(self, start: int) -> client.HubLink | Member:
         """Try the hubs in turn from `start` (wrapping round); the first that answers is ours.
         A refusal (bad token) is raised at once; if none can be reached, the last failure."""
         count = len(self._addresses)
@@ -230,8 +231,9 @@ class AsyncListener:
             return link
         raise ScreenPopError(Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "no hub address")
 
-    async def _connect(self, address: str) -> client.HubLink:
-        link = await client.connect(
+    async def _connect(self, address: str) -> client.HubLink | Member:
+        connect = client.connect if self.pool is None else self.pool.connect
+        link = await connect(
             address,
             token=self.token,
             timeout=self.timeout,
@@ -246,6 +248,11 @@ class AsyncListener:
         if link.pop_ttl is not None:  # the hub replays a pop for that long: remember ids longer
             self._handled.keep = max(self._handled.keep, link.pop_ttl + MARGIN)
         return link
+
+    async def _bind(self, resource: str) -> None:
+        """On a shared connection, pops of (media, resource) come to us from now on."""
+        if self.pool is not None and isinstance(self._link, Member):
+            self._link = await self.pool.bind(self._link, (self.media.value, resource))
 
     def _on_change(self, data: dict[str, Any]) -> None:
         """A contact update: like a pop, handled once (ids remembered), acked after the
@@ -361,13 +368,10 @@ class AsyncListener:
         self._acks.append(pop_id)
 
     def _send_acks(self) -> None:
-        """As few `ack` frames as fit the hub's max_frame: one over it would close the
-        connection, and none of its acks would count."""
         ids, self._acks = self._acks, []
         link = self._link
         if ids and link is not None:
-            for frame in ack_frames(ids, link.max_frame):
-                link.send(frame)
+            link.send_acks(ids)
 
     def _on_lost(self, exc: Exception | None) -> None:
         if self.status not in (S.Status_Idle, S.Status_Up):
@@ -385,12 +389,14 @@ class AsyncListener:
             self.next_retry_at = time.monotonic() + wait
             await asyncio.sleep(wait)
             delay = min(delay * 2, self.reconnecting_interval)
-            link: client.HubLink | None = None
+            link: client.HubLink | Member | None = None
             try:
                 # the next hub first: the one we lost is tried last
                 link = await self._connect_any(self._current + 1)
                 if self._resume is S.Status_Up:
                     self._early = []
+                    if self.pool is not None and isinstance(link, Member):
+                        link = await self.pool.bind(link, (self.media.value, self.resource))
                     await link.request(
                         "register", timeout=self.timeout, media=self.media.value, resource=self.resource
                     )
