@@ -1107,7 +1107,9 @@ def main() -> None:
             import product_paths
 
             log("product paths: 1,000 listeners in one real `spop listen --config --json`")
-            results["product"] = product_paths.run(tmp, env, log, n=1000, quick=plan.quick)
+            here = tmp / "product"  # a journal of its own (product_paths.py, main)
+            here.mkdir()
+            results["product"] = product_paths.run(here, env, log, n=1000, quick=plan.quick)
     finally:
         results["seconds"] = round(time.monotonic() - started, 1)
         results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -5,11 +5,12 @@
 
 CPU time per pop on a shared 2-core machine moves by ±30 % (and more across a day) from run to run;
 an instruction count does not. This runs the real `spop listen --config FILE --json` holding N
-`[[listeners]]` (one connection each, as `product_paths.py` does) under `valgrind --tool=callgrind`,
+`[[listeners]]` (on one connection since 2026-12-03, one each before) under `valgrind --tool=callgrind`,
 against a minimal hub in a process of its own (not counted) that speaks the listener protocol over
 real sockets on 127.0.0.1: it welcomes and registers every listener, then sends rounds of `batch`
 pop frames (the frames the hub sends, each pop to the next listener in turn, as the batched
-`POST /v1/pops` run does), waits for every ack of a round before the next, and stops the listener
+`POST /v1/pops` run does; one write per connection per round, as the hub flushes once per loop
+turn), waits for every ack of a round before the next, and stops the listener
 (SIGTERM) once the last is acked. Two runs with different round counts, the difference divided by
 the pops between them: start-up, imports, registration and shutdown cancel out. Every instruction
 of the listener process counts (the event loop, its diagnostics writer thread, the `--json` lines);
@@ -108,10 +109,13 @@ async def _hub(listeners: int, rounds: int, batch: int) -> None:
     for r in range(rounds):
         round_done.clear()
         expected.clear()
+        out: dict[asyncio.Transport, list[bytes]] = {}
         for k in range(batch):
             seq = r * batch + k
             expected.add(f"b-{seq}")
-            registered[resource_name(seq % listeners)].write(frames[seq])
+            out.setdefault(registered[resource_name(seq % listeners)], []).append(frames[seq])
+        for transport, chunks in out.items():  # one write per connection and turn, as the hub
+            transport.write(b"".join(chunks))
         await asyncio.wait_for(round_done.wait(), 600)
     print(f"acked {len(acked)}", flush=True)
     await asyncio.sleep(3600)  # until the parent stops us, after the listener has shut down
