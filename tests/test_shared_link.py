@@ -225,3 +225,32 @@ def test_the_acks_of_one_read_leave_as_one_frame() -> None:
     asyncio.run(main())
     assert seen == ["4711:p-1", "4712:p-2", "4711:p-3"]
     assert hub.ack_frames == [["p-1", "p-3", "p-2"]]
+
+
+def test_before_acks_runs_before_each_batch_of_acks_leaves() -> None:
+    """`spop listen --json` flushes stdout there: each line out before its pop is acked."""
+    hub = BlockingHub()
+    events: list[str] = []
+
+    async def main() -> None:
+        pool = LinkPool(before_acks=lambda: events.append(f"flush after {len(hub.acked)} acks"))
+        listener = AsyncListener("telephone", pool=pool)
+        listener.on_screen_pop(lambda event: events.append(event.id))
+        await listener.initialize(f"{hub.port}@127.0.0.1")
+        await listener.start_listening("4711")
+        [shared] = [s for links in pool._links.values() for s in links]
+        assert shared.link is not None
+        shared.link.data_received(pop_frame(_pop("p-1")) + pop_frame(_pop("p-2")))
+        assert hub.got_ack.wait(5.0)
+        await listener.shutdown()
+
+    asyncio.run(main())
+    assert events == ["p-1", "p-2", "flush after 0 acks"]
+    assert hub.ack_frames == [["p-1", "p-2"]]
+
+
+def test_before_acks_needs_the_session_s_own_listeners() -> None:
+    from spop_cli.session import ListenSession
+
+    with pytest.raises(ValueError, match="before_acks needs the session's own listeners"):
+        ListenSession([], address="6000@127.0.0.1", listener_factory=AsyncListener, before_acks=print)

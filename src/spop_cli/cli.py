@@ -946,11 +946,9 @@ def _plain_callbacks(as_json: bool) -> dict:  # type: ignore[type-arg]
 
     def on_pop(listener, pop) -> None:  # type: ignore[no-untyped-def]
         if as_json:
-            # Flushed here, before this callback returns: the listener acks only after its
-            # callbacks, so the line is out before the hub hears the pop was handled, and the
-            # ack leaves in this loop turn (no turn of its own for a deferred flush).
+            # Flushed by `before_acks`, before the acks of the read it came in leave: the line
+            # is out before the hub hears the pop was handled, one write for the read's lines.
             sys.stdout.write(json_line(pop))
-            sys.stdout.flush()
         else:
             click.echo(view.pop_line(listener, pop), err=True)
 
@@ -962,12 +960,14 @@ def _plain_callbacks(as_json: bool) -> dict:  # type: ignore[type-arg]
 
     def on_change(listener, change) -> None:  # type: ignore[no-untyped-def]
         if as_json:  # one line per change; `"type": "change"` tells it from a pop's line
-            sys.stdout.write(json_change_line(change))
-            sys.stdout.flush()
+            sys.stdout.write(json_change_line(change))  # flushed before its ack, as a pop's
         else:
             click.echo(view.change_line(listener, change), err=True)
 
-    return {"on_pop": on_pop, "on_status": on_status, "on_result": on_result, "on_change": on_change}
+    callbacks = {"on_pop": on_pop, "on_status": on_status, "on_result": on_result, "on_change": on_change}
+    if as_json:
+        callbacks["before_acks"] = sys.stdout.flush
+    return callbacks
 
 
 async def _listen_until_done(session, *, timeout: float | None, live: bool):  # type: ignore[no-untyped-def]

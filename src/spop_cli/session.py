@@ -107,6 +107,7 @@ class ListenSession:
         on_result: Callable[[Any, str, Any, Outcome], None] | None = None,
         listener_factory: Callable[..., Any] | None = None,
         on_change: Callable[[Any, Any], None] | None = None,
+        before_acks: Callable[[], None] | None = None,
     ) -> None:
         self.plans = list(plans)
         self.address = address
@@ -123,6 +124,9 @@ class ListenSession:
         self.on_change = on_change
         self.changes = 0  # contact changes received
         self.listener_factory = listener_factory
+        if before_acks is not None and listener_factory is not None:
+            raise ValueError("before_acks needs the session's own listeners (no listener_factory)")
+        self.before_acks = before_acks
         self.entries: list[_Entry] = []
         self.received = 0  # distinct pops handed to the actions
         self._counted: set[str] = set()  # their ids, while a count is to be reached
@@ -153,7 +157,7 @@ class ListenSession:
             factory = AsyncListener
             # one connection per hub for all our listeners (up to 1,000 each): a pop batch is
             # one read here and one send in the hub, a read's acks one frame
-            options["pool"] = self.pool = LinkPool()
+            options["pool"] = self.pool = LinkPool(before_acks=self.before_acks)
         for plan in self.plans:
             listener = factory(
                 plan.media,

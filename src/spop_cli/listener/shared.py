@@ -163,6 +163,9 @@ class SharedLink:
         ids, self._acks = self._acks, []
         link = self.link
         if ids and link is not None:
+            before = self.pool.before_acks
+            if before is not None:
+                before()  # e.g. stdout's buffer: each line out before its pop is acked
             for frame in ack_frames(ids, link.max_frame):
                 link.send(frame)
 
@@ -234,10 +237,15 @@ class LinkPool:
     """Listeners of one loop that name the same hub, token, TLS context and protocol share a
     connection, up to `per_link` of them (and the hub's `max_registrations`)."""
 
-    def __init__(self, per_link: int = PER_LINK) -> None:
+    def __init__(
+        self, per_link: int = PER_LINK, before_acks: Callable[[], None] | None = None
+    ) -> None:
         if per_link < 1:
             raise ValueError("per_link must be at least 1")
         self.per_link = per_link
+        # called before each batch of acks leaves: what the callbacks buffered (`spop listen
+        # --json`'s lines) is written out first, once per read rather than once per pop
+        self.before_acks = before_acks
         self._links: dict[tuple[Any, ...], list[SharedLink]] = {}
 
     @property
