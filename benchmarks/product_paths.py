@@ -49,18 +49,18 @@ TARGETS = [
 
 # Why a target is missed, from the profiles (benchmarks/PROFILE.md, "Product paths"); shown beside a gap.
 CAUSES = {
-    "single_hub_us": "per request: two send system calls (the answer, the pop frame to its "
-    "listener's own socket: a quarter of the samples), the HTTP front's parsing, task and "
-    "answer, the ack read back and a journal commit (PROFILE.md, the HTTP front)",
-    "batched_hub_us": "per pop: the ack read back and settled (a fifth of the samples), SQLite's "
-    "insert, done update and purge (a sixth), one send to its listener's own socket, validation; "
-    "with 1,000 listeners no two pops share a socket",
-    "listen_us": "per pop: a read and an ack write on that listener's own socket (kernel and "
-    "uvloop), the frame's parse, the pop object, its diagnostics line and its JSON line "
-    "(PROFILE.md, `spop listen` per pop; listen_instructions.py counts it without noise)",
-    "open_p99_ms": "the hub's event loop stalls 10-50 ms now and then with most of that time "
-    "off the CPU (the probe: the process waiting for a core on a shared 2-core machine, load "
-    "average 3-6 while measured), plus the listener's and the orchestrator's own waits",
+    "single_hub_us": "per request: the journal commit on the loop (a sixth of the samples), the "
+    "HTTP front's parsing and answer (a fifth), the answer's send; the pop frames of one loop "
+    "turn share one write to the listeners' shared connection (PROFILE.md, one connection)",
+    "batched_hub_us": "per pop: SQLite's insert, done update and purge (a fifth of the samples), "
+    "fan-out bookkeeping (publish, accept, the ack settled) and validation; the frames of a turn "
+    "share one write and the acks of a read one frame (PROFILE.md, one connection)",
+    "listen_us": "per pop: the frame's parse, the pop object, its diagnostics line and its JSON "
+    "line; the read, the ack frame and the stdout flush are shared by the pops of one read "
+    "(PROFILE.md; listen_instructions.py counts it without noise)",
+    "open_p99_ms": "queueing for a core: four processes (hub, listener, load, this script's "
+    "reader) on 2 shared vCPUs, each pop alone in its loop turn (hub ~400 µs, listener ~180 µs "
+    "per pop); met in runs at load average < 2, not above (RESULTS.md)",
     "contacts_hub_us": "per event: a single-pop POST's work (the request, its answer, 0.75 frames "
     "sent to listeners and 0.75 acks read back, ~2.5 journal rows) plus the contact rules, a tenth "
     "of the samples (PROFILE.md, POST /v1/contacts)",
