@@ -20,7 +20,6 @@ from typing import Any
 
 from .. import client
 from ..model import ScreenPopError
-from ..protocol import ack_frames
 
 PER_LINK = 1000  # listeners on one connection at most: the hub's max_inflight window is shared
 
@@ -166,8 +165,7 @@ class SharedLink:
             before = self.pool.before_acks
             if before is not None:
                 before()  # e.g. stdout's buffer: each line out before its pop is acked
-            for frame in ack_frames(ids, link.max_frame):
-                link.send(frame)
+            link.send_acks(ids)
 
     # -- members --------------------------------------------------------------------------
     def join(self, member: Member) -> None:
