@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import hdrs, web
 
+from .. import __version__
 from ..pops import InputError
 from ..protocol import MAX_DEPTH, nested_deeper, shown, too_deep_for_parser
 from .contacts import ContactEventError
+from .fasthttp import FastRequest, JsonAnswer
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -21,7 +23,11 @@ if TYPE_CHECKING:
 HUB_KEY = web.AppKey("hub", object)
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
+def _json(body: Any, status: int = 200, request: Any = None) -> web.Response:
+    """`request`: the answer's request; the front's (fasthttp.py) gets a JsonAnswer, the same
+    bytes on the wire without an aiohttp Response built per request."""
+    if request.__class__ is FastRequest and JsonAnswer.takes(status):
+        return JsonAnswer(orjson.dumps(body), status)  # type: ignore[return-value]
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
@@ -109,7 +115,14 @@ async def ingest_pops(request: web.Request, hub: Hub) -> web.Response:
     body: Any = None
     try:
         body = await _body(request, hub, check_depth=False)
-        ids = await hub.publish(body)
+        if request.__class__ is FastRequest:
+            # the front never cancels an answer it drives (fasthttp.py): the batch's commit,
+            # shared by its sources, is awaited as it is, with no shield around it per request
+            ids, commit = hub.publish_now(body)
+            if commit is not None:
+                await commit
+        else:
+            ids = await hub.publish(body)
     except InputError as exc:
         if body is not None and exc.status != 503:  # refused: a body too deep says so first
             try:
@@ -118,7 +131,7 @@ async def ingest_pops(request: web.Request, hub: Hub) -> web.Response:
                 exc = deep
         hub.counters["rejected"] += 1
         return _refusal(exc.to_dict(), exc.status, getattr(exc, "retry_after", None))
-    return _json({"accepted": len(ids), "ids": ids})
+    return _json({"accepted": len(ids), "ids": ids}, 200, request)
 
 
 async def post_contacts(request: web.Request) -> web.Response:
@@ -142,7 +155,7 @@ async def ingest_contacts(request: web.Request, hub: Hub) -> web.Response:
         hub.counters["rejected"] += 1
         applied = getattr(exc, "applied_result", {"applied": 0, "pops": []})
         return _json({**exc.to_dict(), **applied}, exc.status)
-    return _json(result)
+    return _json(result, 200, request)
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -153,10 +166,8 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_health(request: web.Request) -> web.Response:
-    from .. import __version__
-
     # not hub.status(): it walks every registration, too much for a probe every few seconds
-    return _json({"status": "ok", "version": __version__})
+    return _json({"status": "ok", "version": __version__}, 200, request)
 
 
 async def get_openapi(request: web.Request) -> web.Response:
