@@ -433,7 +433,8 @@ def _reference_parse(routes: dict[tuple[str, str], int], max_body: int, head: st
     if connection and (len(connection) != 1 or connection[0].lower() not in ("close", "keep-alive")):
         return None
     close = bool(connection) and connection[0].lower() == "close"
-    return routes[(method, path)], method, path, list(headers.items()), int(lengths[0]), close
+    authorization = headers.get("Authorization", "")
+    return routes[(method, path)], method, path, list(headers.items()), authorization, int(lengths[0]), close
 
 
 def test_the_head_parser_agrees_with_the_reference_on_random_heads() -> None:
@@ -446,8 +447,8 @@ def test_the_head_parser_agrees_with_the_reference_on_random_heads() -> None:
     conn = FastHTTP.__new__(FastHTTP)
     conn.front = Front()  # type: ignore[assignment]
     names = ["Host", "host", "HOST", "Content-Length", "content-length", "Connection", "Expect",
-             "Upgrade", "Transfer-Encoding", "X-A", "Authorization", "", "Bad Name", "é", "X\x00",
-             "Na\tme", "X_y!#"]  # fmt: skip
+             "Upgrade", "Transfer-Encoding", "X-A", "Authorization", "authorization", "", "Bad Name",
+             "é", "X\x00", "Na\tme", "X_y!#"]  # fmt: skip
     values = ["", " ", "  x", "x  ", "\tx", "x\t", "12", "0", "007", "1234567890123", "close",
               "Keep-Alive", "keep-alive, close", "a\x7fb", "a\x01", "Bearer t", "é", " \t ", "a:b",
               "\r", "\n", "-1", "१२"]  # fmt: skip
@@ -464,8 +465,6 @@ def test_the_head_parser_agrees_with_the_reference_on_random_heads() -> None:
         head = "\r\n".join([rng.choice(starts), *lines])
         expected = _reference_parse(Front.routes, Front.max_body, head)
         got = conn._parse(head)
-        if got is not None:
-            got = (*got[:3], list(got[3].items()), *got[4:])
         assert got == expected, repr(head)
         accepted += got is not None
     assert accepted > 2000  # the comparison covered heads the front answers, not only refusals

@@ -39,11 +39,13 @@ MAX_HEAD = 8190  # aiohttp's own limit for a request line and for each header li
 PAUSE_AT = 1 << 20  # pipelined bytes buffered while a request is answered before reading pauses
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header's name
 MAX_LINES = 1024  # header lines whose parse is kept (a source sends the same ones each time)
-_LENGTH, _HOST, _CONNECTION, _ELSEWHERE = 1, 2, 3, 4  # the headers the front looks at itself
+# the headers the front looks at itself
+_LENGTH, _HOST, _CONNECTION, _AUTHORIZATION, _ELSEWHERE = 1, 2, 3, 4, 5
 _KINDS = {
     "content-length": _LENGTH,
     "host": _HOST,
     "connection": _CONNECTION,
+    "authorization": _AUTHORIZATION,
     "transfer-encoding": _ELSEWHERE,
     "expect": _ELSEWHERE,
     "upgrade": _ELSEWHERE,
@@ -86,7 +88,17 @@ class _Date:
 class FastRequest:
     """What the fast routes' handlers read of a request: the same names as aiohttp's."""
 
-    __slots__ = ("app", "body", "headers", "method", "path", "scheme", "transport")
+    __slots__ = (
+        "_headers",
+        "app",
+        "authorization",
+        "body",
+        "method",
+        "pairs",
+        "path",
+        "scheme",
+        "transport",
+    )
     query: MultiDictProxy[str] = MultiDictProxy(MultiDict())  # a query string goes to aiohttp
 
     def __init__(
@@ -96,7 +108,8 @@ class FastRequest:
         scheme: str,
         method: str,
         path: str,
-        headers: CIMultiDictProxy[str],
+        pairs: list[tuple[str, str]],
+        authorization: str,
         body: bytes,
     ) -> None:
         self.app = app
@@ -104,8 +117,17 @@ class FastRequest:
         self.scheme = scheme
         self.method = method
         self.path = path
-        self.headers = headers
+        self.pairs = pairs  # the header fields in order, (name, value)
+        self.authorization = authorization  # the first `Authorization` field's value, or ""
         self.body = body
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """Made when a handler first reads them: an ingest request reads only `authorization`."""
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(CIMultiDict(self.pairs))
+        return self._headers
 
     @property
     def content(self) -> FastRequest:  # the body is whole: reading it never waits
@@ -196,7 +218,7 @@ class FastHTTP(asyncio.Protocol):
             if parsed is None:
                 self._hand_over()
                 return
-            handler, method, path, headers, length, close = parsed
+            handler, method, path, pairs, authorization, length, close = parsed
             start = end + 4
             if len(buffer) - start < length:  # the body is still coming: aiohttp times it
                 self._hand_over()
@@ -204,7 +226,14 @@ class FastHTTP(asyncio.Protocol):
             body = bytes(buffer[start : start + length])
             del buffer[: start + length]
             request = FastRequest(
-                self.front.app, self.transport, self.front.scheme, method, path, headers, body
+                self.front.app,
+                self.transport,
+                self.front.scheme,
+                method,
+                path,
+                pairs,
+                authorization,
+                body,
             )
             self.busy = True
             answer = self._answer(handler, request, close)
@@ -249,9 +278,11 @@ class FastHTTP(asyncio.Protocol):
             raise
         self._wait(waiting)
 
-    def _parse(self, head: str) -> tuple[Any, str, str, CIMultiDictProxy[str], int, bool] | None:
-        """The head's handler, method, path, headers, body length and `Connection: close`;
-        None: not one this front answers."""
+    def _parse(
+        self, head: str
+    ) -> tuple[Any, str, str, list[tuple[str, str]], str, int, bool] | None:
+        """The head's handler, method, path, header fields, first `Authorization`, body length
+        and `Connection: close`; None: not one this front answers."""
         if not head.isascii():
             return None
         line_end = head.find("\r\n")
@@ -266,6 +297,7 @@ class FastHTTP(asyncio.Protocol):
         lengths: list[str] = []
         hosts = 0
         connection: list[str] = []
+        authorization = None
         if line_end >= 0:
             lines = _LINES
             for line in head[line_end + 2 :].split("\r\n"):
@@ -286,6 +318,9 @@ class FastHTTP(asyncio.Protocol):
                         hosts += 1
                     elif kind == _CONNECTION:
                         connection.append(pair[1])
+                    elif kind == _AUTHORIZATION:
+                        if authorization is None:
+                            authorization = pair[1]
                     else:  # Transfer-Encoding, Expect, Upgrade: aiohttp's
                         return None
         if not lengths and method != "POST":
@@ -300,8 +335,7 @@ class FastHTTP(asyncio.Protocol):
             if len(connection) != 1 or connection[0].lower() not in ("close", "keep-alive"):
                 return None
             close = connection[0].lower() == "close"
-        headers = CIMultiDictProxy(CIMultiDict(pairs))
-        return handler, method, path, headers, length, close
+        return handler, method, path, pairs, authorization or "", length, close
 
     async def _answer(self, handler: Any, request: FastRequest, close: bool) -> bool:
         """Run the handler and write its answer; True: go on with the next request."""

@@ -606,14 +606,15 @@ class Hub:
             )
         return self._contacts
 
-    async def apply_contacts(self, events: Any) -> dict[str, Any]:
+    async def apply_contacts(self, events: Any, shield: bool = True) -> dict[str, Any]:
         """Apply lifecycle events in order; their pops are accepted even if a later event fails.
 
         With a journal, the answer comes once everything the events changed is committed in one
         batch: their pops, the withdrawals of an `ended`, and each contact's new state. If that
         commit fails, none of it happened (JournalUnavailable). Requests about the same contact
         take turns until their commit is done, so a refused commit is undone without undoing
-        anyone else's events, even when its caller has gone away."""
+        anyone else's events, even when its caller has gone away. `shield=False`: the caller is
+        never cancelled (the HTTP front's answers), so the shared commit needs no shield."""
         ids = _contact_ids(events)
         if self.clustered:
             return await self._apply_contacts_clustered(events, ids)
@@ -624,7 +625,7 @@ class Hub:
         commit, result, error = self._stage_contacts(events, ids, ContactEventError)
         if commit is not None:
             try:
-                await asyncio.shield(commit)
+                await (asyncio.shield(commit) if shield else commit)
             except JournalUnavailable as exc:
                 # the batch's error is shared by all its sources: this request's own copy
                 refused = JournalUnavailable(exc.__cause__ or exc)
