@@ -81,6 +81,10 @@ async def _body(request: web.Request, hub: Hub, check_depth: bool = True) -> Any
         raise InputError(
             408, "timeout", f"body not received within {hub.config.http_body_timeout:g} s"
         ) from None
+    return _loads(raw, check_depth)
+
+
+def _loads(raw: bytes, check_depth: bool) -> Any:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -117,14 +121,15 @@ async def ingest_pops(request: web.Request, hub: Hub) -> web.Response:
         return denied
     body: Any = None
     try:
-        body = await _body(request, hub, check_depth=False)
         if request.__class__ is FastRequest:
+            body = _loads(request.body, False)  # type: ignore[attr-defined]
             # the front never cancels an answer it drives (fasthttp.py): the batch's commit,
             # shared by its sources, is awaited as it is, with no shield around it per request
             ids, commit = hub.publish_now(body)
             if commit is not None:
                 await commit
         else:
+            body = await _body(request, hub, check_depth=False)
             ids = await hub.publish(body)
     except InputError as exc:
         if body is not None and exc.status != 503:  # refused: a body too deep says so first
@@ -147,9 +152,12 @@ async def ingest_contacts(request: web.Request, hub: Hub) -> web.Response:
     if denied is not None:
         return denied
     try:
-        body = await _body(request, hub)
-        # the front never cancels an answer it drives: no shield around the shared commit
-        result = await hub.apply_contacts(body, shield=request.__class__ is not FastRequest)
+        if request.__class__ is FastRequest:  # the body is whole: nothing to wait for
+            body = _loads(request.body, True)  # type: ignore[attr-defined]
+            # the front never cancels an answer it drives: no shield around the shared commit
+            result = await hub.apply_contacts(body, shield=False)
+        else:
+            result = await hub.apply_contacts(await _body(request, hub))
     except InputError as exc:
         hub.counters["rejected"] += 1
         # the same body as a refused event: nothing was applied
