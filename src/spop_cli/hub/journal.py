@@ -115,6 +115,7 @@ class Journal:
         self.path = Path(path)
         self.retain = retain  # how long done rows stay, for the duplicate window across restarts
         self._db: sqlite3.Connection | None = None
+        self._cursor: sqlite3.Cursor | None = None  # the commits' (made at the first)
         self._lock = JournalLock(self.path)
         self._adds: list[tuple[Any, ...] | None] = []
         self._batch: asyncio.Future[None] | None = None  # the commit every queued change waits for
@@ -459,27 +460,30 @@ class Journal:
     ) -> None:
         db = self._db
         assert db is not None
+        cursor = self._cursor  # one for every commit: `db.execute` makes a cursor per call
+        if cursor is None:
+            cursor = self._cursor = db.cursor()
         if len(adds) == 1 and not dones and not states:
             # one row (a source sending one pop at a time): one statement is its own
             # transaction, as durable, without a BEGIN and a COMMIT statement of their own
-            db.execute(INSERT_POP, adds[0])
+            cursor.execute(INSERT_POP, adds[0])
             self.commits += 1
             self.rows_committed += 1
             return
-        db.execute("BEGIN")
+        cursor.execute("BEGIN")
         try:
             if adds:
-                db.executemany(INSERT_POP, adds)
+                cursor.executemany(INSERT_POP, adds)
             if dones:
-                db.executemany("UPDATE pops SET done = 1 WHERE id = ?", dones)
+                cursor.executemany("UPDATE pops SET done = 1 WHERE id = ?", dones)
             if states:
                 kept = [(cid, state) for cid, state in states.items() if state is not None]
                 gone = [(cid,) for cid, state in states.items() if state is None]
                 if kept:
-                    db.executemany(UPSERT_CONTACT, kept)
+                    cursor.executemany(UPSERT_CONTACT, kept)
                 if gone:
-                    db.executemany("DELETE FROM contacts WHERE contact_id = ?", gone)
-            db.execute("COMMIT")
+                    cursor.executemany("DELETE FROM contacts WHERE contact_id = ?", gone)
+            cursor.execute("COMMIT")
         except BaseException:
             # else every later BEGIN fails: one bad batch, no journal. SQLite may have rolled
             # back already (a full disk at COMMIT): then ROLLBACK would mask the real error.
@@ -546,7 +550,7 @@ class Journal:
                 self._db.close()
                 self._lock.write(f"clean {pops} {contacts}")
             finally:
-                self._db = None
+                self._db = self._cursor = None
         self._lock.release()
 
 

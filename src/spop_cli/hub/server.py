@@ -827,29 +827,26 @@ class Hub:
             turns[contact_id] = commit
 
         def finish(done: asyncio.Future[None]) -> None:
-            # before any request waiting for this turn wakes: it waits on `commit` too, and
-            # its callback was added after this one
+            # the commit's outcome applied, then the turn freed: before any request waiting
+            # for this turn wakes (it waits on `commit` too, its callback added after this one)
             try:
-                applied(done)
+                if done.cancelled() or done.exception() is not None:
+                    tracker.put_back(before)  # nothing of this request happened
+                    for outcome in outcomes:  # so a resend of its events applies them
+                        if outcome.event_id is not None and not outcome.duplicate:
+                            tracker.event_ids.forget(outcome.event_id)
+                    self.counters["contact_events"] -= len(outcomes)
+                    return
+                if taken:
+                    self.delivery.take_back(taken)
+                for contact_id in ended:
+                    for pending in self.delivery.withdraw(contact_id):
+                        if pending.id not in staged:
+                            journal.done(pending.id)  # a pop that came after the `ended` was staged
             finally:
                 for contact_id in ids:
                     if turns.get(contact_id) is commit:
                         del turns[contact_id]
-
-        def applied(done: asyncio.Future[None]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                tracker.put_back(before)  # nothing of this request happened
-                for outcome in outcomes:  # so a resend of its events applies them
-                    if outcome.event_id is not None and not outcome.duplicate:
-                        tracker.event_ids.forget(outcome.event_id)
-                self.counters["contact_events"] -= len(outcomes)
-                return
-            if taken:
-                self.delivery.take_back(taken)
-            for contact_id in ended:
-                for pending in self.delivery.withdraw(contact_id):
-                    if pending.id not in staged:
-                        journal.done(pending.id)  # a pop that came after the `ended` was staged
 
         commit.add_done_callback(finish)
         return commit, result, error
