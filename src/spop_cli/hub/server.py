@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from ..model import Error
-from ..pops import InputError, normalize_pops
+from ..model import Error, utc_now_iso
+from ..pops import InputError, normalize_pop, normalize_pops
 from ..protocol import HEARTBEAT, MAX_FRAME, change_frame, is_change_frame, pop_frame, pop_too_large
 from .connection import PING, HubConnection
 from .contacts import ContactEventError
@@ -518,6 +518,12 @@ class Hub:
     def publish_now(self, pops: Any) -> tuple[list[str], asyncio.Future[Any] | None]:
         """Check and accept one pop or a list at once; return their ids and what to await for
         their commit (None: nothing to wait for). Raises InputError before accepting any."""
+        if pops.__class__ is dict:  # one pop (a source's usual request): no lists around it
+            pop = normalize_pop(pops, utc_now_iso())
+            frame = pop_frame(pop)
+            if len(frame) - 1 > self.config.max_frame:
+                self.pop_frame(pop)  # refused, as below
+            return [pop["id"]], self.accept(pop, pops.get("id") not in (None, ""), frame)
         checked = normalize_pops(pops)
         many = isinstance(pops, list)
         given = pops if many else [pops]
