@@ -485,3 +485,21 @@ def test_a_json_answer_is_the_bytes_of_the_response_aiohttps_path_builds(status:
     ours = JsonAnswer(body, status).serialise(close)
     assert b"\r\nDate: " in ours
     assert undated(ours) == undated(_serialise(model, close))
+
+
+def test_long_header_lines_are_parsed_each_time_not_kept() -> None:
+    """The parser keeps the parse of short lines only: the cache stays small whatever is sent."""
+    from spop_cli.hub import fasthttp
+
+    class Front:
+        routes = {("GET", "/v1/health"): 1}
+        max_body = 1000
+
+    conn = fasthttp.FastHTTP.__new__(fasthttp.FastHTTP)
+    conn.front = Front()  # type: ignore[assignment]
+    long = "X-Long: " + "v" * 1000
+    head = f"GET /v1/health HTTP/1.1\r\nHost: x\r\n{long}  "
+    for _ in range(2):
+        assert conn._parse(head) == (1, "GET", "/v1/health", [("Host", "x"), ("X-Long", "v" * 1000)], "", 0, False)
+    assert long + "  " not in fasthttp._LINES
+    assert "Host: x" in fasthttp._LINES

@@ -39,6 +39,7 @@ MAX_HEAD = 8190  # aiohttp's own limit for a request line and for each header li
 PAUSE_AT = 1 << 20  # pipelined bytes buffered while a request is answered before reading pauses
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header's name
 MAX_LINES = 1024  # header lines whose parse is kept (a source sends the same ones each time)
+KEPT_LINE = 256  # ... each at most this long: the cache holds at most 256 KiB of lines
 # the headers the front looks at itself
 _LENGTH, _HOST, _CONNECTION, _AUTHORIZATION, _ELSEWHERE = 1, 2, 3, 4, 5
 _KINDS = {
@@ -306,9 +307,10 @@ class FastHTTP(asyncio.Protocol):
                     field = _field(line)
                     if field is None:
                         return None
-                    if len(lines) >= MAX_LINES:
-                        lines.clear()
-                    lines[line] = field
+                    if len(line) <= KEPT_LINE:
+                        if len(lines) >= MAX_LINES:
+                            lines.clear()
+                        lines[line] = field
                 pair, kind = field
                 pairs.append(pair)
                 if kind:
