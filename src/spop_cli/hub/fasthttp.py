@@ -171,7 +171,9 @@ class FastHTTP(asyncio.Protocol):
         self.busy = False  # a request is being answered: later ones wait in the buffer
         self.paused = False  # reading paused: too many pipelined bytes wait
         self.blocked = False  # the peer does not read its answers: none is made until it does
-        self.answering: Any = None  # the answer (a coroutine) resumed when its wait is over
+        self.answering: Any = None  # the handler's coroutine, resumed when its wait is over
+        self.request: FastRequest | None = None  # ... its request
+        self.close = False  # ... and whether the connection closes after it
         self.last = time.monotonic()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -237,47 +239,49 @@ class FastHTTP(asyncio.Protocol):
                 body,
             )
             self.busy = True
-            answer = self._answer(handler, request, close)
-            try:
-                waiting = answer.send(None)
-            except StopIteration as done:
-                if not done.value:
-                    return
-                if self.paused:
-                    self.paused = False
-                    self.transport.resume_reading()
-                continue
-            self.answering = answer
-            self.front.answering.add(self)
-            self._wait(waiting)
-            return
+            self.request = request
+            self.close = close
+            self.answering = handler(request)  # a coroutine: nothing of it has run yet
+            if not self._drive():  # it waits (resumed by `_step`), or the connection closes
+                return
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
 
-    def _wait(self, waiting: Any) -> None:
-        """Resume the answer when what it waits for is done, as a task would, without one: no
-        task object, no step of its own per request (PROFILE.md, "Hub per-request cuts")."""
-        if waiting is None:  # a bare yield (sleep(0)): on the next turn of the loop
-            asyncio.get_running_loop().call_soon(self._step)
+    def _drive(self) -> bool:
+        """Run the answer as far as its next wait, or to its end and write it; True: answered,
+        the connection goes on. A wait resumes it here again from the done callback of what it
+        waits for, as a task would, without one: no task object, no step of its own per request
+        (PROFILE.md, "Hub per-request cuts")."""
+        try:
+            waiting = self.answering.send(None)
+        except StopIteration as done:
+            response = done.value
+        except Exception as exc:  # the same JSON error aiohttp's path gives
+            response = self.front.on_error(self.request, exc)
+        except BaseException:
+            self._answered()
+            raise
         else:
-            waiting._asyncio_future_blocking = False  # taken over, as a task takes a yield
-            waiting.add_done_callback(self._step)
+            self.front.answering.add(self)
+            if waiting is None:  # a bare yield (sleep(0)): on the next turn of the loop
+                asyncio.get_running_loop().call_soon(self._step)
+            else:
+                waiting._asyncio_future_blocking = False  # taken over, as a task takes a yield
+                waiting.add_done_callback(self._step)
+            return False
+        self._answered()
+        return self._respond(response)
 
     def _step(self, _done: Any = None) -> None:
-        """The answer's next step: the future it awaited is done (its `await` reads the
-        outcome, an error included, as under a task)."""
-        answer = self.answering
-        try:
-            waiting = answer.send(None)
-        except StopIteration as done:
-            self.answering = None
-            self.front.answering.discard(self)
-            if done.value:
-                self._resume()
-            return
-        except BaseException:
-            self.answering = None
-            self.front.answering.discard(self)
-            raise
-        self._wait(waiting)
+        """The answer's next step: what it awaited is done (its `await` reads the outcome, an
+        error included, as under a task)."""
+        if self._drive():
+            self._resume()
+
+    def _answered(self) -> None:
+        self.answering = self.request = None
+        self.front.answering.discard(self)
 
     def _parse(
         self, head: str
@@ -339,16 +343,12 @@ class FastHTTP(asyncio.Protocol):
             close = connection[0].lower() == "close"
         return handler, method, path, pairs, authorization or "", length, close
 
-    async def _answer(self, handler: Any, request: FastRequest, close: bool) -> bool:
-        """Run the handler and write its answer; True: go on with the next request."""
-        front = self.front
-        try:
-            response = await handler(request)
-        except Exception as exc:  # the same JSON error aiohttp's path gives
-            response = front.on_error(request, exc)
+    def _respond(self, response: Any) -> bool:
+        """Write the handler's answer; True: go on with the next request."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
+        close = self.close
         if response.__class__ is JsonAnswer:
             transport.write(response.serialise(close))
         else:
