@@ -173,7 +173,7 @@ class FastHTTP(asyncio.Protocol):
         self.blocked = False  # the peer does not read its answers: none is made until it does
         self.answering: Any = None  # the handler's coroutine, resumed when its wait is over
         self.request: FastRequest | None = None  # ... its request
-        self.close = False  # ... and whether the connection closes after it
+        self.close_after = False  # ... and whether the connection closes after it
         self.last = time.monotonic()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -240,7 +240,7 @@ class FastHTTP(asyncio.Protocol):
             )
             self.busy = True
             self.request = request
-            self.close = close
+            self.close_after = close
             self.answering = handler(request)  # a coroutine: nothing of it has run yet
             if not self._drive():  # it waits (resumed by `_step`), or the connection closes
                 return
@@ -348,7 +348,7 @@ class FastHTTP(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
-        close = self.close
+        close = self.close_after
         if response.__class__ is JsonAnswer:
             transport.write(response.serialise(close))
         else:
