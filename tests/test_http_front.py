@@ -6,11 +6,14 @@ Raw sockets throughout: the point is which bytes go where on one connection."""
 from __future__ import annotations
 
 import json
+import random
+import re
 import socket
 import time
 from collections.abc import Iterator
 
 import pytest
+from multidict import CIMultiDict
 
 from conftest import HubThread, wait_for
 
@@ -392,3 +395,111 @@ def test_answers_that_wait_for_the_journal_commit_come_in_order(tmp_path) -> Non
         conn.close()
     finally:
         running.close()
+
+
+# The front's head parser as it was written first (two regular expressions): the reference the
+# faster line-by-line parser (a cache of lines seen) must agree with on every head.
+_TOKEN_RE = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD_RE = re.compile(rf"({_TOKEN_RE}):[ \t]*([\x20-\x7e]*?)[ \t]*\r\n")
+_FIELDS_RE = re.compile(rf"(?:{_TOKEN_RE}:[ \t]*[\x20-\x7e]*\r\n)*")
+
+
+def _reference_parse(routes: dict[tuple[str, str], int], max_body: int, head: str):  # type: ignore[no-untyped-def]
+    if not head.isascii():
+        return None
+    line_end = head.find("\r\n")
+    parts = (head[:line_end] if line_end >= 0 else head).split(" ")
+    if len(parts) != 3 or parts[2] != "HTTP/1.1" or (parts[0], parts[1]) not in routes:
+        return None
+    method, path = parts[0], parts[1]
+    fields = head[line_end + 2 :] + "\r\n" if line_end >= 0 else ""
+    if _FIELDS_RE.fullmatch(fields) is None:
+        return None
+    pairs = _FIELD_RE.findall(fields)
+    if len(pairs) != fields.count("\r\n"):
+        return None
+    headers = CIMultiDict(pairs)
+    lengths = headers.getall("Content-Length", ("0",) if method != "POST" else ())
+    if (
+        len(lengths) != 1
+        or not lengths[0].isdigit()
+        or len(lengths[0]) > 12
+        or any(name in headers for name in ("Transfer-Encoding", "Expect", "Upgrade"))
+        or len(headers.getall("Host", ())) != 1
+        or int(lengths[0]) > max_body
+    ):
+        return None
+    connection = headers.getall("Connection", ())
+    if connection and (len(connection) != 1 or connection[0].lower() not in ("close", "keep-alive")):
+        return None
+    close = bool(connection) and connection[0].lower() == "close"
+    authorization = headers.get("Authorization", "")
+    return routes[(method, path)], method, path, list(headers.items()), authorization, int(lengths[0]), close
+
+
+def test_the_head_parser_agrees_with_the_reference_on_random_heads() -> None:
+    from spop_cli.hub.fasthttp import FastHTTP
+
+    class Front:
+        routes = {("POST", "/v1/pops"): 1, ("GET", "/v1/health"): 2}
+        max_body = 1000
+
+    conn = FastHTTP.__new__(FastHTTP)
+    conn.front = Front()  # type: ignore[assignment]
+    names = ["Host", "host", "HOST", "Content-Length", "content-length", "Connection", "Expect",
+             "Upgrade", "Transfer-Encoding", "X-A", "Authorization", "authorization", "", "Bad Name",
+             "é", "X\x00", "Na\tme", "X_y!#"]  # fmt: skip
+    values = ["", " ", "  x", "x  ", "\tx", "x\t", "12", "0", "007", "1234567890123", "close",
+              "Keep-Alive", "keep-alive, close", "a\x7fb", "a\x01", "Bearer t", "é", " \t ", "a:b",
+              "\r", "\n", "-1", "१२"]  # fmt: skip
+    starts = ["POST /v1/pops HTTP/1.1", "GET /v1/health HTTP/1.1", "GET /v1/health HTTP/1.0",
+              "POST /x HTTP/1.1"]  # fmt: skip
+    rng = random.Random(15)
+    accepted = 0
+    for _ in range(30_000):
+        lines = ["Host: x", "Content-Length: 2"] if rng.random() < 0.8 else []
+        for _ in range(rng.randint(0, 3)):
+            separator = rng.choice([": ", ":", " : ", ":\t", ": \t"])
+            lines.append(rng.choice(names) + separator + rng.choice(values) + rng.choice(["", " ", "\t"]))
+        rng.shuffle(lines)
+        head = "\r\n".join([rng.choice(starts), *lines])
+        expected = _reference_parse(Front.routes, Front.max_body, head)
+        got = conn._parse(head)
+        assert got == expected, repr(head)
+        accepted += got is not None
+    assert accepted > 2000  # the comparison covered heads the front answers, not only refusals
+
+
+@pytest.mark.parametrize("status", [200, 400, 401, 403, 413, 422, 500, 503])
+@pytest.mark.parametrize("close", [False, True])
+def test_a_json_answer_is_the_bytes_of_the_response_aiohttps_path_builds(status: int, close: bool) -> None:
+    from aiohttp import web
+
+    from spop_cli.hub.fasthttp import JsonAnswer, _serialise
+
+    body = json.dumps({"accepted": 1, "ids": ["é-1"]}).encode()
+    model = web.Response(body=body, status=status, content_type="application/json")
+    def undated(data: bytes) -> bytes:  # the same but for a second ticking over between the two
+        return re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\n", data)
+
+    ours = JsonAnswer(body, status).serialise(close)
+    assert b"\r\nDate: " in ours
+    assert undated(ours) == undated(_serialise(model, close))
+
+
+def test_long_header_lines_are_parsed_each_time_not_kept() -> None:
+    """The parser keeps the parse of short lines only: the cache stays small whatever is sent."""
+    from spop_cli.hub import fasthttp
+
+    class Front:
+        routes = {("GET", "/v1/health"): 1}
+        max_body = 1000
+
+    conn = fasthttp.FastHTTP.__new__(fasthttp.FastHTTP)
+    conn.front = Front()  # type: ignore[assignment]
+    long = "X-Long: " + "v" * 1000
+    head = f"GET /v1/health HTTP/1.1\r\nHost: x\r\n{long}  "
+    for _ in range(2):
+        assert conn._parse(head) == (1, "GET", "/v1/health", [("Host", "x"), ("X-Long", "v" * 1000)], "", 0, False)
+    assert long + "  " not in fasthttp._LINES
+    assert "Host: x" in fasthttp._LINES

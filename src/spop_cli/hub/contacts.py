@@ -303,7 +303,7 @@ def _parse_resource(value: Any) -> str:
 
 def _parse(event: Any) -> _Event:
     """Check one event's shape and limits; every error names its field."""
-    if not isinstance(event, Mapping):
+    if event.__class__ is not dict and not isinstance(event, Mapping):  # dict: no ABC check
         raise _malformed(None, "a contact event must be a JSON object", "not_an_object")
     contact_id = _text(_required(event, "contact_id"), "contact_id", MAX_CONTACT_ID_LEN)
     if not contact_id.strip():
@@ -421,7 +421,7 @@ class ContactTracker:
 
     def apply_batch(self, events: Any, received_at: datetime) -> list[Outcome]:
         """Apply one event or an array in order; a refusal carries the outcomes before it."""
-        if isinstance(events, Mapping):
+        if events.__class__ is dict or isinstance(events, Mapping):
             return [self.apply(events, received_at)]
         if not isinstance(events, list | tuple):
             raise _malformed(
@@ -631,7 +631,7 @@ class ContactTracker:
                 Change(
                     change_id_for(parsed.event_id, resource),
                     contact.contact_id,
-                    contact.media.value,
+                    contact.media._value_,  # `.value` is a Python-level property call
                     resource,
                     following[resource],
                     change,
@@ -730,7 +730,7 @@ def _state(contact: _Contact) -> dict[str, Any]:
     return {
         "v": STATE_VERSION,
         "contact_id": contact.contact_id,
-        "media": contact.media.value,
+        "media": contact.media._value_,
         "last_at": contact.last_at,
         "last_seen": contact.last_seen,
         "source": contact.source,

@@ -37,10 +37,38 @@ if TYPE_CHECKING:
 
 MAX_HEAD = 8190  # aiohttp's own limit for a request line and for each header line
 PAUSE_AT = 1 << 20  # pipelined bytes buffered while a request is answered before reading pauses
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_FIELD = re.compile(rf"({_TOKEN}):[ \t]*([\x20-\x7e]*?)[ \t]*\r\n")  # name: value, trimmed
-_FIELDS = re.compile(rf"(?:{_TOKEN}:[ \t]*[\x20-\x7e]*\r\n)*")  # every line one, nothing else
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header's name
+MAX_LINES = 1024  # header lines whose parse is kept (a source sends the same ones each time)
+KEPT_LINE = 256  # ... each at most this long: the cache holds at most 256 KiB of lines
+# the headers the front looks at itself
+_LENGTH, _HOST, _CONNECTION, _AUTHORIZATION, _ELSEWHERE = 1, 2, 3, 4, 5
+_KINDS = {
+    "content-length": _LENGTH,
+    "host": _HOST,
+    "connection": _CONNECTION,
+    "authorization": _AUTHORIZATION,
+    "transfer-encoding": _ELSEWHERE,
+    "expect": _ELSEWHERE,
+    "upgrade": _ELSEWHERE,
+}
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n"
+
+
+def _field(line: str) -> tuple[tuple[str, str], int] | None:
+    """A header line (of an ASCII head) as its (name, value) and what the front makes of it;
+    None: not `token ":" OWS value OWS` with a value of visible characters and spaces (a tab only
+    before it), which aiohttp then parses. The value is trimmed of the spaces around it."""
+    name, colon, value = line.partition(":")
+    if not colon or not (name.replace("-", "").isalnum() or _TOKEN.fullmatch(name)):
+        return None
+    value = value.lstrip(" \t")
+    if not value.isprintable():  # the head is ASCII: printable is \x20-\x7e
+        return None
+    return (name, value.rstrip(" ")), _KINDS.get(name.lower(), 0)
+
+
+# header line → its parse (`_field`); kept while there are at most MAX_LINES of them
+_LINES: dict[str, tuple[tuple[str, str], int]] = {}
 
 
 class _Date:
@@ -61,7 +89,17 @@ class _Date:
 class FastRequest:
     """What the fast routes' handlers read of a request: the same names as aiohttp's."""
 
-    __slots__ = ("app", "body", "headers", "method", "path", "scheme", "transport")
+    __slots__ = (
+        "_headers",
+        "app",
+        "authorization",
+        "body",
+        "method",
+        "pairs",
+        "path",
+        "scheme",
+        "transport",
+    )
     query: MultiDictProxy[str] = MultiDictProxy(MultiDict())  # a query string goes to aiohttp
 
     def __init__(
@@ -71,7 +109,8 @@ class FastRequest:
         scheme: str,
         method: str,
         path: str,
-        headers: CIMultiDictProxy[str],
+        pairs: list[tuple[str, str]],
+        authorization: str,
         body: bytes,
     ) -> None:
         self.app = app
@@ -79,8 +118,17 @@ class FastRequest:
         self.scheme = scheme
         self.method = method
         self.path = path
-        self.headers = headers
+        self.pairs = pairs  # the header fields in order, (name, value)
+        self.authorization = authorization  # the first `Authorization` field's value, or ""
         self.body = body
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """Made when a handler first reads them: an ingest request reads only `authorization`."""
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(CIMultiDict(self.pairs))
+        return self._headers
 
     @property
     def content(self) -> FastRequest:  # the body is whole: reading it never waits
@@ -123,6 +171,9 @@ class FastHTTP(asyncio.Protocol):
         self.busy = False  # a request is being answered: later ones wait in the buffer
         self.paused = False  # reading paused: too many pipelined bytes wait
         self.blocked = False  # the peer does not read its answers: none is made until it does
+        self.answering: Any = None  # the handler's coroutine, resumed when its wait is over
+        self.request: FastRequest | None = None  # ... its request
+        self.close_after = False  # ... and whether the connection closes after it
         self.last = time.monotonic()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -157,7 +208,8 @@ class FastHTTP(asyncio.Protocol):
 
         A handler runs at once, in this call, as far as its first wait: most (health, acks,
         sessions, static files) never wait and are answered without a task or another turn of
-        the loop; one that waits (a pop's journal commit) is finished by a task."""
+        the loop; one that waits (a pop's journal commit) is resumed by the done callback of
+        what it waits for (`_step`)."""
         buffer = self.buffer
         while buffer and not self.busy and not self.blocked and self.transport is not None:
             end = buffer.find(b"\r\n\r\n")
@@ -169,7 +221,7 @@ class FastHTTP(asyncio.Protocol):
             if parsed is None:
                 self._hand_over()
                 return
-            handler, method, path, headers, length, close = parsed
+            handler, method, path, pairs, authorization, length, close = parsed
             start = end + 4
             if len(buffer) - start < length:  # the body is still coming: aiohttp times it
                 self._hand_over()
@@ -177,45 +229,65 @@ class FastHTTP(asyncio.Protocol):
             body = bytes(buffer[start : start + length])
             del buffer[: start + length]
             request = FastRequest(
-                self.front.app, self.transport, self.front.scheme, method, path, headers, body
+                self.front.app,
+                self.transport,
+                self.front.scheme,
+                method,
+                path,
+                pairs,
+                authorization,
+                body,
             )
             self.busy = True
-            answer = self._answer(handler, request, close)
-            try:
-                waiting = answer.send(None)
-            except StopIteration as done:
-                if not done.value:
-                    return
-                if self.paused:
-                    self.paused = False
-                    self.transport.resume_reading()
-                continue
-            task = asyncio.get_running_loop().create_task(self._finish(answer, waiting))
-            self.front.tasks.add(task)
-            task.add_done_callback(self.front.tasks.discard)
-            return
+            self.request = request
+            self.close_after = close
+            self.answering = handler(request)  # a coroutine: nothing of it has run yet
+            if not self._drive():  # it waits (resumed by `_step`), or the connection closes
+                return
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
 
-    async def _finish(self, answer: Any, waiting: Any) -> None:
-        """Drive an answer that waits, as a task would drive it from its first wait on."""
-        while True:
-            if waiting is None:  # a bare yield (sleep(0))
-                await asyncio.sleep(0)
+    def _drive(self) -> bool:
+        """Run the answer as far as its next wait, or to its end and write it; True: answered,
+        the connection goes on. A wait resumes it here again from the done callback of what it
+        waits for, as a task would, without one: no task object, no step of its own per request
+        (PROFILE.md, "Hub per-request cuts")."""
+        try:
+            waiting = self.answering.send(None)
+        except StopIteration as done:
+            response = done.value
+        except Exception as exc:  # the same JSON error aiohttp's path gives
+            response = self.front.on_error(self.request, exc)
+        except BaseException:
+            self._answered()
+            raise
+        else:
+            self.front.answering.add(self)
+            if waiting is None:  # a bare yield (sleep(0)): on the next turn of the loop
+                asyncio.get_running_loop().call_soon(self._step)
             else:
                 waiting._asyncio_future_blocking = False  # taken over, as a task takes a yield
-                try:
-                    await waiting
-                except BaseException:  # noqa: S110 - the answer reads the outcome when resumed
-                    pass
-            try:
-                waiting = answer.send(None)
-            except StopIteration as done:
-                if done.value:
-                    self._resume()
-                return
+                waiting.add_done_callback(self._step)
+            return False
+        self._answered()
+        return self._respond(response)
 
-    def _parse(self, head: str) -> tuple[Any, str, str, CIMultiDictProxy[str], int, bool] | None:
-        """The head's handler, method, path, headers, body length and `Connection: close`;
-        None: not one this front answers."""
+    def _step(self, _done: Any = None) -> None:
+        """The answer's next step: what it awaited is done (its `await` reads the outcome, an
+        error included, as under a task)."""
+        if self._drive():
+            self._resume()
+
+    def _answered(self) -> None:
+        self.answering = self.request = None
+        self.front.answering.discard(self)
+
+    def _parse(
+        self, head: str
+    ) -> tuple[Any, str, str, list[tuple[str, str]], str, int, bool] | None:
+        """The head's handler, method, path, header fields, first `Authorization`, body length
+        and `Connection: close`; None: not one this front answers."""
         if not head.isascii():
             return None
         line_end = head.find("\r\n")
@@ -226,47 +298,62 @@ class FastHTTP(asyncio.Protocol):
         handler = self.front.routes.get((method, path))
         if handler is None:
             return None
-        fields = head[line_end + 2 :] + "\r\n" if line_end >= 0 else ""
-        if _FIELDS.fullmatch(fields) is None:
-            return None
-        pairs = _FIELD.findall(fields)
-        if len(pairs) != fields.count("\r\n"):  # each line is one field, whole
-            return None
-        headers = CIMultiDictProxy(CIMultiDict(pairs))
-        lengths = headers.getall("Content-Length", ("0",) if method != "POST" else ())
-        if (
-            len(lengths) != 1
-            or not lengths[0].isdigit()
-            or len(lengths[0]) > 12
-            or "Transfer-Encoding" in headers
-            or "Expect" in headers
-            or "Upgrade" in headers
-            or len(headers.getall("Host", ())) != 1
-        ):
+        pairs: list[tuple[str, str]] = []
+        lengths: list[str] = []
+        hosts = 0
+        connection: list[str] = []
+        authorization = None
+        if line_end >= 0:
+            lines = _LINES
+            for line in head[line_end + 2 :].split("\r\n"):
+                field = lines.get(line)
+                if field is None:
+                    field = _field(line)
+                    if field is None:
+                        return None
+                    if len(line) <= KEPT_LINE:
+                        if len(lines) >= MAX_LINES:
+                            lines.clear()
+                        lines[line] = field
+                pair, kind = field
+                pairs.append(pair)
+                if kind:
+                    if kind == _LENGTH:
+                        lengths.append(pair[1])
+                    elif kind == _HOST:
+                        hosts += 1
+                    elif kind == _CONNECTION:
+                        connection.append(pair[1])
+                    elif kind == _AUTHORIZATION:
+                        if authorization is None:
+                            authorization = pair[1]
+                    else:  # Transfer-Encoding, Expect, Upgrade: aiohttp's
+                        return None
+        if not lengths and method != "POST":
+            lengths.append("0")
+        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 12 or hosts != 1:
             return None
         length = int(lengths[0])
         if length > self.front.max_body:
             return None
-        connection = headers.getall("Connection", ())
         close = False
         if connection:
             if len(connection) != 1 or connection[0].lower() not in ("close", "keep-alive"):
                 return None
             close = connection[0].lower() == "close"
-        return handler, method, path, headers, length, close
+        return handler, method, path, pairs, authorization or "", length, close
 
-    async def _answer(self, handler: Any, request: FastRequest, close: bool) -> bool:
-        """Run the handler and write its answer; True: go on with the next request."""
-        front = self.front
-        try:
-            response = await handler(request)
-        except Exception as exc:  # the same JSON error aiohttp's path gives
-            response = front.on_error(request, exc)
+    def _respond(self, response: Any) -> bool:
+        """Write the handler's answer; True: go on with the next request."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
-        close = close or getattr(response, "_keep_alive", None) is False
-        transport.write(_serialise(response, close))
+        close = self.close_after
+        if response.__class__ is JsonAnswer:
+            transport.write(response.serialise(close))
+        else:
+            close = close or getattr(response, "_keep_alive", None) is False
+            transport.write(_serialise(response, close))
         self.last = time.monotonic()
         self.busy = False
         if close:
@@ -336,6 +423,36 @@ def _serialise(response: web.StreamResponse, close: bool) -> bytes:
     return "".join(lines).encode("latin-1") + body
 
 
+class JsonAnswer:
+    """A JSON answer to a request of the front's, written as `_serialise` writes the
+    `web.Response(body=body, status=status, content_type="application/json")` aiohttp's path
+    gets, byte for byte, without building that object and its headers per request: the status
+    line and `Content-Type` come from serialising one such response per status (tested)."""
+
+    __slots__ = ("body", "status")
+    _heads: dict[int, str] = {}
+
+    def __init__(self, body: bytes, status: int = 200) -> None:
+        self.body = body
+        self.status = status
+
+    @classmethod
+    def takes(cls, status: int) -> bool:
+        """Statuses answered with a body and a `Content-Length` (not 1xx, 204, 304)."""
+        return status >= 200 and status not in (204, 304)
+
+    def serialise(self, close: bool) -> bytes:
+        head = self._heads.get(self.status)
+        if head is None:
+            model = _serialise(
+                web.Response(body=b"", status=self.status, content_type="application/json"), False
+            ).decode("latin-1")
+            head = self._heads[self.status] = model[: model.index("Content-Length: ")]
+        body = self.body
+        end = "Connection: close\r\n\r\n" if close else "\r\n"
+        return f"{head}Content-Length: {len(body)}\r\n{_Date.get()}{_SERVER}{end}".encode() + body
+
+
 class Front:
     """The listening socket of the HTTP port and its lean connections."""
 
@@ -356,7 +473,7 @@ class Front:
         self.scheme = "https" if tls else "http"
         self.max_body = hub.config.max_body
         self.connections: set[FastHTTP] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.answering: set[FastHTTP] = set()  # connections whose answer waits (a commit)
         self._listener: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -387,8 +504,9 @@ class Front:
         for conn in list(self.connections):
             if conn.transport is not None and not conn.busy:
                 conn.transport.close()
-        if self.tasks:  # answers already on their way finish (their commit is awaited)
-            await asyncio.wait(list(self.tasks), timeout=5)
+        deadline = time.monotonic() + 5
+        while self.answering and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # answers already on their way finish (their commit)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from importlib import resources
@@ -11,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import hdrs, web
 
+from .. import __version__
 from ..pops import InputError
 from ..protocol import MAX_DEPTH, nested_deeper, shown, too_deep_for_parser
 from .contacts import ContactEventError
+from .fasthttp import FastRequest, JsonAnswer
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -21,7 +24,11 @@ if TYPE_CHECKING:
 HUB_KEY = web.AppKey("hub", object)
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
+def _json(body: Any, status: int = 200, request: Any = None) -> web.Response:
+    """`request`: the answer's request; the front's (fasthttp.py) gets a JsonAnswer, the same
+    bytes on the wire without an aiohttp Response built per request."""
+    if request.__class__ is FastRequest and JsonAnswer.takes(status):
+        return JsonAnswer(orjson.dumps(body), status)  # type: ignore[return-value]
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
@@ -41,7 +48,10 @@ def _refusal(body: Any, status: int, retry_after: int | None = None) -> web.Resp
 
 
 def _bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
+    if request.__class__ is FastRequest:  # found by its parser: no headers object made
+        header = request.authorization  # type: ignore[attr-defined]
+    else:
+        header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     return value.strip() if scheme.lower() == "bearer" else None
 
@@ -72,6 +82,10 @@ async def _body(request: web.Request, hub: Hub, check_depth: bool = True) -> Any
         raise InputError(
             408, "timeout", f"body not received within {hub.config.http_body_timeout:g} s"
         ) from None
+    return _loads(raw, check_depth)
+
+
+def _loads(raw: bytes, check_depth: bool) -> Any:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -108,8 +122,16 @@ async def ingest_pops(request: web.Request, hub: Hub) -> web.Response:
         return denied
     body: Any = None
     try:
-        body = await _body(request, hub, check_depth=False)
-        ids = await hub.publish(body)
+        if request.__class__ is FastRequest:
+            body = _loads(request.body, False)  # type: ignore[attr-defined]
+            # the front never cancels an answer it drives (fasthttp.py): the batch's commit,
+            # shared by its sources, is awaited as it is, with no shield around it per request
+            ids, commit = hub.publish_now(body)
+            if commit is not None:
+                await commit
+        else:
+            body = await _body(request, hub, check_depth=False)
+            ids = await hub.publish(body)
     except InputError as exc:
         if body is not None and exc.status != 503:  # refused: a body too deep says so first
             try:
@@ -118,7 +140,7 @@ async def ingest_pops(request: web.Request, hub: Hub) -> web.Response:
                 exc = deep
         hub.counters["rejected"] += 1
         return _refusal(exc.to_dict(), exc.status, getattr(exc, "retry_after", None))
-    return _json({"accepted": len(ids), "ids": ids})
+    return _json({"accepted": len(ids), "ids": ids}, 200, request)
 
 
 async def post_contacts(request: web.Request) -> web.Response:
@@ -131,8 +153,12 @@ async def ingest_contacts(request: web.Request, hub: Hub) -> web.Response:
     if denied is not None:
         return denied
     try:
-        body = await _body(request, hub)
-        result = await hub.apply_contacts(body)
+        if request.__class__ is FastRequest:  # the body is whole: nothing to wait for
+            body = _loads(request.body, True)  # type: ignore[attr-defined]
+            # the front never cancels an answer it drives: no shield around the shared commit
+            result = await hub.apply_contacts(body, shield=False)
+        else:
+            result = await hub.apply_contacts(await _body(request, hub))
     except InputError as exc:
         hub.counters["rejected"] += 1
         # the same body as a refused event: nothing was applied
@@ -142,7 +168,7 @@ async def ingest_contacts(request: web.Request, hub: Hub) -> web.Response:
         hub.counters["rejected"] += 1
         applied = getattr(exc, "applied_result", {"applied": 0, "pops": []})
         return _json({**exc.to_dict(), **applied}, exc.status)
-    return _json(result)
+    return _json(result, 200, request)
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -153,10 +179,8 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_health(request: web.Request) -> web.Response:
-    from .. import __version__
-
     # not hub.status(): it walks every registration, too much for a probe every few seconds
-    return _json({"status": "ok", "version": __version__})
+    return _json({"status": "ok", "version": __version__}, 200, request)
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -273,7 +297,9 @@ async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[Http
     server.request_handler = _direct(hub, server.request_handler)
     # what the lean front answers itself (fasthttp.py): the same handlers as the app's routes
     routes: dict[tuple[str, str], Any] = {
-        ("POST", path): _bound(handler, hub) for path, handler in INGEST.items()
+        # the handler's coroutine itself, hub given: no coroutine around it per request
+        ("POST", path): functools.partial(handler, hub=hub)
+        for path, handler in INGEST.items()
     }
     routes[("GET", "/v1/status")] = get_status
     routes[("GET", "/v1/health")] = get_health
@@ -286,10 +312,3 @@ async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[Http
         await runner.cleanup()
         raise
     return HttpPort(front, runner), port
-
-
-def _bound(handler: Any, hub: Hub) -> Any:
-    async def handle(request: Any) -> web.StreamResponse:
-        return await handler(request, hub)
-
-    return handle

@@ -56,6 +56,11 @@ PURGE = "DELETE FROM pops WHERE accepted < ? AND (done = 1 OR expires < ?)"
 UPSERT_CONTACT = (
     "INSERT INTO contacts VALUES (?, ?) ON CONFLICT(contact_id) DO UPDATE SET state = excluded.state"
 )
+INSERT_POP = "INSERT OR IGNORE INTO pops VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# BLOBs are queued as bytearrays: sqlite3 binds one as it is, where a `bytes` goes through its
+# adapter lookup first (a failed `__conform__` lookup, formatted AttributeError and all): 1,800
+# instructions a row under callgrind. The stored value is the same BLOB.
+NO_BODY = bytearray()  # a handled pop's row keeps only its id; never changed
 RETRY_AFTER = 2  # seconds a source is told to wait when the journal cannot be written
 SQLITE_FULL = 13
 # A batch this small commits on the event loop: a WAL commit without fsync takes tens of
@@ -110,6 +115,7 @@ class Journal:
         self.path = Path(path)
         self.retain = retain  # how long done rows stay, for the duplicate window across restarts
         self._db: sqlite3.Connection | None = None
+        self._cursor: sqlite3.Cursor | None = None  # the commits' (made at the first)
         self._lock = JournalLock(self.path)
         self._adds: list[tuple[Any, ...] | None] = []
         self._batch: asyncio.Future[None] | None = None  # the commit every queued change waits for
@@ -122,8 +128,10 @@ class Journal:
         self.contacts: list[tuple[str, bytes]] = []  # contact states found at open
         self.warnings: list[str] = []  # what open found wrong (damaged log, lost rows), for the log
         self._dones: list[tuple[str]] = []
-        self._states: dict[str, bytes | None] = {}  # contact id → its state, None: forget it
+        self._states: dict[str, bytearray | None] = {}  # contact id → its state, None: forget it
         self._wake: asyncio.Event | None = None
+        self._idle = False  # the writer's task waits for work: `_kick` may commit on its own
+        self._kicked = False  # a `_kick` is on its way
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._last_purge = time.monotonic()
@@ -243,9 +251,11 @@ class Journal:
         """The commit of the batch that holds everything queued so far (adds, dones, states)."""
         batch = self._batch
         if batch is None:
-            batch = self._batch = asyncio.get_running_loop().create_future()
-            assert self._wake is not None
-            self._wake.set()
+            loop = asyncio.get_running_loop()
+            batch = self._batch = loop.create_future()
+            if not self._kicked:
+                self._kicked = True
+                loop.call_soon(self._kick)
         return batch
 
     def add(
@@ -264,12 +274,13 @@ class Journal:
         """
         batch = self.barrier()
         self._queued[pop_id] = (len(self._adds), remember)
-        self._adds.append((pop_id, media, resource, contact_id, body, time.time(), expires, 0))
+        row = (pop_id, media, resource, contact_id, bytearray(body), time.time(), expires, 0)
+        self._adds.append(row)
         return batch
 
     def put_contact(self, contact_id: str, state: bytes) -> None:
         """Queue a contact's state for the next batch (the last state queued wins)."""
-        self._states[contact_id] = state
+        self._states[contact_id] = bytearray(state)  # a BLOB bound as it is (BLOB above)
 
     def forget_contact(self, contact_id: str) -> None:
         """Queue the removal of a contact (expired, forgotten) for the next batch."""
@@ -285,7 +296,7 @@ class Journal:
             row = self._adds[index]
             # a handled pop's row only keeps its id a duplicate: no body to write
             self._adds[index] = (
-                (*row[:4], b"", *row[5:7], 1) if remember and row is not None else None
+                (*row[:4], NO_BODY, *row[5:7], 1) if remember and row is not None else None
             )
             self.skipped += not remember
             return
@@ -293,61 +304,136 @@ class Journal:
         if len(self._dones) > 512 and self._wake is not None:
             self._wake.set()
 
+    def _kick(self) -> None:
+        """A batch was opened this turn of the loop (by `barrier`), called once what else this
+        turn queues has joined it. A small batch, with no purge due, is committed here at once:
+        no wake-up of the writer's task, no turn of the loop of its own per commit (PROFILE.md,
+        "Hub per-request cuts"). Anything else is the writer's: a big batch (its thread), the
+        purge and the writer's checkpoint, a commit while the writer is busy with another."""
+        self._kicked = False
+        assert self._wake is not None
+        if (
+            self._idle
+            and not self._closing
+            and len(self._adds) + len(self._dones) + len(self._states) <= INLINE_ROWS
+            and self._wal_frames <= WAL_LIMIT_FRAMES
+            and time.monotonic() - self._last_purge <= PURGE_EVERY
+        ):
+            adds, dones, states, batch, rows, checkpoint = self._take()
+            self._settle(batch, self._write(adds, dones, states) if rows else None)
+            if checkpoint:
+                self._start_checkpoint()
+        else:
+            self._wake.set()
+
+    def _take(
+        self,
+    ) -> tuple[
+        list[tuple[Any, ...]],
+        list[tuple[str]],
+        dict[str, bytearray | None],
+        asyncio.Future[None] | None,
+        int,
+        bool,
+    ]:
+        """Everything queued, as one batch: adds, dones, states, its future, its rows, and
+        whether a checkpoint is due after it."""
+        adds = [row for row in self._adds if row is not None]
+        batch, self._batch = self._batch, None
+        self._adds, self._queued = [], {}
+        dones, self._dones = self._dones, []
+        states, self._states = self._states, {}
+        rows = len(adds) + len(dones) + len(states)
+        self._since_checkpoint += rows
+        checkpoint = self._since_checkpoint >= CHECKPOINT_ROWS
+        if checkpoint:
+            self._since_checkpoint = 0
+        return adds, dones, states, batch, rows, checkpoint
+
+    def _write(
+        self,
+        adds: list[tuple[Any, ...]],
+        dones: list[tuple[str]],
+        states: dict[str, bytearray | None],
+    ) -> JournalUnavailable | None:
+        """Commit a batch on the loop; the error its sources get, or None."""
+        try:
+            self._commit(adds, dones, states)
+        except Exception as exc:  # disk full, locked: the sources get a 503, not a 2xx
+            return self._refused(exc, adds, states)
+        self._written()
+        return None
+
+    def _refused(
+        self, exc: Exception, adds: list[tuple[Any, ...]], states: dict[str, bytearray | None]
+    ) -> JournalUnavailable:
+        error = exc if isinstance(exc, JournalUnavailable) else JournalUnavailable(exc)
+        error.__cause__ = exc
+        self._failed(exc, len(adds), len(states))
+        return error
+
+    def _written(self) -> None:
+        if self.failures:
+            log.warning(
+                "journal %s writable again after %d failed commits", self.path, self.failures
+            )
+        self.failures = 0
+
+    @staticmethod
+    def _settle(batch: asyncio.Future[None] | None, error: JournalUnavailable | None) -> None:
+        # Resolved even when every row of the batch was dropped (all handled before the
+        # write): its sources wait on it.
+        if batch is not None and not batch.done():
+            if error is None:
+                batch.set_result(None)
+            else:
+                batch.set_exception(error)
+                batch.exception()  # retrieved: those who wait get it; none is no leak
+
+    def _start_checkpoint(self) -> None:
+        if self._checkpointing is None or self._checkpointing.done():
+            self._checkpointing = asyncio.get_running_loop().run_in_executor(
+                self._checkpointer, self._checkpoint
+            )
+
     async def _writer(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while True:
             if not self._closing and not self._wake.is_set():
-                await self._wake.wait()  # set by a queued pop, a backlog of dones, or _tick
+                self._idle = True  # `_kick` may commit small batches meanwhile
+                try:
+                    await self._wake.wait()  # a big batch, a backlog of dones, `_tick`, close
+                finally:
+                    self._idle = False
             self._wake.clear()
-            adds = [row for row in self._adds if row is not None]
-            batch, self._batch = self._batch, None
-            self._adds, self._queued = [], {}
-            dones, self._dones = self._dones, []
-            states, self._states = self._states, {}
             purge = time.monotonic() - self._last_purge > PURGE_EVERY
             if purge:
                 self._last_purge = time.monotonic()
-            error: JournalUnavailable | None = None
-            rows = len(adds) + len(dones) + len(states)
-            self._since_checkpoint += rows
-            checkpoint = purge or self._since_checkpoint >= CHECKPOINT_ROWS
-            if checkpoint:
+            adds, dones, states, batch, rows, checkpoint = self._take()
+            if purge and not checkpoint:
                 self._since_checkpoint = 0
+                checkpoint = True
+            error: JournalUnavailable | None = None
             if rows:
-                try:
-                    if rows <= INLINE_ROWS:
-                        self._commit(adds, dones, states)
-                    else:
+                if rows <= INLINE_ROWS:
+                    error = self._write(adds, dones, states)
+                else:
+                    try:
                         await loop.run_in_executor(self._thread, self._commit, adds, dones, states)
-                except Exception as exc:  # disk full, locked: the sources get a 503, not a 2xx
-                    error = exc if isinstance(exc, JournalUnavailable) else JournalUnavailable(exc)
-                    error.__cause__ = exc
-                    self._failed(exc, len(adds), len(states))
-                else:
-                    if self.failures:
-                        log.warning(
-                            "journal %s writable again after %d failed commits",
-                            self.path,
-                            self.failures,
-                        )
-                    self.failures = 0
-            # Resolved even when every row of the batch was dropped (all handled before the
-            # write): its sources wait on it.
-            if batch is not None and not batch.done():
-                if error is None:
-                    batch.set_result(None)
-                else:
-                    batch.set_exception(error)
-                    batch.exception()  # retrieved: those who wait get it; none is no leak
+                    except Exception as exc:
+                        error = self._refused(exc, adds, states)
+                    else:
+                        self._written()
+            self._settle(batch, error)
             # the batch is answered: the upkeep waits for nothing of it
             if purge:
                 await loop.run_in_executor(self._thread, self._purge)
             if self._wal_frames > WAL_LIMIT_FRAMES:
                 self._wal_frames = 0
                 await loop.run_in_executor(self._thread, self._checkpoint, True)
-            elif checkpoint and (self._checkpointing is None or self._checkpointing.done()):
-                self._checkpointing = loop.run_in_executor(self._checkpointer, self._checkpoint)
+            elif checkpoint:
+                self._start_checkpoint()
             if self._closing and (
                 error is not None or not (self._adds or self._dones or self._states)
             ):
@@ -370,24 +456,34 @@ class Journal:
         self,
         adds: list[tuple[Any, ...]],
         dones: list[tuple[str]],
-        states: dict[str, bytes | None],
+        states: dict[str, bytearray | None],
     ) -> None:
         db = self._db
         assert db is not None
-        db.execute("BEGIN")
+        cursor = self._cursor  # one for every commit: `db.execute` makes a cursor per call
+        if cursor is None:
+            cursor = self._cursor = db.cursor()
+        if len(adds) == 1 and not dones and not states:
+            # one row (a source sending one pop at a time): one statement is its own
+            # transaction, as durable, without a BEGIN and a COMMIT statement of their own
+            cursor.execute(INSERT_POP, adds[0])
+            self.commits += 1
+            self.rows_committed += 1
+            return
+        cursor.execute("BEGIN")
         try:
             if adds:
-                db.executemany("INSERT OR IGNORE INTO pops VALUES (?, ?, ?, ?, ?, ?, ?, ?)", adds)
+                cursor.executemany(INSERT_POP, adds)
             if dones:
-                db.executemany("UPDATE pops SET done = 1 WHERE id = ?", dones)
+                cursor.executemany("UPDATE pops SET done = 1 WHERE id = ?", dones)
             if states:
                 kept = [(cid, state) for cid, state in states.items() if state is not None]
                 gone = [(cid,) for cid, state in states.items() if state is None]
                 if kept:
-                    db.executemany(UPSERT_CONTACT, kept)
+                    cursor.executemany(UPSERT_CONTACT, kept)
                 if gone:
-                    db.executemany("DELETE FROM contacts WHERE contact_id = ?", gone)
-            db.execute("COMMIT")
+                    cursor.executemany("DELETE FROM contacts WHERE contact_id = ?", gone)
+            cursor.execute("COMMIT")
         except BaseException:
             # else every later BEGIN fails: one bad batch, no journal. SQLite may have rolled
             # back already (a full disk at COMMIT): then ROLLBACK would mask the real error.
@@ -454,7 +550,7 @@ class Journal:
                 self._db.close()
                 self._lock.write(f"clean {pops} {contacts}")
             finally:
-                self._db = None
+                self._db = self._cursor = None
         self._lock.release()
 
 

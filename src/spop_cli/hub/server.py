@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from ..model import Error
-from ..pops import InputError, normalize_pops
+from ..model import Error, utc_now_iso
+from ..pops import InputError, normalize_pop, normalize_pops
 from ..protocol import HEARTBEAT, MAX_FRAME, change_frame, is_change_frame, pop_frame, pop_too_large
 from .connection import PING, HubConnection
 from .contacts import ContactEventError
@@ -518,6 +518,12 @@ class Hub:
     def publish_now(self, pops: Any) -> tuple[list[str], asyncio.Future[Any] | None]:
         """Check and accept one pop or a list at once; return their ids and what to await for
         their commit (None: nothing to wait for). Raises InputError before accepting any."""
+        if pops.__class__ is dict:  # one pop (a source's usual request): no lists around it
+            pop = normalize_pop(pops, utc_now_iso())
+            frame = pop_frame(pop)
+            if len(frame) - 1 > self.config.max_frame:
+                self.pop_frame(pop)  # refused, as below
+            return [pop["id"]], self.accept(pop, pops.get("id") not in (None, ""), frame)
         checked = normalize_pops(pops)
         many = isinstance(pops, list)
         given = pops if many else [pops]
@@ -606,14 +612,15 @@ class Hub:
             )
         return self._contacts
 
-    async def apply_contacts(self, events: Any) -> dict[str, Any]:
+    async def apply_contacts(self, events: Any, shield: bool = True) -> dict[str, Any]:
         """Apply lifecycle events in order; their pops are accepted even if a later event fails.
 
         With a journal, the answer comes once everything the events changed is committed in one
         batch: their pops, the withdrawals of an `ended`, and each contact's new state. If that
         commit fails, none of it happened (JournalUnavailable). Requests about the same contact
         take turns until their commit is done, so a refused commit is undone without undoing
-        anyone else's events, even when its caller has gone away."""
+        anyone else's events, even when its caller has gone away. `shield=False`: the caller is
+        never cancelled (the HTTP front's answers), so the shared commit needs no shield."""
         ids = _contact_ids(events)
         if self.clustered:
             return await self._apply_contacts_clustered(events, ids)
@@ -624,7 +631,7 @@ class Hub:
         commit, result, error = self._stage_contacts(events, ids, ContactEventError)
         if commit is not None:
             try:
-                await asyncio.shield(commit)
+                await (asyncio.shield(commit) if shield else commit)
             except JournalUnavailable as exc:
                 # the batch's error is shared by all its sources: this request's own copy
                 refused = JournalUnavailable(exc.__cause__ or exc)
@@ -826,29 +833,26 @@ class Hub:
             turns[contact_id] = commit
 
         def finish(done: asyncio.Future[None]) -> None:
-            # before any request waiting for this turn wakes: it waits on `commit` too, and
-            # its callback was added after this one
+            # the commit's outcome applied, then the turn freed: before any request waiting
+            # for this turn wakes (it waits on `commit` too, its callback added after this one)
             try:
-                applied(done)
+                if done.cancelled() or done.exception() is not None:
+                    tracker.put_back(before)  # nothing of this request happened
+                    for outcome in outcomes:  # so a resend of its events applies them
+                        if outcome.event_id is not None and not outcome.duplicate:
+                            tracker.event_ids.forget(outcome.event_id)
+                    self.counters["contact_events"] -= len(outcomes)
+                    return
+                if taken:
+                    self.delivery.take_back(taken)
+                for contact_id in ended:
+                    for pending in self.delivery.withdraw(contact_id):
+                        if pending.id not in staged:
+                            journal.done(pending.id)  # a pop that came after the `ended` was staged
             finally:
                 for contact_id in ids:
                     if turns.get(contact_id) is commit:
                         del turns[contact_id]
-
-        def applied(done: asyncio.Future[None]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                tracker.put_back(before)  # nothing of this request happened
-                for outcome in outcomes:  # so a resend of its events applies them
-                    if outcome.event_id is not None and not outcome.duplicate:
-                        tracker.event_ids.forget(outcome.event_id)
-                self.counters["contact_events"] -= len(outcomes)
-                return
-            if taken:
-                self.delivery.take_back(taken)
-            for contact_id in ended:
-                for pending in self.delivery.withdraw(contact_id):
-                    if pending.id not in staged:
-                        journal.done(pending.id)  # a pop that came after the `ended` was staged
 
         commit.add_done_callback(finish)
         return commit, result, error
