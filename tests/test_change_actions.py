@@ -321,3 +321,50 @@ def test_a_card_made_by_an_outcome_then_moved_by_a_change(tmp_path: Path) -> Non
         assert talking.talk_since is not None
 
     run(body())
+
+
+def test_a_listener_keeps_a_pop_only_while_it_follows_its_contact():
+    """A pop no change will name (no contact; a contact answered elsewhere, transferred, ended)
+    is let go: 1,000 listeners keeping every pop filled the process and its full GC passes."""
+
+    async def body() -> None:
+        async with inprocess_hub() as hub:
+            session = ListenSession(
+                [ListenerPlan("telephone", "1001"), ListenerPlan("telephone", "1002")],
+                address=address_of(hub),
+            )
+            await session.start()
+            one, two = session.entries
+
+            def kept() -> tuple[list[str], list[str]]:
+                return [p.contact_id for p in one.pops.values()], [
+                    p.contact_id for p in two.pops.values()
+                ]
+
+            async def settle(changes: int) -> None:
+                assert await until(lambda: session.changes == changes and not hub.delivery.pending)
+
+            try:
+                await hub.publish({"media": "telephone", "resource": "1001", "source": "x"})
+                assert await until(lambda: session.received == 1)
+                assert kept() == ([], [])  # no contact: never followed
+                for resource in ("1001", "1002"):  # ringall
+                    await hub.apply_contacts(
+                        {"contact_id": "r", "event": "routed", "resource": resource}
+                    )
+                assert await until(lambda: session.received == 3)
+                assert kept() == (["r"], ["r"])
+                await hub.apply_contacts({"contact_id": "r", "event": "answered", "resource": "1001"})
+                await settle(2)
+                assert kept() == (["r"], [])  # 1002: answered elsewhere, no longer following
+                await hub.apply_contacts({"contact_id": "r", "event": "consulted", "resource": "1002"})
+                assert await until(lambda: session.received == 4)  # 1002 popped as consulted
+                await settle(3)
+                assert kept() == (["r"], ["r"])
+                await hub.apply_contacts({"contact_id": "r", "event": "ended"})
+                await settle(5)
+                assert kept() == ([], [])
+            finally:
+                await session.finish(5)
+
+    run(body())

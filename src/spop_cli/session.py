@@ -19,6 +19,11 @@ from .model import ListenerStatus, ScreenPopError
 
 RECENT_POPS = 12
 KEPT_POPS = 1000  # pops per listener kept to give a change's actions its pop's fields
+# The changes after which a resource no longer follows the contact (docs/contacts.md, Updates):
+# no later change names that pop, so the listener lets it go. Answered and transferred end the
+# following only for the others (answered elsewhere, picked up, moved on).
+LAST_CHANGES = frozenset({"requeued", "withdrawn", "ended", "transferred"})
+LAST_ANSWERS = frozenset({"answered elsewhere", "picked up"})
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,8 @@ class _Entry:
     listener: Any
     dispatcher: ActionDispatcher
     last_pop_at: float | None = None  # time.time() of its last pop
-    pops: OrderedDict[str, Any] = field(default_factory=OrderedDict)  # id → pop, newest last
+    # id → pop, newest last: the pops of contacts this listener still follows (changes to come)
+    pops: OrderedDict[str, Any] = field(default_factory=OrderedDict)
 
 
 class ListenSession:
@@ -260,9 +266,12 @@ class ListenSession:
         item = (entry.last_pop_at, event)
         recent.appendleft(item)
         self._rows[event.id] = item
-        entry.pops[event.id] = event
-        if len(entry.pops) > KEPT_POPS:
-            entry.pops.popitem(last=False)
+        if event.contact_id:  # a pop without a contact is never followed: no change names it
+            # Only these are kept: 1,000 listeners keeping every pop filled the process (and the
+            # garbage collector's full passes, tens of ms each) with pops no change will name.
+            entry.pops[event.id] = event
+            if len(entry.pops) > KEPT_POPS:
+                entry.pops.popitem(last=False)
         entry.dispatcher.submit(event, entry.listener)
         if self.on_pop is not None:
             self.on_pop(entry.listener, event)
@@ -273,6 +282,10 @@ class ListenSession:
         """A contact update: to the actions whose `on` names it, the hook, the view."""
         self.changes += 1
         entry.dispatcher.submit_change(change, entry.pops.get(change.pop_id), entry.listener)
+        if change.change in LAST_CHANGES or (
+            change.change == "answered" and change.reason in LAST_ANSWERS
+        ):
+            entry.pops.pop(change.pop_id, None)  # no longer followed: no change will name it
         row = self._row(change.pop_id)
         if row is not None:
             _move(row, change)
