@@ -58,9 +58,11 @@ CAUSES = {
     "listen_us": "per pop: the frame's parse, the pop object, its diagnostics line and its JSON "
     "line; the read, the ack frame and the stdout flush are shared by the pops of one read "
     "(PROFILE.md; listen_instructions.py counts it without noise)",
-    "open_p99_ms": "queueing for a core: four processes (hub, listener, load, this script's "
-    "reader) on 2 shared vCPUs, each pop alone in its loop turn (hub ~400 µs, listener ~180 µs "
-    "per pop); met in runs at load average < 2, not above (RESULTS.md)",
+    "open_p99_ms": "the VM, not a code path found: each pop is alone in its loop turn in four "
+    "processes (hub ~300-400 µs, listener ~170 µs, load, this script's reader) on 2 shared "
+    "vCPUs; the same code gave p99 2.6-4.8 ms in some runs and 12-44 ms in others at load "
+    "average < 1, with 10-40 % steal; gc.freeze() every second in every process did not move "
+    "it (PROFILE.md, one connection; RESULTS.md)",
     "contacts_hub_us": "per event: a single-pop POST's work (the request, its answer, 0.75 frames "
     "sent to listeners and 0.75 acks read back, ~2.5 journal rows) plus the contact rules, a tenth "
     "of the samples (PROFILE.md, POST /v1/contacts)",
