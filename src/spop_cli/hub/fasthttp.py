@@ -252,7 +252,9 @@ class FastHTTP(asyncio.Protocol):
         """Run the answer as far as its next wait, or to its end and write it; True: answered,
         the connection goes on. A wait resumes it here again from the done callback of what it
         waits for, as a task would, without one: no task object, no step of its own per request
-        (PROFILE.md, "Hub per-request cuts")."""
+        (PROFILE.md, "Hub per-request cuts"). So a handler reached here has no current task:
+        `asyncio.timeout()` would raise (http._body uses it only for a body still arriving,
+        which never reaches this front)."""
         try:
             waiting = self.answering.send(None)
         except StopIteration as done:
