@@ -61,7 +61,9 @@ def test_freezes_only_at_a_new_high_of_at_least_min_step_connections() -> None:
 @pytest.mark.parametrize("runner", loops())
 def test_closed_connections_are_reclaimed_after_a_freeze(runner: Callable[..., Any]) -> None:
     async def scenario() -> tuple[int, int, int]:
-        hub = Hub(HubConfig(host="127.0.0.1", port=0, http_port=0, heartbeat=30.0))
+        # heartbeat 0.2 s: the housekeeping checks the connections in slices of a snapshot it
+        # renews every 0.1 s (max(0.05, heartbeat / 2)), and until then the snapshot holds them
+        hub = Hub(HubConfig(host="127.0.0.1", port=0, http_port=0, heartbeat=0.2))
         await hub.start()
         links = []
         try:
@@ -76,6 +78,7 @@ def test_closed_connections_are_reclaimed_after_a_freeze(runner: Callable[..., A
             for link in links[:15]:
                 link.close()
             await until(lambda: len(hub.connections) == 5)
+            await asyncio.sleep(0.3)  # past the housekeeping's round that may still hold them
             policy.tick(len(hub.connections))  # 5 < 20 // 2: thaw, collect, freeze again
             gc.unfreeze()  # to count: frozen objects are not listed
             alive = sum(isinstance(o, HubConnection) for o in gc.get_objects())
