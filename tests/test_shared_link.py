@@ -19,6 +19,20 @@ from test_listener_acks import BlockingHub, _pop
 S = ListenerStatus
 
 
+def loops() -> list[Any]:
+    """Plain asyncio, and uvloop (the CLI's loop) where installed."""
+    runners: list[Any] = [pytest.param(asyncio.run, id="asyncio")]
+    try:
+        import uvloop
+    except ImportError:
+        return runners
+    return [*runners, pytest.param(uvloop.run, id="uvloop")]
+
+
+def on(runner: Any, coro: Any) -> Any:
+    return runner(asyncio.wait_for(coro, 60))
+
+
 class Desk:
     """A listener of the pool and the pop ids its callback saw, in order."""
 
@@ -34,7 +48,8 @@ class Desk:
         return self
 
 
-def test_listeners_of_a_pool_share_one_connection_and_get_their_own_pops() -> None:
+@pytest.mark.parametrize("runner", loops())
+def test_listeners_of_a_pool_share_one_connection_and_get_their_own_pops(runner: Any) -> None:
     async def body() -> None:
         async with inprocess_hub() as hub:
             pool = LinkPool()
@@ -54,7 +69,7 @@ def test_listeners_of_a_pool_share_one_connection_and_get_their_own_pops() -> No
             assert await until(lambda: hub.status()["connections"] == 0)
             assert pool.connections == 0
 
-    run(body())
+    on(runner, body())
 
 
 def test_the_last_listener_to_leave_closes_the_connection() -> None:
@@ -81,7 +96,8 @@ def test_the_last_listener_to_leave_closes_the_connection() -> None:
     run(body())
 
 
-def test_twin_listeners_in_one_pool_get_a_connection_each() -> None:
+@pytest.mark.parametrize("runner", loops())
+def test_twin_listeners_in_one_pool_get_a_connection_each(runner: Any) -> None:
     """The hub takes a (media, resource) once per connection: the second moves to another."""
 
     async def body() -> None:
@@ -99,7 +115,7 @@ def test_twin_listeners_in_one_pool_get_a_connection_each() -> None:
             for desk in (first, twin, other):
                 await desk.listener.shutdown()
 
-    run(body())
+    on(runner, body())
 
 
 @pytest.mark.parametrize(("per_link", "hub_limit", "connections"), [(2, 10_000, 3), (1000, 2, 3), (1000, 5, 1)])
@@ -130,7 +146,10 @@ def test_a_pool_must_hold_at_least_one_listener_per_connection() -> None:
         LinkPool(per_link=0)
 
 
-def test_after_a_hub_restart_all_come_back_on_one_connection_and_nothing_is_lost(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runner", loops())
+def test_after_a_hub_restart_all_come_back_on_one_connection_and_nothing_is_lost(
+    runner: Any, tmp_path: Path
+) -> None:
     async def body() -> None:
         journal = str(tmp_path / "journal.sqlite3")
         async with inprocess_hub(journal=journal) as hub:
@@ -153,10 +172,11 @@ def test_after_a_hub_restart_all_come_back_on_one_connection_and_nothing_is_lost
             for desk in desks:
                 await desk.listener.shutdown()
 
-    run(body())
+    on(runner, body())
 
 
-def test_a_pop_replayed_to_a_shared_connection_runs_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runner", loops())
+def test_a_pop_replayed_to_a_shared_connection_runs_once(runner: Any, tmp_path: Path) -> None:
     """Acks lost with the connection: the hub replays, the listeners ack again, run nothing twice."""
 
     async def body() -> None:
@@ -180,7 +200,7 @@ def test_a_pop_replayed_to_a_shared_connection_runs_once(tmp_path: Path) -> None
             for desk in desks:
                 await desk.listener.shutdown()
 
-    run(body())
+    on(runner, body())
 
 
 def test_an_unreachable_hub_fails_every_listener_with_its_own_error() -> None:
