@@ -323,16 +323,18 @@ def http_post(url: str, body: Any) -> tuple[int, Any]:
 LISTENER_SCRIPT = r"""
 import asyncio, collections, json, signal, sys
 from spop_cli.listener.core import AsyncListener
+from spop_cli.listener.shared import LinkPool
 from spop_cli.model import ListenerStatus
 
-async def main(address, prefix, count, interval):
+async def main(address, prefix, count, interval, shared):
     calls = collections.Counter()
     seen = collections.defaultdict(set)
     losses = collections.Counter()
     listeners = []
+    pool = LinkPool() if shared else None  # as `spop listen` does: one connection per hub
 
     async def start(i):
-        listener = AsyncListener("telephone", reconnecting_interval=interval, timeout=60)
+        listener = AsyncListener("telephone", reconnecting_interval=interval, timeout=60, pool=pool)
         listener.on_screen_pop(lambda event: (calls.update([event.id]), seen[event.resource].add(event.id)))
         listener.on_status_changed(lambda old, new: losses.update([new is ListenerStatus.Status_Reconnecting]))
         hubs = address.split(",")  # several hubs: listener i starts at hub i mod n (spread)
@@ -357,17 +359,24 @@ async def main(address, prefix, count, interval):
         except asyncio.TimeoutError:
             pass
 
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:] == ["shared"]))
 """
 
 
 class ListenerProcess:
     """`count` AsyncListeners (telephone, `prefix`N) in one subprocess, reporting every 0.2 s:
     how many are Up, how many pop ids reached their callbacks (in all, per resource), how many
-    did so twice, and how many times a listener went Reconnecting."""
+    did so twice, and how many times a listener went Reconnecting. `shared`: all on connections
+    of one `LinkPool`, as `spop listen` holds them (else one connection each, as desktops)."""
 
     def __init__(
-        self, workdir: Path, address: str, prefix: str, count: int = 1, interval: float = 1.0
+        self,
+        workdir: Path,
+        address: str,
+        prefix: str,
+        count: int = 1,
+        interval: float = 1.0,
+        shared: bool = False,
     ) -> None:
         import threading
 
@@ -377,7 +386,8 @@ class ListenerProcess:
         script.write_text(LISTENER_SCRIPT)
         env = {**os.environ, "SPOP_DIAG_DIR": str(self.workdir / "diag")}
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), address, prefix, str(count), str(interval)],
+            [sys.executable, str(script), address, prefix, str(count), str(interval)]
+            + (["shared"] if shared else []),
             stdout=subprocess.PIPE,
             stderr=open(self.workdir / "listeners.err", "wb"),  # noqa: SIM115
             env=env,

@@ -251,10 +251,14 @@ def test_connections_cut_mid_frame() -> None:
 
 
 def registrations(hub: HubProcess) -> int:
+    return hub_status(hub).get("registrations", -1)  # -1: not answering yet
+
+
+def hub_status(hub: HubProcess) -> dict[str, Any]:
     try:
-        return run(client.fetch_status_async(hub.address, timeout=5))["registrations"]
+        return run(client.fetch_status_async(hub.address, timeout=5))  # type: ignore[no-any-return]
     except ScreenPopError:
-        return -1  # not answering yet
+        return {}  # not answering yet
 
 
 def until_sync(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -283,6 +287,36 @@ def test_hub_restart_under_1000_listeners(tmp_path: Path) -> None:
         assert status == 200 and answer["accepted"] == count
         assert desks.wait(lambda s: s["pops"] == count, 60), desks.state
         assert desks.state["twice"] == 0 and desks.state["losses"] == count
+    finally:
+        desks.stop()
+        hub.kill()
+
+
+def test_hub_sigkilled_mid_stream_under_1000_listeners_on_shared_connections(tmp_path: Path) -> None:
+    """`spop listen`'s way: 1,000 listeners of one process on one connection (the pool's 1,000
+    per connection). The hub is SIGKILLed while a burst of pops is being delivered: every
+    listener comes back on one connection, and every pop reaches its callback exactly once."""
+    count = 1000
+    hub = HubProcess(tmp_path / "hub", heartbeat=2.0).start()
+    desks = ListenerProcess(
+        tmp_path / "desks", hub.address, "agent-", count=count, interval=2.0, shared=True
+    )
+    try:
+        assert desks.wait(lambda s: s["up"] == count, 120), desks.state
+        status = hub_status(hub)  # two connections: the pool's one, and this status request's
+        assert (status["connections"], status["registrations"]) == (2, count)
+        for burst in range(3):
+            pops = [pop(f"agent-{i}", source=f"{burst}-{i}") for i in range(count)]
+            status_code, answer = http_post(f"{hub.http}/v1/pops", pops)
+            assert status_code == 200 and answer["accepted"] == count
+        hub.restart()  # SIGKILL while the 3,000 are on their way, same ports
+        assert desks.wait(lambda s: s["losses"] == count, 30), desks.state
+        assert until_sync(lambda: registrations(hub) == count, 120)
+        assert desks.wait(lambda s: s["up"] == count and s["pops"] == 3 * count, 60), desks.state
+        assert hub_status(hub)["connections"] == 2  # all back on one (and the status request)
+        assert until_sync(lambda: hub_status(hub).get("pending") == 0, 30)
+        assert desks.state["twice"] == 0
+        assert set(desks.state["by_resource"].values()) == {3}
     finally:
         desks.stop()
         hub.kill()
