@@ -187,6 +187,7 @@ def test_a_contact_alternating_between_hubs_pops_as_on_one_hub(nats1: NatsCluste
         b.close()
 
 
+@pytest.mark.chaos  # three nodes to start (6 s): with the chaos tests, which all run on three
 def test_three_node_cluster_with_three_replicas(tmp_path: Path) -> None:
     """The stream and the bucket replicated on three nodes; hubs on different nodes share pops."""
     cluster = NatsCluster(tmp_path, 3)
