@@ -30,6 +30,23 @@ from spop_cli.listener.core import AsyncListener
 LOOPBACK = "127.0.0.1"
 
 
+def loops() -> list[Any]:
+    """Plain asyncio, and uvloop (the CLI's loop) where installed: `pytest.mark.parametrize`
+    a test's `runner` over them and run its body with `on(runner, body())`."""
+    import pytest
+
+    runners: list[Any] = [pytest.param(asyncio.run, id="asyncio")]
+    try:
+        import uvloop
+    except ImportError:
+        return runners
+    return [*runners, pytest.param(uvloop.run, id="uvloop")]
+
+
+def on(runner: Callable[..., Any], coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
+    return runner(asyncio.wait_for(coro, timeout))
+
+
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
     """Run one async test body on a fresh loop; the timeout only bounds a hung test."""
     return asyncio.run(asyncio.wait_for(coro, timeout))

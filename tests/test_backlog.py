@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from hubproc import (
     http_of,
     http_post,
     inprocess_hub,
+    loops,
+    on,
     pop,
     run,
     until,
@@ -37,20 +39,6 @@ from spop_cli.pops import normalize_pop
 from spop_cli.protocol import ACK_HEAD, ACK_TAIL, ack_frames, pop_frame
 
 S = ListenerStatus
-
-
-def loops() -> list[Any]:
-    """Plain asyncio, and uvloop (the CLI's loop) where installed."""
-    runners: list[Any] = [pytest.param(asyncio.run, id="asyncio")]
-    try:
-        import uvloop
-    except ImportError:
-        return runners
-    return [*runners, pytest.param(uvloop.run, id="uvloop")]
-
-
-def on(runner: Callable[..., Any], coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
-    return runner(asyncio.wait_for(coro, timeout))
 
 
 # -- ack frames within the hub's max_frame -----------------------------------------------------

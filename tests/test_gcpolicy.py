@@ -5,29 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from hubproc import loops, on
 from spop_cli import client
 from spop_cli.hub.connection import HubConnection
 from spop_cli.hub.gcpolicy import FreezeOnGrowth
 from spop_cli.hub.server import Hub, HubConfig
-
-
-def loops() -> list[Any]:
-    """Plain asyncio, and uvloop (the CLI's loop) where installed."""
-    runners: list[Any] = [pytest.param(asyncio.run, id="asyncio")]
-    try:
-        import uvloop
-    except ImportError:
-        return runners
-    return [*runners, pytest.param(uvloop.run, id="uvloop")]
-
-
-def on(runner: Callable[..., Any], coro: Coroutine[Any, Any, Any]) -> Any:
-    return runner(asyncio.wait_for(coro, 60))
 
 
 async def until(check: Callable[[], bool]) -> None:

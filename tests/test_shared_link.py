@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from hubproc import address_of, inprocess_hub, pop, run, until
+from hubproc import address_of, inprocess_hub, loops, on, pop, run, until
 from spop_cli import LinkPool, ListenerStatus
 from spop_cli.listener.core import AsyncListener
 from spop_cli.model import Error, ScreenPopError
@@ -19,18 +19,6 @@ from test_listener_acks import BlockingHub, _pop
 S = ListenerStatus
 
 
-def loops() -> list[Any]:
-    """Plain asyncio, and uvloop (the CLI's loop) where installed."""
-    runners: list[Any] = [pytest.param(asyncio.run, id="asyncio")]
-    try:
-        import uvloop
-    except ImportError:
-        return runners
-    return [*runners, pytest.param(uvloop.run, id="uvloop")]
-
-
-def on(runner: Any, coro: Any) -> Any:
-    return runner(asyncio.wait_for(coro, 60))
 
 
 class Desk:
