@@ -141,7 +141,6 @@ class ListenSession:
         self.recent: deque[PopRow | tuple[float, Any]] = deque(maxlen=RECENT_POPS)
         self._rows: dict[str, PopRow | tuple[float, Any]] = {}  # pop id → its entry in `recent`
         self._enough = asyncio.Event()
-        self.pool: Any = None  # the listeners' shared connections (a LinkPool), once started
 
     @property
     def failures(self) -> int:
@@ -163,7 +162,7 @@ class ListenSession:
             factory = AsyncListener
             # one connection per hub for all our listeners (up to 1,000 each): a pop batch is
             # one read here and one send in the hub, a read's acks one frame
-            options["pool"] = self.pool = LinkPool(before_acks=self.before_acks)
+            options["pool"] = LinkPool(before_acks=self.before_acks)
         for plan in self.plans:
             listener = factory(
                 plan.media,

@@ -159,7 +159,7 @@ class AsyncListener:
         assert self._link is not None
         self._early = []
         try:
-            await self._bind(resource)
+            self._link = await self._bound(self._link, resource)
             await self._link.request("register", timeout=self.timeout, media=self.media.value, resource=resource)
         except ScreenPopError as exc:
             self._early = None
@@ -249,10 +249,14 @@ class AsyncListener:
             self._handled.keep = max(self._handled.keep, link.pop_ttl + MARGIN)
         return link
 
-    async def _bind(self, resource: str) -> None:
-        """On a shared connection, pops of (media, resource) come to us from now on."""
-        if self.pool is not None and isinstance(self._link, Member):
-            self._link = await self.pool.bind(self._link, (self.media.value, resource))
+    async def _bound(
+        self, link: client.HubLink | Member, resource: str
+    ) -> client.HubLink | Member:
+        """On a shared connection, pops of (media, resource) come to us from now on (the member
+        may be another one, on another connection: LinkPool.bind); an own link as it is."""
+        if self.pool is not None and isinstance(link, Member):
+            return await self.pool.bind(link, (self.media.value, resource))
+        return link
 
     def _on_change(self, data: dict[str, Any]) -> None:
         """A contact update: like a pop, handled once (ids remembered), acked after the
@@ -395,8 +399,7 @@ class AsyncListener:
                 link = await self._connect_any(self._current + 1)
                 if self._resume is S.Status_Up:
                     self._early = []
-                    if self.pool is not None and isinstance(link, Member):
-                        link = await self.pool.bind(link, (self.media.value, self.resource))
+                    link = await self._bound(link, self.resource)
                     await link.request(
                         "register", timeout=self.timeout, media=self.media.value, resource=self.resource
                     )
