@@ -3,7 +3,7 @@ JetStream cluster (replicas 3), in one run, with the same load.
 
     python benchmarks/cluster.py [--listeners 1000] [--rate 1000] [--duration 5]
                                  [--steps 1000,2000,3000,5000] [--json]
-                                 [--only embedded,r1,r3] [--py-spy DIR]
+                                 [--only embedded,r1,r3[,r3-all-cores]] [--py-spy DIR]
 
 For each configuration: 1,000 listeners (one connection each; with three hubs, connection i goes
 to hub i % 3), one source sending to the first hub.
@@ -12,6 +12,11 @@ to hub i % 3), one source sending to the first hub.
 - the highest rate of `--steps` whose p99 stays under 10 ms (no loss, no duplicate),
 - hub CPU per pop (all hubs together, during the latency run) and NATS CPU per pop,
 - messages stored in the stream per pop during the latency run (the pop, its ack's share).
+
+The NATS nodes share this machine's cores: each gets GOMAXPROCS = cores / nodes (1 for three
+nodes on two cores), as one would give co-located nodes; with their Go schedulers each on every
+core, three nodes took 5–15 % more NATS CPU per pop in alternating runs (`--only
+r3,r3-all-cores` measures both in one run).
 
 `--py-spy DIR` records every hub of each configuration during the latency run: collapsed
 stacks in DIR/<config>-hub<i>.txt (for flamegraph.pl or speedscope; needs py-spy and ptrace rights).
@@ -85,13 +90,31 @@ def start_hubs(
     return hubs
 
 
+def node_cores(nodes: int, split: bool) -> int | None:
+    """GOMAXPROCS for each of `nodes` NATS nodes on this machine: its cores shared out (one
+    node per host has them all), or None (every node's Go scheduler on every core)."""
+    return max(1, (os.cpu_count() or 1) // nodes) if split and nodes else None
+
+
 def measure(
-    name: str, tmp: Path, env: dict[str, str], args: argparse.Namespace, hubs_n: int, nodes: int
+    name: str,
+    tmp: Path,
+    env: dict[str, str],
+    args: argparse.Namespace,
+    hubs_n: int,
+    nodes: int,
+    split: bool = True,
 ) -> dict[str, Any]:
-    nats = NatsCluster(tmp / f"{name}-nats", nodes) if nodes else None
+    cores = node_cores(nodes, split)
+    nats = NatsCluster(tmp / f"{name}-nats", nodes, gomaxprocs=cores) if nodes else None
     hubs: list[HubProcess] = []
     pub = lst = None
-    result: dict[str, Any] = {"config": name, "hubs": hubs_n, "nats_nodes": nodes}
+    result: dict[str, Any] = {
+        "config": name,
+        "hubs": hubs_n,
+        "nats_nodes": nodes,
+        "nats_gomaxprocs": cores,
+    }
     try:
         hubs = start_hubs(tmp, env, name, hubs_n, nats)
         ports = ",".join(str(h.port) for h in hubs)
@@ -220,15 +243,16 @@ def main() -> None:
         tmp = Path(tmp_name)
         env["SPOP_DIAG_DIR"] = str(tmp / "diag")
         only = set(args.only.split(","))
-        for short, name, hubs_n, nodes in (
-            ("embedded", "embedded hub (SQLite journal)", 1, 0),
-            ("r1", "1 hub, NATS 1 node (R1)", 1, 1),
-            ("r3", "3 hubs, NATS 3 nodes (R3)", 3, 3),
+        for short, name, hubs_n, nodes, split in (
+            ("embedded", "embedded hub (SQLite journal)", 1, 0, True),
+            ("r1", "1 hub, NATS 1 node (R1)", 1, 1, True),
+            ("r3", "3 hubs, NATS 3 nodes (R3)", 3, 3, True),
+            ("r3-all-cores", "3 hubs, NATS 3 nodes (R3), each node on every core", 3, 3, False),
         ):
             if short not in only:
                 continue
             print(f"{name} …", file=sys.stderr)
-            results.append(measure(name, tmp, env, args, hubs_n, nodes))
+            results.append(measure(name, tmp, env, args, hubs_n, nodes, split))
     out = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

@@ -52,8 +52,12 @@ class NatsNode:
         port: int,
         cluster_port: int | None,
         routes: list[int],
+        gomaxprocs: int | None = None,
     ) -> None:
         self.name, self.port, self.store = name, port, store
+        self.env = dict(os.environ)
+        if gomaxprocs is not None:  # the Go scheduler's threads: the cores this node may use
+            self.env["GOMAXPROCS"] = str(gomaxprocs)
         self.args = [
             binary,
             "-a",
@@ -79,7 +83,9 @@ class NatsNode:
     def start(self) -> None:
         self.store.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env
+            )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -111,9 +117,10 @@ class NatsNode:
 
 
 class NatsCluster:
-    """One node (size 1) or a JetStream cluster of `size` routed nodes."""
+    """One node (size 1) or a JetStream cluster of `size` routed nodes. `gomaxprocs`: the cores
+    each node's Go scheduler uses (default: all the machine's)."""
 
-    def __init__(self, tmp: Path, size: int = 1) -> None:
+    def __init__(self, tmp: Path, size: int = 1, gomaxprocs: int | None = None) -> None:
         binary = need_nats_server()
         ports = free_ports(2 * size)
         client, cluster = ports[:size], ports[size:]
@@ -125,6 +132,7 @@ class NatsCluster:
                 client[i],
                 cluster[i] if size > 1 else None,
                 [c for j, c in enumerate(cluster) if j != i],
+                gomaxprocs,
             )
             for i in range(size)
         ]
