@@ -10,7 +10,8 @@ to hub i % 3), one source sending to the first hub.
 
 - latency at `--rate` pops/s (open loop, from the intended send time to the listener's callback),
 - the highest rate of `--steps` whose p99 stays under 10 ms (no loss, no duplicate),
-- hub CPU per pop (all hubs together, during the latency run) and NATS CPU per pop,
+- hub CPU per pop (all hubs together, and each: the source's hub first, during the latency run)
+  and NATS CPU per pop (all nodes, and each),
 - messages stored in the stream per pop during the latency run (the pop, its ack's share).
 
 The NATS nodes share this machine's cores: each gets GOMAXPROCS = cores / nodes (1 for three
@@ -154,11 +155,12 @@ def measure(
                     )
                 )
         msgs0 = stream_messages(nats)
-        hub0 = sum(cpu_seconds(h.pid) for h in hubs)
-        nats0 = sum(cpu_seconds(p) for p in nats_pids)
+        hubs0 = [cpu_seconds(h.pid) for h in hubs]
+        nodes0 = [cpu_seconds(p) for p in nats_pids]
         lat = run.open_loop(args.rate, args.duration)
-        hub_cpu = sum(cpu_seconds(h.pid) for h in hubs) - hub0
-        nats_cpu = sum(cpu_seconds(p) for p in nats_pids) - nats0
+        per_hub = [cpu_seconds(h.pid) - t for h, t in zip(hubs, hubs0, strict=True)]
+        per_node = [cpu_seconds(p) - t for p, t in zip(nats_pids, nodes0, strict=True)]
+        hub_cpu, nats_cpu = sum(per_hub), sum(per_node)
         time.sleep(0.5)  # the last acks reach the stream
         msgs = stream_messages(nats) - msgs0
         for spy in spies:
@@ -169,12 +171,17 @@ def measure(
         }
         result["hub_cpu_us_per_pop"] = round(1e6 * hub_cpu / sent)
         result["nats_cpu_us_per_pop"] = round(1e6 * nats_cpu / sent) if nats else None
+        # the hub taking the source's pops first; the nodes in start order (any may lead)
+        result["each_hub_cpu_us_per_pop"] = [round(1e6 * c / sent) for c in per_hub]
+        result["each_node_cpu_us_per_pop"] = [round(1e6 * c / sent) for c in per_node]
         result["stored_msgs_per_pop"] = round(msgs / sent, 2) if nats else None
         print(
             f"  {name}: @{args.rate:g}/s p50 {lat['p50_ms']} p99 {lat['p99_ms']} max {lat['max_ms']} ms,"
             f" lost {lat['lost']} dup {lat['duplicated']}; hub CPU {result['hub_cpu_us_per_pop']} µs/pop,"
             f" NATS CPU {result['nats_cpu_us_per_pop']} µs/pop,"
-            f" stream messages {result['stored_msgs_per_pop']} per pop",
+            f" stream messages {result['stored_msgs_per_pop']} per pop;"
+            f" each hub {result['each_hub_cpu_us_per_pop']} µs, each node"
+            f" {result['each_node_cpu_us_per_pop']} µs",
             file=sys.stderr,
         )
         best, steps = 0, []
