@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -155,7 +157,11 @@ def test_one_stream_carries_several_resources_and_only_theirs() -> None:
     run(body())
 
 
-def test_a_dropped_stream_gets_its_unacked_pops_again_on_resume() -> None:
+def test_a_dropped_stream_gets_its_unacked_pops_again_on_resume(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "spop.hub")
+
     async def body() -> None:
         async with inprocess_hub(**hub_options()) as hub:
             base = http_of(hub)
@@ -171,6 +177,10 @@ def test_a_dropped_stream_gets_its_unacked_pops_again_on_resume() -> None:
                 second = await client.stream("telephone", ["1001"], last_event_id=a)
                 ready = await second.next(("ready",))
                 assert ready.json()["resumed_after"] == a
+                stream_id = ready.json()["stream"]
+                logged = [r.getMessage() for r in caplog.records if stream_id in r.getMessage()]
+                assert len(logged) == 1
+                assert logged[0].endswith(f"for [('telephone', '1001')], resumed after {a!r}")
                 assert [(await second.next()).id, (await second.next()).id] == [a, b]
                 await client.ack("telephone", ["1001"], [a])
                 await second.close()
@@ -244,6 +254,43 @@ def test_ack_without_the_csrf_header_is_refused() -> None:
     run(body())
 
 
+def test_an_ack_takes_10000_ids_not_10001() -> None:
+    async def body() -> None:
+        async with inprocess_hub(**hub_options()) as hub:
+            client = await signed_in(http_of(hub))
+            digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+            # ids of 1-3 characters in compact JSON: 10,001 of them fit the 64 KiB body limit
+            ids = [
+                "".join(digits[n // 36**p % 36] for p in (2, 1, 0)).lstrip("0") or "0"
+                for n in range(10_001)
+            ]
+            assert len(set(ids)) == 10_001
+
+            async def ack(ids: list[str]) -> tuple[int, Any]:
+                body = {"media": "telephone", "resource": ["1001"], "ids": ids}
+                async with client.session.post(
+                    f"{client.base}/v1/browser/ack",
+                    data=json.dumps(body, separators=(",", ":")),
+                    headers={
+                        **client.headers(),
+                        "X-Spop-CSRF": client.csrf,
+                        "Content-Type": "application/json",
+                    },
+                ) as answer:
+                    return answer.status, await answer.json()
+
+            try:
+                assert await ack(ids[:10_000]) == (200, {"acked": 0})
+                assert await ack(ids) == (
+                    400,
+                    {"error": "invalid_ack", "message": "at most 10,000 ids per request"},
+                )
+            finally:
+                await client.close()
+
+    run(body())
+
+
 def test_ack_without_a_session_is_refused() -> None:
     async def body() -> None:
         async with inprocess_hub(**hub_options()) as hub:
@@ -285,6 +332,10 @@ def test_other_origins_are_kept_out(origin: str, status: int) -> None:
                     assert answer.status == 403
                     login = await own.login(TOKEN)
                     assert login.status == 403
+                    assert (await login.json())["message"] == (
+                        f"origin {origin!r} is not in browser_origins"
+                    )
+                    assert hub.counters["browser_refused"] == 3  # stream, ack, sign-in
                 await stream.close()
             finally:
                 await own.close()
@@ -304,6 +355,11 @@ def test_preflight_only_for_configured_origins() -> None:
             async with http.options(url, headers={**ask, "Origin": "http://evil.test"}) as r:
                 assert r.status == 403
                 assert "Access-Control-Allow-Origin" not in r.headers
+                assert await r.json() == {
+                    "error": "cross_origin",
+                    "message": "origin 'http://evil.test' is not in browser_origins",
+                }
+            assert hub.counters["browser_refused"] == 1  # a refused preflight counts too
 
     run(body())
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 COOKIE = "spop_session"
 CSRF_HEADER = "X-Spop-CSRF"
 GONE_CHECK = 1.0  # seconds between looks at an idle stream's connection
+ACK_IDS_MAX = 10_000  # ids in one ack request
 CHECKED_MAX = 10_000  # sessions remembered as checked (a hub's browsers, with room to spare)
 RETRY_MS = 1000  # how soon an EventSource comes back after a drop (the `retry:` field)
 STATIC = {  # path → (file in spop_cli/web, content type)
@@ -326,15 +327,18 @@ def _cors(request: web.Request, response: web.StreamResponse) -> web.StreamRespo
     return response
 
 
+def _foreign(request: web.Request) -> web.Response:
+    """The refusal of another origin, counted, naming it (every endpoint, preflights too)."""
+    _hub(request).counters["browser_refused"] += 1
+    origin = request.headers.get("Origin", "")
+    return _problem(403, "cross_origin", f"origin {origin[:100]!r} is not in browser_origins")
+
+
 def _guard(request: web.Request, csrf: bool) -> tuple[dict[str, Any] | None, web.Response | None]:
     """The session, or the refusal: another origin (403), no session (401), no CSRF token (403)."""
     hub = _hub(request)
     if not origin_allowed(request):
-        hub.counters["browser_refused"] += 1
-        origin = request.headers.get("Origin", "")
-        return None, _problem(
-            403, "cross_origin", f"origin {origin[:100]!r} is not in browser_origins"
-        )
+        return None, _foreign(request)
     session = hub.browser_sessions.check(_cookie(request))
     if session is None:
         return None, _problem(401, "unauthorized", "no valid session: sign in first")
@@ -415,8 +419,7 @@ async def post_session(request: web.Request) -> web.StreamResponse:
     """Sign in: the listener token in the body, a signed HttpOnly cookie back."""
     hub = _hub(request)
     if not origin_allowed(request):
-        hub.counters["browser_refused"] += 1
-        return _problem(403, "cross_origin", "this origin is not in browser_origins")
+        return _foreign(request)
     body = await _json_body(request)
     token = body.get("token") if isinstance(body, dict) else None
     rights = hub.authorize(token)
@@ -475,8 +478,12 @@ async def post_ack(request: web.Request) -> web.StreamResponse:
         return _cors(request, refused)
     body = await _json_body(request)
     ids = body.get("ids") if isinstance(body, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) > 10_000:
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         return _cors(request, _problem(400, "invalid_ack", "ids must be a list of strings"))
+    if len(ids) > ACK_IDS_MAX:
+        return _cors(
+            request, _problem(400, "invalid_ack", f"at most {ACK_IDS_MAX:,} ids per request")
+        )
     try:
         keys = set(_keys(body))
     except ValueError as exc:
@@ -527,7 +534,16 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         for key in keys:  # registered before the replay, like a listener's `register`
             stream.keys.add(key)
             hub.delivery.subscribe(key, stream)
-        hub.log.info("%s: browser stream %s for %s", stream.peer, stream.id, keys)
+        if last:
+            hub.log.info(
+                "%s: browser stream %s for %s, resumed after %r",
+                stream.peer,
+                stream.id,
+                keys,
+                last[:200],
+            )
+        else:
+            hub.log.info("%s: browser stream %s for %s", stream.peer, stream.id, keys)
         await stream.ended()
     except ConnectionResetError:  # the browser went away; its pops wait for its return
         pass
@@ -541,7 +557,7 @@ async def options_browser(request: web.Request) -> web.StreamResponse:
     """CORS preflight: answered for configured origins only."""
     origin = request.headers.get("Origin")
     if not origin or origin not in _hub(request).config.browser_origins:
-        return _problem(403, "cross_origin", "this origin is not in browser_origins")
+        return _foreign(request)
     response = web.Response(status=204)
     response.headers.update(
         {

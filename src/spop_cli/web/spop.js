@@ -20,6 +20,10 @@
   "use strict";
 
   var here = (typeof document !== "undefined" && document.currentScript) || null;
+  // one ack request holds ids up to this many characters (about 450 generated ids): under the
+  // hub's 64 KiB body limit even at 3 UTF-8 bytes a character, whatever max_inflight lets a
+  // replay burst hold; the rest go in the next request
+  var ACK_CHARS = 16000;
   var DEFAULT_HUB = here && here.src ? new URL(here.src, location.href).origin : location.origin;
   var STATUS = {
     CONNECTING: "Connecting",
@@ -271,7 +275,11 @@
     function flushAcks() {
       if (acking || !toAck.length || !csrf) return;
       acking = true;
-      var ids = toAck.splice(0, toAck.length);
+      var n = 0;
+      for (var size = 0; n < toAck.length && (n === 0 || size + toAck[n].length + 3 <= ACK_CHARS); n++) {
+        size += toAck[n].length + 3; // "id",
+      }
+      var ids = toAck.splice(0, n);
       request(hub, "POST", "/v1/browser/ack", { media: media, resource: resources, ids: ids }, csrf).then(
         function () {
           acking = false;
