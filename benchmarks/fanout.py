@@ -151,7 +151,10 @@ PROBE = False  # run the hub under _hub_probe.py (--probe)
 
 
 def spop_command() -> list[str]:
-    exe = shutil.which("spop")
+    """The `spop` of this interpreter's environment (an `spop` earlier on PATH may be another
+    venv's: comparing two trees by running each one's python would measure one of them twice)."""
+    beside = Path(sys.executable).parent / "spop"
+    exe = str(beside) if beside.exists() else shutil.which("spop")
     return [exe] if exe else [sys.executable, "-m", "spop_cli"]
 
 
