@@ -13,6 +13,8 @@ to hub i % 3), one source sending to the first hub.
 - hub CPU per pop (all hubs together, and each: the source's hub first, during the latency run)
   and NATS CPU per pop (all nodes, and each),
 - messages stored in the stream per pop during the latency run (the pop, its ack's share).
+- messages the NATS nodes sent to the hubs' connections per pop (their `/connz`): live pops and
+  acks, JetStream's answers to writes, history reads.
 
 The NATS nodes share this machine's cores: each gets GOMAXPROCS = cores / nodes (1 for three
 nodes on two cores), as one would give co-located nodes; with their Go schedulers each on every
@@ -69,6 +71,25 @@ def stream_messages(nats: NatsCluster | None) -> int:
     return asyncio.run(last_seq())
 
 
+def hub_deliveries(nats: NatsCluster | None) -> int:
+    """Messages the NATS nodes have sent so far to the hubs' connections (`/connz` out_msgs of
+    the connections named spop-hub): live pops and acks, JetStream's answers, history reads."""
+    if nats is None:
+        return 0
+    import urllib.request
+
+    total = 0
+    for node in nats.nodes:
+        if node.monitor_port is None:
+            return 0
+        url = f"http://127.0.0.1:{node.monitor_port}/connz?limit=4096"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            for conn in json.loads(answer.read()).get("connections") or []:
+                if conn.get("name") == "spop-hub":
+                    total += conn.get("out_msgs", 0)
+    return total
+
+
 def start_hubs(
     tmp: Path, env: dict[str, str], name: str, count: int, nats: NatsCluster | None
 ) -> list[HubProcess]:
@@ -107,7 +128,7 @@ def measure(
     split: bool = True,
 ) -> dict[str, Any]:
     cores = node_cores(nodes, split)
-    nats = NatsCluster(tmp / f"{name}-nats", nodes, gomaxprocs=cores) if nodes else None
+    nats = NatsCluster(tmp / f"{name}-nats", nodes, gomaxprocs=cores, monitor=True) if nodes else None
     hubs: list[HubProcess] = []
     pub = lst = None
     result: dict[str, Any] = {
@@ -155,6 +176,7 @@ def measure(
                     )
                 )
         msgs0 = stream_messages(nats)
+        sent0 = hub_deliveries(nats)
         hubs0 = [cpu_seconds(h.pid) for h in hubs]
         nodes0 = [cpu_seconds(p) for p in nats_pids]
         lat = run.open_loop(args.rate, args.duration)
@@ -163,6 +185,7 @@ def measure(
         hub_cpu, nats_cpu = sum(per_hub), sum(per_node)
         time.sleep(0.5)  # the last acks reach the stream
         msgs = stream_messages(nats) - msgs0
+        to_hubs = hub_deliveries(nats) - sent0
         for spy in spies:
             spy.wait(60)
         sent = max(lat["sent"], 1)
@@ -175,11 +198,13 @@ def measure(
         result["each_hub_cpu_us_per_pop"] = [round(1e6 * c / sent) for c in per_hub]
         result["each_node_cpu_us_per_pop"] = [round(1e6 * c / sent) for c in per_node]
         result["stored_msgs_per_pop"] = round(msgs / sent, 2) if nats else None
+        result["msgs_to_hubs_per_pop"] = round(to_hubs / sent, 2) if nats else None
         print(
             f"  {name}: @{args.rate:g}/s p50 {lat['p50_ms']} p99 {lat['p99_ms']} max {lat['max_ms']} ms,"
             f" lost {lat['lost']} dup {lat['duplicated']}; hub CPU {result['hub_cpu_us_per_pop']} µs/pop,"
             f" NATS CPU {result['nats_cpu_us_per_pop']} µs/pop,"
-            f" stream messages {result['stored_msgs_per_pop']} per pop;"
+            f" stream messages {result['stored_msgs_per_pop']} per pop,"
+            f" messages to the hubs {result['msgs_to_hubs_per_pop']} per pop;"
             f" each hub {result['each_hub_cpu_us_per_pop']} µs, each node"
             f" {result['each_node_cpu_us_per_pop']} µs",
             file=sys.stderr,

@@ -53,8 +53,10 @@ class NatsNode:
         cluster_port: int | None,
         routes: list[int],
         gomaxprocs: int | None = None,
+        monitor_port: int | None = None,
     ) -> None:
         self.name, self.port, self.store = name, port, store
+        self.monitor_port = monitor_port
         self.env = dict(os.environ)
         if gomaxprocs is not None:  # the Go scheduler's threads: the cores this node may use
             self.env["GOMAXPROCS"] = str(gomaxprocs)
@@ -70,6 +72,8 @@ class NatsNode:
             "-n",
             name,
         ]
+        if monitor_port is not None:  # HTTP monitoring (/varz, /connz): the benchmarks' counts
+            self.args += ["-m", str(monitor_port)]
         if cluster_port is not None:
             self.args += ["--cluster_name", "spop", "--cluster", f"nats://127.0.0.1:{cluster_port}"]
             self.args += ["--routes", ",".join(f"nats://127.0.0.1:{r}" for r in routes)]
@@ -118,12 +122,16 @@ class NatsNode:
 
 class NatsCluster:
     """One node (size 1) or a JetStream cluster of `size` routed nodes. `gomaxprocs`: the cores
-    each node's Go scheduler uses (default: all the machine's)."""
+    each node's Go scheduler uses (default: all the machine's). `monitor`: each node serves its
+    HTTP monitoring on a port of its own (`node.monitor_port`)."""
 
-    def __init__(self, tmp: Path, size: int = 1, gomaxprocs: int | None = None) -> None:
+    def __init__(
+        self, tmp: Path, size: int = 1, gomaxprocs: int | None = None, monitor: bool = False
+    ) -> None:
         binary = need_nats_server()
-        ports = free_ports(2 * size)
-        client, cluster = ports[:size], ports[size:]
+        ports = free_ports(3 * size if monitor else 2 * size)
+        client, cluster = ports[:size], ports[size : 2 * size]
+        monitors: list[int | None] = list(ports[2 * size :]) if monitor else [None] * size
         self.nodes = [
             NatsNode(
                 binary,
@@ -133,6 +141,7 @@ class NatsCluster:
                 cluster[i] if size > 1 else None,
                 [c for j, c in enumerate(cluster) if j != i],
                 gomaxprocs,
+                monitors[i],
             )
             for i in range(size)
         ]
