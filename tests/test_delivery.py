@@ -27,6 +27,7 @@ from hubproc import (
     until,
 )
 from spop_cli import client
+from spop_cli.hub.connection import slow_limit
 from spop_cli.hub.journal import Journal
 from spop_cli.model import ListenerStatus
 
@@ -347,6 +348,61 @@ def test_slow_consumer_is_dropped_others_unharmed_and_it_resumes() -> None:
             assert await until(lambda: hub.status()["pending"] == 0)
             for listener in (other, back):
                 await listener.listener.shutdown()
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    ("registrations", "limit"),
+    [(0, 1), (1, 1), (2, 2), (63, 63), (64, 64), (65, 64), (1000, 64)],
+)
+def test_the_slow_consumer_limit_is_max_buffer_per_registration_up_to_64(
+    registrations: int, limit: int
+) -> None:
+    assert slow_limit(1 << 20, registrations) == limit << 20
+
+
+def test_a_shared_connection_is_dropped_past_max_buffer_per_registration_not_before() -> None:
+    """Four listeners on one connection that stops reading: its unsent bytes pass one
+    max_buffer and it stays; past four it is dropped, at the first frame over."""
+    keys = [f"shared-{n}" for n in range(4)]
+    max_buffer = 64 * 1024
+
+    async def body() -> None:
+        async with inprocess_hub(max_buffer=max_buffer, max_inflight=100_000) as hub:
+            frozen = socket.socket()
+            frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            frozen.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(frozen, ("127.0.0.1", hub.port))
+            frozen.sendall(
+                b'{"op":"hello","version":1}\n'
+                + b"".join(
+                    b'{"op":"register","media":"telephone","resource":"%s"}\n' % k.encode()
+                    for k in keys
+                )
+            )
+            assert await until(
+                lambda: all(hub.delivery.routing.has(("telephone", k)) for k in keys)
+            )
+            (conn,) = [c for c in hub.connections if c.keys]
+            # the kernel's buffers as small as they go: the unsent bytes wait in the hub
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+            )
+            alive: list[int] = []  # its unsent bytes after each pop, while it stays
+            for n in range(200):  # 10 KB each: 2 MB, far past four times the limit
+                data = {f"k{i}": "x" * 2500 for i in range(4)}
+                await hub.publish(pop(keys[n % 4], contact_data=data))
+                await asyncio.sleep(0.005)  # the hub's flush of this turn
+                if conn.closed:
+                    break
+                alive.append(conn.transport.get_write_buffer_size())
+            assert hub.status()["counters"]["slow_consumers_dropped"] == 1
+            frame = 10_000 + 300  # a pop's frame, about
+            assert max_buffer < alive[-1] <= 4 * max_buffer  # over one share, kept
+            assert alive[-1] > 4 * max_buffer - 2 * frame  # dropped at the next frame
+            assert hub.status()["pending"] == len(alive) + 1  # nothing lost
+            frozen.close()
 
     run(body())
 

@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 
 from ..model import Media, ScreenPopError, validate_resource
-from .connection import HubConnection
+from .connection import HubConnection, slow_limit
 from .http import HUB_KEY
 
 if TYPE_CHECKING:
@@ -197,7 +197,8 @@ class BrowserStream(HubConnection):
 
     def flush(self) -> None:
         """Everything queued this iteration, as one chunk in one write; a browser that stopped
-        reading past `max_buffer` is dropped (its pops stay pending for its return)."""
+        reading past `max_buffer` per key (slow_limit) is dropped (its pops stay pending for its
+        return)."""
         transport, out = self.transport, self.out
         if not out or transport is None:  # before the response head is out: kept for later
             return
@@ -212,7 +213,9 @@ class BrowserStream(HubConnection):
             data = b"%x\r\n%s\r\n" % (len(data), data)
         transport.write(data)
         self.last_tx = time.monotonic()
-        if transport.get_write_buffer_size() > self.hub.config.max_buffer:
+        if transport.get_write_buffer_size() > slow_limit(
+            self.hub.config.max_buffer, len(self.keys)
+        ):
             self.hub.counters["slow_consumers_dropped"] += 1
             self.hub.log.warning("%s: slow browser stream, buffer over limit: closed", self.peer)
             self.close()

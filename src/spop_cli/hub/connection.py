@@ -19,6 +19,14 @@ PONG = encode({"op": "pong"})
 PING = encode({"op": "ping"})
 REPLAY_CHUNK = 16 * 1024  # replayed bytes handed to the transport at a time
 LIVE_PRUNE_MIN = 1024  # queued live ids before the first look for settled ones
+BUFFER_SHARES_MAX = 64  # registrations a connection's slow-consumer limit grows with, at most
+
+
+def slow_limit(max_buffer: int, registrations: int) -> int:
+    """A connection's unsent bytes before it is dropped as a slow consumer: `max_buffer` per
+    registration, up to BUFFER_SHARES_MAX of them. The listeners of one process share one
+    connection; a burst that separate connections would each have buffered must not drop it."""
+    return max_buffer * min(max(registrations, 1), BUFFER_SHARES_MAX)
 
 
 def seconds(value: float) -> int | float:
@@ -219,7 +227,9 @@ class HubConnection(asyncio.Protocol):
         transport.write(data)
         self.last_tx = time.monotonic()
         # below the high-water mark (pause_writing not called) the buffer cannot be over the limit
-        if self.paused and transport.get_write_buffer_size() > self.hub.config.max_buffer:
+        if self.paused and transport.get_write_buffer_size() > slow_limit(
+            self.hub.config.max_buffer, len(self.keys)
+        ):
             # Slow consumer: drop it rather than grow without bound; its pops stay pending
             # and it gets them again when it comes back and registers.
             self.hub.counters["slow_consumers_dropped"] += 1
