@@ -1,7 +1,7 @@
 """Load processes for the spop hub, speaking the NDJSON listener protocol directly (docs/protocol.md).
 
     python benchmarks/_spop_load.py listeners --port P --n N --conns C
-    python benchmarks/_spop_load.py publisher --port P
+    python benchmarks/_spop_load.py publisher --port P [--ports P1,P2,P3]
 
 `listeners`: N registrations (telephone, resources 100000…) over C connections, asyncio protocols on
 uvloop. The "action" is the receiving callback: it stamps the time, counts the pop id and acks the
@@ -227,39 +227,54 @@ async def run_listeners(args: argparse.Namespace) -> None:
 
 
 class Publisher:
-    def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.lock = threading.Lock()
+    """One source connection per hub port; publish frames go to them in turn, as a load
+    balancer in front of a cluster's hubs spreads a source's requests."""
+
+    def __init__(self, host: str, ports: list[int]) -> None:
         self.cond = threading.Condition()
         self.oks = 0
         self.errors: list[str] = []
         self.error_count = 0
         self.last_ok_ns = 0
-        self.sock.sendall(
-            dumps({"op": "hello", "version": 1, "ref": "h", "role": "source", "client": "bench"})
-            + b"\n"
-        )
-        self.rest = b""
-        while b"\n" not in self.rest:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("hub closed during the handshake")
-            self.rest += chunk
-        first, _, self.rest = self.rest.partition(b"\n")
-        if loads(first).get("op") != "welcome":
-            raise ConnectionError(first.decode())
-        threading.Thread(target=self.read_loop, daemon=True).start()
+        self.turn = 0  # frames sent so far: the next goes to connection turn % len(socks)
+        self.socks: list[socket.socket] = []
+        self.locks: list[threading.Lock] = []
+        for port in ports:
+            sock = socket.create_connection((host, port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = {"op": "hello", "version": 1, "ref": "h", "role": "source", "client": "bench"}
+            sock.sendall(dumps(hello) + b"\n")
+            rest = b""
+            while b"\n" not in rest:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("hub closed during the handshake")
+                rest += chunk
+            first, _, rest = rest.partition(b"\n")
+            if loads(first).get("op") != "welcome":
+                raise ConnectionError(first.decode())
+            self.socks.append(sock)
+            self.locks.append(threading.Lock())
+            index = len(self.socks) - 1
+            threading.Thread(target=self.read_loop, args=(index, rest), daemon=True).start()
 
-    def send(self, data: bytes) -> None:
-        with self.lock:
-            self.sock.sendall(data)
+    def send(self, frames: list[bytes]) -> None:
+        """Each frame to the next connection in turn; one write per connection."""
+        count = len(self.socks)
+        groups: list[list[bytes]] = [[] for _ in range(count)]
+        for k, frame in enumerate(frames):
+            groups[(self.turn + k) % count].append(frame)
+        self.turn += len(frames)
+        for to, part in enumerate(groups):
+            if part:
+                with self.locks[to]:
+                    self.socks[to].sendall(b"\n".join(part) + b"\n")
 
-    def read_loop(self) -> None:
-        buffer = self.rest
+    def read_loop(self, index: int, buffer: bytes) -> None:
+        sock, lock = self.socks[index], self.locks[index]
         while True:
             try:
-                chunk = self.sock.recv(1 << 18)
+                chunk = sock.recv(1 << 18)
             except OSError:
                 chunk = b""
             if not chunk:
@@ -275,7 +290,8 @@ class Publisher:
                     ids = loads(line).get("ids")
                     oks += len(ids) if ids is not None else 1
                 elif line.startswith(b'{"op":"ping"'):
-                    self.send(b'{"op":"pong"}\n')
+                    with lock:
+                        sock.sendall(b'{"op":"pong"}\n')
                 elif line:
                     self.error_count += 1
                     if len(self.errors) < 10:
@@ -312,7 +328,7 @@ class Publisher:
                     f"{run}-{j}", resource_name(j % n), start + int(j * period), monotonic_ns()
                 )
                 frames.append(dumps({"op": "publish", "ref": j, "pops": pop}))
-            self.send(b"\n".join(frames) + b"\n")
+            self.send(frames)
             i = due
         sent_end = monotonic_ns()
         complete = self.wait_oks(base + total, 30 + duration)
@@ -352,7 +368,7 @@ class Publisher:
                     dumps({"op": "publish", "ref": sent, "pops": pops if batch > 1 else pops[0]})
                 )
                 sent += k
-            self.send(b"\n".join(frames) + b"\n")
+            self.send(frames)
         sent_end = monotonic_ns()
         complete = self.wait_oks(base + total, 60)
         return {
@@ -369,7 +385,9 @@ class Publisher:
 
 def run_publisher(args: argparse.Namespace) -> None:
     sys.setswitchinterval(0.0005)  # the sender thread must not wait 5 ms for the reader's GIL
-    pub = Publisher(args.host, args.port)
+    # --ports: the source's frames spread over several hubs (benchmarks/cluster.py --spread)
+    ports = [int(p) for p in args.ports.split(",") if p] or [args.port]
+    pub = Publisher(args.host, ports)
     answer({"ready": True})
     for line in sys.stdin.buffer:
         cmd = loads(line)

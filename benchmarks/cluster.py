@@ -3,10 +3,12 @@ JetStream cluster (replicas 3), in one run, with the same load.
 
     python benchmarks/cluster.py [--listeners 1000] [--rate 1000] [--duration 5]
                                  [--steps 1000,2000,3000,5000] [--json]
-                                 [--only embedded,r1,r3[,r3-all-cores]] [--py-spy DIR]
+                                 [--only embedded,r1,r3[,r3-spread,r3-all-cores]]
+                                 [--py-spy DIR]
 
 For each configuration: 1,000 listeners (one connection each; with three hubs, connection i goes
-to hub i % 3), one source sending to the first hub.
+to hub i % 3), one source sending to the first hub; `r3-spread`: the source's pops go to the
+three hubs in turn (one connection to each), as the load balancer of docs/cluster.md spreads them.
 
 - latency at `--rate` pops/s (open loop, from the intended send time to the listener's callback),
 - the highest rate of `--steps` whose p99 stays under 10 ms (no loss, no duplicate),
@@ -126,9 +128,12 @@ def measure(
     hubs_n: int,
     nodes: int,
     split: bool = True,
+    spread: bool = False,
 ) -> dict[str, Any]:
     cores = node_cores(nodes, split)
-    nats = NatsCluster(tmp / f"{name}-nats", nodes, gomaxprocs=cores, monitor=True) if nodes else None
+    nats = (
+        NatsCluster(tmp / f"{name}-nats", nodes, gomaxprocs=cores, monitor=True) if nodes else None
+    )
     hubs: list[HubProcess] = []
     pub = lst = None
     result: dict[str, Any] = {
@@ -141,7 +146,11 @@ def measure(
         hubs = start_hubs(tmp, env, name, hubs_n, nats)
         ports = ",".join(str(h.port) for h in hubs)
         pub = Worker(
-            f"{name}-pub", ["_spop_load.py", "publisher", "--port", str(hubs[0].port)], tmp, env
+            f"{name}-pub",
+            ["_spop_load.py", "publisher", "--port", str(hubs[0].port)]
+            + (["--ports", ports] if spread else []),
+            tmp,
+            env,
         )
         pub.read(60)
         n = args.listeners
@@ -264,7 +273,11 @@ def main() -> None:
     parser.add_argument("--steps", default="1000,2000,3000,5000,8000")
     parser.add_argument("--step-seconds", type=float, default=2.0)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--only", default="embedded,r1,r3", help="configurations to run")
+    parser.add_argument(
+        "--only",
+        default="embedded,r1,r3",
+        help="configurations to run (also r3-spread, r3-all-cores)",
+    )
     parser.add_argument("--py-spy", default="", help="directory for flame graphs of the hubs")
     args = parser.parse_args()
     args.steps = [int(s) for s in args.steps.split(",") if s]
@@ -275,16 +288,24 @@ def main() -> None:
         tmp = Path(tmp_name)
         env["SPOP_DIAG_DIR"] = str(tmp / "diag")
         only = set(args.only.split(","))
-        for short, name, hubs_n, nodes, split in (
-            ("embedded", "embedded hub (SQLite journal)", 1, 0, True),
-            ("r1", "1 hub, NATS 1 node (R1)", 1, 1, True),
-            ("r3", "3 hubs, NATS 3 nodes (R3)", 3, 3, True),
-            ("r3-all-cores", "3 hubs, NATS 3 nodes (R3), each node on every core", 3, 3, False),
+        for short, name, hubs_n, nodes, split, spread in (
+            ("embedded", "embedded hub (SQLite journal)", 1, 0, True, False),
+            ("r1", "1 hub, NATS 1 node (R1)", 1, 1, True, False),
+            ("r3", "3 hubs, NATS 3 nodes (R3)", 3, 3, True, False),
+            ("r3-spread", "3 hubs, NATS 3 nodes (R3), source spread", 3, 3, True, True),
+            (
+                "r3-all-cores",
+                "3 hubs, NATS 3 nodes (R3), each node on every core",
+                3,
+                3,
+                False,
+                False,
+            ),
         ):
             if short not in only:
                 continue
             print(f"{name} …", file=sys.stderr)
-            results.append(measure(name, tmp, env, args, hubs_n, nodes, split))
+            results.append(measure(name, tmp, env, args, hubs_n, nodes, split, spread))
     out = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
