@@ -125,7 +125,9 @@ def dump() -> None:
         "worst_stalls_cpu_ms": sorted(stall_cpu, reverse=True)[:10],
         "commits_over_2ms": len(slow_commits),
         "on_loop_commits_over_2ms": sum(1 for c in slow_commits if c[2]),
-        "worst_commits_ms_cpu_onloop": sorted(slow_commits, key=lambda c: (c[2], c[0]), reverse=True)[:10],
+        "worst_commits_ms_cpu_onloop": sorted(
+            slow_commits, key=lambda c: (c[2], c[0]), reverse=True
+        )[:10],
         "commit_seconds": commit_seconds,
         "stall_times": [(round(t, 3), ms) for t, ms in stalls if ms > 10][:2000],
         "worst_commits_off_loop": sorted((c for c in slow_commits if not c[2]), reverse=True)[:10],
@@ -180,7 +182,13 @@ def timed_commit(self: _journal.Journal, *args: object, **kwargs: object) -> Non
         row[1] = round(row[1] + wall, 2)
         row[2] = round(max(row[2], wall), 2)
         if wall > 10:  # when, to line up with the loop's stalls
-            commit_times.append((time.monotonic(), round(wall, 2), threading.current_thread() is threading.main_thread()))
+            commit_times.append(
+                (
+                    time.monotonic(),
+                    round(wall, 2),
+                    threading.current_thread() is threading.main_thread(),
+                )
+            )
         if wall > 2:
             slow_commits.append(
                 (

@@ -247,7 +247,13 @@ async def end_to_end(
             if phase == "start":
                 gc_t[0] = time.perf_counter()
             elif time.perf_counter() - gc_t[0] > 0.01:
-                gc_log.append((round(gc_t[0] - start, 2), info["generation"], round((time.perf_counter() - gc_t[0]) * 1000)))
+                gc_log.append(
+                    (
+                        round(gc_t[0] - start, 2),
+                        info["generation"],
+                        round((time.perf_counter() - gc_t[0]) * 1000),
+                    )
+                )
 
         if os.environ.get("BENCH_DEBUG"):
             gc.callbacks.append(on_gc)
@@ -388,9 +394,17 @@ async def end_to_end(
             base = int(measured_at[0]) if measured_at else 0
             print(
                 "commits per second of the measured run [n, wall ms, max ms]:",
-                {int(k) - base: v for k, v in probe.get("commit_seconds", {}).items() if int(k) >= base - 2},
+                {
+                    int(k) - base: v
+                    for k, v in probe.get("commit_seconds", {}).items()
+                    if int(k) >= base - 2
+                },
                 "stalls > 10 ms (s, ms):",
-                [(round(t - base, 1), ms) for t, ms in probe.get("stall_times", []) if t >= base - 2],
+                [
+                    (round(t - base, 1), ms)
+                    for t, ms in probe.get("stall_times", [])
+                    if t >= base - 2
+                ],
                 file=sys.stderr,
             )
         log = tmp / "hub.log"

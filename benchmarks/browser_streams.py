@@ -469,11 +469,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.monotonic()
             for k in range(args.clients):
                 cmd = [sys.executable, __file__, "--client", base, "--streams", str(args.streams)]
-                cmd += ["--first", str(k), "--step", str(args.clients), "--out", str(work / f"c{k}")]
+                cmd += [
+                    "--first",
+                    str(k),
+                    "--step",
+                    str(args.clients),
+                    "--out",
+                    str(work / f"c{k}"),
+                ]
                 cmd += ["--no-ack"] if args.no_ack else []
-                clients.append(
-                    subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-                )
+                clients.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
             for client in clients:
                 assert client.stdout is not None
                 line = client.stdout.readline()
@@ -537,7 +542,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         probed = json.loads(probe.read_text()) if probe is not None and probe.exists() else None
     hub_part = array("q", (lat - cli for lat, cli in zip(lats, client_part, strict=True)))
     received = sum(r["received"] for r in reports)
-    from_post, client_pc, hub_pc = percentiles(lats), percentiles(client_part), percentiles(hub_part)
+    from_post, client_pc, hub_pc = (
+        percentiles(lats),
+        percentiles(client_part),
+        percentiles(hub_part),
+    )
     result: dict[str, Any] = {
         "streams": args.streams,
         "rate": args.rate,
@@ -578,7 +587,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result["hub_loop_stalls_over_10ms"] = probed["stalls_over_10ms"]
         result["hub_worst_stalls_ms"] = probed["worst_stalls_ms"][:5]
         result["hub_worst_stalls_cpu_ms"] = probed["worst_stalls_cpu_ms"][:5]
-        result["hub_gc"] = {g: (v["count"], v["total_ms"], v["max_ms"]) for g, v in probed["gc"].items()}
+        result["hub_gc"] = {
+            g: (v["count"], v["total_ms"], v["max_ms"]) for g, v in probed["gc"].items()
+        }
         result["hub_commits_over_2ms"] = probed["commits_over_2ms"]
         result["hub_commits_over_2ms_on_loop"] = probed["on_loop_commits_over_2ms"]
         result["hub_worst_commits_ms_cpu_onloop"] = probed["worst_commits_ms_cpu_onloop"][:5]

@@ -68,7 +68,10 @@ def _requests(port: int, kind: str, count: int) -> None:
             ack = orjson.dumps({"media": "telephone", "resource": ["6000"], "ids": ["none"]})
             sock.settimeout(600)
             data = _request(
-                "POST", "/v1/browser/ack", ack, {"Cookie": f"spop_session={cookie}", "X-Spop-CSRF": csrf}
+                "POST",
+                "/v1/browser/ack",
+                ack,
+                {"Cookie": f"spop_session={cookie}", "X-Spop-CSRF": csrf},
             )
             for _ in range(count):
                 assert _exchange(sock, data)[0] == 200
@@ -80,7 +83,9 @@ def _requests(port: int, kind: str, count: int) -> None:
             for n in range(count):
                 pop = {"media": "telephone", "resource": "6000", "id": f"i-{n}", "source": "12345",
                        "queue_name": "Ventes", "contact_data": {"code1": "chaîne1"}}  # fmt: skip
-                data = _request("POST", "/v1/pops", orjson.dumps(pop), {"Authorization": f"Bearer {TOKEN}"})
+                data = _request(
+                    "POST", "/v1/pops", orjson.dumps(pop), {"Authorization": f"Bearer {TOKEN}"}
+                )
                 assert _exchange(sock, data)[0] == 200
 
 

@@ -145,7 +145,12 @@ def _run(
             config = Path(tmp) / "listen.toml"
             lines = ["[server]", f'address = "{port}@127.0.0.1"', ""]
             for i in range(listeners):
-                lines += ["[[listeners]]", 'media = "telephone"', f'resource = "{resource_name(i)}"', ""]
+                lines += [
+                    "[[listeners]]",
+                    'media = "telephone"',
+                    f'resource = "{resource_name(i)}"',
+                    "",
+                ]
             config.write_text("\n".join(lines))
             out_file = Path(tmp) / "cg.out"
             stdout_path = Path(tmp) / "stdout"
@@ -153,7 +158,12 @@ def _run(
                 wrapper = (
                     [sys.executable, "-m", "cProfile", "-o", str(cprofile)]
                     if cprofile is not None
-                    else ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", sys.executable]
+                    else [
+                        "valgrind",
+                        "--tool=callgrind",
+                        f"--callgrind-out-file={out_file}",
+                        sys.executable,
+                    ]
                 )
                 listen = subprocess.Popen(
                     [*wrapper, "-m", "spop_cli", "listen", "--config", str(config), "--json"],
@@ -169,7 +179,9 @@ def _run(
             err = (Path(tmp) / "stderr").read_text(errors="replace")
             printed = [line for line in stdout_path.read_bytes().splitlines() if line]
             if len(printed) != rounds * batch or len({p[:40] for p in printed}) != len(printed):
-                raise SystemExit(f"{len(printed)} lines printed for {rounds * batch} pops:\n{err[-2000:]}")
+                raise SystemExit(
+                    f"{len(printed)} lines printed for {rounds * batch} pops:\n{err[-2000:]}"
+                )
             if cprofile is not None:
                 return 0
             total = callgrind_total(err)
@@ -191,7 +203,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="pops per round")
     parser.add_argument("--profile", metavar="DIR", help="keep the callgrind files in DIR")
     parser.add_argument(
-        "--cprofile", metavar="FILE", help="instead: one native run (the high round count) under cProfile into FILE"
+        "--cprofile",
+        metavar="FILE",
+        help="instead: one native run (the high round count) under cProfile into FILE",
     )
     parser.add_argument("--hub", help=argparse.SUPPRESS)
     args = parser.parse_args()

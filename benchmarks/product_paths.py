@@ -232,7 +232,9 @@ def latencies(listener: ListenProcess, run: str) -> dict[str, Any]:
     lats = []
     dup = 0
     n = len(listener.arrived)
-    for pop_id, t, at in zip(listener.ids[:n], listener.intended[:n], listener.arrived[:n], strict=True):
+    for pop_id, t, at in zip(
+        listener.ids[:n], listener.intended[:n], listener.arrived[:n], strict=True
+    ):
         if not pop_id.startswith(prefix):
             continue
         if pop_id in seen:

@@ -90,9 +90,7 @@ class Stream:
 class BrowserClient:
     """What a page does: one cookie jar, a CSRF token, streams and acks."""
 
-    def __init__(
-        self, base: str, origin: str | None = None, ssl: Any = None
-    ) -> None:
+    def __init__(self, base: str, origin: str | None = None, ssl: Any = None) -> None:
         self.base = base
         self.origin = origin
         jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1

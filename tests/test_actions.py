@@ -449,12 +449,12 @@ def test_double_dash_keeps_a_dash_value_from_being_an_option(tmp_path: Path) -> 
 AWKWARD_TEXTS = [
     "",
     'a "quoted", colon: comma',
-    "back\\slash \\\" \\u0041",
+    'back\\slash \\" \\u0041',
     "tab\tnew\nline\rcr\x00nul\x1f\x7fdel\x08\x0c",
     "chaîne é ü ß 漢字 🎉",
     "\u2028\u2029 separators",
     "\ud800 lone surrogate",
-    "{}[]:,\"",
+    '{}[]:,"',
 ]
 
 

@@ -26,7 +26,9 @@ def test_address_forms(text: str, host: str, port: int) -> None:
     assert parse_address(text) == Address(host, port)
 
 
-@pytest.mark.parametrize("text", ["", "abc@host", "6000@", "70000@host", "[::1", "host:x", "0@host"])
+@pytest.mark.parametrize(
+    "text", ["", "abc@host", "6000@", "70000@host", "[::1", "host:x", "0@host"]
+)
 def test_bad_addresses_are_initialization_errors(text: str) -> None:
     with pytest.raises(ScreenPopError) as info:
         parse_address(text)

@@ -246,11 +246,15 @@ def test_the_live_views_cards_follow_pops_outcomes_and_changes(tmp_path: Path) -
     from spop_cli.dispatch import OK
     from spop_cli.session import RECENT_POPS
 
-    actions = [configure_action(TYPES, "log", {"plugin": "json", "path": str(tmp_path / "p.jsonl")})]
+    actions = [
+        configure_action(TYPES, "log", {"plugin": "json", "path": str(tmp_path / "p.jsonl")})
+    ]
 
     async def body() -> None:
         async with inprocess_hub() as hub:
-            session = ListenSession([ListenerPlan("telephone", "1001", actions)], address=address_of(hub))
+            session = ListenSession(
+                [ListenerPlan("telephone", "1001", actions)], address=address_of(hub)
+            )
             await session.start()
             try:
                 # a tracked call: a pop (routed), then answered here
@@ -260,7 +264,12 @@ def test_the_live_views_cards_follow_pops_outcomes_and_changes(tmp_path: Path) -
                     ("answered", 7, {"resource": "1001"}),
                 ):
                     await hub.apply_contacts(
-                        {"contact_id": "call-1", "event": kind, "at": f"2024-05-14T09:00:{second:02d}Z", **extra}
+                        {
+                            "contact_id": "call-1",
+                            "event": kind,
+                            "at": f"2024-05-14T09:00:{second:02d}Z",
+                            **extra,
+                        }
                     )
                     assert await until(lambda: not hub.delivery.pending)
                 await hub.publish(
@@ -279,7 +288,9 @@ def test_the_live_views_cards_follow_pops_outcomes_and_changes(tmp_path: Path) -
         assert [c.pop_id for c in cards] == [f"p-{i}" for i in reversed(range(RECENT_POPS))]
         newest = cards[0]
         assert (newest.source, newest.contact_data, newest.state) == (
-            str(RECENT_POPS - 1), (("k", f"v{RECENT_POPS - 1}"),), ""
+            str(RECENT_POPS - 1),
+            (("k", f"v{RECENT_POPS - 1}"),),
+            "",
         )
         assert {c.outcomes["log"].status for c in cards} == {OK}
 
@@ -289,11 +300,15 @@ def test_the_live_views_cards_follow_pops_outcomes_and_changes(tmp_path: Path) -
 def test_a_card_made_by_an_outcome_then_moved_by_a_change(tmp_path: Path) -> None:
     from spop_cli.dispatch import OK
 
-    actions = [configure_action(TYPES, "log", {"plugin": "json", "path": str(tmp_path / "p.jsonl")})]
+    actions = [
+        configure_action(TYPES, "log", {"plugin": "json", "path": str(tmp_path / "p.jsonl")})
+    ]
 
     async def body() -> None:
         async with inprocess_hub() as hub:
-            session = ListenSession([ListenerPlan("telephone", "1001", actions)], address=address_of(hub))
+            session = ListenSession(
+                [ListenerPlan("telephone", "1001", actions)], address=address_of(hub)
+            )
             await session.start()
             try:
                 for kind, second, extra in (
@@ -301,23 +316,40 @@ def test_a_card_made_by_an_outcome_then_moved_by_a_change(tmp_path: Path) -> Non
                     ("routed", 5, {"resource": "1001"}),
                 ):
                     await hub.apply_contacts(
-                        {"contact_id": "call-1", "event": kind, "at": f"2024-05-14T09:00:{second:02d}Z", **extra}
+                        {
+                            "contact_id": "call-1",
+                            "event": kind,
+                            "at": f"2024-05-14T09:00:{second:02d}Z",
+                            **extra,
+                        }
                     )
                     assert await until(lambda: not hub.delivery.pending)
                 assert await until(lambda: session.received == 1)
                 assert await session.entries[0].dispatcher.drain(10)
                 (ringing,) = session.snapshot().pops
                 await hub.apply_contacts(
-                    {"contact_id": "call-1", "event": "answered", "at": "2024-05-14T09:00:07Z", "resource": "1001"}
+                    {
+                        "contact_id": "call-1",
+                        "event": "answered",
+                        "at": "2024-05-14T09:00:07Z",
+                        "resource": "1001",
+                    }
                 )
                 assert await until(lambda: session.changes == 1)
                 (talking,) = session.snapshot().pops
             finally:
                 await session.finish(5)
         assert (ringing.state, ringing.source, ringing.queue, ringing.outcomes["log"].status) == (
-            "ringing", "12345", "Ventes", OK
+            "ringing",
+            "12345",
+            "Ventes",
+            OK,
         )
-        assert (talking.pop_id, talking.state, talking.outcomes["log"].status) == (ringing.pop_id, "talking", OK)
+        assert (talking.pop_id, talking.state, talking.outcomes["log"].status) == (
+            ringing.pop_id,
+            "talking",
+            OK,
+        )
         assert talking.talk_since is not None
 
     run(body())
@@ -354,10 +386,14 @@ def test_a_listener_keeps_a_pop_only_while_it_follows_its_contact():
                     )
                 assert await until(lambda: session.received == 3)
                 assert kept() == (["r"], ["r"])
-                await hub.apply_contacts({"contact_id": "r", "event": "answered", "resource": "1001"})
+                await hub.apply_contacts(
+                    {"contact_id": "r", "event": "answered", "resource": "1001"}
+                )
                 await settle(2)
                 assert kept() == (["r"], [])  # 1002: answered elsewhere, no longer following
-                await hub.apply_contacts({"contact_id": "r", "event": "consulted", "resource": "1002"})
+                await hub.apply_contacts(
+                    {"contact_id": "r", "event": "consulted", "resource": "1002"}
+                )
                 assert await until(lambda: session.received == 4)  # 1002 popped as consulted
                 await settle(3)
                 assert kept() == (["r"], ["r"])

@@ -292,7 +292,9 @@ def test_hub_restart_under_1000_listeners(tmp_path: Path) -> None:
         hub.kill()
 
 
-def test_hub_sigkilled_mid_stream_under_1000_listeners_on_shared_connections(tmp_path: Path) -> None:
+def test_hub_sigkilled_mid_stream_under_1000_listeners_on_shared_connections(
+    tmp_path: Path,
+) -> None:
     """`spop listen`'s way: 1,000 listeners of one process on one connection (the pool's 1,000
     per connection). The hub is SIGKILLed while a burst of pops is being delivered: every
     listener comes back on one connection, and every pop reaches its callback exactly once."""

@@ -26,7 +26,18 @@ def served(tmp_path: Path) -> Iterator[dict]:
     ready = tmp_path / "ready.json"
     env = {**os.environ, "SPOP_DIAG_DIR": str(tmp_path / "diag")}
     process = subprocess.Popen(
-        [*SPOP, "serve", "--port", "0", "--http-port", "0", "--journal", str(tmp_path / "j.sqlite3"), "--ready-file", str(ready)],
+        [
+            *SPOP,
+            "serve",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--journal",
+            str(tmp_path / "j.sqlite3"),
+            "--ready-file",
+            str(ready),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -59,10 +70,32 @@ def test_send_reaches_a_listener_with_every_option(served: dict) -> None:
     listener.start_listening("54321")
     result = subprocess.run(
         [
-            *SPOP, "send", "telephone", "54321", "--server", served["address"],
-            "--source", "12345", "--destination", "2468", "--queue", "File d'attente des ventes",
-            "--description", "Ventes", "--from", "13579", "--redirect", "777", "--wait", "15",
-            "--data", "code1=chaîne1", "--data", "url=a=b&c", "--id", "pop-1",
+            *SPOP,
+            "send",
+            "telephone",
+            "54321",
+            "--server",
+            served["address"],
+            "--source",
+            "12345",
+            "--destination",
+            "2468",
+            "--queue",
+            "File d'attente des ventes",
+            "--description",
+            "Ventes",
+            "--from",
+            "13579",
+            "--redirect",
+            "777",
+            "--wait",
+            "15",
+            "--data",
+            "code1=chaîne1",
+            "--data",
+            "url=a=b&c",
+            "--id",
+            "pop-1",
         ],
         capture_output=True,
         text=True,
@@ -72,7 +105,10 @@ def test_send_reaches_a_listener_with_every_option(served: dict) -> None:
     assert arrived.wait(5)
     event = got[0]
     assert (event.source, event.destination, event.queue_name, event.contact_description) == (
-        "12345", "2468", "File d'attente des ventes", "Ventes",
+        "12345",
+        "2468",
+        "File d'attente des ventes",
+        "Ventes",
     )
     assert (event.from_, event.redirect, event.wait_time) == ("13579", "777", 15)
     assert event.contact_data.to_dict() == {"code1": "chaîne1", "url": "a=b&c"}
@@ -80,7 +116,9 @@ def test_send_reaches_a_listener_with_every_option(served: dict) -> None:
 
 
 def test_send_without_a_hub_names_the_code() -> None:
-    result = CliRunner().invoke(cli, ["send", "telephone", "1", "--server", "1@127.0.0.1", "--timeout", "2"])
+    result = CliRunner().invoke(
+        cli, ["send", "telephone", "1", "--server", "1@127.0.0.1", "--timeout", "2"]
+    )
     assert result.exit_code == EXIT_CODES["SCREENPOP_Cannot_Find_HiPath_ProCenter"]
     assert "SCREENPOP_Cannot_Find_HiPath_ProCenter" in result.output
 
@@ -138,7 +176,9 @@ def test_demo_runs_and_exits_by_itself(tmp_path: Path) -> None:
     assert not diag.exists()  # nothing written into the user's own diagnostics
 
 
-def test_serve_options_merge_file_then_environment_then_command_line(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_serve_options_merge_file_then_environment_then_command_line(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     from spop_cli.serve import ServeError, build_hub_config
 
     config = tmp_path / "spop.toml"
@@ -147,7 +187,7 @@ def test_serve_options_merge_file_then_environment_then_command_line(tmp_path: P
     merged = build_hub_config(str(config), port=7002, no_journal=True)
     assert (merged.port, merged.http_port, merged.pop_ttl) == (7002, 7081, 30)
     assert merged.token == "from-env" and merged.journal is None
-    config.write_text("[hub]\nport = \"many\"\n")
+    config.write_text('[hub]\nport = "many"\n')
     with pytest.raises(ServeError) as info:
         build_hub_config(str(config))
     assert "hub.port" in str(info.value)

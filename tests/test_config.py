@@ -478,9 +478,18 @@ def test_a_program_name_not_on_path_is_a_problem(tmp_path: Path) -> None:
         ([], None),
         ("https://crm.example.com", 'must be a list of origins like "https://crm.example.com"'),
         (["*"], "'*' is not an origin like \"https://crm.example.com\" (no path, no *)"),
-        (["https://crm.example.com/"], "'https://crm.example.com/' is not an origin like \"https://crm.example.com\" (no path, no *)"),
-        (["crm.example.com"], "'crm.example.com' is not an origin like \"https://crm.example.com\" (no path, no *)"),
-        (["ftp://crm.example.com"], "'ftp://crm.example.com' is not an origin like \"https://crm.example.com\" (no path, no *)"),
+        (
+            ["https://crm.example.com/"],
+            "'https://crm.example.com/' is not an origin like \"https://crm.example.com\" (no path, no *)",
+        ),
+        (
+            ["crm.example.com"],
+            "'crm.example.com' is not an origin like \"https://crm.example.com\" (no path, no *)",
+        ),
+        (
+            ["ftp://crm.example.com"],
+            "'ftp://crm.example.com' is not an origin like \"https://crm.example.com\" (no path, no *)",
+        ),
     ],
 )
 def test_browser_origins_are_checked(value: object, problem: str | None) -> None:
@@ -492,11 +501,17 @@ def test_browser_origins_are_checked(value: object, problem: str | None) -> None
 @pytest.mark.parametrize(
     ("value", "problem"),
     [
-        ([{"label": "CRM", "url": "https://crm.example.com/c?p={source}&r={contact_data[Ref]}"}], None),
+        (
+            [{"label": "CRM", "url": "https://crm.example.com/c?p={source}&r={contact_data[Ref]}"}],
+            None,
+        ),
         ({"label": "CRM"}, "must be a list of {label, url} tables"),
         ([{"label": "CRM"}], "button 0: must be a table with exactly label and url"),
         ([{"label": "", "url": "https://x"}], "button 0: label and url must be non-empty strings"),
-        ([{"label": "CRM", "url": "javascript:alert(1)"}], "button 0: url must start with https:// or http://"),
+        (
+            [{"label": "CRM", "url": "javascript:alert(1)"}],
+            "button 0: url must start with https:// or http://",
+        ),
         (
             [{"label": "CRM", "url": "https://x/{nope}"}],
             "button 0: unknown field {nope} (use {FIELD} or {contact_data[KEY]}; fields: id, media,"

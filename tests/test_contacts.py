@@ -482,7 +482,12 @@ def test_a_time_that_overflows_is_refused_and_earlier_events_stay_applied() -> N
     now = datetime(2026, 1, 1, tzinfo=UTC)
     events = [
         {"contact_id": "c", "event": "routed", "resource": "13579"},
-        {"contact_id": "c", "event": "answered", "resource": "13579", "at": "0001-01-01T00:00:00+01:00"},
+        {
+            "contact_id": "c",
+            "event": "answered",
+            "resource": "13579",
+            "at": "0001-01-01T00:00:00+01:00",
+        },
     ]
     with pytest.raises(ContactEventError) as info:
         tracker.apply_batch(events, now)

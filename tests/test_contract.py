@@ -206,7 +206,7 @@ def test_created_at_is_checked_and_sent_on_in_utc() -> None:
         min_value=datetime(2, 1, 1),
         max_value=datetime(9998, 12, 31),
         timezones=st.just(UTC)
-        | st.builds(lambda m: timezone(timedelta(minutes=m)), st.integers(-1439, 1439))
+        | st.builds(lambda m: timezone(timedelta(minutes=m)), st.integers(-1439, 1439)),
     ),
     st.sampled_from(["T", "t"]),
     st.booleans(),

@@ -52,7 +52,9 @@ def up(cls: type, hub: HubThread, resource: str):  # type: ignore[no-untyped-def
 
 
 @pytest.mark.parametrize("media, cls, event_cls, resource", MEDIA, ids=[m[0] for m in MEDIA])
-def test_each_media_end_to_end(hub: HubThread, media: str, cls: type, event_cls: type, resource: str) -> None:
+def test_each_media_end_to_end(
+    hub: HubThread, media: str, cls: type, event_cls: type, resource: str
+) -> None:
     listener, got = up(cls, hub, resource)
     pop = {
         "media": media,
@@ -70,7 +72,10 @@ def test_each_media_end_to_end(hub: HubThread, media: str, cls: type, event_cls:
     assert type(event) is event_cls
     assert event.id == pop_id and event.resource == resource
     assert event.queue_name == "File d'attente des ventes" and event.wait_time == 10
-    assert [(i.key, i.value) for i in event.contact_data] == [("code1", "chaîne1"), ("code2", "a=b")]
+    assert [(i.key, i.value) for i in event.contact_data] == [
+        ("code1", "chaîne1"),
+        ("code2", "a=b"),
+    ]
     assert event.created_at.endswith("Z")
     listener.shutdown()
 
@@ -133,7 +138,9 @@ def http_json(url: str, body: object | None = None) -> tuple[int, dict]:
 
 def test_http_post_one_pop_and_an_array(hub: HubThread) -> None:
     listener, got = up(ScreenPopWebCollaborationListener, hub, "pmoreau")
-    status, body = http_json(f"{hub.http}/v1/pops", {"media": "webcollab", "resource": "pmoreau", "source": "192.0.2.1"})
+    status, body = http_json(
+        f"{hub.http}/v1/pops", {"media": "webcollab", "resource": "pmoreau", "source": "192.0.2.1"}
+    )
     assert status == 200 and body["accepted"] == 1
     status, body = http_json(
         f"{hub.http}/v1/pops",
@@ -169,7 +176,9 @@ def test_http_health_and_status(hub: HubThread) -> None:
         ("just a string", 400, None),
     ],
 )
-def test_http_bad_pops_are_refused_with_the_field(hub: HubThread, body: object, status: int, field: str | None) -> None:
+def test_http_bad_pops_are_refused_with_the_field(
+    hub: HubThread, body: object, status: int, field: str | None
+) -> None:
     got_status, answer = http_json(f"{hub.http}/v1/pops", body)
     assert got_status == status
     assert answer["message"] and answer["error"]
@@ -179,7 +188,11 @@ def test_http_bad_pops_are_refused_with_the_field(hub: HubThread, body: object, 
 def test_http_bad_pop_in_an_array_names_its_index_and_accepts_none(hub: HubThread) -> None:
     status, answer = http_json(
         f"{hub.http}/v1/pops",
-        [{"media": "telephone", "resource": "1"}, {"media": "telephone", "resource": "2"}, {"media": "x", "resource": "3"}],
+        [
+            {"media": "telephone", "resource": "1"},
+            {"media": "telephone", "resource": "2"},
+            {"media": "x", "resource": "3"},
+        ],
     )
     assert status == 422 and answer["index"] == 2
     assert hub.status()["counters"].get("pops_accepted", 0) == 0

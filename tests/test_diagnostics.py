@@ -107,7 +107,11 @@ def test_log_line_writes_what_logger_log_writes(tmp_path) -> None:  # type: igno
     for line in lines:
         assert re.match(stamp, line), line
     bodies = [line[24:] for line in lines]
-    assert bodies[0] == bodies[1] == "INFO    spop.same pop b-1 telephone 6000 from 12345 queue \"File d'attente\" wait 10"
+    assert (
+        bodies[0]
+        == bodies[1]
+        == 'INFO    spop.same pop b-1 telephone 6000 from 12345 queue "File d\'attente" wait 10'
+    )
     assert bodies[2] == bodies[3] == "WARNING spop.same plain 5%"
     assert bodies[4] == bodies[5] == "DEBUG   spop.same no args 100%"
 

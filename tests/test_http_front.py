@@ -106,7 +106,9 @@ def test_keep_alive_requests_are_answered_by_the_front(hub: HubThread) -> None:
     try:
         for n in range(3):
             status, headers, body = conn.exchange(
-                pop_request(json.dumps({"media": "telephone", "resource": "6000", "id": f"k{n}"}).encode())
+                pop_request(
+                    json.dumps({"media": "telephone", "resource": "6000", "id": f"k{n}"}).encode()
+                )
             )
             assert status == 200
             assert json.loads(body) == {"accepted": 1, "ids": [f"k{n}"]}
@@ -123,7 +125,9 @@ def test_pipelined_requests_are_answered_in_order(hub: HubThread) -> None:
         ids = [f"p{n}" for n in range(20)]
         conn.send(
             b"".join(
-                pop_request(json.dumps({"media": "telephone", "resource": "6000", "id": i}).encode())
+                pop_request(
+                    json.dumps({"media": "telephone", "resource": "6000", "id": i}).encode()
+                )
                 for i in ids
             )
         )
@@ -154,7 +158,9 @@ def test_a_request_it_does_not_answer_hands_the_connection_to_aiohttp(hub: HubTh
         assert len(front(hub).connections) == 0
         # aiohttp serves the rest of the connection, with the same handlers
         status, _, body = conn.exchange(
-            pop_request(json.dumps({"media": "telephone", "resource": "6000", "id": "after"}).encode())
+            pop_request(
+                json.dumps({"media": "telephone", "resource": "6000", "id": "after"}).encode()
+            )
         )
         assert (status, json.loads(body)["ids"]) == (200, ["after"])
     finally:
@@ -181,7 +187,9 @@ def test_pipelined_bytes_after_a_handover_are_not_lost(hub: HubThread) -> None:
         conn.send(
             pop_request()
             + request("GET", "/v1/health")
-            + pop_request(json.dumps({"media": "telephone", "resource": "6000", "id": "tail"}).encode())
+            + pop_request(
+                json.dumps({"media": "telephone", "resource": "6000", "id": "tail"}).encode()
+            )
         )
         answers = [conn.response() for _ in range(3)]
         assert [status for status, _, _ in answers] == [200, 200, 200]
@@ -203,8 +211,16 @@ HANDED_OVER = [
         b"POST /v1/pops HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
         400,
     ),
-    ("folded header", b"POST /v1/pops HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n b\r\nContent-Length: 2\r\n\r\n{}", 400),
-    ("space before colon", b"POST /v1/pops HTTP/1.1\r\nHost : x\r\nContent-Length: 2\r\n\r\n{}", 400),
+    (
+        "folded header",
+        b"POST /v1/pops HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n b\r\nContent-Length: 2\r\n\r\n{}",
+        400,
+    ),
+    (
+        "space before colon",
+        b"POST /v1/pops HTTP/1.1\r\nHost : x\r\nContent-Length: 2\r\n\r\n{}",
+        400,
+    ),
     (
         "a tab inside a value",
         b"POST /v1/pops HTTP/1.1\r\nHost: x\r\nX-A: a\tAuthorization: Bearer y\r\nContent-Length: 2\r\n\r\n{}",
@@ -217,7 +233,9 @@ HANDED_OVER = [
 
 
 @pytest.mark.parametrize("name,data,status", HANDED_OVER, ids=[row[0] for row in HANDED_OVER])
-def test_unusual_requests_get_aiohttps_answer(hub: HubThread, name: str, data: bytes, status: int) -> None:
+def test_unusual_requests_get_aiohttps_answer(
+    hub: HubThread, name: str, data: bytes, status: int
+) -> None:
     conn = Conn(hub)
     try:
         conn.send(data)
@@ -264,13 +282,24 @@ def same_answer_requests(cookie: str, csrf: str) -> list[tuple[str, bytes]]:
     browser = {"Cookie": cookie, "X-Spop-CSRF": csrf}
     ack = json.dumps({"media": "telephone", "resource": "6000", "ids": ["none"]}).encode()
     return [
-        ("pop accepted", pop_request(json.dumps({"media": "telephone", "resource": "7000"}).encode())),
+        (
+            "pop accepted",
+            pop_request(json.dumps({"media": "telephone", "resource": "7000"}).encode()),
+        ),
         ("pop bad json", pop_request(b"{nope")),
         ("pop unknown field", pop_request(b'{"media": "telephone", "resource": "1", "x": 1}')),
         ("pop wrong token", pop_request(Authorization="Bearer wrong")),
         ("pop listener token", pop_request(Authorization=f"Bearer {TOKEN}")),
         ("pop too deep", pop_request(b"[" * 100 + b"]" * 100)),
-        ("contacts bad media", request("POST", "/v1/contacts", b'{"events": [{"event": "queued"}]}', {"Authorization": f"Bearer {SOURCE}"})),
+        (
+            "contacts bad media",
+            request(
+                "POST",
+                "/v1/contacts",
+                b'{"events": [{"event": "queued"}]}',
+                {"Authorization": f"Bearer {SOURCE}"},
+            ),
+        ),
         ("health", request("GET", "/v1/health")),
         ("status no token", request("GET", "/v1/status")),
         ("openapi", request("GET", "/openapi.json")),
@@ -278,14 +307,23 @@ def same_answer_requests(cookie: str, csrf: str) -> list[tuple[str, bytes]]:
         ("panel", request("GET", "/panel")),
         ("ack", request("POST", "/v1/browser/ack", ack, browser)),
         ("ack no csrf", request("POST", "/v1/browser/ack", ack, {"Cookie": cookie})),
-        ("ack not json", request("POST", "/v1/browser/ack", b"ids=1", {**browser, "Content-Type": "text/plain"})),
+        (
+            "ack not json",
+            request("POST", "/v1/browser/ack", b"ids=1", {**browser, "Content-Type": "text/plain"}),
+        ),
         ("ack bad ids", request("POST", "/v1/browser/ack", b'{"ids": 1}', browser)),
-        ("ack other origin", request("POST", "/v1/browser/ack", ack, {**browser, "Origin": "https://evil.example"})),
+        (
+            "ack other origin",
+            request("POST", "/v1/browser/ack", ack, {**browser, "Origin": "https://evil.example"}),
+        ),
         ("session", request("GET", "/v1/browser/session", b"", {"Cookie": cookie})),
         ("session wrong token", request("POST", "/v1/browser/session", b'{"token": "no"}')),
         ("preflight", request("OPTIONS", "/v1/browser/ack", b"", {"Origin": CRM})),
         ("ack from the CRM", request("POST", "/v1/browser/ack", ack, {**browser, "Origin": CRM})),
-        ("preflight refused", request("OPTIONS", "/v1/browser/ack", b"", {"Origin": "https://evil.example"})),
+        (
+            "preflight refused",
+            request("OPTIONS", "/v1/browser/ack", b"", {"Origin": "https://evil.example"}),
+        ),
         ("sign out", request("DELETE", "/v1/browser/session", b"", browser)),
     ]
 
@@ -309,10 +347,14 @@ def test_sign_in_through_the_front_sets_the_same_cookie_attributes(hub: HubThrea
     assert lean[0] == routed[0] == 200
 
     def attributes(headers: dict[str, str]) -> list[str]:
-        return sorted(part.strip().split("=")[0].lower() for part in headers["set-cookie"].split(";"))
+        return sorted(
+            part.strip().split("=")[0].lower() for part in headers["set-cookie"].split(";")
+        )
 
-    assert attributes(lean[1]) == attributes(routed[1]) == sorted(
-        ["spop_session", "httponly", "max-age", "path", "samesite"]
+    assert (
+        attributes(lean[1])
+        == attributes(routed[1])
+        == sorted(["spop_session", "httponly", "max-age", "path", "samesite"])
     )
 
 
@@ -430,11 +472,21 @@ def _reference_parse(routes: dict[tuple[str, str], int], max_body: int, head: st
     ):
         return None
     connection = headers.getall("Connection", ())
-    if connection and (len(connection) != 1 or connection[0].lower() not in ("close", "keep-alive")):
+    if connection and (
+        len(connection) != 1 or connection[0].lower() not in ("close", "keep-alive")
+    ):
         return None
     close = bool(connection) and connection[0].lower() == "close"
     authorization = headers.get("Authorization", "")
-    return routes[(method, path)], method, path, list(headers.items()), authorization, int(lengths[0]), close
+    return (
+        routes[(method, path)],
+        method,
+        path,
+        list(headers.items()),
+        authorization,
+        int(lengths[0]),
+        close,
+    )
 
 
 def test_the_head_parser_agrees_with_the_reference_on_random_heads() -> None:
@@ -460,7 +512,9 @@ def test_the_head_parser_agrees_with_the_reference_on_random_heads() -> None:
         lines = ["Host: x", "Content-Length: 2"] if rng.random() < 0.8 else []
         for _ in range(rng.randint(0, 3)):
             separator = rng.choice([": ", ":", " : ", ":\t", ": \t"])
-            lines.append(rng.choice(names) + separator + rng.choice(values) + rng.choice(["", " ", "\t"]))
+            lines.append(
+                rng.choice(names) + separator + rng.choice(values) + rng.choice(["", " ", "\t"])
+            )
         rng.shuffle(lines)
         head = "\r\n".join([rng.choice(starts), *lines])
         expected = _reference_parse(Front.routes, Front.max_body, head)
@@ -472,13 +526,16 @@ def test_the_head_parser_agrees_with_the_reference_on_random_heads() -> None:
 
 @pytest.mark.parametrize("status", [200, 400, 401, 403, 413, 422, 500, 503])
 @pytest.mark.parametrize("close", [False, True])
-def test_a_json_answer_is_the_bytes_of_the_response_aiohttps_path_builds(status: int, close: bool) -> None:
+def test_a_json_answer_is_the_bytes_of_the_response_aiohttps_path_builds(
+    status: int, close: bool
+) -> None:
     from aiohttp import web
 
     from spop_cli.hub.fasthttp import JsonAnswer, _serialise
 
     body = json.dumps({"accepted": 1, "ids": ["é-1"]}).encode()
     model = web.Response(body=body, status=status, content_type="application/json")
+
     def undated(data: bytes) -> bytes:  # the same but for a second ticking over between the two
         return re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\n", data)
 
@@ -500,6 +557,14 @@ def test_long_header_lines_are_parsed_each_time_not_kept() -> None:
     long = "X-Long: " + "v" * 1000
     head = f"GET /v1/health HTTP/1.1\r\nHost: x\r\n{long}  "
     for _ in range(2):
-        assert conn._parse(head) == (1, "GET", "/v1/health", [("Host", "x"), ("X-Long", "v" * 1000)], "", 0, False)
+        assert conn._parse(head) == (
+            1,
+            "GET",
+            "/v1/health",
+            [("Host", "x"), ("X-Long", "v" * 1000)],
+            "",
+            0,
+            False,
+        )
     assert long + "  " not in fasthttp._LINES
     assert "Host: x" in fasthttp._LINES

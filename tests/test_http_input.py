@@ -174,8 +174,13 @@ def test_pops_sent_after_100_continue_or_with_a_query_string_are_taken(
         head, answer = _response(sock)
     assert head.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
     assert json.loads(answer) == {"accepted": 1, "ids": ["continue-1"]}
-    body = json.dumps({"id": "query-1", "media": "telephone", "resource": "canary", "source": "query"})
-    assert post(hub, "/v1/pops?from=test", body.encode()) == (200, {"accepted": 1, "ids": ["query-1"]})
+    body = json.dumps(
+        {"id": "query-1", "media": "telephone", "resource": "canary", "source": "query"}
+    )
+    assert post(hub, "/v1/pops?from=test", body.encode()) == (
+        200,
+        {"accepted": 1, "ids": ["query-1"]},
+    )
     deadline = time.monotonic() + 5
     while not {"continue", "query"} <= set(canary.got):
         assert time.monotonic() < deadline, canary.got
@@ -185,7 +190,12 @@ def test_pops_sent_after_100_continue_or_with_a_query_string_are_taken(
 def test_a_body_too_deep_is_named_so_before_any_other_fault(hub: HubThread, canary: Canary) -> None:
     """The nesting of a pops body is checked only when the body is refused, and then first: a
     batch with a pop of unknown media and one nested 70 deep is `too_deep`, as it always was."""
-    deep = b'{"media": "telephone", "resource": "1", "contact_data": ' + b'{"a": ' * 70 + b'"x"' + b"}" * 71
+    deep = (
+        b'{"media": "telephone", "resource": "1", "contact_data": '
+        + b'{"a": ' * 70
+        + b'"x"'
+        + b"}" * 71
+    )
     status, answer = post(hub, "/v1/pops", b'[{"media": "fax", "resource": "1"}, ' + deep + b"]")
     assert (status, answer["error"]) == (400, "too_deep")
     status, answer = post(hub, "/v1/pops", b'[{"media": "fax", "resource": "1"}]')

@@ -735,17 +735,30 @@ def test_a_journal_with_the_old_done_index_loses_the_index_and_keeps_every_row(
         )
         db.executemany(
             "INSERT INTO pops VALUES (?, 'telephone', '1', 'c', x'7b7d', ?, ?, ?)",
-            [("z-pending", now, now + 60, 0), ("a-done", now, now + 60, 1), ("m-expired", now, now - 1, 0)],
+            [
+                ("z-pending", now, now + 60, 0),
+                ("a-done", now, now + 60, 1),
+                ("m-expired", now, now - 1, 0),
+            ],
         )
 
     def indexes() -> list[str]:
         with sqlite3.connect(path) as db:
-            return [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")]
+            return [
+                r[0]
+                for r in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+                )
+            ]
 
     assert indexes() == ["pops_done"]
     journal = Journal(path, retain=60)
     found = journal.open()
-    assert [(row.id, row.done) for row in found] == [("z-pending", False), ("a-done", True), ("m-expired", True)]
+    assert [(row.id, row.done) for row in found] == [
+        ("z-pending", False),
+        ("a-done", True),
+        ("m-expired", True),
+    ]
     assert journal.expired_while_down == [("m-expired", "telephone", "1")]
     assert indexes() == []
 
@@ -760,7 +773,10 @@ def test_a_journal_with_the_old_done_index_loses_the_index_and_keeps_every_row(
     assert rows(path) == {"z-pending": 1, "a-done": 1, "m-expired": 1, "new": 0}
     found, _ = reopen(path)
     assert [(row.id, row.done) for row in found] == [
-        ("z-pending", True), ("a-done", True), ("m-expired", True), ("new", False)
+        ("z-pending", True),
+        ("a-done", True),
+        ("m-expired", True),
+        ("new", False),
     ]
     with sqlite3.connect(path) as db:  # a hub of the previous version builds its index again
         db.execute("CREATE INDEX IF NOT EXISTS pops_done ON pops(done, accepted)")

@@ -126,7 +126,9 @@ def test_diagnostics_lines_batched_in_order(tmp_path: Path) -> None:
             handler.put_line("INFO", "spop.test", f"line {i}")
         handler.flush()
         text = (tmp_path / "burst.000").read_text(encoding="utf-8")
-        assert [line.split(" spop.test ", 1)[1] for line in text.splitlines()] == [f"line {i}" for i in range(500)]
+        assert [line.split(" spop.test ", 1)[1] for line in text.splitlines()] == [
+            f"line {i}" for i in range(500)
+        ]
         assert sum(writes) == 500
         assert len(writes) < 50  # one write per line would be 500
         # without a flush, a line still reaches the file (after the writer's delay)
@@ -135,11 +137,19 @@ def test_diagnostics_lines_batched_in_order(tmp_path: Path) -> None:
             if "late" in (tmp_path / "burst.000").read_text(encoding="utf-8"):
                 break
             threading.Event().wait(0.01)
-        assert (tmp_path / "burst.000").read_text(encoding="utf-8").endswith(" INFO    spop.test late\n")
+        assert (
+            (tmp_path / "burst.000")
+            .read_text(encoding="utf-8")
+            .endswith(" INFO    spop.test late\n")
+        )
     finally:
         handler.close()
     # close writes what is queued
     handler2 = diagnostics.NumberedRotatingHandler(tmp_path, "closing")
     handler2.put_line("WARNING", "spop.test", "last words")
     handler2.close()
-    assert (tmp_path / "closing.000").read_text(encoding="utf-8").endswith(" WARNING spop.test last words\n")
+    assert (
+        (tmp_path / "closing.000")
+        .read_text(encoding="utf-8")
+        .endswith(" WARNING spop.test last words\n")
+    )

@@ -21,7 +21,13 @@ from spop_cli.model import (
     ScreenPopWebCollaborationEvent,
 )
 
-VENDOR_STATUSES = ["Status_Down", "Status_Idle", "Status_Up", "Status_Reconnecting", "Status_Unknown"]
+VENDOR_STATUSES = [
+    "Status_Down",
+    "Status_Idle",
+    "Status_Up",
+    "Status_Reconnecting",
+    "Status_Unknown",
+]
 VENDOR_ERRORS = [
     "SCREENPOP_Already_Registered",
     "SCREENPOP_Cannot_Create_Diags",
@@ -56,7 +62,11 @@ def test_enumerations_are_complete() -> None:
 def test_contact_data_is_ordered_iterable_sized_and_keyed() -> None:
     data = ContactDataCollection([("code1", "chaîne1"), ("b", "2"), ("a", "1")])
     assert len(data) == 3
-    assert [(item.key, item.value) for item in data] == [("code1", "chaîne1"), ("b", "2"), ("a", "1")]
+    assert [(item.key, item.value) for item in data] == [
+        ("code1", "chaîne1"),
+        ("b", "2"),
+        ("a", "1"),
+    ]
     assert data["code1"] == "chaîne1"
     assert data.item("b").value == "2"
     assert "a" in data and "zz" not in data
@@ -167,4 +177,6 @@ def test_utc_now_iso_is_now_to_the_millisecond() -> None:
         assert moment.tzinfo is not None and moment.utcoffset().total_seconds() == 0
         at = round(moment.timestamp() * 1000)
         assert before <= at <= after
-        assert text == datetime.fromtimestamp(at / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert text == datetime.fromtimestamp(at / 1000, UTC).isoformat(
+            timespec="milliseconds"
+        ).replace("+00:00", "Z")

@@ -86,7 +86,9 @@ def test_verbose_prints_a_line_per_connection_registration_and_pop(tmp_path: Pat
             )
         finally:
             listener.shutdown()
-        assert next_line(lines, "listener disconnected").rstrip().endswith(": listener disconnected")
+        assert (
+            next_line(lines, "listener disconnected").rstrip().endswith(": listener disconnected")
+        )
     finally:
         stop(process)
     log = (tmp_path / "diag" / "hub.000").read_text()

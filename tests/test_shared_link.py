@@ -19,12 +19,12 @@ from test_listener_acks import BlockingHub, _pop
 S = ListenerStatus
 
 
-
-
 class Desk:
     """A listener of the pool and the pop ids its callback saw, in order."""
 
-    def __init__(self, pool: LinkPool, resource: str, media: str = "telephone", **options: Any) -> None:
+    def __init__(
+        self, pool: LinkPool, resource: str, media: str = "telephone", **options: Any
+    ) -> None:
         self.resource = resource
         self.listener = AsyncListener(media, pool=pool, reconnecting_interval=0.3, **options)
         self.seen: list[str] = []
@@ -106,7 +106,9 @@ def test_twin_listeners_in_one_pool_get_a_connection_each(runner: Any) -> None:
     on(runner, body())
 
 
-@pytest.mark.parametrize(("per_link", "hub_limit", "connections"), [(2, 10_000, 3), (1000, 2, 3), (1000, 5, 1)])
+@pytest.mark.parametrize(
+    ("per_link", "hub_limit", "connections"), [(2, 10_000, 3), (1000, 2, 3), (1000, 5, 1)]
+)
 def test_a_connection_holds_at_most_the_pool_s_and_the_hub_s_limit(
     per_link: int, hub_limit: int, connections: int
 ) -> None:
@@ -152,7 +154,9 @@ def test_after_a_hub_restart_all_come_back_on_one_connection_and_nothing_is_lost
             for i in range(4):
                 await hub.publish(pop(f"50{i}", id=f"after-{i}"))
             assert await until(lambda: all(d.listener.status is S.Status_Up for d in desks), 10)
-            assert await until(lambda: [d.seen for d in desks] == [[f"after-{i}"] for i in range(4)])
+            assert await until(
+                lambda: [d.seen for d in desks] == [[f"after-{i}"] for i in range(4)]
+            )
             status = hub.status()
             assert (status["connections"], status["registrations"]) == (1, 4)
             assert await until(lambda: hub.status()["pending"] == 0)
@@ -197,7 +201,10 @@ def test_an_unreachable_hub_fails_every_listener_with_its_own_error() -> None:
             port = hub.port
         pool = LinkPool()
         results = await asyncio.gather(
-            *(AsyncListener("telephone", pool=pool).initialize(f"{port}@127.0.0.1") for _ in range(3)),
+            *(
+                AsyncListener("telephone", pool=pool).initialize(f"{port}@127.0.0.1")
+                for _ in range(3)
+            ),
             return_exceptions=True,
         )
         assert [type(r) for r in results] == [ScreenPopError] * 3
@@ -225,7 +232,9 @@ def test_the_acks_of_one_read_leave_as_one_frame() -> None:
         assert shared.link is not None
         other = {**_pop("p-2"), "resource": "4712"}
         # one read with a pop for each listener, then the loop blocked: both acks left in the read
-        shared.link.data_received(pop_frame(_pop("p-1")) + pop_frame(other) + pop_frame(_pop("p-3")))
+        shared.link.data_received(
+            pop_frame(_pop("p-1")) + pop_frame(other) + pop_frame(_pop("p-3"))
+        )
         assert hub.got_ack.wait(5.0)
         for listener in listeners:
             await listener.shutdown()
@@ -261,4 +270,6 @@ def test_before_acks_needs_the_session_s_own_listeners() -> None:
     from spop_cli.session import ListenSession
 
     with pytest.raises(ValueError, match="before_acks needs the session's own listeners"):
-        ListenSession([], address="6000@127.0.0.1", listener_factory=AsyncListener, before_acks=print)
+        ListenSession(
+            [], address="6000@127.0.0.1", listener_factory=AsyncListener, before_acks=print
+        )

@@ -54,9 +54,7 @@ def fail(error: Exception, address: str | None = None) -> None:
     raise SystemExit(1)
 
 
-@click.group(
-    context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True
-)
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(__version__, prog_name="spop")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -119,13 +117,17 @@ def _config_option(fn):  # type: ignore[no-untyped-def]
 
 SERVER_HELP = "Hub address: PORT@HOST (the guide's form), HOST:PORT or [v6]:PORT; several hubs: 6000@a,6000@b."
 # Every command finds the hub one way (`_hub`): option > environment > [server] > default.
-HUB_DEFAULT = "  [default: $SPOP_SERVER, else [server] address of the config file, else 6000@localhost]"
+HUB_DEFAULT = (
+    "  [default: $SPOP_SERVER, else [server] address of the config file, else 6000@localhost]"
+)
 TOKEN_HELP = "Token the hub requires.  [default: $SPOP_TOKEN, else [server] token]"
 CAFILE_HELP = "CA to verify a TLS hub (turns TLS on).  [default: [server] cafile]"
 
 
 def _hub_server_option(fn):  # type: ignore[no-untyped-def]
-    return click.option("--server", default=None, metavar="PORT@HOST", help=SERVER_HELP + HUB_DEFAULT)(fn)
+    return click.option(
+        "--server", default=None, metavar="PORT@HOST", help=SERVER_HELP + HUB_DEFAULT
+    )(fn)
 
 
 def _hub_token_option(fn):  # type: ignore[no-untyped-def]
@@ -145,7 +147,9 @@ def _server_option(fn):  # type: ignore[no-untyped-def]
 
 def _token_option(fn):  # type: ignore[no-untyped-def]
     """Deprecated: reads only --token/$SPOP_TOKEN. Use _hub_token_option and `_hub()`."""
-    return click.option("--token", envvar="SPOP_TOKEN", default=None, help="Token the hub requires.")(fn)
+    return click.option(
+        "--token", envvar="SPOP_TOKEN", default=None, help="Token the hub requires."
+    )(fn)
 
 
 def _cafile_option(fn):  # type: ignore[no-untyped-def]
@@ -175,21 +179,82 @@ def _run(coro):  # type: ignore[no-untyped-def]
 
 @cli.command(epilog=EXAMPLES["serve"])
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1: loopback only).")
-@click.option("--port", type=int, default=None, help="Listener port (default 6000; 0 picks a free one).")
-@click.option("--http-port", type=int, default=None, help="HTTP port (default 6080; 0 picks a free one; -1 disables).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="SPOP_CONFIG", help="Configuration file ([hub] section).")
-@click.option("--token", envvar="SPOP_TOKEN", default=None, help="Token listeners (and sources) must present.")
-@click.option("--source-token", envvar="SPOP_SOURCE_TOKEN", default=None, help="Separate token for publishing; desktops with --token then cannot publish.")
-@click.option("--journal", type=click.Path(dir_okay=False), default=None, help="SQLite journal of accepted pops (default: the user state dir).")
+@click.option(
+    "--port", type=int, default=None, help="Listener port (default 6000; 0 picks a free one)."
+)
+@click.option(
+    "--http-port",
+    type=int,
+    default=None,
+    help="HTTP port (default 6080; 0 picks a free one; -1 disables).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    envvar="SPOP_CONFIG",
+    help="Configuration file ([hub] section).",
+)
+@click.option(
+    "--token", envvar="SPOP_TOKEN", default=None, help="Token listeners (and sources) must present."
+)
+@click.option(
+    "--source-token",
+    envvar="SPOP_SOURCE_TOKEN",
+    default=None,
+    help="Separate token for publishing; desktops with --token then cannot publish.",
+)
+@click.option(
+    "--journal",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="SQLite journal of accepted pops (default: the user state dir).",
+)
 @click.option("--no-journal", is_flag=True, help="Keep pops in memory only.")
-@click.option("--pop-ttl", type=float, default=None, help="Seconds an undelivered pop is kept (default 120).")
-@click.option("--dedupe-window", type=float, default=None, help="Seconds a pop id stays a duplicate (default 120).")
-@click.option("--heartbeat", type=float, default=None, help="Seconds between heartbeats (default 10).")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate: TLS on both ports.")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key for --tls-cert.")
-@click.option("--ready-file", type=click.Path(dir_okay=False), default=None, help="Write the bound ports as JSON here once listening.")
-@click.option("--verbose", "-v", is_flag=True, help="A line per pop and per listener registration on standard output.")
-def serve(config_path: str | None, ready_file: str | None, no_journal: bool, verbose: bool, **options: object) -> None:
+@click.option(
+    "--pop-ttl", type=float, default=None, help="Seconds an undelivered pop is kept (default 120)."
+)
+@click.option(
+    "--dedupe-window",
+    type=float,
+    default=None,
+    help="Seconds a pop id stays a duplicate (default 120).",
+)
+@click.option(
+    "--heartbeat", type=float, default=None, help="Seconds between heartbeats (default 10)."
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM certificate: TLS on both ports.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM private key for --tls-cert.",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the bound ports as JSON here once listening.",
+)
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="A line per pop and per listener registration on standard output.",
+)
+def serve(
+    config_path: str | None,
+    ready_file: str | None,
+    no_journal: bool,
+    verbose: bool,
+    **options: object,
+) -> None:
     """Run the hub: the listener port, the HTTP port, the journal."""
     from .serve import ServeError, build_hub_config, build_sources, run_hub
 
@@ -274,18 +339,44 @@ def _pop_fields(media: str, resource: str, fields: dict, data: tuple[str, ...]) 
 @_hub_token_option
 @_config_option
 @click.option("--source", default=None, help="Caller's number, customer's address, account or IP.")
-@click.option("--destination", default=None, help="Number dialled, address written to, or destination.")
+@click.option(
+    "--destination", default=None, help="Number dialled, address written to, or destination."
+)
 @click.option("--queue", "queue_name", default=None, help="Queue name.")
 @click.option("--description", "contact_description", default=None, help="Contact description.")
 @click.option("--from", "from_", default=None, help="Extension that transferred or consulted.")
 @click.option("--redirect", default=None, help="Number the call was forwarded or deflected from.")
-@click.option("--wait", "wait_time", type=click.IntRange(min=0), default=None, help="Wait time in seconds.")
-@click.option("--data", multiple=True, metavar="KEY=VALUE", help="Contact data (repeatable; the value may contain '=').")
+@click.option(
+    "--wait", "wait_time", type=click.IntRange(min=0), default=None, help="Wait time in seconds."
+)
+@click.option(
+    "--data",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Contact data (repeatable; the value may contain '=').",
+)
 @click.option("--contact-id", default=None, help="Contact the pop belongs to.")
-@click.option("--id", "pop_id", default=None, help="Pop id, so a resend is recognised as the same pop.")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the hub.")
+@click.option(
+    "--id", "pop_id", default=None, help="Pop id, so a resend is recognised as the same pop."
+)
+@click.option(
+    "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the hub."
+)
 @_cafile_option
-def send(media: str, resource: str, server: str | None, token: str | None, config_path: str | None, data: tuple[str, ...], pop_id: str | None, contact_id: str | None, timeout: float, cafile: str | None, from_: str | None, **fields: object) -> None:
+def send(
+    media: str,
+    resource: str,
+    server: str | None,
+    token: str | None,
+    config_path: str | None,
+    data: tuple[str, ...],
+    pop_id: str | None,
+    contact_id: str | None,
+    timeout: float,
+    cafile: str | None,
+    from_: str | None,
+    **fields: object,
+) -> None:
     """Send one pop to the listeners of MEDIA RESOURCE; exit 0 once the hub has accepted it.
 
     MEDIA is telephone, callback, email or webcollab; RESOURCE the extension or user ID.
@@ -301,7 +392,11 @@ def send(media: str, resource: str, server: str | None, token: str | None, confi
     pop = _pop_fields(media, resource, fields, data)
     hub = _hub(config_path, server, token, cafile)
     try:
-        ids = _run(client.publish(hub.address, pop, token=hub.token, timeout=timeout, ssl_context=hub.ssl_context()))
+        ids = _run(
+            client.publish(
+                hub.address, pop, token=hub.token, timeout=timeout, ssl_context=hub.ssl_context()
+            )
+        )
     except Exception as exc:  # noqa: BLE001 - every failure is reported with its code
         _fail_send(exc, hub.address)
     if sys.stdout.isatty():
@@ -342,11 +437,30 @@ def _fail_send(exc: Exception, address: str | None = None) -> None:
 @_hub_token_option
 @_config_option
 @click.option("--realtime", is_flag=True, help="Wait the scenario's delays for real.")
-@click.option("--contact-prefix", default=None, help="Prefix contact ids (default: a fresh one per run).")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the hub to answer each request.")
+@click.option(
+    "--contact-prefix", default=None, help="Prefix contact ids (default: a fresh one per run)."
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the hub to answer each request.",
+)
 @_cafile_option
 @click.option("--json", "as_json", is_flag=True, help="Print the hub's answer as JSON.")
-def simulate(scenario: str | None, list_them: bool, server: str | None, token: str | None, config_path: str | None, realtime: bool, contact_prefix: str | None, timeout: float, cafile: str | None, as_json: bool) -> None:
+def simulate(
+    scenario: str | None,
+    list_them: bool,
+    server: str | None,
+    token: str | None,
+    config_path: str | None,
+    realtime: bool,
+    contact_prefix: str | None,
+    timeout: float,
+    cafile: str | None,
+    as_json: bool,
+) -> None:
     """Play SCENARIO (a built-in name, see --list, or a scenario file) as contact events."""
     from pathlib import Path
 
@@ -370,7 +484,17 @@ def simulate(scenario: str | None, list_them: bool, server: str | None, token: s
         raise SystemExit(EXIT_CONFIG) from None
     hub = _hub(config_path, server, token, cafile)
     try:
-        result = _run(play(loaded, hub.address, token=hub.token, realtime=realtime, prefix=contact_prefix, timeout=timeout, ssl_context=hub.ssl_context()))
+        result = _run(
+            play(
+                loaded,
+                hub.address,
+                token=hub.token,
+                realtime=realtime,
+                prefix=contact_prefix,
+                timeout=timeout,
+                ssl_context=hub.ssl_context(),
+            )
+        )
     except Exception as exc:  # noqa: BLE001
         _fail_send(exc, hub.address)
     if as_json:
@@ -395,7 +519,9 @@ def _list_scenarios() -> None:
 
 
 @cli.command(epilog=EXAMPLES["demo"])
-@click.option("--delay", type=float, default=0.4, show_default=True, help="Seconds between the demo's steps.")
+@click.option(
+    "--delay", type=float, default=0.4, show_default=True, help="Seconds between the demo's steps."
+)
 def demo(delay: float) -> None:
     """A whole contact center in one process: hub, listeners, the guide's scenarios, then exit."""
     from .demo import run_demo
@@ -404,6 +530,7 @@ def demo(delay: float) -> None:
 
 
 # --- listen, config, plugins, diag, status (helper B) --------------------------------------
+
 
 def _plugins_dir_option(fn):  # type: ignore[no-untyped-def]
     return click.option(
@@ -512,7 +639,9 @@ def config_show(config_path: str | None, secrets: bool) -> None:
         click.echo(f"# environment: {', '.join(from_env)}")
     click.echo(show_config(doc, secrets=secrets), nl=False)
     unknown = [
-        p for p in validate(doc, sources) if p.message.startswith(("unknown key", "unknown section"))
+        p
+        for p in validate(doc, sources)
+        if p.message.startswith(("unknown key", "unknown section"))
     ]
     if unknown:
         for problem in unknown:
@@ -769,11 +898,17 @@ def status_command(
     help="Action to run on each pop: an [actions.NAME] or an action type (repeatable).",
 )
 @click.option(
-    "--json", "as_json", is_flag=True, help="One JSON object per pop, and one per contact change (\"type\": \"change\"), on stdout, nothing else there."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON object per pop, and one per contact change ("type": "change"), on stdout, nothing else there.',
 )
 @click.option("--once", is_flag=True, help="Exit after one pop has been handled by every action.")
 @click.option(
-    "--count", type=click.IntRange(min=1), default=None, help="Exit after N distinct pops have been handled."
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit after N distinct pops have been handled.",
 )
 @click.option(
     "--timeout",
@@ -964,7 +1099,12 @@ def _plain_callbacks(as_json: bool) -> dict:  # type: ignore[type-arg]
         else:
             click.echo(view.change_line(listener, change), err=True)
 
-    callbacks = {"on_pop": on_pop, "on_status": on_status, "on_result": on_result, "on_change": on_change}
+    callbacks = {
+        "on_pop": on_pop,
+        "on_status": on_status,
+        "on_result": on_result,
+        "on_change": on_change,
+    }
     if as_json:
         callbacks["before_acks"] = sys.stdout.flush
     return callbacks
@@ -1019,8 +1159,6 @@ async def _listen_until_done(session, *, timeout: float | None, live: bool):  # 
     finally:
         if view is not None:
             await view.stop()
-
-
 
 
 # -- spop source ------------------------------------------------------------------------------

@@ -67,7 +67,11 @@ class HubLink(asyncio.Protocol):
         try:
             frames = self.decoder.feed(data)
         except FrameError as exc:
-            self._fail(ScreenPopError(Error.SCREENPOP_Framework_Error, f"hub sent a bad frame: {exc.message}"))
+            self._fail(
+                ScreenPopError(
+                    Error.SCREENPOP_Framework_Error, f"hub sent a bad frame: {exc.message}"
+                )
+            )
             return
         try:
             for frame in frames:
@@ -94,7 +98,9 @@ class HubLink(asyncio.Protocol):
         self.lost = True
         if self._beat is not None:
             self._beat.cancel()
-        error = ScreenPopError(Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "connection to the hub lost")
+        error = ScreenPopError(
+            Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "connection to the hub lost"
+        )
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(error)
@@ -147,7 +153,8 @@ class HubLink(asyncio.Protocol):
         except TimeoutError:
             self._waiting.pop(ref, None)
             raise ScreenPopError(
-                Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, f"no answer from the hub to {op!r} in {timeout:g} s"
+                Error.SCREENPOP_Cannot_Find_HiPath_ProCenter,
+                f"no answer from the hub to {op!r} in {timeout:g} s",
             ) from None
         if answer["op"] == "error":
             if "detail" in answer:  # the hub checked our input and refused it
@@ -219,7 +226,10 @@ async def connect(
                 addr, token, role, timeout, ssl_context, on_pop, on_lost, on_change
             )
         except ScreenPopError as exc:
-            if exc.code is not Error.SCREENPOP_Cannot_Find_HiPath_ProCenter or index == len(addrs) - 1:
+            if (
+                exc.code is not Error.SCREENPOP_Cannot_Find_HiPath_ProCenter
+                or index == len(addrs) - 1
+            ):
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -248,7 +258,8 @@ async def _connect_one(
         )
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         raise ScreenPopError(
-            Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, f"cannot reach the hub at {addr}: {exc or 'timeout'}"
+            Error.SCREENPOP_Cannot_Find_HiPath_ProCenter,
+            f"cannot reach the hub at {addr}: {exc or 'timeout'}",
         ) from None
     # protocol 1 unless we want contact updates: a client that does not is what it always was
     hello: dict[str, Any] = {"version": 1, "role": role, "client": "spop-python"}
@@ -281,10 +292,14 @@ async def _connect_one(
 
 def _positive(value: Any, default: int) -> int:
     """A whole number the hub announced, or the default when it sent none (or nonsense)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+    return (
+        value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+    )
 
 
-async def publish(address: str, pops: list[dict[str, Any]] | dict[str, Any], **options: Any) -> list[str]:
+async def publish(
+    address: str, pops: list[dict[str, Any]] | dict[str, Any], **options: Any
+) -> list[str]:
     """Send pops as a source; return their ids once the hub has accepted (and journalled) them."""
     link = await connect(address, role="source", **options)
     try:
@@ -294,7 +309,9 @@ async def publish(address: str, pops: list[dict[str, Any]] | dict[str, Any], **o
         link.close()
 
 
-async def send_contacts(address: str, events: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+async def send_contacts(
+    address: str, events: list[dict[str, Any]], **options: Any
+) -> dict[str, Any]:
     """Send lifecycle events as a source; return what the hub applied (and the pops it made)."""
     link = await connect(address, role="source", **options)
     try:
@@ -312,6 +329,8 @@ async def fetch_status_async(address: str, **options: Any) -> dict[str, Any]:
         link.close()
 
 
-def fetch_status(address: str, token: str | None = None, timeout: float = 5.0, **options: Any) -> dict[str, Any]:
+def fetch_status(
+    address: str, token: str | None = None, timeout: float = 5.0, **options: Any
+) -> dict[str, Any]:
     """The hub's status (listeners, counters), for `spop status`."""
     return asyncio.run(fetch_status_async(address, token=token, timeout=timeout, **options))

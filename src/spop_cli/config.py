@@ -208,7 +208,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if isinstance(dirs, list):
         doc["plugins"]["dirs"] = [_beside(path, d) for d in dirs]
     actions = doc.get("actions")
-    for name, table in (actions.items() if isinstance(actions, dict) else ()):
+    for name, table in actions.items() if isinstance(actions, dict) else ():
         if not isinstance(table, dict) or table.get("plugin", name) != "command":
             continue
         argv = table.get("argv")
@@ -415,11 +415,11 @@ def _dirs(value: Any) -> str | None:
 def _origins(value: Any) -> str | None:
     """Browser origins as a browser sends them: scheme://host[:port], no path, no slash."""
     if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
-        return "must be a list of origins like \"https://crm.example.com\""
+        return 'must be a list of origins like "https://crm.example.com"'
     for origin in value:
         scheme, sep, rest = origin.partition("://")
         if scheme not in ("http", "https") or not sep or not rest or "/" in rest or origin == "*":
-            return f"{origin!r} is not an origin like \"https://crm.example.com\" (no path, no *)"
+            return f'{origin!r} is not an origin like "https://crm.example.com" (no path, no *)'
     return None
 
 
@@ -535,7 +535,9 @@ def validate(doc: Mapping[str, Any], sources: Mapping[str, str] | None = None) -
     if bool(hub.get("tls_cert")) != bool(hub.get("tls_key")):
         problem("hub.tls_cert", "tls_cert and tls_key go together: set both or neither")
     if bool(hub.get("nats_tls_cert")) != bool(hub.get("nats_tls_key")):
-        problem("hub.nats_tls_cert", "nats_tls_cert and nats_tls_key go together: set both or neither")
+        problem(
+            "hub.nats_tls_cert", "nats_tls_cert and nats_tls_key go together: set both or neither"
+        )
     _validate_listeners(doc.get("listeners", []), problem)
     actions = doc.get("actions", {})
     if not isinstance(actions, dict):
@@ -567,7 +569,9 @@ def _validate_sources(sources: Any, problem: Callable[..., None]) -> None:
             from .sources.standalone import parse_listen
 
             try:
-                parse_listen(table["listen"]) if isinstance(table["listen"], str) else parse_listen("")
+                parse_listen(table["listen"]) if isinstance(table["listen"], str) else parse_listen(
+                    ""
+                )
             except ValueError as exc:
                 problem(f"sources.{name}.listen", str(exc), table["listen"])
 

@@ -88,13 +88,22 @@ async def _demo(delay: float, diag: str) -> int:
             console.print(f"  listener {media:<9} {resource:<8} {listener.status}")
         for scenario in scenarios:
             await asyncio.sleep(delay)
-            console.print(f"\n[bold cyan]scenario {scenario.name}[/bold cyan]: {scenario.description}")
+            console.print(
+                f"\n[bold cyan]scenario {scenario.name}[/bold cyan]: {scenario.description}"
+            )
             await play(scenario, address)
         await asyncio.sleep(delay)
-        console.print("\n[bold cyan]spop send[/bold cyan] telephone 13579 --source 0612345678 --data ticket=T-42")
+        console.print(
+            "\n[bold cyan]spop send[/bold cyan] telephone 13579 --source 0612345678 --data ticket=T-42"
+        )
         await client.publish(
             address,
-            {"media": "telephone", "resource": "13579", "source": "0612345678", "contact_data": {"ticket": "T-42"}},
+            {
+                "media": "telephone",
+                "resource": "13579",
+                "source": "0612345678",
+                "contact_data": {"ticket": "T-42"},
+            },
         )
         try:
             await asyncio.wait_for(done.wait(), timeout=10)

@@ -58,7 +58,9 @@ class _Formatter(logging.Formatter):
         if second != self._second:
             self._text = time.strftime(self.datefmt or DATEFMT, self.converter(created))
             self._second = second
-        return f"{self._text}.{int((created - second) * 1000):03d} {levelname:<7} {name} {message}\n"
+        return (
+            f"{self._text}.{int((created - second) * 1000):03d} {levelname:<7} {name} {message}\n"
+        )
 
 
 class NumberedRotatingHandler(logging.Handler):
@@ -89,7 +91,9 @@ class NumberedRotatingHandler(logging.Handler):
         self._wake = threading.Event()  # something waits in _lines
         self._now = threading.Event()  # write it without waiting WRITE_DELAY (flush, close, full)
         self._closed = False
-        self._writer = threading.Thread(target=self._write_lines, name=f"spop-diag-{name}", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_lines, name=f"spop-diag-{name}", daemon=True
+        )
         self._writer.start()
 
     def _put(self, item: str | threading.Event | None) -> None:
@@ -265,7 +269,11 @@ def _only_diagnostics(logger: logging.Logger, level: int) -> NumberedRotatingHan
         for handler in current.handlers:
             if level < handler.level:
                 continue
-            if found is not None or handler.__class__ is not NumberedRotatingHandler or handler.filters:
+            if (
+                found is not None
+                or handler.__class__ is not NumberedRotatingHandler
+                or handler.filters
+            ):
                 return None
             found = handler
         if not current.propagate:

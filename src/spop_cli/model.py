@@ -215,7 +215,9 @@ class ContactDataCollection:
         try:
             return self._items[key]
         except KeyError:
-            raise ScreenPopError(Error.SCREENPOP_Wrong_Key, f"no contact data key {key!r}") from None
+            raise ScreenPopError(
+                Error.SCREENPOP_Wrong_Key, f"no contact data key {key!r}"
+            ) from None
 
     def item(self, key: str) -> ContactDataItem:
         return ContactDataItem(key, self[key])
@@ -370,7 +372,15 @@ class StatusChangedEvent:
     new: ListenerStatus
 
 
-CHANGE_KINDS = ("answered", "consulted", "transferred", "conferenced", "requeued", "withdrawn", "ended")
+CHANGE_KINDS = (
+    "answered",
+    "consulted",
+    "transferred",
+    "conferenced",
+    "requeued",
+    "withdrawn",
+    "ended",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,20 @@ MAX_TEXT = 1024
 MAX_DATA_ITEMS = 256
 MAX_DATA_TEXT = 4096
 MAX_ID = MAX_ID_LEN
-MAX_CONTACT_ID = MAX_CONTACT_ID_LEN  # as /v1/contacts: a tracked contact may also be popped directly
+MAX_CONTACT_ID = (
+    MAX_CONTACT_ID_LEN  # as /v1/contacts: a tracked contact may also be popped directly
+)
 KNOWN = frozenset(
-    {"id", "media", "resource", "contact_id", "created_at", "wait_time", "contact_data", *TEXT_FIELDS}
+    {
+        "id",
+        "media",
+        "resource",
+        "contact_id",
+        "created_at",
+        "wait_time",
+        "contact_data",
+        *TEXT_FIELDS,
+    }
 )
 
 
@@ -80,20 +91,29 @@ def check_contact_data(value: Any, numbers: bool) -> dict[str, str]:
     if value.__class__ is dict and len(value) <= MAX_DATA_ITEMS:
         # the common case: short string keys and values, taken as they are
         for key, item in value.items():
-            if item.__class__ is not str or not key or len(key) > MAX_DATA_TEXT or len(item) > MAX_DATA_TEXT:
+            if (
+                item.__class__ is not str
+                or not key
+                or len(key) > MAX_DATA_TEXT
+                or len(item) > MAX_DATA_TEXT
+            ):
                 break
         else:
             return value
     if not isinstance(value, dict):
         raise DataError("wrong_type", "contact_data must be an object of key/value strings")
     if len(value) > MAX_DATA_ITEMS:
-        raise DataError("too_many_keys", f"contact_data has {len(value)} keys (at most {MAX_DATA_ITEMS})")
+        raise DataError(
+            "too_many_keys", f"contact_data has {len(value)} keys (at most {MAX_DATA_ITEMS})"
+        )
     data: dict[str, str] = {}
     for key, item in value.items():
         if not key:
             raise DataError("wrong_key", "contact_data has an empty key")
         if len(key) > MAX_DATA_TEXT:
-            raise DataError("too_long", f"contact_data key {shown(key)} is longer than {MAX_DATA_TEXT}")
+            raise DataError(
+                "too_long", f"contact_data key {shown(key)} is longer than {MAX_DATA_TEXT}"
+            )
         if isinstance(item, str):
             text = item
         elif numbers and isinstance(item, int | float) and not isinstance(item, bool):
@@ -101,7 +121,9 @@ def check_contact_data(value: Any, numbers: bool) -> dict[str, str]:
         else:
             raise DataError("wrong_type", f"contact_data[{shown(key)}] must be a string", key)
         if len(text) > MAX_DATA_TEXT:
-            raise DataError("too_long", f"contact_data[{shown(key)}] is longer than {MAX_DATA_TEXT}", key)
+            raise DataError(
+                "too_long", f"contact_data[{shown(key)}] is longer than {MAX_DATA_TEXT}", key
+            )
         data[key] = text
     return data
 
@@ -124,7 +146,9 @@ def _created_at(data: dict[str, Any], now: str | None = None) -> str:
     if value is None or value == "":
         return now or utc_now_iso()
     if not isinstance(value, str) or len(value) > 64:
-        raise InputError(422, "bad_time", "created_at must be an ISO 8601 date and time", "created_at")
+        raise InputError(
+            422, "bad_time", "created_at must be an ISO 8601 date and time", "created_at"
+        )
     try:
         return iso_utc(parse_time(value))
     except ValueError:
@@ -199,7 +223,9 @@ def _checked_pop(data: Any, now: str | None = None) -> dict[str, Any]:
         raise InputError(400, "not_an_object", "a pop must be a JSON object")
     unknown = [k for k in data if k not in KNOWN]
     if unknown:
-        raise InputError(422, "unknown_field", f"unknown field {shown(unknown[0])}", unknown[0][:64])
+        raise InputError(
+            422, "unknown_field", f"unknown field {shown(unknown[0])}", unknown[0][:64]
+        )
     if "media" not in data:
         raise InputError(422, "missing_field", "media is required", "media")
     try:
@@ -223,7 +249,9 @@ def _checked_pop(data: Any, now: str | None = None) -> dict[str, Any]:
     if wait is None:  # absent or null, like every optional field
         wait = 0
     if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0 or wait > 10**9:
-        raise InputError(422, "wrong_type", "wait_time must be a whole number of seconds ≥ 0", "wait_time")
+        raise InputError(
+            422, "wrong_type", "wait_time must be a whole number of seconds ≥ 0", "wait_time"
+        )
     pop_id = _text(data, "id", MAX_ID) or new_pop_id()
     pop = {
         "id": pop_id,

@@ -19,7 +19,18 @@ MAX_DEPTH = 64  # arrays and objects nested in one frame or body; a pop needs 4
 
 # Who may send what. A frame of the wrong direction is a protocol error.
 CLIENT_OPS = frozenset(
-    {"hello", "register", "unregister", "ack", "ping", "pong", "publish", "contact", "status", "bye"}
+    {
+        "hello",
+        "register",
+        "unregister",
+        "ack",
+        "ping",
+        "pong",
+        "publish",
+        "contact",
+        "status",
+        "bye",
+    }
 )
 HUB_OPS = frozenset({"welcome", "ok", "error", "pop", "change", "ping", "pong"})
 CHANGE_HEAD = b'{"op":"change"'  # how a journalled frame is told to be a change, not a pop
@@ -155,7 +166,9 @@ def decode_line(line: bytes) -> dict[str, Any]:
             raise FrameError(
                 Error.SCREENPOP_Framework_Error, f"frame nested deeper than {MAX_DEPTH} levels"
             ) from None
-        raise FrameError(Error.SCREENPOP_Framework_Error, f"frame is not valid JSON: {exc}") from None
+        raise FrameError(
+            Error.SCREENPOP_Framework_Error, f"frame is not valid JSON: {exc}"
+        ) from None
     if not isinstance(frame, dict):
         raise FrameError(Error.SCREENPOP_Framework_Error, "frame is not a JSON object")
     op = frame.get("op")
@@ -163,7 +176,9 @@ def decode_line(line: bytes) -> dict[str, Any]:
         raise FrameError(Error.SCREENPOP_Framework_Error, "frame has no string 'op'")
     # counting brackets is cheap; only a frame with many is walked
     if line.count(b"[") + line.count(b"{") > MAX_DEPTH and nested_deeper(frame, MAX_DEPTH):
-        raise FrameError(Error.SCREENPOP_Framework_Error, f"frame nested deeper than {MAX_DEPTH} levels")
+        raise FrameError(
+            Error.SCREENPOP_Framework_Error, f"frame nested deeper than {MAX_DEPTH} levels"
+        )
     return frame
 
 
@@ -210,7 +225,9 @@ def check_client_frame(frame: dict[str, Any]) -> dict[str, Any]:
     if op in ("register", "unregister"):
         media = frame.get("media", "")
         try:
-            frame["media"] = Media.parse(media if isinstance(media, str) and len(media) <= 64 else "").value
+            frame["media"] = Media.parse(
+                media if isinstance(media, str) and len(media) <= 64 else ""
+            ).value
         except ScreenPopError:
             raise FrameError(
                 Error.SCREENPOP_Cannot_Register,
@@ -224,7 +241,9 @@ def check_client_frame(frame: dict[str, Any]) -> dict[str, Any]:
     elif op == "ack":
         ids = frame.get("ids", [frame.get("id")] if "id" in frame else None)
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise FrameError(Error.SCREENPOP_Framework_Error, "ack needs 'id' or 'ids' strings", ref)
+            raise FrameError(
+                Error.SCREENPOP_Framework_Error, "ack needs 'id' or 'ids' strings", ref
+            )
         frame["ids"] = ids
     elif op == "hello":
         version = frame.get("version")

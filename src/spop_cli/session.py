@@ -176,7 +176,9 @@ class ListenSession:
             listener.on_screen_pop(lambda event, entry=entry: self._received(entry, event))
             listener.on_status_changed(lambda old, new, entry=entry: self._status(entry, old, new))
             if hasattr(listener, "on_contact_changed"):  # the live view and --json show them
-                listener.on_contact_changed(lambda change, entry=entry: self._changed(entry, change))
+                listener.on_contact_changed(
+                    lambda change, entry=entry: self._changed(entry, change)
+                )
             self.entries.append(entry)
         try:
             for entry in self.entries:
@@ -343,7 +345,6 @@ class ListenSession:
             for r in map(self._materialized, list(self.recent))
         )
         return Snapshot(self.address, tuple(rows), pops, self.failures, self.pending, self.count)
-
 
     def _row(self, pop_id: str) -> PopRow | None:
         """The card of a recent pop (made now if it had none yet); None once it is not recent."""

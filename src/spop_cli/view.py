@@ -152,7 +152,9 @@ def minutes(seconds: float) -> str:
 
 def change_line(listener: Any, change: Any) -> str:
     """A contact change as one plain line (not a terminal, no --json)."""
-    parts = [f"{clock(time.time())} {change.media} {change.resource}: {change.change} {change.contact_id}"]
+    parts = [
+        f"{clock(time.time())} {change.media} {change.resource}: {change.change} {change.contact_id}"
+    ]
     for label in ("answered_by", "transferred_to", "consulted", "reason"):
         value = getattr(change, label)
         if value:

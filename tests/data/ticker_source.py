@@ -35,8 +35,15 @@ class Ticker(Source):
 
 def call(contact_id, resource, description):
     return [
-        {"contact_id": contact_id, "event": "queued", "media": "telephone", "source": "12345",
-         "destination": "2468", "queue_name": "Ventes", "contact_description": description},
+        {
+            "contact_id": contact_id,
+            "event": "queued",
+            "media": "telephone",
+            "source": "12345",
+            "destination": "2468",
+            "queue_name": "Ventes",
+            "contact_description": description,
+        },
         {"contact_id": contact_id, "event": "routed", "resource": resource},
     ]
 

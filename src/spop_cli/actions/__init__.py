@@ -33,7 +33,16 @@ if TYPE_CHECKING:  # pragma: no cover
 GENERIC_KEYS = frozenset({"plugin", "when", "timeout", "on"})  # understood for every action type
 DEFAULT_TIMEOUT = 30.0
 # What may trigger an action (`on`): the pop, and each contact change (docs/configuration.md).
-TRIGGERS = ("pop", "answered", "consulted", "transferred", "conferenced", "requeued", "withdrawn", "ended")
+TRIGGERS = (
+    "pop",
+    "answered",
+    "consulted",
+    "transferred",
+    "conferenced",
+    "requeued",
+    "withdrawn",
+    "ended",
+)
 DEFAULT_ON = frozenset({"pop"})  # a table without `on` means what it always meant
 
 
@@ -164,7 +173,7 @@ def parse_on(value: Any) -> frozenset[str]:
     """`on = ["pop", "ended"]` (or one string) → the triggers; ActionConfigError("on") if wrong."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
-        raise ActionConfigError("on", "must be a non-empty list of triggers, e.g. [\"pop\", \"ended\"]")
+        raise ActionConfigError("on", 'must be a non-empty list of triggers, e.g. ["pop", "ended"]')
     for item in items:
         if item not in TRIGGERS:
             raise ActionConfigError(

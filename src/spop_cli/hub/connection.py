@@ -106,8 +106,12 @@ class HubConnection(asyncio.Protocol):
             self.fatal(exc.code, exc.message, exc.ref)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.role is not None:  # a line per connection that said hello (`spop serve --verbose` shows it)
-            self.hub.log.info("%s: %s disconnected%s", self.peer, self.role, f": {exc}" if exc else "")
+        if (
+            self.role is not None
+        ):  # a line per connection that said hello (`spop serve --verbose` shows it)
+            self.hub.log.info(
+                "%s: %s disconnected%s", self.peer, self.role, f": {exc}" if exc else ""
+            )
         self.closed = True
         self.hub.connections.discard(self)
         for key in self.keys:
@@ -233,7 +237,9 @@ class HubConnection(asyncio.Protocol):
             # Slow consumer: drop it rather than grow without bound; its pops stay pending
             # and it gets them again when it comes back and registers.
             self.hub.counters["slow_consumers_dropped"] += 1
-            self.hub.log.warning("%s: slow consumer, write buffer over limit: disconnected", self.peer)
+            self.hub.log.warning(
+                "%s: slow consumer, write buffer over limit: disconnected", self.peer
+            )
             self.closed = True
             transport.abort()
 
@@ -285,7 +291,9 @@ class HubConnection(asyncio.Protocol):
                 self.reply(ref)
                 self._release(key)
             else:
-                self.error(Error.SCREENPOP_Wrong_Status, f"not registered for {key[0]} {key[1]}", ref)
+                self.error(
+                    Error.SCREENPOP_Wrong_Status, f"not registered for {key[0]} {key[1]}", ref
+                )
         elif op == "status":
             self.reply(ref, status=self.hub.status())
         elif op == "bye":
@@ -341,7 +349,9 @@ class HubConnection(asyncio.Protocol):
             )
             return
         if len(self.keys) >= self.hub.config.max_registrations:
-            self.error(Error.SCREENPOP_Cannot_Register, "too many registrations on one connection", ref)
+            self.error(
+                Error.SCREENPOP_Cannot_Register, "too many registrations on one connection", ref
+            )
             return
         self.keys.add(key)
         self.reply(ref)  # before the pending pops, so the client is Up when they arrive

@@ -69,7 +69,14 @@ HOLDING_EVENTS = frozenset(
 # The fields each event may carry (any other one, unless null, is refused), computed once.
 ALLOWED_FIELDS: dict[str, frozenset[str]] = {
     kind: frozenset(
-        {"id", "contact_id", "event", "at", *(QUEUE_FIELDS if kind == "requeued" else CONTACT_FIELDS), *takes}
+        {
+            "id",
+            "contact_id",
+            "event",
+            "at",
+            *(QUEUE_FIELDS if kind == "requeued" else CONTACT_FIELDS),
+            *takes,
+        }
     )
     for kind, takes in EVENT_FIELDS.items()
 }
@@ -78,7 +85,12 @@ STATE_VERSION = 1  # of a contact's journalled state (`ContactTracker.state`)
 
 # Contact updates (docs/contacts.md "Updates"): the events that move a contact from the
 # resources following it to the event's resource, and the `reason` each change carries.
-MOVING_EVENTS = {"transferred": "", "redirected": "redirected", "recalled": "recalled", "resumed": "resumed"}
+MOVING_EVENTS = {
+    "transferred": "",
+    "redirected": "redirected",
+    "recalled": "recalled",
+    "resumed": "resumed",
+}
 JOINING_EVENTS = {"conferenced": "joined by", "invited": "invited"}
 CHANGES = ("answered", "consulted", "transferred", "conferenced", "requeued", "withdrawn", "ended")
 
@@ -325,7 +337,9 @@ def _parse(event: Any) -> _Event:
         value = event.get(name)
         if value is not None:
             texts[name] = (
-                value if value.__class__ is str and len(value) <= MAX_TEXT_LEN else _text(value, name)
+                value
+                if value.__class__ is str and len(value) <= MAX_TEXT_LEN
+                else _text(value, name)
             )
     media = None
     if event.get("media") is not None:

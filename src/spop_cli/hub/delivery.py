@@ -112,7 +112,12 @@ class InProcessDelivery:
         if dedupe:
             self._seen[pop_id] = now
         pending = Pending(
-            pop_id, key, frame, expires if expires is not None else now + self.ttl, contact_id, change=change
+            pop_id,
+            key,
+            frame,
+            expires if expires is not None else now + self.ttl,
+            contact_id,
+            change=change,
         )
         self.pending[pop_id] = pending
         heapq.heappush(self._expiries, (pending.expires, pop_id))

@@ -66,7 +66,9 @@ async def _body(request: web.Request, hub: Hub, check_depth: bool = True) -> Any
     the nesting itself, only when it refuses the body (a valid pop is never nested deeply)."""
     limit = hub.config.max_body
     if request.content_length is not None and request.content_length > limit:
-        raise InputError(413, "too_large", f"body of {request.content_length} bytes over the {limit} limit")
+        raise InputError(
+            413, "too_large", f"body of {request.content_length} bytes over the {limit} limit"
+        )
     try:
         if request.content.is_eof():
             # the whole body came with the head (the usual small request): read() cannot wait
@@ -90,7 +92,9 @@ def _loads(raw: bytes, check_depth: bool) -> Any:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         if too_deep_for_parser(exc):
-            raise InputError(400, "too_deep", f"body nested deeper than {MAX_DEPTH} levels") from None
+            raise InputError(
+                400, "too_deep", f"body nested deeper than {MAX_DEPTH} levels"
+            ) from None
         raise InputError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     if check_depth:
         _check_depth(raw, body)
@@ -205,7 +209,9 @@ def _error_response(request: web.Request, hub: Hub, exc: Exception) -> web.Respo
         if exc.status == 404:
             message = f"no such path {shown(request.path)}"
         elif exc.status == 405:
-            message = f"{shown(request.method)} not allowed here; allowed: {exc.headers.get('Allow', '')}"
+            message = (
+                f"{shown(request.method)} not allowed here; allowed: {exc.headers.get('Allow', '')}"
+            )
         response = _problem(exc.status, exc.reason.lower().replace(" ", "_"), message)
         if "Allow" in exc.headers:  # a 405 names the methods the path takes (RFC 9110 15.5.6)
             response.headers["Allow"] = exc.headers["Allow"]
@@ -305,7 +311,9 @@ async def start_http(hub: Hub, ssl_context: ssl.SSLContext | None) -> tuple[Http
     routes[("GET", "/v1/health")] = get_health
     routes[("GET", "/openapi.json")] = get_openapi
     routes.update(fast_routes())
-    front = Front(hub, runner.app, server, routes, lambda r, e: _error_response(r, hub, e), bool(ssl_context))
+    front = Front(
+        hub, runner.app, server, routes, lambda r, e: _error_response(r, hub, e), bool(ssl_context)
+    )
     try:
         port = await front.start(hub.config.host, hub.config.http_port or 0, ssl_context)
     except BaseException:

@@ -53,9 +53,7 @@ CREATE TABLE IF NOT EXISTS contacts (
 PURGE = "DELETE FROM pops WHERE accepted < ? AND (done = 1 OR expires < ?)"
 # A contact's state, changed at each of its events: updated in place (not INSERT OR REPLACE,
 # which deletes the row and its key and inserts both again: a third more of SQLite's work per row).
-UPSERT_CONTACT = (
-    "INSERT INTO contacts VALUES (?, ?) ON CONFLICT(contact_id) DO UPDATE SET state = excluded.state"
-)
+UPSERT_CONTACT = "INSERT INTO contacts VALUES (?, ?) ON CONFLICT(contact_id) DO UPDATE SET state = excluded.state"
 INSERT_POP = "INSERT OR IGNORE INTO pops VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 # BLOBs are queued as bytearrays: sqlite3 binds one as it is, where a `bytes` goes through its
 # adapter lookup first (a failed `__conform__` lookup, formatted AttributeError and all): 1,800
@@ -140,7 +138,9 @@ class Journal:
         self.rows_committed = 0
         self.failures = 0  # failed commits since the last good one
         self._since_checkpoint = 0  # rows written since the last checkpoint
-        self._thread: ThreadPoolExecutor | None = None  # bigger commits, the purge, the writer's checkpoint
+        self._thread: ThreadPoolExecutor | None = (
+            None  # bigger commits, the purge, the writer's checkpoint
+        )
         self._checkpointer: ThreadPoolExecutor | None = None  # where checkpoints run
         self._checkpointing: asyncio.Future[None] | None = None
         self._checkpoint_db: sqlite3.Connection | None = None
@@ -181,7 +181,7 @@ class Journal:
             for row in db.execute(
                 # contact updates expire quietly (no listener may have asked for them)
                 "SELECT id, media, resource FROM pops WHERE done = 0 AND expires < ?"
-                " AND CAST(substr(body, 1, 14) AS TEXT) != '{\"op\":\"change\"'",
+                ' AND CAST(substr(body, 1, 14) AS TEXT) != \'{"op":"change"\'',
                 (now,),
             )
         ]

@@ -180,7 +180,7 @@ class NatsDelivery:
             from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
         except ImportError:
             raise NatsUnavailable(
-                'backend = "nats" needs nats-py: pip install \'spop[nats]\''
+                "backend = \"nats\" needs nats-py: pip install 'spop[nats]'"
             ) from None
 
         c = self.config
@@ -928,8 +928,9 @@ class NatsDelivery:
                 "pop %s for %s %s expired %s after %.0f s",
                 pop_id,
                 *key,
-                sent_phrase(here.sent) if here is not None else "unacknowledged (no listener "
-                "of its key on this hub, which accepted it)",
+                sent_phrase(here.sent)
+                if here is not None
+                else "unacknowledged (no listener of its key on this hub, which accepted it)",
                 self.ttl,
             )
         self._retry_acks()

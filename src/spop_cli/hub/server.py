@@ -111,7 +111,9 @@ class Hub:
         self._contacts: Any = None
         self.journal: Any = None
         self._dirty: list[HubConnection] = []  # connections with frames to flush
-        self.sources: Any = None  # a SourceRunner: sources run inside the hub, routes on its HTTP port
+        self.sources: Any = (
+            None  # a SourceRunner: sources run inside the hub, routes on its HTTP port
+        )
         # Called with each newly accepted pop (`spop serve --verbose` logs it); None: no cost.
         self.on_pop: Callable[[dict[str, Any]], None] | None = None
         self._held: dict[str, _Held] = {}  # pops waiting for their journal commit, by id
@@ -669,7 +671,9 @@ class Hub:
                         applied[contact_id] = list(state.get("event_ids", ()))
                         popped[contact_id] = list(state.get("pop_keys", ()))
                         for event_id in applied[contact_id]:
-                            tracker.event_ids.add(event_id, now)  # a resend to this hub: a duplicate
+                            tracker.event_ids.add(
+                                event_id, now
+                            )  # a resend to this hub: a duplicate
                         tracker.restore(state)
                 before = tracker.snapshot(ids)
                 error: Exception | None = None

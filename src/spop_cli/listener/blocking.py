@@ -62,7 +62,9 @@ class _BlockingListener:
 
     MEDIA: Media
 
-    def __init__(self, reconnecting_interval: float = 30.0, *, token: str | None = None, **options: Any) -> None:
+    def __init__(
+        self, reconnecting_interval: float = 30.0, *, token: str | None = None, **options: Any
+    ) -> None:
         self._loop = background_loop()
         self._core = self._run_sync(self._make_core(reconnecting_interval, token, options))
         self._events: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
@@ -76,7 +78,9 @@ class _BlockingListener:
         )
         self._thread.start()
 
-    async def _make_core(self, interval: float, token: str | None, options: dict[str, Any]) -> AsyncListener:
+    async def _make_core(
+        self, interval: float, token: str | None, options: dict[str, Any]
+    ) -> AsyncListener:
         return AsyncListener(self.MEDIA, reconnecting_interval=interval, token=token, **options)
 
     def _run_sync(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -130,7 +130,9 @@ class AsyncListener:
     async def initialize(self, address: str) -> None:
         """Down → Idle, once the hub has answered the handshake."""
         if self.status is not S.Status_Down:
-            raise ScreenPopError(Error.SCREENPOP_Wrong_Status, f"initialize needs Status_Down, not {self.status}")
+            raise ScreenPopError(
+                Error.SCREENPOP_Wrong_Status, f"initialize needs Status_Down, not {self.status}"
+            )
         # a malformed address is an Initialization_Error, before any I/O
         self._addresses = parse_addresses(address)
         self.log = open_diagnostics("listener")
@@ -148,10 +150,14 @@ class AsyncListener:
         """Idle → Up once the hub has registered us for (media, resource)."""
         if self.status is S.Status_Up:
             raise ScreenPopError(
-                Error.SCREENPOP_Already_Registered, f"already listening on {self.media} {self.resource}"
+                Error.SCREENPOP_Already_Registered,
+                f"already listening on {self.media} {self.resource}",
             )
         if self.status is not S.Status_Idle:
-            raise ScreenPopError(Error.SCREENPOP_Wrong_Status, f"start_listening needs Status_Idle, not {self.status}")
+            raise ScreenPopError(
+                Error.SCREENPOP_Wrong_Status,
+                f"start_listening needs Status_Idle, not {self.status}",
+            )
         try:
             resource = validate_resource(resource)
         except ScreenPopError as exc:
@@ -160,7 +166,9 @@ class AsyncListener:
         self._early = []
         try:
             self._link = await self._bound(self._link, resource)
-            await self._link.request("register", timeout=self.timeout, media=self.media.value, resource=resource)
+            await self._link.request(
+                "register", timeout=self.timeout, media=self.media.value, resource=resource
+            )
         except ScreenPopError as exc:
             self._early = None
             self.log.error("start_listening %s failed: %s", resource, exc)
@@ -180,14 +188,20 @@ class AsyncListener:
         """Up or Reconnecting → Idle."""
         if self.status not in (S.Status_Up, S.Status_Reconnecting):
             raise ScreenPopError(
-                Error.SCREENPOP_Wrong_Status, f"stop_listening needs Status_Up or Status_Reconnecting, not {self.status}"
+                Error.SCREENPOP_Wrong_Status,
+                f"stop_listening needs Status_Up or Status_Reconnecting, not {self.status}",
             )
         self._resume = S.Status_Idle
         self._send_acks()  # before `unregister`: the hub takes acks only from a registered key
         link = self._link
         if self.status is S.Status_Up and link is not None and not link.lost:
             try:
-                await link.request("unregister", timeout=self.timeout, media=self.media.value, resource=self.resource)
+                await link.request(
+                    "unregister",
+                    timeout=self.timeout,
+                    media=self.media.value,
+                    resource=self.resource,
+                )
             except ScreenPopError as exc:
                 self.log.warning("unregister %s: %s", self.resource, exc)
         if self.pool is not None and isinstance(link, Member):
@@ -197,7 +211,9 @@ class AsyncListener:
     async def shutdown(self) -> None:
         """Idle, Up or Reconnecting → Down (stops listening first); may initialize again after."""
         if self.status is S.Status_Down:
-            raise ScreenPopError(Error.SCREENPOP_Wrong_Status, "shutdown needs an initialized listener")
+            raise ScreenPopError(
+                Error.SCREENPOP_Wrong_Status, "shutdown needs an initialized listener"
+            )
         if self.status is S.Status_Up:
             await self.stop_listening()
         self._resume = S.Status_Down
@@ -223,7 +239,10 @@ class AsyncListener:
             try:
                 link = await self._connect(str(self._addresses[index]))
             except ScreenPopError as exc:
-                if exc.code is not Error.SCREENPOP_Cannot_Find_HiPath_ProCenter or step == count - 1:
+                if (
+                    exc.code is not Error.SCREENPOP_Cannot_Find_HiPath_ProCenter
+                    or step == count - 1
+                ):
                     raise
                 self.log.info("hub %s unreachable: %s", self._addresses[index], exc)
                 continue
@@ -249,9 +268,7 @@ class AsyncListener:
             self._handled.keep = max(self._handled.keep, link.pop_ttl + MARGIN)
         return link
 
-    async def _bound(
-        self, link: client.HubLink | Member, resource: str
-    ) -> client.HubLink | Member:
+    async def _bound(self, link: client.HubLink | Member, resource: str) -> client.HubLink | Member:
         """On a shared connection, pops of (media, resource) come to us from now on (the member
         may be another one, on another connection: LinkPool.bind); an own link as it is."""
         if self.pool is not None and isinstance(link, Member):
@@ -277,7 +294,9 @@ class AsyncListener:
             return
         self._handled.add(change_id)
         self.changes_received += 1
-        self.log.info("change %s %s %s: %s", change.id, change.contact_id, change.resource, change.change)
+        self.log.info(
+            "change %s %s %s: %s", change.id, change.contact_id, change.resource, change.change
+        )
         pending = []
         for fn in list(self._change_callbacks):
             try:
@@ -381,7 +400,9 @@ class AsyncListener:
         if self.status not in (S.Status_Idle, S.Status_Up):
             return
         self._resume = self.status
-        self.log.warning("connection to %s lost: %s", self._addresses[self._current], exc or "closed by the hub")
+        self.log.warning(
+            "connection to %s lost: %s", self._addresses[self._current], exc or "closed by the hub"
+        )
         self._set_status(S.Status_Reconnecting)
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
 
@@ -401,7 +422,10 @@ class AsyncListener:
                     self._early = []
                     link = await self._bound(link, self.resource)
                     await link.request(
-                        "register", timeout=self.timeout, media=self.media.value, resource=self.resource
+                        "register",
+                        timeout=self.timeout,
+                        media=self.media.value,
+                        resource=self.resource,
                     )
             except ScreenPopError as exc:
                 self._early = None

@@ -29,7 +29,16 @@ Key = tuple[str, str]  # (media, resource), as the hub keys a registration
 class Member:
     """One listener's side of a shared connection: the calls `AsyncListener` makes on a link."""
 
-    __slots__ = ("shared", "key", "on_pop", "on_change", "on_lost", "on_read_done", "touched", "left")
+    __slots__ = (
+        "shared",
+        "key",
+        "on_pop",
+        "on_change",
+        "on_lost",
+        "on_read_done",
+        "touched",
+        "left",
+    )
 
     def __init__(
         self,
@@ -291,7 +300,9 @@ class LinkPool:
     def unbind(self, member: Member) -> None:
         member.shared.unbind(member)
 
-    def _pick(self, params: tuple[Any, ...], key: Key | None, avoid: SharedLink | None = None) -> SharedLink:
+    def _pick(
+        self, params: tuple[Any, ...], key: Key | None, avoid: SharedLink | None = None
+    ) -> SharedLink:
         links = self._links.setdefault(params, [])
         for shared in links:
             if shared is not avoid and shared.room_for(key):
