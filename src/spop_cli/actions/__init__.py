@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..model import CHANGE_KINDS
 from ..templates import Condition, TemplateError, parse_condition
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,16 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 GENERIC_KEYS = frozenset({"plugin", "when", "timeout", "on"})  # understood for every action type
 DEFAULT_TIMEOUT = 30.0
 # What may trigger an action (`on`): the pop, and each contact change (docs/configuration.md).
-TRIGGERS = (
-    "pop",
-    "answered",
-    "consulted",
-    "transferred",
-    "conferenced",
-    "requeued",
-    "withdrawn",
-    "ended",
-)
+TRIGGERS = ("pop", *CHANGE_KINDS)
 DEFAULT_ON = frozenset({"pop"})  # a table without `on` means what it always meant
 
 
