@@ -313,19 +313,29 @@ def test_listener_finds_a_frozen_hub_and_comes_back(tmp_path: Any) -> None:
 # -- slow consumers --------------------------------------------------------------------------------
 
 
+async def frozen_desktop(hub: Any, resources: list[str]) -> socket.socket:
+    """A desktop that registers `resources` on one connection, then never reads again, with a
+    small receive window."""
+    frozen = socket.socket()
+    frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    frozen.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(frozen, ("127.0.0.1", hub.port))
+    frozen.sendall(
+        b'{"op":"hello","version":1}\n'
+        + b"".join(
+            b'{"op":"register","media":"telephone","resource":"%s"}\n' % r.encode()
+            for r in resources
+        )
+    )
+    assert await until(lambda: all(hub.delivery.routing.has(("telephone", r)) for r in resources))
+    return frozen
+
+
 def test_slow_consumer_is_dropped_others_unharmed_and_it_resumes() -> None:
     async def body() -> None:
         # a window wider than the flood: the buffer limit, not the window, must stop it here
         async with inprocess_hub(max_buffer=64 * 1024, max_inflight=100_000) as hub:
-            # a desktop that registers then never reads again, with a small receive window
-            frozen = socket.socket()
-            frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            frozen.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(frozen, ("127.0.0.1", hub.port))
-            frozen.sendall(
-                b'{"op":"hello","version":1}\n{"op":"register","media":"telephone","resource":"frozen"}\n'
-            )
-            assert await until(lambda: hub.delivery.routing.has(("telephone", "frozen")))
+            frozen = await frozen_desktop(hub, ["frozen"])
             other = await Counting().up(address_of(hub), "other")
             for start in range(0, 6000, 500):  # 6 MB: past the kernel's buffers too
                 await hub.publish(
@@ -370,20 +380,7 @@ def test_a_shared_connection_is_dropped_past_max_buffer_per_registration_not_bef
 
     async def body() -> None:
         async with inprocess_hub(max_buffer=max_buffer, max_inflight=100_000) as hub:
-            frozen = socket.socket()
-            frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            frozen.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(frozen, ("127.0.0.1", hub.port))
-            frozen.sendall(
-                b'{"op":"hello","version":1}\n'
-                + b"".join(
-                    b'{"op":"register","media":"telephone","resource":"%s"}\n' % k.encode()
-                    for k in keys
-                )
-            )
-            assert await until(
-                lambda: all(hub.delivery.routing.has(("telephone", k)) for k in keys)
-            )
+            frozen = await frozen_desktop(hub, keys)
             (conn,) = [c for c in hub.connections if c.keys]
             # the kernel's buffers as small as they go: the unsent bytes wait in the hub
             conn.transport.get_extra_info("socket").setsockopt(
