@@ -213,9 +213,8 @@ class BrowserStream(HubConnection):
             data = b"%x\r\n%s\r\n" % (len(data), data)
         transport.write(data)
         self.last_tx = time.monotonic()
-        if transport.get_write_buffer_size() > slow_limit(
-            self.hub.config.max_buffer, len(self.keys)
-        ):
+        unsent, max_buffer = transport.get_write_buffer_size(), self.hub.config.max_buffer
+        if unsent > max_buffer and unsent > slow_limit(max_buffer, len(self.keys)):
             self.hub.counters["slow_consumers_dropped"] += 1
             self.hub.log.warning("%s: slow browser stream, buffer over limit: closed", self.peer)
             self.close()
@@ -537,16 +536,8 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         for key in keys:  # registered before the replay, like a listener's `register`
             stream.keys.add(key)
             hub.delivery.subscribe(key, stream)
-        if last:
-            hub.log.info(
-                "%s: browser stream %s for %s, resumed after %r",
-                stream.peer,
-                stream.id,
-                keys,
-                last[:200],
-            )
-        else:
-            hub.log.info("%s: browser stream %s for %s", stream.peer, stream.id, keys)
+        resumed = f", resumed after {last[:200]!r}" if last else ""
+        hub.log.info("%s: browser stream %s for %s%s", stream.peer, stream.id, keys, resumed)
         await stream.ended()
     except ConnectionResetError:  # the browser went away; its pops wait for its return
         pass

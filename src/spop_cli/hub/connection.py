@@ -106,9 +106,8 @@ class HubConnection(asyncio.Protocol):
             self.fatal(exc.code, exc.message, exc.ref)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if (
-            self.role is not None
-        ):  # a line per connection that said hello (`spop serve --verbose` shows it)
+        # a line per connection that said hello (`spop serve --verbose` shows it)
+        if self.role is not None:
             self.hub.log.info(
                 "%s: %s disconnected%s", self.peer, self.role, f": {exc}" if exc else ""
             )
