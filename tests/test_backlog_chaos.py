@@ -134,3 +134,32 @@ def test_10000_pops_queued_while_a_listener_is_away_reach_it_once(tmp_path: Path
         check_exactly_once(tmp_path, hub, total)
     finally:
         hub.kill()
+
+
+def test_20000_waiting_pops_each_reach_a_json_action_once(tmp_path: Path) -> None:
+    """Twice the 10,000 pops an action may have waiting before their acks are held: the pops
+    past it used to fail at the action and be acked (an outside check saw 10,000 of 20,000)."""
+    total = 20_000
+    hub = HubProcess(tmp_path / "hub", heartbeat=1.0).start()
+    config = tmp_path / "spop.toml"
+    written = tmp_path / "action.jsonl"
+    config.write_text(f'[actions.log]\nplugin = "json"\npath = "{written}"\n')
+    try:
+        post_pops(hub, total, 10)
+        listener = listen(
+            tmp_path,
+            hub.address,
+            *("--config", str(config), "--action", "log"),
+            *("--count", str(total), "--timeout", "100"),
+        )
+        try:
+            assert listener.wait(110) == 0, (tmp_path / "listen.err").read_text()
+        finally:
+            stop(listener)
+        ran = [json.loads(line)["id"] for line in written.read_text().splitlines()]
+        assert (len(ran), len(set(ran))) == (total, total)
+        assert "already waiting" not in (tmp_path / "listen.err").read_text()
+        check_exactly_once(tmp_path, hub, total)
+        assert status(hub)["counters"].get("unknown_acks", 0) == 0  # every ack before unregister
+    finally:
+        hub.kill()

@@ -5,6 +5,11 @@ A failing, slow or hanging action delays nobody: every action has its own asynci
 thread-pool worker would), and each run has a time limit: a run past it keeps its thread, left to
 finish alone, and the next run gets a new one. Results go to `on_result` and to the
 diagnostics logger; plugin hooks (`spop_screen_pop`, `spop_status_changed`) run on a worker too.
+
+No pop is turned away. Past MAX_QUEUED waiting for one action (or hook), `submit` returns a
+future that completes once the queue is back within it: the listener acks the pop then, so the
+hub's window of unacked pops (`max_inflight`) paces a desktop whose action falls behind, and the
+pops over the limit stay pending in the hub, not acked and dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +30,7 @@ from typing import Any
 from .actions import DEFAULT_TIMEOUT, ActionError, ActionSkipped, ConfiguredAction
 from .diagnostics import log_line
 
-MAX_QUEUED = 10_000  # pops waiting for one action before further ones are reported as failed
+MAX_QUEUED = 10_000  # pops waiting for one action (or hook) past which their acks wait for room
 HOOK_TIMEOUT = 30.0
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
@@ -45,9 +50,29 @@ class _Slot:
 
     def __init__(self, action: ConfiguredAction) -> None:
         self.action = action
-        self.queue: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue(MAX_QUEUED)
+        self.queue: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue()
         self.worker: asyncio.Task[None] | None = None
         self.runner = ThreadRunner(action.name)
+        self.held: deque[_Hold] = deque()
+
+
+class _Hold:
+    """One pop's ack, held while it is past MAX_QUEUED in `count` queues (actions, hooks)."""
+
+    __slots__ = ("future", "count")
+
+    def __init__(self, future: asyncio.Future[None], count: int) -> None:
+        self.future, self.count = future, count
+
+
+def _release(held: deque[_Hold], queued: int) -> None:
+    """After a get: the oldest held go, but for the `queued - MAX_QUEUED` the queue is still
+    over the limit (a pop held in several queues goes once all let it go)."""
+    while len(held) > max(queued - MAX_QUEUED, 0):
+        hold = held.popleft()
+        hold.count -= 1
+        if hold.count == 0 and not hold.future.done():
+            hold.future.set_result(None)
 
 
 class ActionDispatcher:
@@ -69,37 +94,57 @@ class ActionDispatcher:
         self.pending = 0  # (pop, action) pairs queued or running
         self.counts: Counter[str] = Counter()
         self._slots = [_Slot(action) for action in self.actions]
-        self._hooks: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(MAX_QUEUED)
+        self._hooks: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self._hooks_held: deque[_Hold] = deque()
         self._hook_worker: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- in -------------------------------------------------------------------------------
-    def submit(self, pop: Any, listener: Any = None) -> None:
-        """Queue the pop for each action, then for the `spop_screen_pop` hook. Never blocks."""
-        self._submit(pop, listener, "pop")
-        self._call_hook("spop_screen_pop", pop=pop, listener=listener)
+    def submit(self, pop: Any, listener: Any = None) -> asyncio.Future[Any] | None:
+        """Queue the pop for each action, then for the `spop_screen_pop` hook. Never blocks;
+        None, or (a queue past MAX_QUEUED) a future to ack the pop after."""
+        over = self._submit(pop, listener, "pop")
+        if self._call_hook("spop_screen_pop", pop=pop, listener=listener):
+            over.append(self._hooks_held)
+        return self._hold(over) if over else None
 
-    def submit_change(self, change: Any, pop: Any = None, listener: Any = None) -> None:
+    def submit_change(
+        self, change: Any, pop: Any = None, listener: Any = None
+    ) -> asyncio.Future[Any] | None:
         """Queue a contact change for the actions whose `on` names it (they get a
         `ChangeTrigger`: the change's fields over its pop's), then the `spop_contact_changed`
-        hook. Never blocks."""
-        self._submit(ChangeTrigger(change, pop), listener, change.change)
-        self._call_hook("spop_contact_changed", change=change, listener=listener)
+        hook. Never blocks; returns what `submit` does."""
+        over = self._submit(ChangeTrigger(change, pop), listener, change.change)
+        if self._call_hook("spop_contact_changed", change=change, listener=listener):
+            over.append(self._hooks_held)
+        return self._hold(over) if over else None
 
-    def _submit(self, pop: Any, listener: Any, trigger: str) -> None:
+    def _submit(self, pop: Any, listener: Any, trigger: str) -> list[deque[_Hold]]:
+        """Queue for each action it is for; the held lists of the queues now past MAX_QUEUED."""
         if self._closed:
             raise RuntimeError("dispatcher is closed")
+        over = []
         for slot in self._slots:
             if trigger not in getattr(slot.action, "on", ("pop",)):
                 continue
             self._start(slot)
-            try:
-                slot.queue.put_nowait((pop, listener))
-                self.pending += 1
-            except asyncio.QueueFull:
-                self._report(
-                    slot.action, pop, Outcome(FAILED, 0.0, f"{MAX_QUEUED} pops already waiting")
-                )
+            slot.queue.put_nowait((pop, listener))
+            self.pending += 1
+            if slot.queue.qsize() > MAX_QUEUED:
+                over.append(slot.held)
+        return over
+
+    def _hold(self, over: list[deque[_Hold]]) -> asyncio.Future[None]:
+        hold = _Hold(asyncio.get_running_loop().create_future(), len(over))
+        for held in over:
+            held.append(hold)
+        return hold.future
+
+    def release_held(self) -> None:
+        """Let every held pop be acked now (a listener about to stop: they are queued, and
+        the drain runs them; acked after it unregisters, the hub would keep them)."""
+        for held in [slot.held for slot in self._slots] + [self._hooks_held]:
+            _release(held, 0)
 
     @property
     def wants_changes(self) -> bool:
@@ -153,6 +198,8 @@ class ActionDispatcher:
     async def _work(self, slot: _Slot) -> None:
         while True:
             pop, _listener = await slot.queue.get()
+            if slot.held:
+                _release(slot.held, slot.queue.qsize())
             try:
                 outcome = await self._run(slot.action, pop, slot.runner)
                 self._report(slot.action, pop, outcome)
@@ -231,22 +278,23 @@ class ActionDispatcher:
             except Exception:
                 self.log.exception("on_result callback failed")
 
-    def _call_hook(self, hook_name: str, **kwargs: Any) -> None:
+    def _call_hook(self, hook_name: str, **kwargs: Any) -> bool:
+        """Queue the hook call; True when the hooks' queue is now past MAX_QUEUED."""
         pm = self.plugin_manager
         if pm is None or self._closed or not getattr(pm.hook, hook_name).get_hookimpls():
-            return
+            return False
         if self._hook_worker is None:
             self._hook_worker = asyncio.get_running_loop().create_task(
                 self._work_hooks(), name="spop-hooks"
             )
-        try:
-            self._hooks.put_nowait((hook_name, kwargs))
-        except asyncio.QueueFull:
-            self.log.error("hook %s dropped: %d calls already waiting", hook_name, MAX_QUEUED)
+        self._hooks.put_nowait((hook_name, kwargs))
+        return self._hooks.qsize() > MAX_QUEUED
 
     async def _work_hooks(self) -> None:
         while True:
             hook_name, kwargs = await self._hooks.get()
+            if self._hooks_held:
+                _release(self._hooks_held, self._hooks.qsize())
             try:
                 # One implementation at a time, so one broken plugin does not hide a pop from the rest.
                 for impl in getattr(self.plugin_manager.hook, hook_name).get_hookimpls():

@@ -209,6 +209,9 @@ class ListenSession:
     async def finish(self, drain_timeout: float | None = None) -> bool:
         """Stop listening, let the actions finish (drain), shut down. False if actions were still busy."""
         for entry in self.entries:
+            entry.dispatcher.release_held()
+        await asyncio.sleep(0)  # their acks are made in the callbacks this lets run
+        for entry in self.entries:
             if entry.listener.status in (
                 ListenerStatus.Status_Up,
                 ListenerStatus.Status_Reconnecting,
@@ -251,13 +254,14 @@ class ListenSession:
             plan.actions, self.log, on_result, plugin_manager=self.plugin_manager
         )
 
-    def _received(self, entry: _Entry, event: Any) -> None:
-        # Quick and non-blocking: the listener acks the pop to the hub once this returns.
+    def _received(self, entry: _Entry, event: Any) -> asyncio.Future[Any] | None:
+        # Quick and non-blocking: the listener acks the pop to the hub once this returns, or
+        # once the future it returns completes (an action MAX_QUEUED pops behind).
         if self.count is not None:
             # `--count N` is N distinct pops: an id the listener let through again (its memory
             # of handled ids is bounded) neither counts nor runs the actions twice
             if event.id in self._counted:
-                return
+                return None
             self._counted.add(event.id)
         self.received += 1
         entry.last_pop_at = time.time()
@@ -273,16 +277,17 @@ class ListenSession:
             entry.pops[event.id] = event
             if len(entry.pops) > KEPT_POPS:
                 entry.pops.popitem(last=False)
-        entry.dispatcher.submit(event, entry.listener)
+        held = entry.dispatcher.submit(event, entry.listener)
         if self.on_pop is not None:
             self.on_pop(entry.listener, event)
         if self.count is not None and self.received >= self.count:
             self._enough.set()
+        return held
 
-    def _changed(self, entry: _Entry, change: Any) -> None:
+    def _changed(self, entry: _Entry, change: Any) -> asyncio.Future[Any] | None:
         """A contact update: to the actions whose `on` names it, the hook, the view."""
         self.changes += 1
-        entry.dispatcher.submit_change(change, entry.pops.get(change.pop_id), entry.listener)
+        held = entry.dispatcher.submit_change(change, entry.pops.get(change.pop_id), entry.listener)
         if change.change in LAST_CHANGES or (
             change.change == "answered" and change.reason in LAST_ANSWERS
         ):
@@ -292,6 +297,7 @@ class ListenSession:
             _move(row, change)
         if self.on_change is not None:
             self.on_change(entry.listener, change)
+        return held
 
     def _status(self, entry: _Entry, old: ListenerStatus, new: ListenerStatus) -> None:
         entry.dispatcher.status_changed(entry.listener, old, new)

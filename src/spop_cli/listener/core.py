@@ -309,8 +309,7 @@ class AsyncListener:
         if not pending:
             self._ack(change_id)
             return
-        done = asyncio.gather(*pending, return_exceptions=True)
-        done.add_done_callback(lambda _: self._ack(change_id))
+        self._ack_after(pending, change_id, "contact-changed callback failed for change")
 
     def _on_pop(self, data: dict[str, Any]) -> None:
         if "__change__" in data:  # an update held with the early pops, in order
@@ -365,10 +364,28 @@ class AsyncListener:
         if not pending:
             self._ack(pop_id)
             return
-        # A callback that returned an awaitable (an async callback, or a blocking listener's
-        # hand-off to its thread) has handled the pop only when that completes: ack then.
-        done = asyncio.gather(*pending, return_exceptions=True)
-        done.add_done_callback(lambda _: self._ack(pop_id))
+        # A callback that returned an awaitable (an async callback, a blocking listener's
+        # hand-off to its thread, `spop listen` with an action far behind) has handled the pop
+        # only when that completes: ack then.
+        self._ack_after(pending, pop_id, "screen-pop callback failed for pop")
+
+    def _ack_after(self, pending: list[asyncio.Future[Any]], ack_id: str, failed: str) -> None:
+        """Ack once every awaitable completes, in the loop turn the last one does (no gather
+        in between: a listener about to stop lets one turn pass for these acks to be made).
+        A failure is logged and acked all the same, like a callback that raises at once."""
+        left = len(pending)
+
+        def done(future: asyncio.Future[Any]) -> None:
+            nonlocal left
+            error = None if future.cancelled() else future.exception()
+            if error is not None:
+                self.log.error("%s %s", failed, ack_id, exc_info=error)
+            left -= 1
+            if left == 0:
+                self._ack(ack_id)
+
+        for future in pending:
+            future.add_done_callback(done)
 
     def _on_read_pop(self, data: dict[str, Any]) -> None:
         """A pop frame of one read of our link: its ack waits for the end of that read."""

@@ -81,6 +81,7 @@ class Member:
         link = self.shared.link
         if link is None or self.left:
             raise client.not_connected()
+        self.shared.flush_acks()  # before the request, as on a connection of its own
         return await link.request(op, timeout=timeout, **fields)
 
     def send_acks(self, ids: list[str]) -> None:
@@ -151,7 +152,7 @@ class SharedLink:
         finally:
             self._reading = False
         if self._acks:
-            self._flush()
+            self.flush_acks()
 
     def _lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
@@ -164,9 +165,11 @@ class SharedLink:
         self._acks.extend(ids)
         if not self._reading and not self._flush_soon:
             self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self.flush_acks)
 
-    def _flush(self) -> None:
+    def flush_acks(self) -> None:
+        """The acks queued so far leave now (at the end of a read or loop turn, or before
+        a request: an `unregister` after them, or the hub would not take them)."""
         self._flush_soon = False
         ids, self._acks = self._acks, []
         link = self.link
@@ -211,7 +214,7 @@ class SharedLink:
         if not self._detach(member) or self.link is None:
             return
         if not self.link.lost:
-            self._flush()  # acks queued for this turn leave before the bye
+            self.flush_acks()  # acks queued for this turn leave before the bye
             try:
                 await self.link.request("bye", timeout=timeout)
             except ScreenPopError:
