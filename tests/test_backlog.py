@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 
 from hubproc import (
     Counting,
+    HubProcess,
     RawClient,
     ScriptedHub,
     address_of,
@@ -228,6 +230,44 @@ def test_count_means_distinct_pops(tmp_path: Path) -> None:
         assert {f"new-{i}" for i in range(5)} <= set(ids)
 
     run(body(), timeout=90)
+
+
+def test_once_and_count_over_a_backlog_handle_exactly_that_many_and_leave_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A window of 1,000 pops arrives at once: `--once` handled all it had read (2,000–2,900
+    of a 3,000 backlog), and acked them after its `unregister` (refused), so the next run
+    printed them again. Now the pops past N are not handled nor acked; the hub keeps them."""
+    hub = HubProcess(tmp_path / "hub").start()
+    env = {**os.environ, "SPOP_DIAG_DIR": str(tmp_path / "diag")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    env.pop("SPOP_CONFIG", None)
+    try:
+        ids = []
+        for start in range(0, 3000, 500):
+            batch = [pop("13579", id=f"b{i:04d}") for i in range(start, start + 500)]
+            code, answer = http_post(f"{hub.http}/v1/pops", batch)
+            assert code == 200, answer
+            ids += answer["ids"]
+        printed = []
+        for stop in (["--once"], ["--count", "3"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "spop_cli", "listen", "telephone", "13579", "--json"]
+                + ["--server", hub.address, *stop, "--timeout", "30"],
+                capture_output=True,
+                env=env,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            printed.append([orjson.loads(line)["id"] for line in done.stdout.splitlines()])
+        assert printed == [ids[:1], ids[1:4]]  # oldest first, none twice
+        with urllib.request.urlopen(f"{hub.http}/v1/status", timeout=10) as answer:
+            status = orjson.loads(answer.read())
+        assert status["pending"] == 2996
+        assert status["counters"]["acked"] == 4
+        assert status["counters"].get("unknown_acks", 0) == 0  # listed once not 0
+    finally:
+        hub.kill()
 
 
 # -- the window of unacknowledged pops ----------------------------------------------------------

@@ -13,16 +13,21 @@ import socket
 import threading
 from pathlib import Path
 
-from spop_cli import diagnostics
+import pytest
+
+from spop_cli import LinkPool, diagnostics
 from spop_cli.listener.core import AsyncListener
 from spop_cli.pops import normalize_pop
 from spop_cli.protocol import pop_frame
 
 
 class BlockingHub:
-    """Welcomes one listener, registers it, and records the ids of every `ack` it receives."""
+    """Welcomes one listener, registers it, and records the ids of every `ack` it receives.
+    `before_unregister_ok`: frames sent just before the answer to `unregister` (a pop that was
+    on its way when the hub read it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, before_unregister_ok: bytes = b"") -> None:
+        self.before_unregister_ok = before_unregister_ok
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.acked: list[str] = []
@@ -47,6 +52,8 @@ class BlockingHub:
                                "heartbeat": 600, "max_frame": 65536, "pop_ttl": 120, "ref": ref}  # fmt: skip
                     conn.sendall(json.dumps(welcome).encode() + b"\n")
                 elif op in ("register", "unregister", "bye"):
+                    if op == "unregister":
+                        conn.sendall(self.before_unregister_ok)
                     conn.sendall(json.dumps({"op": "ok", "ref": ref}).encode() + b"\n")
                 elif op == "ack":
                     self.acked.extend(frame["ids"])
@@ -153,3 +160,24 @@ def test_diagnostics_lines_batched_in_order(tmp_path: Path) -> None:
         .read_text(encoding="utf-8")
         .endswith(" WARNING spop.test last words\n")
     )
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-connection", "shared-connection"])
+def test_a_pop_that_crosses_the_unregister_is_neither_handled_nor_acked(shared: bool) -> None:
+    """The hub sent it before it read our `unregister`: an ack after the unregister would be
+    refused (unknown) while the callback had run, and the next run would handle it again."""
+    hub = BlockingHub(before_unregister_ok=pop_frame(_pop("p-late")))
+    seen: list[str] = []
+
+    async def main() -> None:
+        listener = AsyncListener("telephone", pool=LinkPool() if shared else None)
+        listener.on_screen_pop(lambda event: seen.append(event.id))
+        await listener.initialize(f"{hub.port}@127.0.0.1")
+        await listener.start_listening("4711")
+        await listener.stop_listening()
+        await asyncio.sleep(0.1)  # an ack, had one been made, would have left by now
+        await listener.shutdown()
+
+    asyncio.run(main())
+    assert seen == []
+    assert hub.acked == []

@@ -262,6 +262,10 @@ class ListenSession:
             # of handled ids is bounded) neither counts nor runs the actions twice
             if event.id in self._counted:
                 return None
+            if self.received >= self.count:
+                # past N (the rest of a backlog's window): not handled and never acked, so the
+                # hub keeps it for the next run
+                return asyncio.get_running_loop().create_future()
             self._counted.add(event.id)
         self.received += 1
         entry.last_pop_at = time.time()

@@ -74,6 +74,9 @@ class AsyncListener:
         self._early: list[dict[str, Any]] | None = None
         self._acks: list[str] = []
         self._reading = False  # inside our link's data_received: acks go at its end
+        # stop_listening has begun: pops the hub sent before it reads our `unregister` are not
+        # handled (an ack after the unregister would be refused: the hub keeps them)
+        self._leaving = False
 
     # -- vendor names -----------------------------------------------------------------------
     @property
@@ -195,6 +198,7 @@ class AsyncListener:
         self._send_acks()  # before `unregister`: the hub takes acks only from a registered key
         link = self._link
         if self.status is S.Status_Up and link is not None and not link.lost:
+            self._leaving = True
             try:
                 await link.request(
                     "unregister",
@@ -204,6 +208,8 @@ class AsyncListener:
                 )
             except ScreenPopError as exc:
                 self.log.warning("unregister %s: %s", self.resource, exc)
+            finally:
+                self._leaving = False
         if self.pool is not None and isinstance(link, Member):
             self.pool.unbind(link)
         self._set_status(S.Status_Idle)
@@ -282,7 +288,7 @@ class AsyncListener:
             self._early.append({"__change__": data})
             return
         change_id = str(data.get("id", ""))
-        if self.status is not S.Status_Up:
+        if self.status is not S.Status_Up or self._leaving:
             return
         if change_id in self._handled:
             self._ack(change_id)
@@ -319,8 +325,8 @@ class AsyncListener:
         if self._early is not None:
             self._early.append(data)
             return
-        if self.status is not S.Status_Up:
-            return  # not ours any more (stopped): no ack, the hub keeps it for the others
+        if self.status is not S.Status_Up or self._leaving:
+            return  # not ours any more (stopping): no ack, the hub keeps it for the others
         if pop_id in self._handled:
             self._ack(pop_id)
             return
