@@ -260,3 +260,62 @@ def test_the_systemd_unit_sets_limitnofile() -> None:
     operations = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
     unit = operations.split("[Service]", 1)[1].split("```", 1)[0]
     assert "\nLimitNOFILE=1048576\n" in unit
+
+
+FULL = (
+    b'{"op":"error","code":"SCREENPOP_Memory_Allocation_Error",'
+    b'"message":"hub at its connection limit","fatal":true}\n'
+)
+
+
+@LOOPS
+def test_a_client_refused_at_the_connection_limit_always_reads_why(loop: str) -> None:
+    """The hub refuses at once, while the client's hello is on its way: a full close then made
+    the client's kernel get a reset and drop the error frame, and `spop status` / `send` said
+    "not connected" (exit 3) instead of the limit (exit 10) 3 to 8 times in 10."""
+    from spop_cli import client
+
+    async def body() -> None:
+        async with inprocess_hub(max_connections=1) as hub:
+            first = await client.connect(f"{hub.port}@{LOOPBACK}")
+            for _ in range(20):  # raw: hello sent without waiting, as any client does
+                reader, writer = await asyncio.open_connection(LOOPBACK, hub.port)
+                writer.write(b'{"op": "hello", "version": 1, "role": "listener", "ref": 1}\n')
+                data, _ = await closed_after(reader)
+                assert data == FULL
+                writer.close()
+            for _ in range(20):  # the Python client, as the CLI runs it
+                with pytest.raises(ScreenPopError) as refused:
+                    await client.connect(f"{hub.port}@{LOOPBACK}")
+                assert refused.value.code.value == "SCREENPOP_Memory_Allocation_Error"
+                assert refused.value.message == "hub at its connection limit"
+            assert hub.counters["refused_connections"] == 40
+            first.close()
+
+    run_on(loop, body())
+
+
+def test_spop_status_at_the_connection_limit_exits_10(tmp_path: Path) -> None:
+    config = config_file(tmp_path, max_connections=1)
+    hub = HubProcess(tmp_path / "hub", "--config", config).start()
+    try:
+
+        async def body() -> None:
+            from spop_cli import client
+
+            first = await client.connect(hub.address)
+            for _ in range(5):
+                done = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "spop_cli", "status", "--server", hub.address,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                _, err = await done.communicate()
+                assert done.returncode == 10, err
+                assert err.decode().splitlines()[0] == (
+                    "spop: error: SCREENPOP_Memory_Allocation_Error: hub at its connection limit"
+                )
+            first.close()
+
+        run(body())
+    finally:
+        hub.stop()

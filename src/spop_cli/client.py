@@ -57,6 +57,10 @@ class HubLink(asyncio.Protocol):
         self.last_rx = self.last_tx = time.monotonic()
         self._beat: asyncio.Task[None] | None = None
         self.lost = False
+        # the hub's fatal error that ended the link (an error frame with no request of ours:
+        # "hub at its connection limit" arrives before our hello is answered): what a request
+        # on this link raises from then on, rather than "not connected" or "connection lost"
+        self.error: ScreenPopError | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,7 +93,8 @@ class HubLink(asyncio.Protocol):
                     if future is not None and not future.done():
                         future.set_result(frame)
                     elif op == "error":
-                        self._fail(ScreenPopError(_code(frame), frame.get("message", "")))
+                        self.error = ScreenPopError(_code(frame), frame.get("message", ""))
+                        self._fail(self.error)
         finally:
             if self.on_read_done is not None:
                 self.on_read_done()
@@ -98,7 +103,7 @@ class HubLink(asyncio.Protocol):
         self.lost = True
         if self._beat is not None:
             self._beat.cancel()
-        error = ScreenPopError(
+        error = self.error or ScreenPopError(
             Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "connection to the hub lost"
         )
         for future in self._waiting.values():
@@ -135,6 +140,8 @@ class HubLink(asyncio.Protocol):
 
     async def request(self, op: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
         """Send a frame with a fresh `ref`; return the `ok`/`welcome` answer or raise its error."""
+        if self.error is not None:
+            raise self.error
         if self.lost:
             raise not_connected()
         ref = next(self._refs)

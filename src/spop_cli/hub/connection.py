@@ -19,6 +19,7 @@ PONG = encode({"op": "pong"})
 PING = encode({"op": "ping"})
 REPLAY_CHUNK = 16 * 1024  # replayed bytes handed to the transport at a time
 LIVE_PRUNE_MIN = 1024  # queued live ids before the first look for settled ones
+LINGER = 1.0  # s a refused peer may go on sending (its hello) after our error frame, unread
 BUFFER_SHARES_MAX = 64  # registrations a connection's slow-consumer limit grows with, at most
 
 
@@ -94,6 +95,8 @@ class HubConnection(asyncio.Protocol):
         self.hub.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:  # after a fatal error: lingering, what comes is dropped unread
+            return
         self.last_rx = time.monotonic()
         try:
             for frame in self.decoder.feed(data):
@@ -111,6 +114,11 @@ class HubConnection(asyncio.Protocol):
             self.hub.log.info(
                 "%s: %s disconnected%s", self.peer, self.role, f": {exc}" if exc else ""
             )
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Out of the hub's connections, its keys and pops given up: at once after a fatal
+        error (the socket lingers unread), or when the connection is lost."""
         self.closed = True
         self.hub.connections.discard(self)
         for key in self.keys:
@@ -252,12 +260,21 @@ class HubConnection(asyncio.Protocol):
         self.write(error_frame(code, message, ref))
 
     def fatal(self, code: Error, message: str, ref: Any = None) -> None:
-        """An error frame naming the code, then close: the peer broke the protocol."""
-        if self.transport is not None and not self.closed:
+        """An error frame naming the code, then close: the peer broke the protocol (or the hub
+        is full). Only our side closes at once: a peer whose next frames were on their way (a
+        hello right behind a refusal at the connection limit) would get a reset from a full
+        close, and its kernel would throw the error frame away unread. Its frames are dropped
+        for LINGER seconds, or until it closes."""
+        transport = self.transport
+        if transport is not None and not self.closed:
             self.flush()
-            self.transport.write(error_frame(code, message, ref, fatal=True))
-            self.closed = True
-            self.transport.close()
+            transport.write(error_frame(code, message, ref, fatal=True))
+            self._let_go()
+            if transport.can_write_eof():
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(LINGER, transport.close)
+            else:  # TLS: no half-close
+                transport.close()
 
     # -- in -------------------------------------------------------------------------------
     def handle(self, frame: dict[str, Any]) -> None:
