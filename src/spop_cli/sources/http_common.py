@@ -3,6 +3,7 @@ mapped events to the sink with the hub's refusal turned into an HTTP answer."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -12,6 +13,8 @@ from aiohttp import web
 from . import ContactSink
 
 MAX_BODY = 1024 * 1024
+BODY_TIMEOUT = 30.0  # s for a body once the head is in (the hub's http_body_timeout in a hub)
+READ_CHUNK = 64 * 1024
 # hub refusals that say the body was malformed (400); the others do not apply (422)
 MALFORMED = frozenset({"not_an_object", "wrong_type", "bad_time", "invalid_json", "too_deep"})
 
@@ -28,20 +31,41 @@ class WebhookError(Exception):
 
 def problem(status: int, error: str, message: str, **extra: Any) -> web.Response:
     body = {"error": error, "message": message, **extra}
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+    response = web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+    if status == 408:  # the rest of the body is not awaited: the connection closes
+        response.force_close()
+    return response
 
 
 async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
-    """The raw body, refused (413) over `limit` before it is all read when the length is known."""
+    """The whole raw body, to its end (`read(n)` gives what has arrived so far: a body sent in
+    several packets, chunked, or over TLS was cut), within the body timeout (408) and `limit`
+    (413: at once when the length says so)."""
     if request.content_length is not None and request.content_length > limit:
         raise WebhookError(413, "too_large", f"body of {request.content_length} bytes over {limit}")
+    timeout = _body_timeout(request)
+    content, chunks, size = request.content, [], 0
     try:
-        raw = await request.content.read(limit + 1)
+        async with asyncio.timeout(timeout):
+            while chunk := await content.read(READ_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise WebhookError(413, "too_large", f"body over the {limit} byte limit")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise WebhookError(408, "timeout", f"body not received within {timeout:g} s") from None
     except (ConnectionError, ValueError) as exc:
         raise WebhookError(400, "bad_body", f"body could not be read: {exc}") from None
-    if len(raw) > limit:
-        raise WebhookError(413, "too_large", f"body over the {limit} byte limit")
-    return raw
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _body_timeout(request: web.Request) -> float:
+    """The hub's `http_body_timeout` when the hub serves the route, else BODY_TIMEOUT."""
+    from ..hub.http import HUB_KEY
+
+    hub = request.app.get(HUB_KEY)
+    config = getattr(hub, "config", None)
+    return float(getattr(config, "http_body_timeout", BODY_TIMEOUT))
 
 
 def refusal_of(exc: Exception) -> dict[str, Any] | None:
