@@ -387,6 +387,30 @@ def test_refusals(events, status, error, field):
         assert len(refused.applied) == len(events) - 1
 
 
+def test_refusals_echo_at_most_64_characters_of_the_input():
+    """An outside check got the whole 500,000-character name back in `field`, and 1,024
+    characters of a media, where /v1/pops cut both to 64."""
+    name = "x" * 500_000
+    refused = refusal([ev("queued", 0, media="telephone", **{name: "1"})])
+    assert (refused.error, refused.field) == ("unexpected_field", "x" * 64)
+    assert refused.message == f"queued does not take {'x' * 64!r}"
+    refused = refusal([ev("queued", 0, media="m" * 1024)])
+    assert (refused.error, refused.field) == ("unknown_media", "media")
+    assert refused.message == (
+        f"unknown media {'m' * 64!r}… (expected telephone, callback, email, webcollab)"
+    )
+
+
+def test_an_unknown_media_says_the_same_for_a_pop_and_a_contact_event():
+    from spop_cli.pops import InputError, normalize_pop
+
+    with pytest.raises(InputError) as pop_refused:
+        normalize_pop({"media": "fax", "resource": "13579"}, T0)
+    refused = refusal([ev("queued", 0, media="fax")])
+    assert refused.message == pop_refused.value.message
+    assert refused.message == "unknown media 'fax' (expected telephone, callback, email, webcollab)"
+
+
 def test_bad_event_at_index_2_keeps_the_first_two():
     tracker = ContactTracker()
     events = [ev("queued", 0, **SALES), ev("routed", 10, resource="13579"), ev("parked", 12)]

@@ -508,6 +508,36 @@ def test_a_malformed_callback_is_a_clear_error_and_the_connection_keeps_serving(
     assert [p["resource"] for p in pops] == ["13579"]
 
 
+@pytest.mark.parametrize(
+    ("age", "message"),
+    [
+        ("abc", "TaskAge: expected whole seconds, got 'abc'"),
+        ("-5", "TaskAge: expected whole seconds, got '-5'"),
+        ("1e12", "TaskAge: expected whole seconds, got '1e12'"),
+        ("99999999999", "TaskAge 99999999999 s before 2024-05-14T09:00:00.000Z is out of range"),
+    ],
+)
+def test_a_task_age_that_is_not_whole_seconds_in_range_is_400_bad_time(
+    age: str, message: str
+) -> None:
+    """It was ignored (abc, -5, 1e12) or crashed the request with a 500 (99999999999)."""
+
+    async def body(hub: Any, desk: Desk, router: TaskRouter) -> Any:
+        return await router.post(event("task.created", TaskAge=age, Timestamp="1715677200"))
+
+    status, answer = run(scenario(TABLE, [], body))
+    assert (status, answer) == (400, {"error": "bad_time", "message": message})
+
+
+def test_a_task_age_back_to_1970_is_still_in_range() -> None:
+    async def body(hub: Any, desk: Desk, router: TaskRouter) -> Any:
+        return await router.post(
+            event("task.created", TaskAge="1715677200", Timestamp="1715677200")
+        )
+
+    assert run(scenario(TABLE, [], body)) == (204, None)
+
+
 # --- configuration --------------------------------------------------------------------------------
 
 

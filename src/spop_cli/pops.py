@@ -139,6 +139,12 @@ def contact_data_from(value: Any, field: str = "contact_data") -> dict[str, str]
         raise InputError(422, exc.error, exc.message, where) from None
 
 
+def unknown_media(value: Any) -> str:
+    """The one message for a media that is none of the four, of any type (pops and contact
+    events alike), echoing at most 64 characters of it."""
+    return f"unknown media {shown(value)} (expected telephone, callback, email, webcollab)"
+
+
 def _created_at(data: dict[str, Any], now: str | None = None) -> str:
     """The source's time in the wire's one form (UTC, milliseconds, `Z`), or now (`now`: the
     moment its request was taken, the same for every pop of it)."""
@@ -233,12 +239,7 @@ def _checked_pop(data: Any, now: str | None = None) -> dict[str, Any]:
     except ScreenPopError:
         media = None
     if media is None:
-        raise InputError(
-            422,
-            "unknown_media",
-            f"unknown media {shown(data['media'])} (expected telephone, callback, email, webcollab)",
-            "media",
-        )
+        raise InputError(422, "unknown_media", unknown_media(data["media"]), "media")
     if "resource" not in data:
         raise InputError(422, "missing_field", "resource is required", "resource")
     try:

@@ -28,7 +28,7 @@ from spop_cli.model import (
     parse_time,
     validate_resource,
 )
-from spop_cli.pops import DataError, check_contact_data
+from spop_cli.pops import DataError, check_contact_data, unknown_media
 from spop_cli.protocol import pop_frame, pop_too_large
 
 MAX_EVENT_ID_LEN = 256
@@ -110,7 +110,7 @@ class ContactEventError(Exception):
         self.status = status
         self.error = error
         self.message = message
-        self.field = field
+        self.field = field if field is None or len(field) <= 64 else field[:64]  # never echo more
         self.index = index
         # Outcomes of the events of the same batch accepted before this one.
         self.applied: list[Outcome] = []
@@ -343,10 +343,11 @@ def _parse(event: Any) -> _Event:
             )
     media = None
     if event.get("media") is not None:
+        text = _text(event["media"], "media")  # not a string: 400 wrong_type
         try:
-            media = Media.parse(_text(event["media"], "media"))
-        except ScreenPopError as exc:
-            raise _refused("unknown_media", "media", exc.message) from None
+            media = Media.parse(text)
+        except ScreenPopError:
+            raise _refused("unknown_media", "media", unknown_media(text)) from None
     data = _parse_data(event["contact_data"]) if event.get("contact_data") is not None else None
     needs_resource = "resource" in EVENT_FIELDS[kind]
     resource = _parse_resource(_required(event, "resource")) if needs_resource else ""

@@ -401,10 +401,19 @@ class TwilioSource(Source):
         """When the task was created: the event's time less TaskAge (whole seconds)."""
         at = self._at(params)
         age = params.get("TaskAge", "")
-        if at is None or not age.isdigit():
+        if at is None or not age:
             return at
+        if not (age.isascii() and age.isdigit()):
+            raise WebhookError(
+                400, "bad_time", f"TaskAge: expected whole seconds, got {age[:40]!r}"
+            )
         moment = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp() - int(age)
-        return _iso(datetime.fromtimestamp(moment, UTC))
+        try:
+            return _iso(datetime.fromtimestamp(moment, UTC))
+        except (OverflowError, OSError, ValueError):
+            raise WebhookError(
+                400, "bad_time", f"TaskAge {age[:40]} s before {at} is out of range"
+            ) from None
 
 
 def signature(token: bytes, url: str, params: list[tuple[str, str]]) -> str:
