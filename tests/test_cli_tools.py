@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import threading
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -463,6 +465,33 @@ def test_status_words_durations_and_zero_counters(monkeypatch) -> None:
     assert "│ pops accepted │ 2 │ pops_accepted │" in lines
     assert "│ pops expired undelivered │ 0 │ expired │" in lines  # zero, still shown
     assert "│ wrong or missing tokens │ 0 │ auth_failures │" in lines
+
+
+def test_status_shows_every_counter_the_docs_name_at_zero_on_a_fresh_hub() -> None:
+    """docs/cli.md: "every counter shown, 0 included"; the counters are those reliability.md
+    lists (and cluster.md's `contact_conflicts`). Four were missing while at 0."""
+    import re
+
+    from hubproc import inprocess_hub, run
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    section = docs.split("## Counters to watch", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+)`", section)) - {"counters", "browser_streams", "connections"}
+    named.add("contact_conflicts")
+    assert len(named) == 25
+
+    async def body() -> Any:
+        async with inprocess_hub() as hub:
+            return await asyncio.to_thread(
+                CliRunner(env={"COLUMNS": "200"}).invoke,
+                cli,
+                ["status", "--server", f"{hub.port}@127.0.0.1"],
+            )
+
+    result = run(body())
+    assert result.exit_code == 0, result.output
+    keys = {line.split("│")[-2].strip() for line in result.output.splitlines() if "│" in line}
+    assert named - keys == set()
 
 
 @pytest.mark.parametrize(
