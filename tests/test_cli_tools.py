@@ -476,7 +476,11 @@ def test_status_shows_every_counter_the_docs_name_at_zero_on_a_fresh_hub() -> No
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
     section = docs.split("## Counters to watch", 1)[1].split("\n## ", 1)[0]
-    named = set(re.findall(r"`([a-z_]+)`", section)) - {"counters", "browser_streams", "connections"}
+    named = set(re.findall(r"`([a-z_]+)`", section)) - {
+        "counters",
+        "browser_streams",
+        "connections",
+    }
     named.add("contact_conflicts")
     assert len(named) == 25
 
