@@ -57,9 +57,10 @@ class Desk:
         way (a listener gets its key's pops in order)."""
         await self.wait(count)
         for media, resource in self.keys:
-            await hub.publish({"media": media, "resource": resource, "source": "marker"})
+            # every media carries queue_name (a callback has no source, say)
+            await hub.publish({"media": media, "resource": resource, "queue_name": "marker"})
         await self.wait(count + len(self.keys))
-        return [p for p in self.pops if p["source"] != "marker"]
+        return [p for p in self.pops if p["queue_name"] != "marker"]
 
     async def close(self) -> None:
         for listener in self.listeners:

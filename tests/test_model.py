@@ -180,3 +180,37 @@ def test_utc_now_iso_is_now_to_the_millisecond() -> None:
         assert text == datetime.fromtimestamp(at / 1000, UTC).isoformat(
             timespec="milliseconds"
         ).replace("+00:00", "Z")
+
+
+ALL_TEXT = {
+    "source": "s",
+    "destination": "d",
+    "queue_name": "q",
+    "contact_description": "c",
+    "from": "f",
+    "redirect": "r",
+}
+
+
+@pytest.mark.parametrize(
+    ("media", "carried"),
+    [
+        ("telephone", {"source", "destination", "queue_name", "contact_description", "from", "redirect"}),
+        ("callback", {"destination", "queue_name", "contact_description"}),
+        ("email", {"source", "destination", "queue_name", "contact_description"}),
+        ("webcollab", {"source", "destination", "queue_name", "contact_description"}),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("path", ["plain", "checked"])
+def test_a_pop_carries_only_its_medias_fields_the_others_empty(
+    media: str, carried: set[str], path: str
+) -> None:
+    """protocol.md: "Fields a media does not have (e.g. `redirect` for email) are empty" (the
+    guide's chapter 3). A pop posted with them kept them (an outside check)."""
+    from spop_cli.pops import normalize_pop
+
+    spelled = media if path == "plain" else media.upper()  # the field-by-field path
+    pop = normalize_pop({"media": spelled, "resource": "13579", **ALL_TEXT})
+    assert {name: pop[name] for name in ALL_TEXT} == {
+        name: (value if name in carried else "") for name, value in ALL_TEXT.items()
+    }

@@ -7,6 +7,7 @@ from typing import Any
 from .model import (
     MAX_CONTACT_ID_LEN,
     MAX_ID_LEN,
+    MEDIA_FIELDS,
     TEXT_FIELDS,
     Media,
     ScreenPopError,
@@ -164,6 +165,9 @@ def _created_at(data: dict[str, Any], now: str | None = None) -> str:
 
 
 _MEDIA_WORDS = {m.value: m.value for m in Media}  # the usual spelling, taken as it is
+# the text fields each media carries (the guide's chapter 3): the others are sent empty, as the
+# contact tracker does (a callback has no `source`, an email no `from` or `redirect`)
+_CARRIED = {m.value: frozenset(MEDIA_FIELDS[m]) for m in Media}
 
 
 def normalize_pop(data: Any, now: str | None = None) -> dict[str, Any]:
@@ -211,13 +215,14 @@ def _plain_pop(data: dict[str, Any], now: str | None = None) -> dict[str, Any] |
         "contact_id": contact_id,
         "created_at": _created_at(data, now),
     }
+    carried = _CARRIED[media]
     for name in TEXT_FIELDS:
         value = get(name, "")
         if value.__class__ is not str or len(value) > MAX_TEXT:
             if value is not None:
                 return None
             value = ""
-        pop[name] = value
+        pop[name] = value if name in carried else ""
     pop["wait_time"] = wait
     pop["contact_data"] = contact_data_from(get("contact_data"))
     return pop
@@ -261,8 +266,10 @@ def _checked_pop(data: Any, now: str | None = None) -> dict[str, Any]:
         "contact_id": _text(data, "contact_id", MAX_CONTACT_ID),
         "created_at": _created_at(data, now),
     }
+    carried = _CARRIED[media.value]
     for name in TEXT_FIELDS:
-        pop[name] = _text(data, name)
+        value = _text(data, name)  # checked all the same
+        pop[name] = value if name in carried else ""
     pop["wait_time"] = int(wait)
     pop["contact_data"] = contact_data_from(data.get("contact_data"))
     return pop
