@@ -337,6 +337,33 @@ def test_show_is_toml_with_secrets_hidden(tmp_path: Path) -> None:
     assert tomllib.loads(show_config(doc, secrets=True))["server"]["token"] == "s3cret"
 
 
+def test_show_hides_the_nats_token_and_passwords_in_nats_urls(tmp_path: Path) -> None:
+    """An outside check saw `nats_token = "nats-secret"` in clear (only token and source_token
+    were hidden), and a password in a nats:// URL."""
+    servers = "nats://spop:pa55@n1:4222,nats://t0ken@n2:4222,nats://n3:4222"
+    path = write(
+        tmp_path,
+        f'[hub]\nbackend = "nats"\nnats_token = "nats-secret"\nnats_servers = "{servers}"\n',
+    )
+    doc, _, _ = load_document(path, environ={})
+    shown = show_config(doc)
+    hub = tomllib.loads(shown)["hub"]
+    assert hub["nats_token"] == "********"
+    assert (
+        hub["nats_servers"] == "nats://spop:********@n1:4222,nats://********@n2:4222,nats://n3:4222"
+    )
+    assert "nats-secret" not in shown and "pa55" not in shown and "t0ken" not in shown
+    shown = tomllib.loads(show_config(doc, secrets=True))["hub"]
+    assert (shown["nats_token"], shown["nats_servers"]) == ("nats-secret", servers)
+
+
+def test_spop_source_token_sets_the_hubs_source_token_as_serve_takes_it(tmp_path: Path) -> None:
+    path = write(tmp_path, '[hub]\nsource_token = "from-file"\n')
+    doc, _, sources = load_document(path, environ={"SPOP_SOURCE_TOKEN": "from-env"})
+    assert doc["hub"]["source_token"] == "from-env"
+    assert sources["hub.source_token"] == "SPOP_SOURCE_TOKEN"
+
+
 def test_hub_keys_are_hub_config_fields(tmp_path: Path) -> None:
     """`[hub]` is what `spop serve` reads: same names, and HubConfig accepts the merged table."""
     from spop_cli.config import SCHEMA

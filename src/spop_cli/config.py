@@ -26,9 +26,9 @@ ENVIRONMENT = {  # variable → key path it sets
     "SPOP_TOKEN": ("server", "token"),
     "SPOP_DIAG_DIR": ("diagnostics", "dir"),
 }
-SECRET_KEYS = {"token", "source_token"}
-# in [sources.NAME] tables, any key naming one of these is hidden by `config show`
-SOURCE_SECRET_WORDS = ("secret", "token", "password")
+# in [server], [hub] and [sources.NAME], any key naming one of these is hidden by `config show`
+# (token, source_token, nats_token, a source's auth_token or secret…)
+SECRET_WORDS = ("secret", "token", "password")
 _MISSING = object()
 
 
@@ -259,6 +259,9 @@ def load_document(
     if environ.get("SPOP_TOKEN") and isinstance(doc.get("hub"), dict):
         doc["hub"]["token"] = environ["SPOP_TOKEN"]
         sources["hub.token"] = "SPOP_TOKEN"
+    if environ.get("SPOP_SOURCE_TOKEN") and isinstance(doc.get("hub"), dict):
+        doc["hub"]["source_token"] = environ["SPOP_SOURCE_TOKEN"]  # what `spop serve` takes
+        sources["hub.source_token"] = "SPOP_SOURCE_TOKEN"
     if overrides:
         extra_dirs = (overrides.get("plugins") or {}).get("dirs")
         rest = {k: v for k, v in overrides.items() if k != "plugins"}
@@ -763,15 +766,26 @@ def show_config(doc: Mapping[str, Any], secrets: bool = False) -> str:
 
     shown = copy.deepcopy(dict(doc))
     if not secrets:
-        for section in ("server", "hub"):
-            table = shown.get(section)
-            if isinstance(table, dict):
-                for key in SECRET_KEYS & set(table):
-                    table[key] = "********"
         sources = shown.get("sources")
-        for table in sources.values() if isinstance(sources, dict) else ():
+        tables = [shown.get("server"), shown.get("hub")]
+        tables += list(sources.values()) if isinstance(sources, dict) else []
+        for table in tables:
             if isinstance(table, dict):
                 for key in table:
-                    if any(word in key.lower() for word in SOURCE_SECRET_WORDS):
+                    if any(word in key.lower() for word in SECRET_WORDS):
                         table[key] = "********"
+        hub = shown.get("hub")
+        if isinstance(hub, dict) and isinstance(hub.get("nats_servers"), str):
+            hub["nats_servers"] = hide_url_passwords(hub["nats_servers"])
     return tomli_w.dumps(shown)
+
+
+def hide_url_passwords(urls: str) -> str:
+    """`nats://user:pass@host` → `nats://user:********@host` and `nats://TOKEN@host` →
+    `nats://********@host` (a NATS token in the URL), for each URL of a list."""
+
+    def hide(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(2).partition(":")
+        return f"{match.group(1)}{user + ':' if colon else ''}********@"
+
+    return re.sub(r"(//)([^/@,\s]+)@", hide, urls)
