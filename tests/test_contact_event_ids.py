@@ -214,14 +214,16 @@ def test_a_repeat_after_a_restart_makes_no_second_pop(tmp_path: Path) -> None:
         assert wait_for(lambda: len(pops.got) == 1)
         assert wait_for(lambda: hub.status()["pending"] == 0)  # acked: the journal keeps its id
         hub.stop()
-        hub.start()  # the event ids (memory) are gone; the contact too
+        hub.start()  # the event ids come back with their contact's journalled state
 
-        assert post(hub, event) == (200, {"applied": 1, "pops": ["EVr9"]})
+        # a duplicate, answered as one without a restart (it was applied again, and its pop
+        # refused by the journal's pop-id window: the same outcome, by a longer way)
+        assert post(hub, event) == (200, {"applied": 1, "pops": []})
 
         [marker] = hub.publish({"media": "telephone", "resource": "13579", "source": "marker"})
         assert wait_for(lambda: len(pops.got) == 2)
         assert [pop.id for pop in pops.got] == ["EVr9", marker]
-        assert hub.status()["counters"]["duplicates"] == 1
+        assert hub.status()["counters"]["duplicate_events"] == 1
     finally:
         pops.close()
         hub.close()

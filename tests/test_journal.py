@@ -4,8 +4,10 @@ with SIGKILL and started again on the same journal delivers every pop it had acc
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +317,35 @@ T = "2026-03-02T09:00:{:02d}Z"  # event times, one a second: wait_time is exact
 
 def contacts_post(hub: Any, events: Any) -> tuple[int, Any]:
     return http_post(f"{hub.http}/v1/contacts", events)
+
+
+def test_a_batch_resent_after_a_sigkill_is_a_duplicate_inside_the_window_only(
+    tmp_path: Path,
+) -> None:
+    """A source that lost the answer in the crash resends the batch with the same ids: it is
+    answered as applied (it was 422 contact_ended: the ids were in memory only), until the
+    duplicate window has passed since the events were applied, as without a restart."""
+    window = 4.0
+    hub = HubProcess(tmp_path, "--dedupe-window", str(window)).start()
+    try:
+        batch = [
+            {"id": "e1", "contact_id": "c", "event": "queued", "at": T.format(0)},
+            {"id": "e2", "contact_id": "c", "event": "routed", "at": T.format(10), "resource": "1001"},
+            {"id": "e3", "contact_id": "c", "event": "ended", "at": T.format(59)},
+        ]  # fmt: skip
+        status, first = contacts_post(hub, batch)
+        applied_at = time.monotonic()
+        assert status == 200 and first["applied"] == 3
+        hub.restart()  # SIGKILL right after the 200
+        assert time.monotonic() - applied_at < window - 1  # still inside the window
+        assert contacts_post(hub, batch) == (200, {"applied": 3, "pops": []})  # as without a crash
+        with urllib.request.urlopen(f"{hub.http}/v1/status", timeout=10) as answer:
+            assert json.loads(answer.read())["counters"]["duplicate_events"] == 3
+        time.sleep(max(0.0, applied_at + window + 0.5 - time.monotonic()))
+        status, answer = contacts_post(hub, batch)  # outside it: new, and the contact is over
+        assert (status, answer["error"], answer["index"]) == (422, "contact_ended", 0)
+    finally:
+        hub.stop()
 
 
 def test_contacts_survive_a_sigkill_whole(tmp_path: Path) -> None:

@@ -375,6 +375,9 @@ def pop_id_for(event_id: str) -> str:
     return "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()[:32]
 
 
+IDS_JOURNALLED = 64  # event ids kept with a contact's journalled state, at most
+
+
 class EventIds:
     """Ids of events applied within the last `window` seconds (hub clock): a platform retrying a
     webhook, or a source resending a batch whose answer it lost, is applied once."""
@@ -403,6 +406,17 @@ class EventIds:
         """An applied event whose commit failed: it did not happen, so a resend must apply."""
         self._seen.pop(event_id, None)
 
+    def when(self, event_id: str) -> datetime | None:
+        """When `event_id` was applied, while it is remembered."""
+        return self._seen.get(event_id)
+
+    def restore(self, applied: Iterable[tuple[str, datetime]]) -> None:
+        """Ids journalled with their contacts, back after a restart, oldest first (`expire`
+        stops at the first one inside the window)."""
+        for event_id, moment in sorted(applied, key=lambda item: item[1]):
+            if event_id not in self._seen:
+                self._seen[event_id] = moment
+
     def expire(self, now: datetime) -> None:
         horizon = now - self.window
         seen = self._seen
@@ -430,6 +444,7 @@ class ContactTracker:
         self.max_frame = max_frame  # an event whose pop's frame would be longer is refused
         self._contacts: dict[str, _Contact] = {}
         self.event_ids = EventIds(dedupe_window)
+        self._ids_of: dict[str, list[str]] = {}  # contact → its event ids, newest last
 
     def __len__(self) -> int:
         return len(self._contacts)
@@ -504,6 +519,10 @@ class ContactTracker:
         self._contacts[parsed.contact_id] = contact
         if parsed.event_id is not None:
             self.event_ids.add(parsed.event_id, seen)
+            ids = self._ids_of.setdefault(parsed.contact_id, [])
+            ids.append(parsed.event_id)
+            if len(ids) > 2 * IDS_JOURNALLED:
+                del ids[:-IDS_JOURNALLED]
         return outcome
 
     def expire(self, now: datetime) -> int:
@@ -521,6 +540,7 @@ class ContactTracker:
         ]
         for contact_id in gone:
             del self._contacts[contact_id]
+            self._ids_of.pop(contact_id, None)
         self.event_ids.expire(now)
         return gone
 
@@ -540,10 +560,33 @@ class ContactTracker:
         return state
 
     def state_json(self, contact_id: str) -> bytes | None:
-        """`state()` as JSON, the journal's row (byte for byte `orjson.dumps(state())`), made
-        without the copies: orjson writes a datetime as `isoformat()` does."""
+        """`state()` as JSON, the journal's row, made without the copies (orjson writes a
+        datetime as `isoformat()` does), with `event_ids`: the contact's event ids still in the
+        duplicate window and when each was applied, so that after a crash a source resending a
+        batch whose answer it lost is answered as applied, not refused (`contact_ended`)."""
         contact = self._contacts.get(contact_id)
-        return None if contact is None else orjson.dumps(_state(contact))
+        if contact is None:
+            return None
+        state = _state(contact)
+        when = self.event_ids.when
+        recent = [
+            (event_id, moment)
+            for event_id in self._ids_of.get(contact_id, ())[-IDS_JOURNALLED:]
+            if (moment := when(event_id)) is not None
+        ]
+        if recent:
+            state["event_ids"] = recent
+        return orjson.dumps(state)
+
+    def restore_event_ids(self, states: Iterable[Mapping[str, Any]]) -> None:
+        """The `event_ids` journalled with these contacts (`state_json`), remembered again."""
+        applied = []
+        for state in states:
+            for item in state.get("event_ids") or ():
+                if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str):
+                    applied.append((item[0], datetime.fromisoformat(item[1])))
+                    self._ids_of.setdefault(state["contact_id"], []).append(item[0])
+        self.event_ids.restore(applied)
 
     def restore(self, state: Mapping[str, Any]) -> str:
         """Track a contact again from `state()`'s output (after a restart); its id."""

@@ -261,11 +261,18 @@ class Hub:
         if not rows:
             return 0
         tracker = self.contacts
+        restored = []
         for contact_id, state in rows:
             try:
-                tracker.restore(orjson.loads(state))
+                loaded = orjson.loads(state)
+                tracker.restore(loaded)
+                restored.append(loaded)
             except Exception as exc:
                 self.log.error("journal: contact %s cannot be restored: %r", contact_id, exc)
+        try:  # the duplicate window of their events goes on across the restart
+            tracker.restore_event_ids(restored)
+        except Exception as exc:
+            self.log.error("journal: contact event ids cannot be restored: %r", exc)
         return len(tracker)
 
     async def _housekeeping(self) -> None:
