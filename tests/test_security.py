@@ -100,6 +100,7 @@ def test_listener_needs_the_token() -> None:
                 assert caught.value.code is Error.SCREENPOP_Initialization_Error
                 assert listener.status is ListenerStatus.Status_Down
             assert hub.status()["counters"]["auth_failures"] == 4
+            assert hub.status()["counters"].get("frame_errors", 0) == 0  # not bad frames
             listener, got = await listener_up(address_of(hub), "13579", token=DESK)
             await hub.publish({"media": "telephone", "resource": "13579", "source": "12345"})
             assert await until(lambda: len(got) == 1)
@@ -189,6 +190,31 @@ def test_http_status_needs_a_token_health_does_not(guarded_hub: HubThread) -> No
     assert http(f"{guarded_hub.http}/v1/status", token=DESK)[0] == 200
     status, answer = http(f"{guarded_hub.http}/v1/health")
     assert status == 200 and answer == {"status": "ok", "version": answer["version"]}
+
+
+@pytest.mark.parametrize(
+    ("token", "status"), [(None, 401), ("wrong", 401), (DESK, 401), (PUBLISHER, 200)]
+)
+def test_with_a_source_token_alone_publishing_without_it_is_401(
+    token: str | None, status: int
+) -> None:
+    """The docs' table: nothing or a wrong token → 401 (it was 403 "this token may listen but
+    not publish" here, where no token is needed to listen)."""
+
+    async def body() -> None:
+        async with inprocess_hub(source_token=PUBLISHER) as hub:
+            url = f"http://127.0.0.1:{hub.http_port}/v1/pops"
+            got, answer = await asyncio.to_thread(
+                http, url, {"media": "telephone", "resource": "13579"}, token
+            )
+            assert got == status
+            if status == 401:
+                assert answer == {
+                    "error": "unauthorized",
+                    "message": "wrong or missing bearer token",
+                }
+
+    run(body())
 
 
 def test_source_token_alone_leaves_listening_open_but_not_publishing() -> None:

@@ -336,7 +336,9 @@ class HubConnection(asyncio.Protocol):
         if rights is None:
             self.hub.counters["auth_failures"] += 1
             self.hub.log.warning("%s: wrong or missing token", self.peer)
-            raise FrameError(Error.SCREENPOP_Initialization_Error, "wrong or missing token", ref)
+            # fatal, but not a bad frame: counted in auth_failures only
+            self.fatal(Error.SCREENPOP_Initialization_Error, "wrong or missing token", ref)
+            return
         self.role = str(frame.get("role") or "listener")
         self.can_publish = rights == "source"
         version = frame["version"]  # 1 or 2, checked; a protocol-1 client sees what it always saw

@@ -108,11 +108,12 @@ def _check_depth(raw: bytes, body: Any) -> None:
 
 def _source_guard(request: web.Request, hub: Hub) -> web.Response | None:
     rights = hub.authorize(_bearer(request))
-    if rights is None:
-        return _problem(401, "unauthorized", "wrong or missing bearer token")
-    if rights != "source":
+    if rights == "source":
+        return None
+    if rights == "listener" and hub.config.token is not None:  # the listeners' token
         return _problem(403, "forbidden", "this token may listen but not publish")
-    return None
+    # nothing, or a wrong token: also where listening is open (only a source_token is set)
+    return _problem(401, "unauthorized", "wrong or missing bearer token")
 
 
 async def post_pops(request: web.Request) -> web.Response:
