@@ -456,6 +456,18 @@ def test_a_relative_program_is_found_from_the_config_files_folder(
     assert settings.actions["hook"]["cwd"] == str(tmp_path / "work")
 
 
+def test_a_relative_program_given_with_a_relative_config_path_stays_a_path(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """`--config c.toml` run in the file's own folder: `./append.sh` became `append.sh`, looked
+    up on PATH ("program not found on PATH", exit 12), where the same file checked from /
+    was fine (an outside check)."""
+    command_file(tmp_path, "./append.sh")
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(Path("spop.toml"), environ={})
+    assert settings.actions["hook"]["argv"][0] == str(tmp_path / "append.sh")
+
+
 @pytest.mark.parametrize("program", ["notify-send-nope", "/usr/bin/sort", "{source}"])
 def test_a_bare_name_absolute_path_or_template_is_left_as_written(
     tmp_path: Path, program: str

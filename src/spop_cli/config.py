@@ -228,7 +228,9 @@ def _beside(config_file: Path, value: Any) -> Any:
     """A relative path as seen from the configuration file's folder; anything else unchanged."""
     if not isinstance(value, str) or Path(value).expanduser().is_absolute():
         return value
-    return str((config_file.parent / value).expanduser())
+    # absolute: `--config c.toml` has the folder "." and `./x.sh` would become `x.sh`, a name
+    # looked up on PATH
+    return str((config_file.absolute().parent / value).expanduser())
 
 
 def load_document(
