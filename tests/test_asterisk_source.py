@@ -622,6 +622,11 @@ def test_the_commented_example_in_config_example_toml_is_a_valid_source(tmp_path
             "sources.pbx.agent_patterns = [\"(unclosed\"]: bad regular expression '(unclosed': missing )",
         ),
         (
+            'agent_patterns = ["^PJSIP/"]',
+            "sources.pbx.agent_patterns = [\"^PJSIP/\"]: '^PJSIP/' has no group: group 1 must "
+            'capture the agent\'s resource, e.g. "^PJSIP/(\\w+)-"',
+        ),
+        (
             "queue_names = { support = 5 }",
             'sources.pbx.queue_names = {"support": 5}: must be a table of strings',
         ),
@@ -718,3 +723,28 @@ def test_ringall_agents_who_did_not_answer_learn_the_call_went_elsewhere() -> No
     assert bob[0][2:] == ("100", "answered elsewhere")
     assert alice[0][1:3] == ("answered", "100")
     assert alice[-1][1] == "ended"
+
+
+def test_check_against_a_port_that_never_sends_the_banner_says_so(tmp_path: Path) -> None:
+    """It printed "cannot reach Asterisk AMI at …: " with nothing after the colon (an
+    exception with no text of its own)."""
+
+    async def body() -> tuple[int, str, int]:
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        config = write_config(tmp_path / "spop.toml", port)
+        with config.open("a", encoding="utf-8") as file:
+            file.write("connect_timeout = 0.5\n")
+        env = {"SPOP_ASTERISK_SECRET": "x", "SPOP_DIAG_DIR": str(tmp_path / "diag")}
+        try:
+            code, output = await spop("source", "pbx", "--check", "--config", str(config), env=env)
+        finally:
+            silent.close()
+        return code, output, port
+
+    code, output, port = run(body())
+    assert code == 3
+    assert (
+        f"pbx: cannot reach Asterisk AMI at 127.0.0.1:{port}: "
+        "no banner or answer within connect_timeout (0.5 s)"
+    ) in output

@@ -604,3 +604,36 @@ def test_the_same_call_under_uvloop() -> None:
         ("13579", 10, "Ventes")
     ]
     assert (status["counters"]["duplicate_events"], status["contacts"]) == (1, 1)
+
+
+def test_standalone_twilio_answers_503_before_taskrouter_gives_up(monkeypatch) -> None:
+    """TaskRouter waits 15 s for an answer; the standalone sink retries an unreachable hub for
+    60 s, so the source answered after 56 s, a 503 nobody read (an outside check)."""
+    import logging
+    import socket
+    import time
+
+    from spop_cli.sources import RemoteSink, twilio
+    from spop_cli.sources.http_common import deliver
+
+    assert twilio.ANSWER_WITHIN < 15
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+
+    async def body() -> tuple[int, dict[str, Any], float]:
+        sink = RemoteSink(f"{port}@127.0.0.1", retry_for=60.0, timeout=1.0)
+        started = time.monotonic()
+        status, answer = await deliver(
+            sink, [{"contact_id": "c", "event": "queued"}], logging.getLogger("t"), "tw",
+            answer_within=0.5,
+        )  # fmt: skip
+        await sink.close()
+        return status, answer, time.monotonic() - started
+
+    status, answer, took = run(body())
+    assert (status, answer) == (
+        503,
+        {"error": "hub_unavailable", "message": "the hub did not answer within 0.5 s"},
+    )
+    assert took < 5  # not the sink's 60 s

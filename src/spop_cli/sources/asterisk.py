@@ -85,11 +85,17 @@ def _check_table(options: Mapping[str, Any]) -> None:
         raise SourceError('must be "ring" or "answer"', "pop_on")
     for pattern in options.get("agent_patterns", ()):
         try:
-            re.compile(pattern)
+            compiled = re.compile(pattern)
         except re.error as exc:
             raise SourceError(
                 f"bad regular expression {pattern!r}: {exc}", "agent_patterns"
             ) from None
+        if compiled.groups < 1:  # group 1 is the agent's resource: without it nobody is popped
+            raise SourceError(
+                f"{pattern!r} has no group: group 1 must capture the agent's resource, "
+                'e.g. "^PJSIP/(\\w+)-"',
+                "agent_patterns",
+            )
     for key in ("connect_timeout", "reconnect_max"):
         if options.get(key, 1) <= 0:
             raise SourceError("must be more than 0", key)
@@ -210,7 +216,7 @@ class AsteriskSource(Source):
                         "Asterisk AMI %s:%s unreachable (%s); retrying in %.1f s",
                         self.host,
                         self.port,
-                        exc or type(exc).__name__,
+                        self._why(exc),
                         delay,
                     )
                 try:
@@ -265,6 +271,14 @@ class AsteriskSource(Source):
             self.connected.clear()
             ami.close()
 
+    def _why(self, exc: BaseException) -> str:
+        """What failed, never empty: a TimeoutError has no text of its own."""
+        if str(exc):
+            return str(exc)
+        if isinstance(exc, TimeoutError):
+            return f"no banner or answer within connect_timeout ({self.connect_timeout:g} s)"
+        return type(exc).__name__
+
     async def check(self, ctx: SourceContext, out: Callable[[str], None]) -> bool:
         """Log in, list what is in progress, watch events for 2 s, say what was seen."""
         seen: dict[str, int] = {}
@@ -281,7 +295,7 @@ class AsteriskSource(Source):
             return False
         except (TimeoutError, OSError, AmiError) as exc:
             out(
-                f"{ctx.name}: cannot reach Asterisk AMI at {self.host}:{self.port}: {exc or type(exc).__name__}"
+                f"{ctx.name}: cannot reach Asterisk AMI at {self.host}:{self.port}: {self._why(exc)}"
             )
             return False
         try:

@@ -88,13 +88,21 @@ async def deliver(
     what: str,
     *,
     ok_errors: frozenset[str] = frozenset(),
+    answer_within: float | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Send events; (HTTP status, body). 200 with `{applied, pops}` once the hub has committed;
     a refusal keeps the hub's status and body (events before the refused one stay applied), except
     a refusal whose error is in `ok_errors` on an `ended` event (the contact is already over);
-    503 when the hub cannot be reached, so the platform retries."""
+    503 when the hub cannot be reached (or not within `answer_within` s: a platform that gives
+    up sooner would never see the 503), so the platform retries."""
     try:
-        return 200, await sink.send(events)
+        if answer_within is None:
+            return 200, await sink.send(events)
+        return 200, await asyncio.wait_for(sink.send(events), answer_within)
+    except TimeoutError:
+        why = f"the hub did not answer within {answer_within:g} s"
+        log.error("%s: %s; %d event(s) not taken", what, why, len(events))
+        return 503, {"error": "hub_unavailable", "message": why}
     except Exception as exc:
         detail = refusal_of(exc)
         if detail is None:

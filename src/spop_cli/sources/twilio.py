@@ -27,6 +27,8 @@ from ..hookspecs import hookimpl
 from . import Source, SourceContext, SourceError
 from .http_common import WebhookError, deliver, problem, read_body
 
+ANSWER_WITHIN = 12.0  # s: TaskRouter waits 15 s for an answer, then gives up on it
+
 MEDIA = ("telephone", "callback", "email", "webcollab")
 DEFAULT_MEDIA_OF_CHANNEL = {
     "voice": "telephone",
@@ -194,10 +196,13 @@ class TwilioSource(Source):
             ctx.log,
             what,
             ok_errors=frozenset({"contact_ended", "unknown_contact"}),
+            answer_within=ANSWER_WITHIN,
         )
         catch_up = events[0].get("id", "").endswith(":queued")  # our own queued, before a routed
         if catch_up and body.get("error") == "time_backwards" and body.get("index") == 0:
-            status, body = await deliver(ctx.sink, events[1:], ctx.log, what)  # it was known
+            status, body = await deliver(  # it was known
+                ctx.sink, events[1:], ctx.log, what, answer_within=ANSWER_WITHIN
+            )
         if status != 200:
             return problem(
                 status, body.get("error", "refused"), body.get("message", ""), **_rest(body)
