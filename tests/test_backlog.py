@@ -104,6 +104,13 @@ def test_a_request_over_the_hubs_max_frame_is_refused_before_it_is_sent() -> Non
             await link.request("publish", pops=[pop(source="x" * 1000)])
         assert caught.value.code is Error.SCREENPOP_Framework_Error
         frame = orjson.dumps({"op": "publish", "ref": 2, "pops": [pop(source="x" * 1000)]})
+        assert caught.value.message == (  # one pop: fewer at once would not help
+            f"'publish' frame of {len(frame)} bytes is over the hub's max_frame of 1000 bytes"
+            " (make it smaller: its contact_data, say)"
+        )
+        with pytest.raises(ScreenPopError) as caught:
+            await link.request("publish", pops=[pop(source="x" * 500)] * 2)
+        frame = orjson.dumps({"op": "publish", "ref": 3, "pops": [pop(source="x" * 500)] * 2})
         assert caught.value.message == (
             f"'publish' frame of {len(frame)} bytes is over the hub's max_frame of 1000 bytes"
             " (send fewer pops at once)"

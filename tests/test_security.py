@@ -339,6 +339,9 @@ def test_spop_send_with_cafile(pki: dict[str, Any]) -> None:
         assert result.exit_code == 0, result.output
         result = CliRunner().invoke(cli, args)  # no CA: the hub's certificate is not trusted
         assert result.exit_code == 3 and "SCREENPOP_Cannot_Find_HiPath_ProCenter" in result.output
+        # the hint says TLS failed (it said "No hub answers there")
+        assert f"  The hub at {tls.address} answered, but TLS failed" in result.output
+        assert "No hub answers there" not in result.output
         assert tls.status()["pending"] == 1
     finally:
         tls.close()

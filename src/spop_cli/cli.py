@@ -26,6 +26,11 @@ EXIT_ACTION_FAILED = 14  # an action failed (spop listen --once / --count)
 EXIT_TIMEOUT = 15  # --timeout passed before the pops asked for arrived
 
 
+TLS_HINT = (
+    "The hub at {address} answered, but TLS failed: turn TLS on ([server] tls = true) and give\n"
+    "  the CA that signed its certificate (--cafile FILE or [server] cafile), naming the hub as\n"
+    "  its certificate does."
+)
 # The plain cause and the fix, under the vendor code's message.
 HINTS = {
     "SCREENPOP_Cannot_Find_HiPath_ProCenter": (
@@ -47,6 +52,8 @@ def fail(error: Exception, address: str | None = None) -> None:
     if isinstance(error, ScreenPopError):
         click.echo(f"spop: error: {error}", err=True)
         hint = HINTS.get(error.code.value)
+        if any(word in error.message for word in ("CERTIFICATE", "SSL", "without TLS")):
+            hint = TLS_HINT  # something answered: TLS did not agree
         if hint:
             click.echo("  " + hint.format(address=address or "that address"), err=True)
         raise SystemExit(EXIT_CODES.get(error.code.value, 1))

@@ -103,8 +103,9 @@ class HubLink(asyncio.Protocol):
         self.lost = True
         if self._beat is not None:
             self._beat.cancel()
+        why = f": {exc}" if isinstance(exc, ssl.SSLError) else ""  # a certificate refused, say
         error = self.error or ScreenPopError(
-            Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, "connection to the hub lost"
+            Error.SCREENPOP_Cannot_Find_HiPath_ProCenter, f"connection to the hub lost{why}"
         )
         for future in self._waiting.values():
             if not future.done():
@@ -147,10 +148,17 @@ class HubLink(asyncio.Protocol):
         ref = next(self._refs)
         data = encode({"op": op, "ref": ref, **fields})
         if len(data) - 1 > self.max_frame:  # the hub would close the connection on it
+            items = fields.get("pops", fields.get("events"))
+            what = "pops" if "pops" in fields else "events"
+            fix = (
+                f"send fewer {what} at once"
+                if isinstance(items, list) and len(items) > 1
+                else "make it smaller: its contact_data, say"
+            )
             raise ScreenPopError(
                 Error.SCREENPOP_Framework_Error,
                 f"{op!r} frame of {len(data) - 1} bytes is over the hub's max_frame of "
-                f"{self.max_frame} bytes (send fewer pops at once)",
+                f"{self.max_frame} bytes ({fix})",
             )
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[ref] = future
@@ -279,6 +287,16 @@ async def _connect_one(
     except ScreenPopError as exc:
         link.on_lost = None
         link.close()
+        if (
+            link.lost
+            and link.error is None
+            and exc.code is Error.SCREENPOP_Cannot_Find_HiPath_ProCenter
+        ):
+            raise ScreenPopError(  # it accepted the connection, then closed it unanswered
+                exc.code,
+                f"the hub at {addr} closed the connection before answering hello "
+                f"({exc.message}): a TLS port reached without TLS, or not a spop hub",
+            ) from None
         if on_change is not None and "not supported" in exc.message:
             # a hub older than contact updates: speak protocol 1 to it, without them
             return await _connect_one(addr, token, role, timeout, ssl_context, on_pop, on_lost)
