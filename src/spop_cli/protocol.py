@@ -247,10 +247,15 @@ def check_client_frame(frame: dict[str, Any]) -> dict[str, Any]:
         frame["ids"] = ids
     elif op == "hello":
         version = frame.get("version")
-        if isinstance(version, bool) or version not in VERSIONS:
+        if version is None:
+            raise FrameError(
+                Error.SCREENPOP_Initialization_Error, "hello needs a version (1 or 2)", ref
+            )
+        if version.__class__ is not int or version not in VERSIONS:  # not 1.0, true or "2"
             raise FrameError(
                 Error.SCREENPOP_Initialization_Error,
-                f"protocol version {version!r} not supported (hub speaks 1 and 2)",
+                f"protocol version {version if version.__class__ is int else shown(version)}"
+                " not supported (hub speaks 1 and 2)",
                 ref,
             )
     return frame
