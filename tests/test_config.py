@@ -228,6 +228,10 @@ PROBLEMS = [
     ("[hub]\npop_ttl = -5\n", "hub.pop_ttl = -5: must be greater than 0"),
     ("[hub]\ndedupe_window = -1\n", "hub.dedupe_window = -1: must be at least 0"),
     ("[hub]\nmax_body = 0\n", "hub.max_body = 0: must be a positive integer"),
+    (
+        "[hub]\nmax_frame = 1023\n",
+        "hub.max_frame = 1023: must be at least 1024 (a pop with empty fields is a frame of ~300 bytes)",
+    ),
     ('[hub]\nhost = "0.0.0.0"\nbind = "x"\n', 'hub.bind = "x": unknown key'),
     ("[hubb]\nport = 1\n", "hubb: unknown section"),
     ('listeners = "x"\n', "listeners: must be an array of [[listeners]] tables"),
@@ -240,6 +244,12 @@ def test_problems_name_the_key_and_value(tmp_path: Path, text: str, expected: st
     doc, _, sources = load_document(write(tmp_path, text), environ={})
     messages = [str(problem) for problem in validate(doc, sources)]
     assert any(message.startswith(expected) for message in messages), messages
+
+
+def test_a_max_frame_of_1024_is_accepted(tmp_path: Path) -> None:
+    """The other side of the 1023 row above: the smallest frame limit that still works."""
+    doc, _, sources = load_document(write(tmp_path, "[hub]\nmax_frame = 1024\n"), environ={})
+    assert validate(doc, sources) == []
 
 
 def test_a_bad_value_from_the_environment_says_so(tmp_path: Path) -> None:

@@ -411,6 +411,17 @@ def _count(value: Any) -> str | None:
     return None
 
 
+MIN_FRAME = 1024  # a pop with every field empty is a frame of about 300 bytes; a welcome ~200
+
+
+def _frame_size(value: Any) -> str | None:
+    """Below MIN_FRAME the hub could send no welcome and take no pop: refused at the check."""
+    problem = _count(value)
+    if problem is None and value < MIN_FRAME:
+        return f"must be at least {MIN_FRAME} (a pop with empty fields is a frame of ~300 bytes)"
+    return problem
+
+
 def _dirs(value: Any) -> str | None:
     if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
         return "must be a list of folder paths"
@@ -471,7 +482,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "tls_key": _existing_file,
         "heartbeat": _number(0),
         "handshake_timeout": _number(0),
-        "max_frame": _count,
+        "max_frame": _frame_size,
         "max_buffer": _count,
         "max_inflight": _count,
         "max_connections": _count,
