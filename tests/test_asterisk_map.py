@@ -628,3 +628,30 @@ def test_events_never_go_back_in_time_for_one_contact() -> None:
         DestChannel="PJSIP/1001-00000002",
     )
     assert pbx.ats == ["2026-01-05T09:00:10.000Z", "2026-01-05T09:00:10.000Z"]
+
+
+def test_values_over_the_hubs_limits_are_cut_to_them_not_sent_whole() -> None:
+    """A 5,000-character variable made the hub refuse the `queued` (too_long), and every pop of
+    the call came with empty fields: the mapper cuts to 4,096 (data) and 1,024 (text)."""
+    from spop_cli.pops import normalize_pop
+
+    pbx = Pbx()
+    pbx.channel("PJSIP/trunk-00000001", CALL, num="+" + "4" * 2000)
+    for name, value in (("__SPOP_NOTES", "n" * 5000), ("__SPOP_" + "K" * 5000, "v")):
+        pbx.ev(
+            "VarSet",
+            Channel="PJSIP/trunk-00000001",
+            Uniqueid=CALL,
+            Linkedid=CALL,
+            Variable=name,
+            Value=value,
+        )
+    pbx.join("q" * 2000)
+    [queued] = pbx.out
+    assert len(queued["source"]) == 1024 and len(queued["queue_name"]) == 1024
+    assert queued["contact_data"]["NOTES"] == "n" * 4096
+    assert queued["contact_data"]["K" * 4096] == "v"
+    # what the hub takes, as it would take it
+    fields = {k: v for k, v in queued.items() if k not in ("contact_id", "event")}
+    pop = normalize_pop({**fields, "resource": "1001"})
+    assert pop["contact_data"]["NOTES"] == "n" * 4096

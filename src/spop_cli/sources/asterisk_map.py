@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..pops import MAX_DATA_ITEMS, MAX_DATA_TEXT, MAX_TEXT
+
 #: Interface / channel name -> agent resource, tried in order; the first group is the resource.
 DEFAULT_AGENT_PATTERNS = (
     r"^(?:PJSIP|SIP|IAX2|DAHDI|Skinny|SCCP)/([^-/;@]+)",  # PJSIP/1001, SIP/1001-0000002a
@@ -336,14 +338,24 @@ class AsteriskMapper:
 
     # -- output ---------------------------------------------------------------------------------
     def _contact_fields(self, call: Call) -> dict[str, Any]:
+        """What the call's events carry, cut to the hub's limits: one variable of 5,000
+        characters made the hub refuse the `queued`, and every pop of the call came empty."""
         data = dict(call.data)
         if self.config.caller_name_key and call.caller_name:
             data.setdefault(self.config.caller_name_key, call.caller_name)
+        if len(data) > MAX_DATA_ITEMS or any(
+            len(k) > MAX_DATA_TEXT or len(v) > MAX_DATA_TEXT or not k for k, v in data.items()
+        ):
+            data = {
+                k[:MAX_DATA_TEXT]: v[:MAX_DATA_TEXT]
+                for k, v in list(data.items())[:MAX_DATA_ITEMS]
+                if k
+            }
         return {
-            "source": call.caller,
-            "destination": call.dnid,
-            "queue_name": self.config.queue(call.queue or call.last_queue),
-            "contact_description": call.description,
+            "source": call.caller[:MAX_TEXT],
+            "destination": call.dnid[:MAX_TEXT],
+            "queue_name": self.config.queue(call.queue or call.last_queue)[:MAX_TEXT],
+            "contact_description": call.description[:MAX_TEXT],
             "contact_data": data,
         }
 
