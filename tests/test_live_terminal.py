@@ -137,3 +137,32 @@ def test_no_torn_frames_in_the_scrollback(hub: HubThread, term_factory) -> None:
         assert f"caller-{n}" in everything
     term.process.send_signal(signal.SIGINT)
     assert term.finish() == 0
+
+
+def test_a_card_popped_again_does_not_stay_ringing_after_the_hang_up(
+    hub: HubThread, term_factory
+) -> None:
+    """The field report "a pop that stays on screen after hang-up": queued, rung at 101, rung at
+    101 again (a queue's ring-no-answer retry: `recalled`), then the caller hangs up."""
+    assert hub.hub is not None
+    term = term_factory("listen", "telephone", "101", "--server", hub.address, lines=40)
+    assert term.wait_for(lambda s: "Status_Up" in s), term.text()
+
+    def post(*events: dict) -> None:
+        hub.call(hub.hub.apply_contacts([{"contact_id": "frank", **e} for e in events]))
+
+    post({"event": "queued", "source": "+15550100", "queue_name": "nightshift"},
+         {"event": "routed", "resource": "101"})  # fmt: skip
+    assert term.wait_for(lambda s: "ringing" in s), term.text()
+    post({"event": "recalled", "resource": "101"})
+    assert term.wait_for(lambda s: "popped again" in s), term.text()
+    post({"event": "ended"})
+    assert term.wait_for(lambda s: "ended · abandoned" in s), term.text()
+    term.pump(0.6)
+    states = [line.split("│")[1].split()[1:] for line in term.text().splitlines() if "│ state" in line]
+    assert len(states) == 2, term.text()
+    assert states[0] == ["ended", "·", "abandoned"]  # the newer card, on top
+    assert states[1][:4] == ["popped", "again", "·", "at"]
+    assert "ringing" not in term.text()
+    term.process.send_signal(signal.SIGINT)
+    assert term.finish() == 0

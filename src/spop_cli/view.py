@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .dispatch import FAILED, OK, SKIPPED, Outcome
-from .session import ListenerRow, PopRow, Snapshot
+from .session import POPPED_AGAIN, ListenerRow, PopRow, Snapshot
 from .textsafe import field, inert
 
 STATUS_STYLE = {
@@ -134,9 +134,11 @@ def card_rows(pop: PopRow) -> list[tuple[Any, Any]]:
 
 
 def state_text(pop: PopRow, now: float | None = None) -> Any:
-    """`talking 1:05` (a running clock), `ended · talked 2:10`, `transferred to 54321`…"""
+    """`talking 1:05` (a running clock), `ended · talked 2:10`, `transferred · to 54321`,
+    `popped again · at 11:02:03` (dim: a newer card of the same contact follows it)…"""
 
-    text = field(pop.state, "bold green" if pop.state == "talking" else "yellow")
+    style = {"talking": "bold green", POPPED_AGAIN: "dim"}.get(pop.state, "yellow")
+    text = field(pop.state, style)
     if pop.state == "talking" and pop.talk_since is not None:
         text.append(" " + minutes((now or time.time()) - pop.talk_since))
     if pop.state == "ended" and pop.talk_time:
