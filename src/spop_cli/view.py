@@ -40,6 +40,12 @@ LISTENER_COLUMNS = (  # (title, width or None, ratio)
     ("retry", 8, None),
     ("failures", 8, None),
 )
+COLUMN_NAMES = tuple(name for name, _, _ in LISTENER_COLUMNS)
+FREE_TEXT_ROOM = 30  # last source and last queue share it 2:3: under 12 and 18, they are left out
+# What a narrow terminal leaves out, in this order, rather than cut the time of the last pop:
+# the last source and queue (each card shows them), the failures (the footer counts them), the
+# reconnect countdown. Media, resource, status, pops and the last pop's time always stay.
+NARROW_DROPS = (("last source", "last queue"), ("failures",), ("retry",))
 CARD_FIELDS = (  # (label, PopRow attribute)
     ("source", "source"),
     ("destination", "destination"),
@@ -51,11 +57,14 @@ CARD_FIELDS = (  # (label, PopRow attribute)
 EMPTY = "–"  # a field the pop left empty: a dim dash, never a placeholder word
 
 
-def render(snapshot: Snapshot, height: int | None = None, final: bool = False) -> Any:
+def render(
+    snapshot: Snapshot, height: int | None = None, final: bool = False, width: int | None = None
+) -> Any:
     """The whole live view: the listeners, then a card per pop (newest first), then the totals.
 
     With `height` (the terminal's lines), only the cards that fit are drawn, so the listeners and
-    the totals never scroll off; the older ones are counted on one line.
+    the totals never scroll off; the older ones are counted on one line. With `width` (its
+    columns), the listener table leaves out what does not fit (`listener_columns`).
     """
     from rich.console import Group
     from rich.table import Table
@@ -64,18 +73,21 @@ def render(snapshot: Snapshot, height: int | None = None, final: bool = False) -
     # Pop fields are the caller's text: always through `field` (textsafe.py), never markup (a
     # `[link=…]` stays literal) nor a control (an ESC in a caller's name would drive the terminal).
     title = field(f"spop listen · hub {snapshot.server}", "bold")
-    listeners = Table(expand=True, padding=(0, 1))
-    for name, width, ratio in LISTENER_COLUMNS:
+    columns = listener_columns(snapshot, width)
+    # stretched to the terminal only with the free-text columns to take the room
+    listeners = Table(expand=any(ratio for _, _, ratio in columns), padding=(0, 1))
+    for name, size, ratio in columns:
         listeners.add_column(
             name,
-            width=width,
+            width=size,
             ratio=ratio,
             no_wrap=True,
             overflow="ellipsis",
             justify="right" if name in ("pops", "failures") else "left",
         )
     for row in snapshot.listeners:
-        listeners.add_row(*_listener_cells(row))
+        cells = dict(zip(COLUMN_NAMES, _listener_cells(row), strict=True))
+        listeners.add_row(*(cells[name] for name, _, _ in columns))
 
     footer = Text()
     if snapshot.target is not None:
@@ -110,6 +122,38 @@ def render(snapshot: Snapshot, height: int | None = None, final: bool = False) -
         parts.append(Text(f"+ {older} older pop{'' if older == 1 else 's'} not shown", style="dim"))
     parts.append(footer)
     return Group(*parts)
+
+
+def listener_columns(
+    snapshot: Snapshot, width: int | None = None
+) -> list[tuple[str, int | None, int | None]]:
+    """The listener table's columns for a terminal `width` columns wide (None: all of them).
+
+    The resource column is as wide as the longest resource (at least its title, at most 14): the
+    listeners do not change during a run, so neither does it. Then, while the table does not fit,
+    the columns of NARROW_DROPS are left out in turn: an 80-column terminal shows media, resource,
+    status, pops, the last pop's time in full and the countdown, never `11:0…`.
+    """
+    from rich.cells import cell_len
+
+    longest = max((cell_len(inert(row.resource)) for row in snapshot.listeners), default=0)
+    columns = [
+        (name, min(14, max(len(name), longest)) if name == "resource" else size, ratio)
+        for name, size, ratio in LISTENER_COLUMNS
+    ]
+    if width is None:
+        return columns
+    for dropped in NARROW_DROPS:
+        if _table_width(columns) <= width:
+            break
+        columns = [column for column in columns if column[0] not in dropped]
+    return columns
+
+
+def _table_width(columns: list[tuple[str, int | None, int | None]]) -> int:
+    """A bordered table's width: its columns, one space each side, a rule between and around."""
+    free = FREE_TEXT_ROOM if any(ratio for _, _, ratio in columns) else 0
+    return sum(size or 0 for _, size, _ in columns) + free + 3 * len(columns) + 1
 
 
 def card_rows(pop: PopRow) -> list[tuple[Any, Any]]:
