@@ -336,6 +336,43 @@ def test_panel_card_follows_its_contact(browser: Any) -> None:
         hub_thread.stop()
 
 
+def test_panel_card_popped_again_stops_ringing(browser: Any) -> None:
+    """A recall to the same agent (a second pop of the contact), then the hang-up: the newer card
+    ends, the earlier one says `Popped again`, never `Ringing` for good."""
+    from conftest import HubThread
+
+    hub_thread = HubThread(token=TOKEN)
+    try:
+        hub = hub_thread.hub
+        assert hub is not None
+        page = browser.new_page()
+        page.goto(f"http://{LOOPBACK}:{hub.http_port}/panel")
+        page.get_by_label("Extension or user id").fill("3001")
+        page.get_by_label("Listener token").fill(TOKEN)
+        page.get_by_role("button", name="Sign in").click()
+        sync_api.expect(page.get_by_role("status")).to_have_text("Up", timeout=15_000)
+
+        def post(*events: dict[str, Any]) -> list[str]:
+            done = hub_thread.call(hub.apply_contacts([{"contact_id": "k2", **e} for e in events]))
+            return done["pops"]
+
+        (first,) = post({"event": "queued", "source": "0655", "queue_name": "nightshift"},
+                        {"event": "routed", "resource": "3001"})  # fmt: skip
+        earlier = page.locator(f'li.card[data-pop-id="{first}"] .state')
+        sync_api.expect(earlier).to_have_text("Ringing", timeout=10_000)
+        (second,) = post({"event": "recalled", "resource": "3001"})
+        newer = page.locator(f'li.card[data-pop-id="{second}"] .state')
+        sync_api.expect(newer).to_have_text("Ringing", timeout=10_000)
+        sync_api.expect(earlier).to_have_text(re.compile(r"^Popped again · at \S+"))
+        post({"event": "ended"})
+        sync_api.expect(newer).to_have_text("Ended · abandoned", timeout=10_000)
+        sync_api.expect(earlier).to_have_text(re.compile(r"^Popped again · at \S+"))
+        assert page.locator(f'li.card[data-pop-id="{first}"]').get_attribute("class") == "card ended"
+        assert wait_until(lambda: not hub.delivery.pending)
+    finally:
+        hub_thread.stop()
+
+
 def test_spop_js_acks_after_a_sign_in_elsewhere_renewed_the_session(
     hub: HubProcess, site: Site, browser: Any
 ) -> None:

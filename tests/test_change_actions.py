@@ -404,3 +404,70 @@ def test_a_listener_keeps_a_pop_only_while_it_follows_its_contact():
                 await session.finish(5)
 
     run(body())
+
+
+@pytest.mark.parametrize("answered", [False, True])
+def test_a_pop_of_the_same_contact_again_replaces_the_earlier_card(
+    tmp_path: Path, answered: bool
+) -> None:
+    """Scenario D of the Asterisk recording: queued, rung at 101 (no answer), rung at 101 again
+    (`recalled`: a second pop to the same listener), then the caller hangs up. The hub's changes
+    name the last pop 101 got, so the first card stops following: `popped again`, never left
+    `ringing` (or `talking`, its clock running) for good after the hang-up."""
+    from time import localtime, strftime
+
+    wrapup = configure_action(
+        TYPES, "wrapup", {"plugin": "json", "path": str(tmp_path / "w.jsonl"), "on": ["ended"]}
+    )
+
+    async def body() -> None:
+        async with inprocess_hub() as hub:
+            session = ListenSession(
+                [ListenerPlan("telephone", "101", [wrapup])], address=address_of(hub)
+            )
+            await session.start()
+            entry = session.entries[0]
+
+            async def apply(second: int, event: dict[str, Any]) -> None:
+                at = f"2024-05-14T09:00:{second:02d}Z"
+                await hub.apply_contacts({"contact_id": "frank", "at": at, **event})
+                assert await until(lambda: not hub.delivery.pending)
+
+            try:
+                await apply(0, {"event": "queued", "source": "+15550100",
+                                "queue_name": "nightshift", "contact_data": {"k": "v1"}})  # fmt: skip
+                await apply(1, {"event": "routed", "resource": "101"})
+                if answered:
+                    await apply(3, {"event": "answered", "resource": "101"})
+                    assert await until(lambda: session.changes == 1)
+                (first,) = session.snapshot().pops
+                assert first.state == ("talking" if answered else "ringing")
+                await apply(20, {"event": "recalled", "resource": "101", "contact_data": {"k": "v2"}})
+                assert await until(lambda: session.received == 2)
+                recalled = session.snapshot().pops
+                kept = [(contact, pop.id) for contact, pop in entry.pops.items()]
+                await apply(40, {"event": "ended"})
+                assert await until(lambda: session.changes == 1 + answered)
+                assert await entry.dispatcher.drain(10)
+                ended = session.snapshot().pops
+            finally:
+                await session.finish(5)
+        newer, earlier = recalled
+        assert (newer.contact_data, earlier.pop_id) == ((("k", "v2"),), first.pop_id)
+        at = f"at {strftime('%H:%M:%S', localtime(newer.received_at))}"
+        assert [(c.state, c.state_detail, c.talk_since) for c in recalled] == [
+            ("ringing", "", None),
+            ("popped again", at, None),
+        ]
+        assert kept == [("frank", newer.pop_id)]  # one pop followed per contact
+        assert not entry.pops
+        assert [(c.pop_id, c.state, c.state_detail) for c in ended] == [
+            (newer.pop_id, "ended", "" if answered else "abandoned"),
+            (earlier.pop_id, "popped again", at),
+        ]
+        lines = _lines(tmp_path / "w.jsonl")  # the ended change ran with the newer pop's fields
+        assert [(r["change"], r["pop_id"], r["contact_data"]) for r in lines] == [
+            ("ended", newer.pop_id, {"k": "v2"})
+        ]
+
+    run(body())

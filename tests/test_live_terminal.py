@@ -137,3 +137,99 @@ def test_no_torn_frames_in_the_scrollback(hub: HubThread, term_factory) -> None:
         assert f"caller-{n}" in everything
     term.process.send_signal(signal.SIGINT)
     assert term.finish() == 0
+
+
+def test_a_card_popped_again_does_not_stay_ringing_after_the_hang_up(
+    hub: HubThread, term_factory
+) -> None:
+    """The field report "a pop that stays on screen after hang-up": queued, rung at 101, rung at
+    101 again (a queue's ring-no-answer retry: `recalled`), then the caller hangs up."""
+    assert hub.hub is not None
+    term = term_factory("listen", "telephone", "101", "--server", hub.address, lines=40)
+    assert term.wait_for(lambda s: "Status_Up" in s), term.text()
+
+    def post(*events: dict) -> None:
+        hub.call(hub.hub.apply_contacts([{"contact_id": "frank", **e} for e in events]))
+
+    post({"event": "queued", "source": "+15550100", "queue_name": "nightshift"},
+         {"event": "routed", "resource": "101"})  # fmt: skip
+    assert term.wait_for(lambda s: "ringing" in s), term.text()
+    post({"event": "recalled", "resource": "101"})
+    assert term.wait_for(lambda s: "popped again" in s), term.text()
+    post({"event": "ended"})
+    assert term.wait_for(lambda s: "ended · abandoned" in s), term.text()
+    term.pump(0.6)
+    states = [line.split("│")[1].split()[1:] for line in term.text().splitlines() if "│ state" in line]
+    assert len(states) == 2, term.text()
+    assert states[0] == ["ended", "·", "abandoned"]  # the newer card, on top
+    assert states[1][:4] == ["popped", "again", "·", "at"]
+    assert "ringing" not in term.text()
+    term.process.send_signal(signal.SIGINT)
+    assert term.finish() == 0
+
+
+def _listener_table(screen: str) -> tuple[str, str]:
+    """The header and the first row of the listener table."""
+    lines = screen.splitlines()
+    header = next(n for n, line in enumerate(lines) if "media" in line and "resource" in line)
+    return lines[header], lines[header + 2]
+
+
+@pytest.mark.parametrize(
+    ("columns", "titles"),
+    [
+        (80, ["media", "resource", "status", "pops", "last pop", "retry"]),
+        (100, ["media", "resource", "status", "pops", "last pop", "retry", "failures"]),
+        (160, ["media", "resource", "status", "pops", "last pop", "last source", "last queue",
+               "retry", "failures"]),
+    ],
+)  # fmt: skip
+def test_a_narrow_terminal_leaves_columns_out_and_keeps_the_time_whole(
+    hub: HubThread, term_factory, columns: int, titles: list[str]
+) -> None:
+    import re
+
+    term = term_factory("listen", "telephone", "13579", "--server", hub.address, columns=columns)
+    assert term.wait_for(lambda s: "Status_Up" in s), term.text()
+    hub.publish(GUIDE_POP)
+    assert term.wait_for(lambda s: "chaîne1" in s), term.text()
+    term.pump(0.6)
+    header, row = _listener_table(term.text())
+    assert [title.strip() for title in header.strip("┃").split("┃")] == titles, header
+    cells = [cell.strip() for cell in row.strip("│").split("│")]
+    assert cells[:4] == ["telephone", "13579", "Status_Up", "1"], row
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", cells[4]), row  # the time whole, never `11:0…`
+    assert "…" not in header
+    if columns == 160:
+        assert cells[5:7] == ["12345", "File d'attente des ventes"], row
+    assert all(len(line) <= columns for line in term.text().splitlines())
+    term.process.send_signal(signal.SIGINT)
+    assert term.finish() == 0
+
+
+def _sgr_parameters(raw: bytes) -> set[int]:
+    import re
+
+    found = set()
+    for params in re.findall(rb"\x1b\[([0-9;]*)m", raw):
+        found.update(int(p) for p in params.split(b";") if p)
+    return found
+
+
+@pytest.mark.parametrize("no_color", [False, True])
+def test_no_color_draws_the_view_without_colour(
+    hub: HubThread, term_factory, no_color: bool
+) -> None:
+    env = {"NO_COLOR": "1"} if no_color else {}
+    term = term_factory(
+        "listen", "telephone", "13579", "--server", hub.address, "--action", "print", env=env
+    )
+    assert term.wait_for(lambda s: "Status_Up" in s), term.text()
+    hub.publish(GUIDE_POP)
+    assert term.wait_for(lambda s: "✓ print" in s), term.text()
+    term.process.send_signal(signal.SIGINT)
+    assert term.finish() == 0
+    used = _sgr_parameters(bytes(term.raw))
+    colours = {p for p in used if 30 <= p <= 38 or 40 <= p <= 48 or 90 <= p <= 107}
+    assert 1 in used  # bold either way
+    assert bool(colours) is not no_color, sorted(used)

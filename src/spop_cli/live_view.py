@@ -48,7 +48,9 @@ class LiveView:
         if force or key != self._shown:
             with self.lock:
                 self._shown = key
-                self.live.update(render(snapshot, size.height, final=final), refresh=True)
+                self.live.update(
+                    render(snapshot, size.height, final=final, width=size.width), refresh=True
+                )
 
     async def _watch(self) -> None:
         while True:

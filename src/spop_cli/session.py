@@ -24,6 +24,7 @@ KEPT_POPS = 1000  # pops per listener kept to give a change's actions its pop's 
 # following only for the others (answered elsewhere, picked up, moved on).
 LAST_CHANGES = frozenset({"requeued", "withdrawn", "ended", "transferred"})
 LAST_ANSWERS = frozenset({"answered elsewhere", "picked up"})
+POPPED_AGAIN = "popped again"  # a card a newer pop of its contact replaced on the same listener
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ class _Entry:
     listener: Any
     dispatcher: ActionDispatcher
     last_pop_at: float | None = None  # time.time() of its last pop
-    # id → pop, newest last: the pops of contacts this listener still follows (changes to come)
+    # contact id → its last pop here, newest last: the contacts this listener still follows
+    # (changes to come). One per contact: a change names the last pop the resource got for it
+    # (docs/protocol.md), so a newer pop of the contact replaces the older one.
     pops: OrderedDict[str, Any] = field(default_factory=OrderedDict)
 
 
@@ -275,11 +278,15 @@ class ListenSession:
         item = (entry.last_pop_at, event)
         recent.appendleft(item)
         self._rows[event.id] = item
-        if event.contact_id:  # a pop without a contact is never followed: no change names it
+        contact_id = event.contact_id
+        if contact_id:  # a pop without a contact is never followed: no change names it
             # Only these are kept: 1,000 listeners keeping every pop filled the process (and the
             # garbage collector's full passes, tens of ms each) with pops no change will name.
-            entry.pops[event.id] = event
-            if len(entry.pops) > KEPT_POPS:
+            earlier = entry.pops.pop(contact_id, None)
+            entry.pops[contact_id] = event
+            if earlier is not None and earlier.id != event.id:
+                self._supersede(earlier.id, entry.last_pop_at)
+            elif len(entry.pops) > KEPT_POPS:
                 entry.pops.popitem(last=False)
         held = entry.dispatcher.submit(event, entry.listener)
         if self.on_pop is not None:
@@ -291,17 +298,32 @@ class ListenSession:
     def _changed(self, entry: _Entry, change: Any) -> asyncio.Future[Any] | None:
         """A contact update: to the actions whose `on` names it, the hook, the view."""
         self.changes += 1
-        held = entry.dispatcher.submit_change(change, entry.pops.get(change.pop_id), entry.listener)
-        if change.change in LAST_CHANGES or (
-            change.change == "answered" and change.reason in LAST_ANSWERS
+        pop = entry.pops.get(change.contact_id)
+        if pop is not None and pop.id != change.pop_id:
+            pop = None  # a change for an earlier pop (not sent by the hub): not this pop's fields
+        held = entry.dispatcher.submit_change(change, pop, entry.listener)
+        if pop is not None and (
+            change.change in LAST_CHANGES
+            or (change.change == "answered" and change.reason in LAST_ANSWERS)
         ):
-            entry.pops.pop(change.pop_id, None)  # no longer followed: no change will name it
+            del entry.pops[change.contact_id]  # no longer followed: no change will name it
         row = self._row(change.pop_id)
         if row is not None:
             _move(row, change)
         if self.on_change is not None:
             self.on_change(entry.listener, change)
         return held
+
+    def _supersede(self, pop_id: str, at: float) -> None:
+        """A newer pop of its contact reached the same listener (a recall, a queue ringing the
+        agent again): the hub's changes name the newer pop from now on, so the earlier card stops
+        following the contact, `popped again`, instead of staying `ringing` (or `talking`) for
+        good."""
+        row = self._row(pop_id)
+        if row is not None:
+            row.state = POPPED_AGAIN
+            row.state_detail = f"at {time.strftime('%H:%M:%S', time.localtime(at))}"
+            row.talk_since = None
 
     def _status(self, entry: _Entry, old: ListenerStatus, new: ListenerStatus) -> None:
         entry.dispatcher.status_changed(entry.listener, old, new)

@@ -67,6 +67,8 @@ def render_status(address: str, data: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    from .textsafe import field
+
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
@@ -88,7 +90,7 @@ def render_status(address: str, data: dict[str, Any]) -> Any:
         listeners.add_column(column, justify="right" if column == "connections" else "left")
     for row in rows:
         listeners.add_row(
-            *(Text(str(row.get(key, ""))) for key in ("media", "resource", "connections"))
+            *(field(row.get(key, "")) for key in ("media", "resource", "connections"))
         )
     if not rows:
         listeners.add_row(Text("none registered", style="dim"), "", "")

@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 from .dispatch import FAILED, OK, SKIPPED, Outcome
-from .session import ListenerRow, PopRow, Snapshot
+from .session import POPPED_AGAIN, ListenerRow, PopRow, Snapshot
+from .textsafe import field, inert
 
 STATUS_STYLE = {
     "Status_Up": "bold green",
@@ -39,6 +40,12 @@ LISTENER_COLUMNS = (  # (title, width or None, ratio)
     ("retry", 8, None),
     ("failures", 8, None),
 )
+COLUMN_NAMES = tuple(name for name, _, _ in LISTENER_COLUMNS)
+FREE_TEXT_ROOM = 30  # last source and last queue share it 2:3: under 12 and 18, they are left out
+# What a narrow terminal leaves out, in this order, rather than cut the time of the last pop:
+# the last source and queue (each card shows them), the failures (the footer counts them), the
+# reconnect countdown. Media, resource, status, pops and the last pop's time always stay.
+NARROW_DROPS = (("last source", "last queue"), ("failures",), ("retry",))
 CARD_FIELDS = (  # (label, PopRow attribute)
     ("source", "source"),
     ("destination", "destination"),
@@ -50,30 +57,37 @@ CARD_FIELDS = (  # (label, PopRow attribute)
 EMPTY = "–"  # a field the pop left empty: a dim dash, never a placeholder word
 
 
-def render(snapshot: Snapshot, height: int | None = None, final: bool = False) -> Any:
+def render(
+    snapshot: Snapshot, height: int | None = None, final: bool = False, width: int | None = None
+) -> Any:
     """The whole live view: the listeners, then a card per pop (newest first), then the totals.
 
     With `height` (the terminal's lines), only the cards that fit are drawn, so the listeners and
-    the totals never scroll off; the older ones are counted on one line.
+    the totals never scroll off; the older ones are counted on one line. With `width` (its
+    columns), the listener table leaves out what does not fit (`listener_columns`).
     """
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    # Pop fields are the caller's text: always Text, never markup (a `[link=…]` stays literal).
-    title = Text(f"spop listen · hub {snapshot.server}", style="bold")
-    listeners = Table(expand=True, padding=(0, 1))
-    for name, width, ratio in LISTENER_COLUMNS:
+    # Pop fields are the caller's text: always through `field` (textsafe.py), never markup (a
+    # `[link=…]` stays literal) nor a control (an ESC in a caller's name would drive the terminal).
+    title = field(f"spop listen · hub {snapshot.server}", "bold")
+    columns = listener_columns(snapshot, width)
+    # stretched to the terminal only with the free-text columns to take the room
+    listeners = Table(expand=any(ratio for _, _, ratio in columns), padding=(0, 1))
+    for name, size, ratio in columns:
         listeners.add_column(
             name,
-            width=width,
+            width=size,
             ratio=ratio,
             no_wrap=True,
             overflow="ellipsis",
             justify="right" if name in ("pops", "failures") else "left",
         )
     for row in snapshot.listeners:
-        listeners.add_row(*_listener_cells(row))
+        cells = dict(zip(COLUMN_NAMES, _listener_cells(row), strict=True))
+        listeners.add_row(*(cells[name] for name, _, _ in columns))
 
     footer = Text()
     if snapshot.target is not None:
@@ -110,6 +124,38 @@ def render(snapshot: Snapshot, height: int | None = None, final: bool = False) -
     return Group(*parts)
 
 
+def listener_columns(
+    snapshot: Snapshot, width: int | None = None
+) -> list[tuple[str, int | None, int | None]]:
+    """The listener table's columns for a terminal `width` columns wide (None: all of them).
+
+    The resource column is as wide as the longest resource (at least its title, at most 14): the
+    listeners do not change during a run, so neither does it. Then, while the table does not fit,
+    the columns of NARROW_DROPS are left out in turn: an 80-column terminal shows media, resource,
+    status, pops, the last pop's time in full and the countdown, never `11:0…`.
+    """
+    from rich.cells import cell_len
+
+    longest = max((cell_len(inert(row.resource)) for row in snapshot.listeners), default=0)
+    columns = [
+        (name, min(14, max(len(name), longest)) if name == "resource" else size, ratio)
+        for name, size, ratio in LISTENER_COLUMNS
+    ]
+    if width is None:
+        return columns
+    for dropped in NARROW_DROPS:
+        if _table_width(columns) <= width:
+            break
+        columns = [column for column in columns if column[0] not in dropped]
+    return columns
+
+
+def _table_width(columns: list[tuple[str, int | None, int | None]]) -> int:
+    """A bordered table's width: its columns, one space each side, a rule between and around."""
+    free = FREE_TEXT_ROOM if any(ratio for _, _, ratio in columns) else 0
+    return sum(size or 0 for _, size, _ in columns) + free + 3 * len(columns) + 1
+
+
 def card_rows(pop: PopRow) -> list[tuple[Any, Any]]:
     """(label, value) rows of a pop's card: its fields, wait time, contact data, actions."""
     from rich.text import Text
@@ -118,13 +164,13 @@ def card_rows(pop: PopRow) -> list[tuple[Any, Any]]:
     for label, attribute in CARD_FIELDS:
         value = getattr(pop, attribute)
         if value or label in ("source", "destination", "queue"):
-            rows.append((label, Text(value) if value else Text(EMPTY, style="dim")))
+            rows.append((label, field(value) if value else Text(EMPTY, style="dim")))
     rows.append(("wait", Text(f"{pop.wait_time} s")))
     if pop.state:  # the contact moved since the pop (contact updates)
         rows.append(("state", state_text(pop)))
     for key, value in pop.contact_data:
         rows.append(
-            (Text(key, style="magenta"), Text(value) if value else Text(EMPTY, style="dim"))
+            (field(key, "magenta"), field(value) if value else Text(EMPTY, style="dim"))
         )
     if pop.outcomes:
         rows.append(("actions", _outcomes(pop.outcomes)))
@@ -132,16 +178,17 @@ def card_rows(pop: PopRow) -> list[tuple[Any, Any]]:
 
 
 def state_text(pop: PopRow, now: float | None = None) -> Any:
-    """`talking 1:05` (a running clock), `ended · talked 2:10`, `transferred to 54321`…"""
-    from rich.text import Text
+    """`talking 1:05` (a running clock), `ended · talked 2:10`, `transferred · to 54321`,
+    `popped again · at 11:02:03` (dim: a newer card of the same contact follows it)…"""
 
-    text = Text(pop.state, style="bold green" if pop.state == "talking" else "yellow")
+    style = {"talking": "bold green", POPPED_AGAIN: "dim"}.get(pop.state, "yellow")
+    text = field(pop.state, style)
     if pop.state == "talking" and pop.talk_since is not None:
         text.append(" " + minutes((now or time.time()) - pop.talk_since))
     if pop.state == "ended" and pop.talk_time:
         text.append(f" · talked {minutes(pop.talk_time)}")
-    if pop.state_detail:
-        text.append(f" · {pop.state_detail}")
+    if pop.state_detail:  # a name, a number, a queue's name: the source's text
+        text.append(f" · {inert(pop.state_detail)}")
     return text
 
 
@@ -153,7 +200,8 @@ def minutes(seconds: float) -> str:
 def change_line(listener: Any, change: Any) -> str:
     """A contact change as one plain line (not a terminal, no --json)."""
     parts = [
-        f"{clock(time.time())} {change.media} {change.resource}: {change.change} {change.contact_id}"
+        f"{clock(time.time())} {change.media} {inert(change.resource)}:"
+        f" {inert(change.change)} {inert(change.contact_id)}"
     ]
     for label in ("answered_by", "transferred_to", "consulted", "reason"):
         value = getattr(change, label)
@@ -180,8 +228,8 @@ def pop_card(pop: PopRow) -> Any:
     grid.add_column(no_wrap=True, overflow="ellipsis", max_width=100)
     for label, value in card_rows(pop):
         grid.add_row(label, value)
-    grid.add_row(Text("id", style="dim"), Text(pop.pop_id, style="dim"))
-    title = Text(f"{pop.media} {pop.resource} · {clock(pop.received_at)}", style="bold")
+    grid.add_row(Text("id", style="dim"), field(pop.pop_id, "dim"))
+    title = field(f"{pop.media} {pop.resource} · {clock(pop.received_at)}", "bold")
     return Panel(grid, title=title, title_align="left", expand=False)
 
 
@@ -206,14 +254,14 @@ def _listener_cells(row: ListenerRow) -> list[Any]:
 
     retry = f"in {row.retry_in:.0f} s" if row.retry_in is not None else ""
     return [
-        Text(row.media),
-        Text(row.resource),
+        field(row.media),
+        field(row.resource),
         Text(row.status, style=STATUS_STYLE.get(row.status, "")),
-        str(row.pops_received),
-        clock(row.last_pop_at),
-        Text(row.last_source),
-        Text(row.last_queue),
-        retry,
+        Text(str(row.pops_received)),
+        Text(clock(row.last_pop_at)),
+        field(row.last_source),
+        field(row.last_queue),
+        Text(retry),
         Text(str(row.failures), style="bold red" if row.failures else "dim"),
     ]
 
@@ -224,20 +272,21 @@ def _outcomes(outcomes: dict[str, Outcome]) -> Any:
     text = Text()
     for name, outcome in outcomes.items():
         mark, style = OUTCOME_MARK.get(outcome.status, ("?", ""))
-        text.append(f"{mark} {name}", style=style)
-        if outcome.status == FAILED and outcome.error:
-            text.append(f" ({outcome.error})", style="red")
+        text.append(f"{mark} {inert(name)}", style=style)
+        if outcome.status == FAILED and outcome.error:  # may echo the pop's fields
+            text.append(f" ({inert(outcome.error)})", style="red")
         text.append("  ")
     return text
 
 
 # -- plain lines (not a terminal) -----------------------------------------------------------------
 def status_line(listener: Any, old: Any, new: Any) -> str:
-    return f"{clock(time.time())} {listener.media} {listener.resource or '-'}: {old} -> {new}"
+    return f"{clock(time.time())} {listener.media} {inert(listener.resource or '-')}: {old} -> {new}"
 
 
 def pop_line(listener: Any, pop: Any) -> str:
-    parts = [f"{clock(time.time())} {pop.media} {pop.resource}: pop {pop.id}"]
+    # the values as repr() writes them (escaped), the rest through inert(): no control is written
+    parts = [f"{clock(time.time())} {pop.media} {inert(pop.resource)}: pop {inert(pop.id)}"]
     for label, value in (
         ("source", pop.source),
         ("destination", pop.destination),
@@ -249,14 +298,15 @@ def pop_line(listener: Any, pop: Any) -> str:
         if value:
             parts.append(f"{label}={value!r}")
     parts.append(f"wait={pop.wait_time}s")
-    parts.extend(f"data.{item.key}={item.value!r}" for item in pop.contact_data)
+    parts.extend(f"data.{inert(item.key)}={item.value!r}" for item in pop.contact_data)
     return " ".join(parts)
 
 
 def result_line(listener: Any, action: str, pop: Any, outcome: Outcome) -> str:
-    detail = f": {outcome.error}" if outcome.error else ""
+    detail = f": {inert(outcome.error)}" if outcome.error else ""
     return (
-        f"{clock(time.time())} {pop.media} {pop.resource}: action {action} {outcome.status} "
+        f"{clock(time.time())} {pop.media} {inert(pop.resource)}:"
+        f" action {inert(action)} {outcome.status} "
         f"for {_what(pop)} in {outcome.duration:.3f} s{detail}"
     )
 
@@ -264,13 +314,15 @@ def result_line(listener: Any, action: str, pop: Any, outcome: Outcome) -> str:
 def _what(pop: Any) -> str:
     """`pop ID`, or `ended of pop ID` for an action a contact change ran."""
     change = getattr(pop, "change_event", None)
-    return f"{change.change} of pop {change.pop_id}" if change is not None else f"pop {pop.id}"
+    return inert(
+        f"{change.change} of pop {change.pop_id}" if change is not None else f"pop {pop.id}"
+    )
 
 
 def listener_rows_plain(snapshot: Snapshot) -> list[str]:
     """One line per listener, for the end of a plain run."""
     return [
-        f"{row.media} {row.resource}: {row.status}, {plural(row.pops_received, 'pop')},"
+        f"{inert(row.media)} {inert(row.resource)}: {row.status}, {plural(row.pops_received, 'pop')},"
         f" {plural(row.failures, 'failure')}"
         for row in snapshot.listeners
     ]

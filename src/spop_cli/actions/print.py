@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..hookspecs import hookimpl
+from ..textsafe import UNSAFE, field, inert
 from . import check_keys, stream_option
 
 # Set by a live view while it is on screen: the panel goes through its console, above the live
@@ -26,16 +27,20 @@ def register_actions(register):
 
 
 def summary_line(pop: Any) -> str:
-    """One line a person or grep can read: time, media, resource, the fields that are set."""
+    """One line a person or grep can read: time, media, resource, the fields that are set.
+
+    A value with a space or a control character is quoted and escaped as repr() writes it (a
+    caller's ESC must not reach the terminal the line is read on); the rest goes through inert.
+    """
     data = pop.to_dict()
-    parts = [data["created_at"], data["media"], data["resource"]]
-    for field in ("source", "destination", "queue_name", "contact_description", "from", "redirect"):
-        if data[field]:
-            parts.append(
-                f"{field}={data[field]!r}" if " " in data[field] else f"{field}={data[field]}"
-            )
+    parts = [inert(data["created_at"]), inert(data["media"]), inert(data["resource"])]
+    for name in ("source", "destination", "queue_name", "contact_description", "from", "redirect"):
+        value = data[name]
+        if value:
+            quoted = " " in value or UNSAFE.search(value) is not None
+            parts.append(f"{name}={value!r}" if quoted else f"{name}={value}")
     parts.append(f"wait_time={data['wait_time']}")
-    parts.extend(f"{key}={value!r}" for key, value in data["contact_data"].items())
+    parts.extend(f"{inert(key)}={value!r}" for key, value in data["contact_data"].items())
     return " ".join(parts)
 
 
@@ -43,21 +48,21 @@ def pop_panel(pop: Any) -> Any:
     """The pop as a rich Panel: the fields that are set, then the contact data."""
     from rich.panel import Panel
     from rich.table import Table
-    from rich.text import Text
 
-    # Every value from the pop goes in as Text: a caller's `[link=…]` must stay literal, not markup.
+    # Every value from the pop goes in through `field` (textsafe.py): a caller's `[link=…]` stays
+    # literal, not markup, and an escape sequence in it is shown escaped, not sent to the terminal.
     data = pop.to_dict()
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column()
-    for field in ("source", "destination", "queue_name", "contact_description", "from", "redirect"):
-        if data[field]:
-            table.add_row(field, Text(data[field]))
+    for name in ("source", "destination", "queue_name", "contact_description", "from", "redirect"):
+        if data[name]:
+            table.add_row(name, field(data[name]))
     table.add_row("wait_time", f"{data['wait_time']} s")
     for key, value in data["contact_data"].items():
-        table.add_row(Text(key, style="magenta"), Text(value))
-    title = Text(f"{data['media']} pop for {data['resource']}")
-    return Panel(table, title=title, subtitle=Text(data["created_at"]), expand=False)
+        table.add_row(field(key, "magenta"), field(value))
+    title = field(f"{data['media']} pop for {data['resource']}")
+    return Panel(table, title=title, subtitle=field(data["created_at"]), expand=False)
 
 
 class PrintAction:

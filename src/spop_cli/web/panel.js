@@ -26,7 +26,10 @@
     requeued: "Back in queue",
     withdrawn: "Withdrawn",
     ended: "Ended",
+    "popped again": "Popped again",
   };
+  // the states in which a card still follows its contact (the others are final)
+  var FOLLOWING = { ringing: true, answered: true, conferenced: true };
 
   var handle = null;
   var buttons = [];
@@ -84,7 +87,7 @@
       var pop = card.pop;
       var who = pop.source || pop.destination || pop.resource;
       var item = el("li", {
-        class: "card " + (card.state === "answered" ? "talking" : card.state === "ended" ? "ended" : "ringing"),
+        class: "card " + (card.state === "answered" ? "talking" : card.state === "ended" || card.state === "popped again" ? "ended" : "ringing"),
         "aria-labelledby": "card-title-" + index,
         "data-pop-id": pop.id,
         "data-contact-id": pop.contact_id || "",
@@ -147,7 +150,23 @@
     };
   }
 
+  /* A newer pop of the same contact for the same resource (a recall, a queue ringing the agent
+     again): the hub's changes name the newer pop from now on (protocol.md, `pop_id`), so the
+     earlier card stops following, instead of staying `Ringing` after the hang-up. */
+  function supersede(pop) {
+    if (!pop.contact_id) return;
+    var at = "at " + new Date().toLocaleTimeString();
+    cards.forEach(function (card) {
+      var old = card.pop;
+      if (old.id === pop.id || old.contact_id !== pop.contact_id) return;
+      if (old.resource !== pop.resource || old.media !== pop.media || !FOLLOWING[card.state]) return;
+      card.state = "popped again";
+      card.note = at;
+    });
+  }
+
   function onPop(pop) {
+    supersede(pop);
     cards.unshift({ pop: pop, state: "ringing", since: Date.now(), received: Date.now() });
     cards.length = Math.min(cards.length, MAX_CARDS);
     save();
@@ -181,7 +200,8 @@
       card.state = "answered";
       card.note = "consulting " + change.consulted;
     } else if (change.change === "ended") {
-      if (change.talk_time !== undefined && change.talk_time !== "") card.talk = change.talk_time;
+      // an abandoned call was never talked: no "talked 0:00"
+      if (change.talk_time !== undefined && change.talk_time !== "" && change.reason !== "abandoned") card.talk = change.talk_time;
       if (change.reason) card.note = change.reason;
     } else if ((change.change === "withdrawn" || change.change === "requeued") && change.reason) {
       card.note = change.reason;
