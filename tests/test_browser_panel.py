@@ -367,7 +367,9 @@ def test_panel_card_popped_again_stops_ringing(browser: Any) -> None:
         post({"event": "ended"})
         sync_api.expect(newer).to_have_text("Ended · abandoned", timeout=10_000)
         sync_api.expect(earlier).to_have_text(re.compile(r"^Popped again · at \S+"))
-        assert page.locator(f'li.card[data-pop-id="{first}"]').get_attribute("class") == "card ended"
+        assert (
+            page.locator(f'li.card[data-pop-id="{first}"]').get_attribute("class") == "card ended"
+        )
         assert wait_until(lambda: not hub.delivery.pending)
     finally:
         hub_thread.stop()

@@ -442,7 +442,9 @@ def test_a_pop_of_the_same_contact_again_replaces_the_earlier_card(
                     assert await until(lambda: session.changes == 1)
                 (first,) = session.snapshot().pops
                 assert first.state == ("talking" if answered else "ringing")
-                await apply(20, {"event": "recalled", "resource": "101", "contact_data": {"k": "v2"}})
+                await apply(
+                    20, {"event": "recalled", "resource": "101", "contact_data": {"k": "v2"}}
+                )
                 assert await until(lambda: session.received == 2)
                 recalled = session.snapshot().pops
                 kept = [(contact, pop.id) for contact, pop in entry.pops.items()]

@@ -159,7 +159,9 @@ def test_a_card_popped_again_does_not_stay_ringing_after_the_hang_up(
     post({"event": "ended"})
     assert term.wait_for(lambda s: "ended · abandoned" in s), term.text()
     term.pump(0.6)
-    states = [line.split("│")[1].split()[1:] for line in term.text().splitlines() if "│ state" in line]
+    states = [
+        line.split("│")[1].split()[1:] for line in term.text().splitlines() if "│ state" in line
+    ]
     assert len(states) == 2, term.text()
     assert states[0] == ["ended", "·", "abandoned"]  # the newer card, on top
     assert states[1][:4] == ["popped", "again", "·", "at"]

@@ -227,7 +227,9 @@ def test_the_plain_texts_escape_every_field() -> None:
         assert "\x1b" not in line and "\x07" not in line and UNSAFE.search(line) is None, line
     assert r"pop pop\x1b[5mBLINK" in lines[1]
     assert r"requeued c\x1b[2Jx reason='Q\x1b]0;T2\x07x'" in lines[2]
-    assert lines[3].endswith(r"failed for pop pop\x1b[5mBLINK in 0.500 s: bad field \x1b]0;T\x07 in \u202eurl")
+    assert lines[3].endswith(
+        r"failed for pop pop\x1b[5mBLINK in 0.500 s: bad field \x1b]0;T\x07 in \u202eurl"
+    )
 
 
 @pytest.mark.parametrize(

@@ -169,9 +169,7 @@ def card_rows(pop: PopRow) -> list[tuple[Any, Any]]:
     if pop.state:  # the contact moved since the pop (contact updates)
         rows.append(("state", state_text(pop)))
     for key, value in pop.contact_data:
-        rows.append(
-            (field(key, "magenta"), field(value) if value else Text(EMPTY, style="dim"))
-        )
+        rows.append((field(key, "magenta"), field(value) if value else Text(EMPTY, style="dim")))
     if pop.outcomes:
         rows.append(("actions", _outcomes(pop.outcomes)))
     return rows
@@ -281,7 +279,9 @@ def _outcomes(outcomes: dict[str, Outcome]) -> Any:
 
 # -- plain lines (not a terminal) -----------------------------------------------------------------
 def status_line(listener: Any, old: Any, new: Any) -> str:
-    return f"{clock(time.time())} {listener.media} {inert(listener.resource or '-')}: {old} -> {new}"
+    return (
+        f"{clock(time.time())} {listener.media} {inert(listener.resource or '-')}: {old} -> {new}"
+    )
 
 
 def pop_line(listener: Any, pop: Any) -> str:
