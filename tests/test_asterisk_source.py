@@ -748,3 +748,16 @@ def test_check_against_a_port_that_never_sends_the_banner_says_so(tmp_path: Path
         f"pbx: cannot reach Asterisk AMI at 127.0.0.1:{port}: "
         "no banner or answer within connect_timeout (0.5 s)"
     ) in output
+
+
+def test_check_without_an_ami_secret_is_a_configuration_error_exit_12(tmp_path: Path) -> None:
+    """cli.md: exit 12 for a source table that cannot be used, the message naming the key; it
+    was 3, the status of a link that is down."""
+    config = write_config(tmp_path / "spop.toml", 5038)
+    env = {"SPOP_DIAG_DIR": str(tmp_path / "diag"), "SPOP_ASTERISK_SECRET": ""}
+    code, output = run(spop("source", "pbx", "--check", "--config", str(config), env=env))
+    assert code == 12
+    assert (
+        "spop: error: pbx: secret: no AMI secret: set secret in the table or SPOP_ASTERISK_SECRET"
+        in output
+    )

@@ -1262,9 +1262,9 @@ def source_command(
 
         try:
             ok = _run(run_check())
-        except SourceError as exc:
+        except SourceError as exc:  # the table cannot be used (no AMI secret, say): not the link
             click.echo(f"spop: error: {name}: {exc}", err=True)
-            raise SystemExit(EXIT_CODES["SCREENPOP_Cannot_Find_HiPath_ProCenter"]) from None
+            raise SystemExit(EXIT_CONFIG) from None
         raise SystemExit(EXIT_OK if ok else EXIT_CODES["SCREENPOP_Cannot_Find_HiPath_ProCenter"])
     from .sources.standalone import run_standalone
 
