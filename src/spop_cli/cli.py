@@ -292,7 +292,10 @@ def serve(
     try:
         _run(run_hub(config, ready_file=ready_file, verbose=verbose, sources=sources))
     except NatsUnavailable as exc:  # backend = "nats": no server answers, or no nats-py
-        click.echo(f"spop: error: hub.nats_servers: {exc}", err=True)
+        message = str(exc)  # names its setting, or it is about the servers
+        if not message.startswith("hub."):
+            message = f"hub.nats_servers: {message}"
+        click.echo(f"spop: error: {message}", err=True)
         raise SystemExit(1) from None
     except JournalOpenError as exc:  # in use by another hub, another program's file
         click.echo(f"spop: error: hub.journal: {exc}", err=True)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import ssl
 import time
@@ -136,6 +137,7 @@ class NatsDelivery:
         self.nc: Any = None
         self.js: Any = None
         self.kv: Any = None
+        self.replicas = config.nats_replicas  # the stream's, once joined
         self._live: Any = None
         self.last_seq = 0
         self.delivered = 0
@@ -223,12 +225,8 @@ class NatsDelivery:
             allow_direct=True,
             storage=StorageType.FILE,
         )
-        try:
-            await self.js.add_stream(stream)
-        except Exception as exc:  # exists with other settings: take ours
-            self.log.info("stream %s: %s; updating", self.stream, exc)
-            await self.js.update_stream(stream)
-        self.kv = await self.js.create_key_value(
+        await self._ensure_stream(stream)
+        await self._ensure_bucket(
             KeyValueConfig(
                 bucket=c.nats_kv_bucket,
                 history=1,
@@ -254,10 +252,108 @@ class NatsDelivery:
         self.log.info(
             "JetStream stream %s (replicas %d) at sequence %d via %s",
             self.stream,
-            c.nats_replicas,
+            self.replicas,
             self.last_seq,
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
         )
+
+    async def _ensure_stream(self, ours: Any) -> None:
+        """Create the shared stream, or join it. A hub never lowers what the stream keeps
+        (max_age, duplicate_window, replicas): the other hubs count on it; it raises what it
+        needs more of, and logs what it asked for and did not get."""
+        from nats.js.errors import BadRequestError, NotFoundError
+
+        try:
+            info = await self.js.stream_info(self.stream)
+        except NotFoundError:
+            try:
+                await self.js.add_stream(ours)
+                self.replicas = ours.num_replicas
+                return
+            except BadRequestError as exc:
+                if exc.err_code == 10065:  # subjects overlap with an existing stream
+                    raise NatsUnavailable(
+                        f"hub.nats_stream: the subjects spop.> are taken by another stream than "
+                        f"{self.stream} (another nats_stream name?): one spop cluster per NATS "
+                        "account; give every hub the same nats_stream, or use another account"
+                    ) from None
+                if exc.err_code != 10058:  # not "created by another hub meanwhile"
+                    raise
+            info = await self.js.stream_info(self.stream)
+        have = info.config
+        wanted, kept = {}, []
+        for name, setting, unit in (
+            ("max_age", "pop_ttl/dedupe_window", " s"),
+            ("duplicate_window", "dedupe_window", " s"),
+            ("num_replicas", "nats_replicas", ""),
+        ):
+            mine, theirs = getattr(ours, name), getattr(have, name) or 0
+            if name == "max_age" and not theirs:  # 0: kept for ever
+                continue
+            if mine > theirs:
+                wanted[name] = mine
+            elif mine < theirs:
+                kept.append(
+                    f"{name.removeprefix('num_')} {theirs:g}{unit} (this hub's {setting} asks "
+                    f"{mine:g}{unit})"
+                )
+        if not have.allow_direct:
+            wanted["allow_direct"] = True
+        subjects = list(have.subjects or ())
+        for subj in ours.subjects:
+            if subj not in subjects:
+                subjects.append(subj)
+        if len(subjects) != len(have.subjects or ()):
+            wanted["subjects"] = subjects
+        if kept:
+            self.log.warning(
+                "stream %s keeps %s: a hub never lowers the shared stream; change it with "
+                "`nats stream edit %s`",
+                self.stream,
+                ", ".join(kept),
+                self.stream,
+            )
+        self.replicas = int(wanted.get("num_replicas", have.num_replicas or 1))
+        if wanted:
+            config = dataclasses.replace(have, **wanted)
+            if config.duplicate_window > (config.max_age or config.duplicate_window):
+                config.duplicate_window = config.max_age
+            self.log.warning(
+                "stream %s: raising %s for this hub",
+                self.stream,
+                ", ".join(f"{k} to {v}" for k, v in wanted.items()),
+            )
+            await self.js.update_stream(config)
+
+    async def _ensure_bucket(self, ours: Any) -> None:
+        """Create the contacts' KV bucket, or bind to it as it is (another hub made it, maybe
+        with another contact_idle_expiry or replicas: a warning, not a crash)."""
+        from nats.js.errors import BadRequestError
+
+        try:
+            self.kv = await self.js.create_key_value(ours)
+            return
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # "stream name already in use with a different config"
+                raise
+        self.kv = await self.js.key_value(ours.bucket)
+        status = await self.kv.status()
+        have = status.stream_info.config
+        differs = [
+            f"{label} {theirs:g}{unit} (this hub's {setting} asks {mine:g}{unit})"
+            for label, setting, unit, theirs, mine in (
+                ("ttl", "contact_idle_expiry", " s", have.max_age or 0, ours.ttl),
+                ("replicas", "nats_replicas", "", have.num_replicas or 1, ours.replicas),
+            )
+            if theirs != mine
+        ]
+        if differs:
+            self.log.warning(
+                "KV bucket %s keeps %s: the bucket is shared; change it with `nats kv edit %s`",
+                ours.bucket,
+                ", ".join(differs),
+                ours.bucket,
+            )
 
     async def _load_acks(self) -> None:
         """Read the ack batches already in the stream into `_acked` (those after the live

@@ -1,0 +1,165 @@
+"""Hubs of one cluster started with other settings: the shared stream and bucket are never
+lowered; a second spop cluster on the same NATS account is refused in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import HubThread
+from natsproc import NatsCluster
+from spop_cli.hub.nats_delivery import NatsUnavailable
+
+
+@pytest.fixture
+def nats1(tmp_path: Path) -> Any:
+    cluster = NatsCluster(tmp_path, 1)
+    yield cluster
+    cluster.close()
+
+
+def stream_config(cluster: NatsCluster, name: str = "SPOP") -> dict[str, Any]:
+    """max_age, duplicate_window (s) and replicas of a stream, read from JetStream."""
+    import nats
+
+    async def read() -> dict[str, Any]:
+        nc = await nats.connect([node.url for node in cluster.nodes])
+        try:
+            config = (await nc.jetstream().stream_info(name)).config
+            return {
+                "max_age": config.max_age,
+                "duplicate_window": config.duplicate_window,
+                "replicas": config.num_replicas,
+            }
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_a_hub_with_lower_settings_leaves_the_stream_as_it_was(
+    nats1: NatsCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = HubThread(backend="nats", nats_servers=nats1.servers)  # pop_ttl 120, dedupe 120
+    try:
+        assert stream_config(nats1) == {"max_age": 120.0, "duplicate_window": 120.0, "replicas": 1}
+        with caplog.at_level(logging.WARNING, logger="spop.hub"):
+            second = HubThread(
+                backend="nats", nats_servers=nats1.servers, pop_ttl=30, dedupe_window=5
+            )
+        try:
+            assert stream_config(nats1) == {
+                "max_age": 120.0,
+                "duplicate_window": 120.0,
+                "replicas": 1,
+            }
+            assert (
+                "stream SPOP keeps max_age 120 s (this hub's pop_ttl/dedupe_window asks 30 s), "
+                "duplicate_window 120 s (this hub's dedupe_window asks 5 s): a hub never lowers "
+                "the shared stream; change it with `nats stream edit SPOP`"
+            ) in caplog.messages
+            # the resend, 7 s later in the lab, stays within the stream's window: stored once
+            pop = {"id": "once", "media": "telephone", "resource": "1"}
+            assert second.publish(pop) == ["once"]
+            first.publish(pop)
+            assert first.status()["counters"]["duplicates"] == 1
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def test_a_hub_with_higher_settings_raises_them(nats1: NatsCluster) -> None:
+    first = HubThread(backend="nats", nats_servers=nats1.servers, pop_ttl=30, dedupe_window=5)
+    try:
+        assert stream_config(nats1) == {"max_age": 30.0, "duplicate_window": 5.0, "replicas": 1}
+        second = HubThread(backend="nats", nats_servers=nats1.servers, pop_ttl=60)
+        try:
+            assert stream_config(nats1) == {
+                "max_age": 120.0,
+                "duplicate_window": 120.0,
+                "replicas": 1,
+            }
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def test_a_hub_with_another_contact_idle_expiry_binds_to_the_bucket(
+    nats1: NatsCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = HubThread(backend="nats", nats_servers=nats1.servers)
+    try:
+        with caplog.at_level(logging.WARNING, logger="spop.hub"):
+            second = HubThread(backend="nats", nats_servers=nats1.servers, contact_idle_expiry=60)
+        try:
+            assert (
+                "KV bucket spop-contacts keeps ttl 14400 s (this hub's contact_idle_expiry asks "
+                "60 s): the bucket is shared; change it with `nats kv edit spop-contacts`"
+            ) in caplog.messages
+            # contact state written by one hub is read by the other
+            event = {"contact_id": "c1", "event": "queued", "media": "telephone", "source": "1"}
+            assert first.hub is not None and second.hub is not None
+            first.call(first.hub.apply_contacts([event]))
+            loaded = second.call(second.hub.delivery.load_contacts({"c1"}))
+            assert loaded["c1"][0] is not None
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def test_a_second_stream_name_on_the_same_subjects_is_one_clear_error(
+    nats1: NatsCluster,
+) -> None:
+    first = HubThread(backend="nats", nats_servers=nats1.servers)
+    try:
+        with pytest.raises(NatsUnavailable) as caught:
+            HubThread(
+                backend="nats",
+                nats_servers=nats1.servers,
+                nats_stream="OTHER",
+                nats_kv_bucket="other",
+            )
+        assert str(caught.value) == (
+            "hub.nats_stream: the subjects spop.> are taken by another stream than OTHER "
+            "(another nats_stream name?): one spop cluster per NATS account; give every hub "
+            "the same nats_stream, or use another account"
+        )
+    finally:
+        first.close()
+
+
+@pytest.mark.chaos  # three nodes to start (6 s): with the chaos tests, which all run on three
+def test_a_hub_with_one_replica_leaves_an_r3_stream_at_r3(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = NatsCluster(tmp_path, 3)
+    try:
+        first = HubThread(backend="nats", nats_servers=cluster.servers, nats_replicas=3)
+        try:
+            assert stream_config(cluster)["replicas"] == 3
+            with caplog.at_level(logging.WARNING, logger="spop.hub"):
+                second = HubThread(backend="nats", nats_servers=cluster.servers, nats_replicas=1)
+            try:
+                assert stream_config(cluster)["replicas"] == 3
+                assert (
+                    "stream SPOP keeps replicas 3 (this hub's nats_replicas asks 1): a hub never "
+                    "lowers the shared stream; change it with `nats stream edit SPOP`"
+                ) in caplog.messages
+                assert (
+                    "KV bucket spop-contacts keeps replicas 3 (this hub's nats_replicas asks 1): "
+                    "the bucket is shared; change it with `nats kv edit spop-contacts`"
+                ) in caplog.messages
+                assert second.publish({"id": "p", "media": "telephone", "resource": "1"}) == ["p"]
+            finally:
+                second.close()
+        finally:
+            first.close()
+    finally:
+        cluster.close()
