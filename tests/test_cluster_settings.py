@@ -163,3 +163,23 @@ def test_a_hub_with_one_replica_leaves_an_r3_stream_at_r3(
             first.close()
     finally:
         cluster.close()
+
+
+def test_the_hub_connects_to_the_first_server_listed(tmp_path: Path) -> None:
+    """nats-py shuffles its server list unless told not to: the order given is the order tried."""
+    nodes = [NatsCluster(tmp_path / name, 1) for name in ("n1", "n2", "n3")]
+    try:
+        n1, n2, n3 = (cluster.nodes[0].url for cluster in nodes)
+        hub = HubThread(backend="nats", nats_servers=f"{n3},{n1},{n2}")
+        try:
+            for _ in range(6):  # a shuffled list starts with n3 one time in three
+                assert hub.hub is not None
+                connected = hub.hub.delivery.nc.connected_url
+                assert f"nats://{connected.netloc}" == n3
+                hub.stop()
+                hub.start()
+        finally:
+            hub.close()
+    finally:
+        for cluster in nodes:
+            cluster.close()

@@ -189,6 +189,7 @@ class NatsDelivery:
         options: dict[str, Any] = {
             "servers": [s.strip() for s in c.nats_servers.split(",") if s.strip()],
             "name": "spop-hub",
+            "dont_randomize": True,  # the first that answers, in the order given (nats-py shuffles)
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.25,
