@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,6 +190,77 @@ class NatsCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class CutProxy:
+    """A TCP proxy 127.0.0.1:port → a NATS node that can be cut: every connection through it
+    is dropped and new ones are refused (closed at once) until `heal()`. A hub naming only the
+    proxy then has no link to NATS (one node: it learns no other address to reconnect to)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.cut_off = False
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self.cut_off:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), 2)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._drop(source)
+            self._drop(sink)
+
+    def _drop(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def cut(self) -> None:
+        self.cut_off = True
+        with self._lock:
+            conns = list(self._conns)
+        for sock in conns:
+            self._drop(sock)
+
+    def heal(self) -> None:
+        self.cut_off = False
+
+    def close(self) -> None:
+        self.cut()
+        self._server.close()
 
 
 if os.environ.get("SPOP_NATS_DEBUG"):  # pragma: no cover

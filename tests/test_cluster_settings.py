@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from conftest import HubThread
-from natsproc import NatsCluster
+from conftest import HubThread, wait_for
+from natsproc import CutProxy, NatsCluster
 from spop_cli.hub.nats_delivery import NatsUnavailable
+from test_cluster import listen
 
 
 @pytest.fixture
@@ -183,3 +184,57 @@ def test_the_hub_connects_to_the_first_server_listed(tmp_path: Path) -> None:
     finally:
         for cluster in nodes:
             cluster.close()
+
+
+def post_pop(hub: HubThread, pop_id: str, resource: str) -> tuple[int, dict[str, Any]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        hub.http + "/v1/pops",
+        data=json.dumps({"id": pop_id, "media": "telephone", "resource": resource}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_pop_refused_while_cut_off_from_nats_is_never_stored(nats1: NatsCluster) -> None:
+    """While its link to NATS is down a hub answers 503 at once, and nothing it refused goes
+    out when the link comes back (nats-py would buffer it: the source, told to retry, would
+    then have it twice)."""
+    proxy = CutProxy(nats1.nodes[0].port)
+    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=5)
+    other = HubThread(backend="nats", nats_servers=nats1.servers)
+    try:
+        listener, got = listen(other.address, "4242")
+        assert wait_for(lambda: other.status()["registrations"] == 1)
+        assert post_pop(cut, "before", "4242")[0] == 200
+        assert wait_for(lambda: got == ["before"])
+        proxy.cut()
+        assert cut.hub is not None
+        delivery = cut.hub.delivery
+        assert wait_for(lambda: not delivery.nc.is_connected)
+        assert post_pop(cut, "refused", "4242") == (
+            503,
+            {
+                "error": "journal_unavailable",
+                "message": "this hub is not connected to NATS (reconnecting): nothing was "
+                "accepted; retry later, or on another hub",
+            },
+        )
+        proxy.heal()
+        assert wait_for(lambda: delivery.nc.is_connected, timeout=15)
+        assert post_pop(cut, "after", "4242")[0] == 200
+        assert wait_for(lambda: got == ["before", "after"])
+        assert got == ["before", "after"]  # `refused` never reached the stream
+        listener.shutdown()
+    finally:
+        other.close()
+        cut.close()
+        proxy.close()

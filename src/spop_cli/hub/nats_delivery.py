@@ -90,7 +90,27 @@ def kv_key(contact_id: str) -> str:
 
 
 class NatsUnavailable(Exception):
-    """JetStream did not acknowledge in time (no quorum, no server reachable)."""
+    """JetStream did not acknowledge in time (no quorum, no server reachable). `answer`: what
+    the source is told (the 503's message), when it is not "nothing was accepted; retry later"."""
+
+    def __init__(self, why: str, answer: str | None = None) -> None:
+        super().__init__(why)
+        self.answer = answer
+
+
+NOT_CONNECTED = (
+    "this hub is not connected to NATS (reconnecting): nothing was accepted; retry later, "
+    "or on another hub"
+)
+
+
+def _no_answer(timeout: float) -> NatsUnavailable:
+    """A write JetStream did not answer while connected: it may be stored all the same."""
+    return NatsUnavailable(
+        f"JetStream did not answer in {timeout:g} s",
+        f"JetStream did not answer in {timeout:g} s: the pop may still be stored; resend it "
+        "with the same id (stored once)",
+    )
 
 
 class _KeyState:
@@ -194,6 +214,9 @@ class NatsDelivery:
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.25,
             "connect_timeout": 2,
+            # nothing buffered while reconnecting: a write then fails at once (the source is
+            # told nothing was accepted), never goes out later behind its 503
+            "pending_size": 0,
             "reconnected_cb": self._reconnected,
             "disconnected_cb": self._disconnected,
             "error_cb": self._error,
@@ -454,6 +477,10 @@ class NatsDelivery:
         self.log.warning("NATS: disconnected")
 
     async def _error(self, exc: Exception) -> None:
+        if self.nc is not None and not self.nc.is_connected and "OutboundBuffer" in repr(exc):
+            # nats-py's ordered consumer retrying while we reconnect: nothing to tell
+            self.log.debug("NATS: %r", exc)
+            return
         self.log.warning("NATS: %r", exc)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -850,22 +877,28 @@ class NatsDelivery:
         self._spawn(self._publish(batch))
 
     async def _publish(self, batch: list[tuple[str, bytes, dict[str, str] | None, str]]) -> None:
-        inbox = self._inbox
+        inbox, nc = self._inbox, self.nc
         for subj, data, headers, token in batch:
-            try:  # buffered while reconnecting; acks are sent again by _retry_acks
-                await self.nc.publish(subj, data, reply=f"{inbox}.{token}", headers=headers)
+            try:  # refused at once while reconnecting (pending_size 0): nothing is buffered
+                await nc.publish(subj, data, reply=f"{inbox}.{token}", headers=headers)
             except Exception as exc:
-                self._failed(token, f"JetStream did not store it: {exc!r}")
+                if not nc.is_connected:
+                    self._failed(token, NatsUnavailable(f"not connected: {exc!r}", NOT_CONNECTED))
+                else:
+                    self._failed(token, NatsUnavailable(f"JetStream did not store it: {exc!r}"))
+                ack = self._acks_out.get(token)
+                if ack is not None:  # again at the next sweep once connected (_retry_acks)
+                    ack.sent = time.monotonic() - self.config.nats_timeout
 
-    def _failed(self, token: str, why: str) -> None:
+    def _failed(self, token: str, error: NatsUnavailable) -> None:
         write = self._writes.pop(token, None)
         if write is not None and not write.done():
-            write.set_exception(NatsUnavailable(why))
+            write.set_exception(error)
 
     def _unanswered(self, tokens: list[str]) -> None:
         for token in tokens:
             if token in self._writes:
-                self._failed(token, f"JetStream did not answer in {self.config.nats_timeout} s")
+                self._failed(token, _no_answer(self.config.nats_timeout))
 
     async def _on_reply(self, msg: Any) -> None:
         """nats-py's callback: what the direct path (_direct_reads) passes on to it."""
@@ -880,9 +913,15 @@ class NatsDelivery:
             write = self._writes.pop(token, None)
             if write is None or write.done():  # answered after its timeout
                 return
-            if refused:
+            if refused:  # 503: no JetStream server answered (no quorum, no stream leader)
                 why = data.decode(errors="replace") or f"status {status}"
-                write.set_exception(NatsUnavailable(f"JetStream did not store it: {why}"))
+                answer = (
+                    f"JetStream has no quorum or stream leader (status {status}): nothing was "
+                    "accepted; retry later"
+                    if status == "503"
+                    else None
+                )
+                write.set_exception(NatsUnavailable(f"JetStream did not store it: {why}", answer))
             elif b'"duplicate"' in data:  # the server writes `"duplicate": true`
                 self.duplicates += 1
                 write.set_result(False)
@@ -969,8 +1008,8 @@ class NatsDelivery:
             if not ack.failed:
                 ack.failed = True
                 self.ack_failures += len(ack.ids)
-            ack.sent = now
-            if self.nc.is_connected:  # else the copy buffered for the reconnection goes out
+            if self.nc.is_connected:  # else at the first sweep once connected again
+                ack.sent = now
                 self._queue(ACKS, ack.data, None, token)
 
     def withdraw(
@@ -1083,7 +1122,7 @@ class NatsDelivery:
                 out[contact_id] = (None, getattr(getattr(exc, "entry", None), "revision", 0) or 0)
                 continue
             except Exception as exc:
-                raise NatsUnavailable(f"contact state unreadable: {exc!r}") from exc
+                raise self._kv_failed("contact state unreadable", exc) from exc
             state = orjson.loads(entry.value) if entry.value else None
             out[contact_id] = (state, entry.revision or 0)
         return out
@@ -1111,8 +1150,13 @@ class NatsDelivery:
             except Exception as exc:
                 if "wrong last sequence" in str(exc) or "key exists" in str(exc):
                     return False
-                raise NatsUnavailable(f"contact state not stored: {exc!r}") from exc
+                raise self._kv_failed("contact state not stored", exc) from exc
         return True
+
+    def _kv_failed(self, what: str, exc: Exception) -> NatsUnavailable:
+        if not self.nc.is_connected:
+            return NatsUnavailable(f"{what}: not connected", NOT_CONNECTED)
+        return NatsUnavailable(f"{what}: {exc!r}")
 
     def counters(self) -> dict[str, int]:
         return {
