@@ -55,6 +55,7 @@ class NatsNode:
         routes: list[int],
         gomaxprocs: int | None = None,
         monitor_port: int | None = None,
+        token: str | None = None,
     ) -> None:
         self.name, self.port, self.store = name, port, store
         self.monitor_port = monitor_port
@@ -73,6 +74,8 @@ class NatsNode:
             "-n",
             name,
         ]
+        if token is not None:  # clients must give it (authorization { token })
+            self.args += ["--auth", token]
         if monitor_port is not None:  # HTTP monitoring (/varz, /connz): the benchmarks' counts
             self.args += ["-m", str(monitor_port)]
         if cluster_port is not None:
@@ -124,12 +127,18 @@ class NatsNode:
 class NatsCluster:
     """One node (size 1) or a JetStream cluster of `size` routed nodes. `gomaxprocs`: the cores
     each node's Go scheduler uses (default: all the machine's). `monitor`: each node serves its
-    HTTP monitoring on a port of its own (`node.monitor_port`)."""
+    HTTP monitoring on a port of its own (`node.monitor_port`). `token`: clients must give it."""
 
     def __init__(
-        self, tmp: Path, size: int = 1, gomaxprocs: int | None = None, monitor: bool = False
+        self,
+        tmp: Path,
+        size: int = 1,
+        gomaxprocs: int | None = None,
+        monitor: bool = False,
+        token: str | None = None,
     ) -> None:
         binary = need_nats_server()
+        self.token = token
         ports = free_ports(3 * size if monitor else 2 * size)
         client, cluster = ports[:size], ports[size : 2 * size]
         monitors: list[int | None] = list(ports[2 * size :]) if monitor else [None] * size
@@ -143,6 +152,7 @@ class NatsCluster:
                 [c for j, c in enumerate(cluster) if j != i],
                 gomaxprocs,
                 monitors[i],
+                token,
             )
             for i in range(size)
         ]
@@ -167,7 +177,10 @@ class NatsCluster:
 
         async def probe() -> bool:
             nc = await nats.connect(
-                [n.url for n in self.nodes], connect_timeout=1, max_reconnect_attempts=1
+                [n.url for n in self.nodes],
+                connect_timeout=1,
+                max_reconnect_attempts=1,
+                token=self.token,
             )
             try:
                 await nc.jetstream().account_info()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +241,61 @@ def test_a_pop_refused_while_cut_off_from_nats_is_never_stored(nats1: NatsCluste
         other.close()
         cut.close()
         proxy.close()
+
+
+def serve_nats(tmp_path: Path, *settings: str) -> subprocess.CompletedProcess:
+    """`spop serve` of a NATS hub that must fail to start: its exit status and standard error."""
+    config = tmp_path / "hub.toml"
+    config.write_text('[hub]\nport = 0\nhttp_port = -1\nbackend = "nats"\n' + "\n".join(settings))
+    env = {**os.environ, "SPOP_DIAG_DIR": str(tmp_path / "diag")}
+    return subprocess.run(
+        [sys.executable, "-m", "spop_cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def errors_of(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("spop: error:")]
+
+
+def test_a_wrong_nats_token_is_named_at_once(tmp_path: Path) -> None:
+    cluster = NatsCluster(tmp_path, 1, token="right")
+    try:
+        result = serve_nats(
+            tmp_path, f'nats_servers = "{cluster.servers}"', 'nats_token = "wrong"'
+        )
+    finally:
+        cluster.close()
+    assert result.returncode == 12, result.stderr
+    assert "Traceback" not in result.stderr
+    assert errors_of(result) == [
+        f"spop: error: hub.nats_token: NATS at {cluster.servers} refused the connection: "
+        "Authorization Violation"
+    ]
+
+
+@pytest.mark.chaos  # three nodes to start (6 s): with the chaos tests, which all run on three
+def test_a_hub_started_without_quorum_says_so(tmp_path: Path) -> None:
+    cluster = NatsCluster(tmp_path, 3)
+    try:
+        cluster.nodes[1].kill()
+        cluster.nodes[2].kill()
+        result = serve_nats(
+            tmp_path,
+            f'nats_servers = "{cluster.servers}"',
+            "nats_replicas = 3",
+            "nats_timeout = 2",
+        )
+    finally:
+        cluster.close()
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(errors_of(result)) == 1, result.stderr
+    assert errors_of(result)[0].startswith(
+        "spop: error: hub.nats_servers: JetStream has no quorum (1 of the 3 nodes of "
+        "nats_servers answer): "
+    ), result.stderr
+    assert errors_of(result)[0].endswith("; start the other nodes"), result.stderr

@@ -296,7 +296,7 @@ def serve(
         if not message.startswith("hub."):
             message = f"hub.nats_servers: {message}"
         click.echo(f"spop: error: {message}", err=True)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_CONFIG if exc.config else 1) from None
     except JournalOpenError as exc:  # in use by another hub, another program's file
         click.echo(f"spop: error: hub.journal: {exc}", err=True)
         raise SystemExit(EXIT_CONFIG) from None

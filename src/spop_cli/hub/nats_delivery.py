@@ -93,9 +93,41 @@ class NatsUnavailable(Exception):
     """JetStream did not acknowledge in time (no quorum, no server reachable). `answer`: what
     the source is told (the 503's message), when it is not "nothing was accepted; retry later"."""
 
-    def __init__(self, why: str, answer: str | None = None) -> None:
+    def __init__(self, why: str, answer: str | None = None, config: bool = False) -> None:
         super().__init__(why)
         self.answer = answer
+        self.config = config  # a setting is at fault (exit status 12), not a node's state
+
+
+def _refusal(exc: BaseException) -> bool:
+    """The server refused the client (token, credentials): trying again will not help."""
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
+def _describe(exc: BaseException) -> str:
+    """nats-py's errors, in one phrase: `nats: 'Authorization Violation'` → the quoted part."""
+    text = str(exc).strip()
+    if text.startswith("nats: "):
+        text = text[6:].strip("'")
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return text or type(exc).__name__
+
+
+async def _answers(url: str) -> int:
+    """1 if something listens at the nats:// URL's host and port (within 1 s), else 0."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or 4222), 1
+        )
+    except (OSError, TimeoutError):
+        return 0
+    writer.close()
+    return 1
 
 
 NOT_CONNECTED = (
@@ -202,7 +234,7 @@ class NatsDelivery:
             from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
         except ImportError:
             raise NatsUnavailable(
-                "backend = \"nats\" needs nats-py: pip install 'spop[nats]'"
+                "backend = \"nats\" needs nats-py: pip install 'spop[nats]'", config=True
             ) from None
 
         c = self.config
@@ -230,12 +262,97 @@ class NatsDelivery:
             if c.nats_tls_cert:
                 context.load_cert_chain(c.nats_tls_cert, c.nats_tls_key)
             options["tls"] = context
-        try:  # reconnections go on for ever; the first connection must come in time
-            self.nc = await asyncio.wait_for(nats.connect(**options), 2 * c.nats_timeout)
-        except Exception as exc:
+        self.nc = await self._connect(nats, options)
+        try:
+            await self._join(DeliverPolicy, KeyValueConfig, StorageType, StreamConfig)
+        except BaseException as exc:
+            nc, self.nc = self.nc, None
+            try:  # no reconnection loop left behind a hub that did not start
+                await nc.close()
+            except Exception:
+                pass
+            if isinstance(exc, NatsUnavailable) or not isinstance(exc, Exception):
+                raise
+            raise await self._join_failed(exc) from None
+
+    async def _connect(self, nats: Any, options: dict[str, Any]) -> Any:
+        """The first connection, within 2 × nats_timeout (reconnections then go on for ever).
+        A refused one says why: nats-py reports it only to error_cb, and retries."""
+        c = self.config
+        errors: list[Exception] = []
+        refused = asyncio.get_running_loop().create_future()
+
+        async def starting(exc: Exception) -> None:
+            errors.append(exc)
+            if _refusal(exc) and not refused.done():  # a wrong token is not worth waiting on
+                refused.set_result(exc)
+
+        options = {**options, "error_cb": starting}
+        connecting = asyncio.ensure_future(nats.connect(**options))
+        await asyncio.wait({connecting, refused}, timeout=2 * c.nats_timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if connecting.done() and connecting.exception() is None:
+            nc = connecting.result()
+            nc._error_cb = self._error  # from now on, the hub's log
+            return nc
+        connecting.cancel()
+        try:
+            await connecting
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                errors.append(exc)
+        auth = "hub.nats_creds" if c.nats_creds else "hub.nats_token"
+        if refused.done():
             raise NatsUnavailable(
-                f"no NATS server answers at {c.nats_servers} ({type(exc).__name__})"
-            ) from None
+                f"{auth}: NATS at {c.nats_servers} refused the connection: "
+                f"{_describe(refused.result())}",
+                config=True,
+            )
+        last = next((e for e in reversed(errors) if not isinstance(e, ConnectionError)), None)
+        last = last or (errors[-1] if errors else None)
+        if last is None:
+            raise NatsUnavailable(
+                f"no NATS server answers at {c.nats_servers} within {2 * c.nats_timeout:g} s"
+            )
+        raise NatsUnavailable(
+            f"no NATS server answers at {c.nats_servers} within {2 * c.nats_timeout:g} s "
+            f"(last error: {_describe(last)})"
+        )
+
+    async def _join_failed(self, exc: Exception) -> NatsUnavailable:
+        """What a failure to set up the stream, the bucket or the consumer means."""
+        from nats.errors import NoRespondersError
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.errors import APIError, ServiceUnavailableError
+
+        c = self.config
+        if isinstance(exc, NatsTimeout | NoRespondersError | ServiceUnavailableError | TimeoutError):
+            servers = [u.strip() for u in c.nats_servers.split(",") if u.strip()]
+            up = 0
+            for url in servers:
+                up += await _answers(url)
+            why = (
+                f"no answer within {c.nats_timeout:g} s"
+                if isinstance(exc, NatsTimeout | TimeoutError)
+                else f"no JetStream server answered ({_describe(exc)})"
+            )
+            return NatsUnavailable(
+                f"JetStream has no quorum ({up} of the {len(servers)} nodes of nats_servers "
+                f"answer): {why}; start the other nodes"
+            )
+        if isinstance(exc, APIError):
+            return NatsUnavailable(
+                f"JetStream refused to set up the stream {self.stream} or the bucket "
+                f"{c.nats_kv_bucket}: {exc.description} (code {exc.err_code})",
+                config=True,
+            )
+        return NatsUnavailable(f"JetStream set-up failed: {_describe(exc)}")
+
+    async def _join(
+        self, DeliverPolicy: Any, KeyValueConfig: Any, StorageType: Any, StreamConfig: Any
+    ) -> None:
+        """Make sure the stream and the bucket exist, follow the stream from now."""
+        c = self.config
         self.js = self.nc.jetstream(timeout=c.nats_timeout)
         self._inbox = self.nc.new_inbox()
         self._inbox_sub = await self.nc.subscribe(self._inbox + ".*", cb=self._on_reply)
@@ -299,7 +416,8 @@ class NatsDelivery:
                     raise NatsUnavailable(
                         f"hub.nats_stream: the subjects spop.> are taken by another stream than "
                         f"{self.stream} (another nats_stream name?): one spop cluster per NATS "
-                        "account; give every hub the same nats_stream, or use another account"
+                        "account; give every hub the same nats_stream, or use another account",
+                        config=True,
                     ) from None
                 if exc.err_code != 10058:  # not "created by another hub meanwhile"
                     raise
