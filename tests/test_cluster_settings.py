@@ -299,3 +299,80 @@ def test_a_hub_started_without_quorum_says_so(tmp_path: Path) -> None:
         "nats_servers answer): "
     ), result.stderr
     assert errors_of(result)[0].endswith("; start the other nodes"), result.stderr
+
+
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_status_and_health_show_the_link_to_nats(nats1: NatsCluster) -> None:
+    """`spop status` and /v1/status name the backend and the link; /v1/health answers 503 while
+    the link is down, so the balancer's check (cluster.md) sends sources to another hub."""
+    from click.testing import CliRunner
+
+    from spop_cli import __version__
+    from spop_cli.cli import cli
+
+    proxy = CutProxy(nats1.nodes[0].port)
+    hub = HubThread(backend="nats", nats_servers=proxy.url)
+
+    def status_lines() -> list[str]:
+        result = CliRunner(env={"COLUMNS": "160"}).invoke(cli, ["status", "--server", hub.address])
+        assert result.exit_code == 0, result.output
+        return [" ".join(line.split()) for line in result.output.splitlines()]
+
+    try:
+        assert get_json(hub.http + "/v1/health") == (200, {"status": "ok", "version": __version__})
+        status = get_json(hub.http + "/v1/status")[1]
+        assert (status["backend"], status["nats"]) == (
+            "nats",
+            {"stream": "SPOP", "replicas": 1, "connected": True, "server": proxy.url},
+        )
+        assert f"backend NATS JetStream, stream SPOP (replicas 1), via {proxy.url}" in (
+            status_lines()
+        )
+        proxy.cut()
+        assert hub.hub is not None
+        delivery = hub.hub.delivery
+        assert wait_for(lambda: not delivery.nc.is_connected)
+        assert get_json(hub.http + "/v1/health") == (
+            503,
+            {
+                "status": "unavailable",
+                "version": __version__,
+                "reason": "not connected to NATS (reconnecting): pops and contact events get 503",
+            },
+        )
+        assert get_json(hub.http + "/v1/status")[1]["nats"] == {
+            "stream": "SPOP",
+            "replicas": 1,
+            "connected": False,
+            "server": None,
+        }
+        assert (
+            "backend NATS JetStream, stream SPOP (replicas 1), NOT CONNECTED (reconnecting: "
+            "sources get 503)"
+        ) in status_lines()
+        proxy.heal()
+        assert wait_for(lambda: delivery.nc.is_connected, timeout=15)
+        assert get_json(hub.http + "/v1/health") == (200, {"status": "ok", "version": __version__})
+    finally:
+        hub.close()
+        proxy.close()
+
+
+def test_an_embedded_hub_says_its_backend() -> None:
+    hub = HubThread()
+    try:
+        status = get_json(hub.http + "/v1/status")[1]
+        assert (status["backend"], "nats" in status) == ("embedded", False)
+    finally:
+        hub.close()

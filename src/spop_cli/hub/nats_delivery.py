@@ -1271,6 +1271,19 @@ class NatsDelivery:
                 raise self._kv_failed("contact state not stored", exc) from exc
         return True
 
+    def link(self) -> dict[str, Any]:
+        """The stream, its replicas, and the NATS node this hub is connected to (no
+        credentials), for the status and the health check."""
+        nc = self.nc
+        connected = bool(nc is not None and nc.is_connected)
+        url = nc.connected_url if connected else None
+        return {
+            "stream": self.stream,
+            "replicas": self.replicas,
+            "connected": connected,
+            "server": f"{url.scheme}://{url.netloc.rpartition('@')[2]}" if url else None,
+        }
+
     def _kv_failed(self, what: str, exc: Exception) -> NatsUnavailable:
         if not self.nc.is_connected:
             return NatsUnavailable(f"{what}: not connected", NOT_CONNECTED)
