@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class NatsNode:
         routes: list[int],
         gomaxprocs: int | None = None,
         monitor_port: int | None = None,
+        token: str | None = None,
     ) -> None:
         self.name, self.port, self.store = name, port, store
         self.monitor_port = monitor_port
@@ -72,6 +74,8 @@ class NatsNode:
             "-n",
             name,
         ]
+        if token is not None:  # clients must give it (authorization { token })
+            self.args += ["--auth", token]
         if monitor_port is not None:  # HTTP monitoring (/varz, /connz): the benchmarks' counts
             self.args += ["-m", str(monitor_port)]
         if cluster_port is not None:
@@ -123,12 +127,18 @@ class NatsNode:
 class NatsCluster:
     """One node (size 1) or a JetStream cluster of `size` routed nodes. `gomaxprocs`: the cores
     each node's Go scheduler uses (default: all the machine's). `monitor`: each node serves its
-    HTTP monitoring on a port of its own (`node.monitor_port`)."""
+    HTTP monitoring on a port of its own (`node.monitor_port`). `token`: clients must give it."""
 
     def __init__(
-        self, tmp: Path, size: int = 1, gomaxprocs: int | None = None, monitor: bool = False
+        self,
+        tmp: Path,
+        size: int = 1,
+        gomaxprocs: int | None = None,
+        monitor: bool = False,
+        token: str | None = None,
     ) -> None:
         binary = need_nats_server()
+        self.token = token
         ports = free_ports(3 * size if monitor else 2 * size)
         client, cluster = ports[:size], ports[size : 2 * size]
         monitors: list[int | None] = list(ports[2 * size :]) if monitor else [None] * size
@@ -142,6 +152,7 @@ class NatsCluster:
                 [c for j, c in enumerate(cluster) if j != i],
                 gomaxprocs,
                 monitors[i],
+                token,
             )
             for i in range(size)
         ]
@@ -166,7 +177,10 @@ class NatsCluster:
 
         async def probe() -> bool:
             nc = await nats.connect(
-                [n.url for n in self.nodes], connect_timeout=1, max_reconnect_attempts=1
+                [n.url for n in self.nodes],
+                connect_timeout=1,
+                max_reconnect_attempts=1,
+                token=self.token,
             )
             try:
                 await nc.jetstream().account_info()
@@ -189,6 +203,77 @@ class NatsCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class CutProxy:
+    """A TCP proxy 127.0.0.1:port → a NATS node that can be cut: every connection through it
+    is dropped and new ones are refused (closed at once) until `heal()`. A hub naming only the
+    proxy then has no link to NATS (one node: it learns no other address to reconnect to)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.cut_off = False
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self.cut_off:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), 2)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._drop(source)
+            self._drop(sink)
+
+    def _drop(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def cut(self) -> None:
+        self.cut_off = True
+        with self._lock:
+            conns = list(self._conns)
+        for sock in conns:
+            self._drop(sock)
+
+    def heal(self) -> None:
+        self.cut_off = False
+
+    def close(self) -> None:
+        self.cut()
+        self._server.close()
 
 
 if os.environ.get("SPOP_NATS_DEBUG"):  # pragma: no cover

@@ -335,5 +335,5 @@ def test_serve_without_a_reachable_nats_says_so_and_exits(tmp_path: Path) -> Non
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
         f"spop: error: hub.nats_servers: no NATS server answers at nats://127.0.0.1:{port}"
-        " (TimeoutError)"
+        " within 1 s (last error: connection refused)"
     )

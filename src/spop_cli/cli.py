@@ -292,8 +292,11 @@ def serve(
     try:
         _run(run_hub(config, ready_file=ready_file, verbose=verbose, sources=sources))
     except NatsUnavailable as exc:  # backend = "nats": no server answers, or no nats-py
-        click.echo(f"spop: error: hub.nats_servers: {exc}", err=True)
-        raise SystemExit(1) from None
+        message = str(exc)  # names its setting, or it is about the servers
+        if not message.startswith("hub."):
+            message = f"hub.nats_servers: {message}"
+        click.echo(f"spop: error: {message}", err=True)
+        raise SystemExit(EXIT_CONFIG if exc.config else 1) from None
     except JournalOpenError as exc:  # in use by another hub, another program's file
         click.echo(f"spop: error: hub.journal: {exc}", err=True)
         raise SystemExit(EXIT_CONFIG) from None

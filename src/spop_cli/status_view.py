@@ -79,7 +79,23 @@ def render_status(address: str, data: dict[str, Any]) -> Any:
     http_port = data.get("http_port")
     ports += f", HTTP {http_port}" if http_port not in (None, -1) else ", no HTTP"
     facts.add_row("ports", ports)
-    facts.add_row("journal", Text(str(data.get("journal") or "off (pops in memory only)")))
+    nats = data.get("nats")
+    if data.get("backend") == "nats" and isinstance(nats, dict):
+        link = (
+            f"via {nats.get('server')}"
+            if nats.get("connected")
+            else "NOT CONNECTED (reconnecting: sources get 503)"
+        )
+        facts.add_row(
+            "backend",
+            Text(
+                f"NATS JetStream, stream {nats.get('stream')} "
+                f"(replicas {nats.get('replicas')}), {link}",
+                style="" if nats.get("connected") else "bold red",
+            ),
+        )
+    else:
+        facts.add_row("journal", Text(str(data.get("journal") or "off (pops in memory only)")))
     facts.add_row("connections", str(data.get("connections", 0)))
     facts.add_row("contacts tracked", str(data.get("contacts", 0)))
     facts.add_row("pops pending", str(data.get("pending", 0)))

@@ -185,6 +185,11 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def get_health(request: web.Request) -> web.Response:
     # not hub.status(): it walks every registration, too much for a probe every few seconds
+    hub: Hub = request.app[HUB_KEY]  # type: ignore[assignment]
+    reason = hub.unavailable()
+    if reason is not None:  # a NATS hub cut off from NATS: the balancer's check sends elsewhere
+        body = {"status": "unavailable", "version": __version__, "reason": reason}
+        return _json(body, 503, request)
     return _json({"status": "ok", "version": __version__}, 200, request)
 
 

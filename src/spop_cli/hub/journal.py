@@ -84,11 +84,12 @@ class JournalUnavailable(InputError):
             isinstance(cause, OSError) and cause.errno == errno.ENOSPC
         )
         why = "the disk is full" if full else str(cause)
-        super().__init__(
-            503,
-            "journal_unavailable",
-            f"the journal cannot be written ({why}): nothing was accepted; retry later",
+        # a cause may say itself what the source should do (NatsUnavailable: the write may be
+        # stored after all, or nothing was sent)
+        answer = getattr(cause, "answer", None) or (
+            f"the journal cannot be written ({why}): nothing was accepted; retry later"
         )
+        super().__init__(503, "journal_unavailable", answer)
         self.disk_full = full
         self.retry_after = RETRY_AFTER
 

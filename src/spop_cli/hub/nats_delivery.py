@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import ssl
 import time
@@ -89,7 +90,59 @@ def kv_key(contact_id: str) -> str:
 
 
 class NatsUnavailable(Exception):
-    """JetStream did not acknowledge in time (no quorum, no server reachable)."""
+    """JetStream did not acknowledge in time (no quorum, no server reachable). `answer`: what
+    the source is told (the 503's message), when it is not "nothing was accepted; retry later"."""
+
+    def __init__(self, why: str, answer: str | None = None, config: bool = False) -> None:
+        super().__init__(why)
+        self.answer = answer
+        self.config = config  # a setting is at fault (exit status 12), not a node's state
+
+
+def _refusal(exc: BaseException) -> bool:
+    """The server refused the client (token, credentials): trying again will not help."""
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
+def _describe(exc: BaseException) -> str:
+    """nats-py's errors, in one phrase: `nats: 'Authorization Violation'` → the quoted part."""
+    text = str(exc).strip()
+    if text.startswith("nats: "):
+        text = text[6:].strip("'")
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return text or type(exc).__name__
+
+
+async def _answers(url: str) -> int:
+    """1 if something listens at the nats:// URL's host and port (within 1 s), else 0."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or 4222), 1
+        )
+    except (OSError, TimeoutError):
+        return 0
+    writer.close()
+    return 1
+
+
+NOT_CONNECTED = (
+    "this hub is not connected to NATS (reconnecting): nothing was accepted; retry later, "
+    "or on another hub"
+)
+
+
+def _no_answer(timeout: float) -> NatsUnavailable:
+    """A write JetStream did not answer while connected: it may be stored all the same."""
+    return NatsUnavailable(
+        f"JetStream did not answer in {timeout:g} s",
+        f"JetStream did not answer in {timeout:g} s: the pop may still be stored; resend it "
+        "with the same id (stored once)",
+    )
 
 
 class _KeyState:
@@ -136,6 +189,7 @@ class NatsDelivery:
         self.nc: Any = None
         self.js: Any = None
         self.kv: Any = None
+        self.replicas = config.nats_replicas  # the stream's, once joined
         self._live: Any = None
         self.last_seq = 0
         self.delivered = 0
@@ -180,17 +234,21 @@ class NatsDelivery:
             from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
         except ImportError:
             raise NatsUnavailable(
-                "backend = \"nats\" needs nats-py: pip install 'spop[nats]'"
+                "backend = \"nats\" needs nats-py: pip install 'spop[nats]'", config=True
             ) from None
 
         c = self.config
         options: dict[str, Any] = {
             "servers": [s.strip() for s in c.nats_servers.split(",") if s.strip()],
             "name": "spop-hub",
+            "dont_randomize": True,  # the first that answers, in the order given (nats-py shuffles)
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.25,
             "connect_timeout": 2,
+            # nothing buffered while reconnecting: a write then fails at once (the source is
+            # told nothing was accepted), never goes out later behind its 503
+            "pending_size": 0,
             "reconnected_cb": self._reconnected,
             "disconnected_cb": self._disconnected,
             "error_cb": self._error,
@@ -204,12 +262,97 @@ class NatsDelivery:
             if c.nats_tls_cert:
                 context.load_cert_chain(c.nats_tls_cert, c.nats_tls_key)
             options["tls"] = context
-        try:  # reconnections go on for ever; the first connection must come in time
-            self.nc = await asyncio.wait_for(nats.connect(**options), 2 * c.nats_timeout)
-        except Exception as exc:
+        self.nc = await self._connect(nats, options)
+        try:
+            await self._join(DeliverPolicy, KeyValueConfig, StorageType, StreamConfig)
+        except BaseException as exc:
+            nc, self.nc = self.nc, None
+            try:  # no reconnection loop left behind a hub that did not start
+                await nc.close()
+            except Exception:
+                pass
+            if isinstance(exc, NatsUnavailable) or not isinstance(exc, Exception):
+                raise
+            raise await self._join_failed(exc) from None
+
+    async def _connect(self, nats: Any, options: dict[str, Any]) -> Any:
+        """The first connection, within 2 × nats_timeout (reconnections then go on for ever).
+        A refused one says why: nats-py reports it only to error_cb, and retries."""
+        c = self.config
+        errors: list[Exception] = []
+        refused = asyncio.get_running_loop().create_future()
+
+        async def starting(exc: Exception) -> None:
+            errors.append(exc)
+            if _refusal(exc) and not refused.done():  # a wrong token is not worth waiting on
+                refused.set_result(exc)
+
+        options = {**options, "error_cb": starting}
+        connecting = asyncio.ensure_future(nats.connect(**options))
+        await asyncio.wait({connecting, refused}, timeout=2 * c.nats_timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if connecting.done() and connecting.exception() is None:
+            nc = connecting.result()
+            nc._error_cb = self._error  # from now on, the hub's log
+            return nc
+        connecting.cancel()
+        try:
+            await connecting
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                errors.append(exc)
+        auth = "hub.nats_creds" if c.nats_creds else "hub.nats_token"
+        if refused.done():
             raise NatsUnavailable(
-                f"no NATS server answers at {c.nats_servers} ({type(exc).__name__})"
-            ) from None
+                f"{auth}: NATS at {c.nats_servers} refused the connection: "
+                f"{_describe(refused.result())}",
+                config=True,
+            )
+        last = next((e for e in reversed(errors) if not isinstance(e, ConnectionError)), None)
+        last = last or (errors[-1] if errors else None)
+        if last is None:
+            raise NatsUnavailable(
+                f"no NATS server answers at {c.nats_servers} within {2 * c.nats_timeout:g} s"
+            )
+        raise NatsUnavailable(
+            f"no NATS server answers at {c.nats_servers} within {2 * c.nats_timeout:g} s "
+            f"(last error: {_describe(last)})"
+        )
+
+    async def _join_failed(self, exc: Exception) -> NatsUnavailable:
+        """What a failure to set up the stream, the bucket or the consumer means."""
+        from nats.errors import NoRespondersError
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.errors import APIError, ServiceUnavailableError
+
+        c = self.config
+        if isinstance(exc, NatsTimeout | NoRespondersError | ServiceUnavailableError | TimeoutError):
+            servers = [u.strip() for u in c.nats_servers.split(",") if u.strip()]
+            up = 0
+            for url in servers:
+                up += await _answers(url)
+            why = (
+                f"no answer within {c.nats_timeout:g} s"
+                if isinstance(exc, NatsTimeout | TimeoutError)
+                else f"no JetStream server answered ({_describe(exc)})"
+            )
+            return NatsUnavailable(
+                f"JetStream has no quorum ({up} of the {len(servers)} nodes of nats_servers "
+                f"answer): {why}; start the other nodes"
+            )
+        if isinstance(exc, APIError):
+            return NatsUnavailable(
+                f"JetStream refused to set up the stream {self.stream} or the bucket "
+                f"{c.nats_kv_bucket}: {exc.description} (code {exc.err_code})",
+                config=True,
+            )
+        return NatsUnavailable(f"JetStream set-up failed: {_describe(exc)}")
+
+    async def _join(
+        self, DeliverPolicy: Any, KeyValueConfig: Any, StorageType: Any, StreamConfig: Any
+    ) -> None:
+        """Make sure the stream and the bucket exist, follow the stream from now."""
+        c = self.config
         self.js = self.nc.jetstream(timeout=c.nats_timeout)
         self._inbox = self.nc.new_inbox()
         self._inbox_sub = await self.nc.subscribe(self._inbox + ".*", cb=self._on_reply)
@@ -223,12 +366,8 @@ class NatsDelivery:
             allow_direct=True,
             storage=StorageType.FILE,
         )
-        try:
-            await self.js.add_stream(stream)
-        except Exception as exc:  # exists with other settings: take ours
-            self.log.info("stream %s: %s; updating", self.stream, exc)
-            await self.js.update_stream(stream)
-        self.kv = await self.js.create_key_value(
+        await self._ensure_stream(stream)
+        await self._ensure_bucket(
             KeyValueConfig(
                 bucket=c.nats_kv_bucket,
                 history=1,
@@ -254,10 +393,109 @@ class NatsDelivery:
         self.log.info(
             "JetStream stream %s (replicas %d) at sequence %d via %s",
             self.stream,
-            c.nats_replicas,
+            self.replicas,
             self.last_seq,
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
         )
+
+    async def _ensure_stream(self, ours: Any) -> None:
+        """Create the shared stream, or join it. A hub never lowers what the stream keeps
+        (max_age, duplicate_window, replicas): the other hubs count on it; it raises what it
+        needs more of, and logs what it asked for and did not get."""
+        from nats.js.errors import BadRequestError, NotFoundError
+
+        try:
+            info = await self.js.stream_info(self.stream)
+        except NotFoundError:
+            try:
+                await self.js.add_stream(ours)
+                self.replicas = ours.num_replicas
+                return
+            except BadRequestError as exc:
+                if exc.err_code == 10065:  # subjects overlap with an existing stream
+                    raise NatsUnavailable(
+                        f"hub.nats_stream: the subjects spop.> are taken by another stream than "
+                        f"{self.stream} (another nats_stream name?): one spop cluster per NATS "
+                        "account; give every hub the same nats_stream, or use another account",
+                        config=True,
+                    ) from None
+                if exc.err_code != 10058:  # not "created by another hub meanwhile"
+                    raise
+            info = await self.js.stream_info(self.stream)
+        have = info.config
+        wanted, kept = {}, []
+        for name, setting, unit in (
+            ("max_age", "pop_ttl/dedupe_window", " s"),
+            ("duplicate_window", "dedupe_window", " s"),
+            ("num_replicas", "nats_replicas", ""),
+        ):
+            mine, theirs = getattr(ours, name), getattr(have, name) or 0
+            if name == "max_age" and not theirs:  # 0: kept for ever
+                continue
+            if mine > theirs:
+                wanted[name] = mine
+            elif mine < theirs:
+                kept.append(
+                    f"{name.removeprefix('num_')} {theirs:g}{unit} (this hub's {setting} asks "
+                    f"{mine:g}{unit})"
+                )
+        if not have.allow_direct:
+            wanted["allow_direct"] = True
+        subjects = list(have.subjects or ())
+        for subj in ours.subjects:
+            if subj not in subjects:
+                subjects.append(subj)
+        if len(subjects) != len(have.subjects or ()):
+            wanted["subjects"] = subjects
+        if kept:
+            self.log.warning(
+                "stream %s keeps %s: a hub never lowers the shared stream; change it with "
+                "`nats stream edit %s`",
+                self.stream,
+                ", ".join(kept),
+                self.stream,
+            )
+        self.replicas = int(wanted.get("num_replicas", have.num_replicas or 1))
+        if wanted:
+            config = dataclasses.replace(have, **wanted)
+            if config.duplicate_window > (config.max_age or config.duplicate_window):
+                config.duplicate_window = config.max_age
+            self.log.warning(
+                "stream %s: raising %s for this hub",
+                self.stream,
+                ", ".join(f"{k} to {v}" for k, v in wanted.items()),
+            )
+            await self.js.update_stream(config)
+
+    async def _ensure_bucket(self, ours: Any) -> None:
+        """Create the contacts' KV bucket, or bind to it as it is (another hub made it, maybe
+        with another contact_idle_expiry or replicas: a warning, not a crash)."""
+        from nats.js.errors import BadRequestError
+
+        try:
+            self.kv = await self.js.create_key_value(ours)
+            return
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # "stream name already in use with a different config"
+                raise
+        self.kv = await self.js.key_value(ours.bucket)
+        status = await self.kv.status()
+        have = status.stream_info.config
+        differs = [
+            f"{label} {theirs:g}{unit} (this hub's {setting} asks {mine:g}{unit})"
+            for label, setting, unit, theirs, mine in (
+                ("ttl", "contact_idle_expiry", " s", have.max_age or 0, ours.ttl),
+                ("replicas", "nats_replicas", "", have.num_replicas or 1, ours.replicas),
+            )
+            if theirs != mine
+        ]
+        if differs:
+            self.log.warning(
+                "KV bucket %s keeps %s: the bucket is shared; change it with `nats kv edit %s`",
+                ours.bucket,
+                ", ".join(differs),
+                ours.bucket,
+            )
 
     async def _load_acks(self) -> None:
         """Read the ack batches already in the stream into `_acked` (those after the live
@@ -357,6 +595,10 @@ class NatsDelivery:
         self.log.warning("NATS: disconnected")
 
     async def _error(self, exc: Exception) -> None:
+        if self.nc is not None and not self.nc.is_connected and "OutboundBuffer" in repr(exc):
+            # nats-py's ordered consumer retrying while we reconnect: nothing to tell
+            self.log.debug("NATS: %r", exc)
+            return
         self.log.warning("NATS: %r", exc)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -753,22 +995,28 @@ class NatsDelivery:
         self._spawn(self._publish(batch))
 
     async def _publish(self, batch: list[tuple[str, bytes, dict[str, str] | None, str]]) -> None:
-        inbox = self._inbox
+        inbox, nc = self._inbox, self.nc
         for subj, data, headers, token in batch:
-            try:  # buffered while reconnecting; acks are sent again by _retry_acks
-                await self.nc.publish(subj, data, reply=f"{inbox}.{token}", headers=headers)
+            try:  # refused at once while reconnecting (pending_size 0): nothing is buffered
+                await nc.publish(subj, data, reply=f"{inbox}.{token}", headers=headers)
             except Exception as exc:
-                self._failed(token, f"JetStream did not store it: {exc!r}")
+                if not nc.is_connected:
+                    self._failed(token, NatsUnavailable(f"not connected: {exc!r}", NOT_CONNECTED))
+                else:
+                    self._failed(token, NatsUnavailable(f"JetStream did not store it: {exc!r}"))
+                ack = self._acks_out.get(token)
+                if ack is not None:  # again at the next sweep once connected (_retry_acks)
+                    ack.sent = time.monotonic() - self.config.nats_timeout
 
-    def _failed(self, token: str, why: str) -> None:
+    def _failed(self, token: str, error: NatsUnavailable) -> None:
         write = self._writes.pop(token, None)
         if write is not None and not write.done():
-            write.set_exception(NatsUnavailable(why))
+            write.set_exception(error)
 
     def _unanswered(self, tokens: list[str]) -> None:
         for token in tokens:
             if token in self._writes:
-                self._failed(token, f"JetStream did not answer in {self.config.nats_timeout} s")
+                self._failed(token, _no_answer(self.config.nats_timeout))
 
     async def _on_reply(self, msg: Any) -> None:
         """nats-py's callback: what the direct path (_direct_reads) passes on to it."""
@@ -783,9 +1031,15 @@ class NatsDelivery:
             write = self._writes.pop(token, None)
             if write is None or write.done():  # answered after its timeout
                 return
-            if refused:
+            if refused:  # 503: no JetStream server answered (no quorum, no stream leader)
                 why = data.decode(errors="replace") or f"status {status}"
-                write.set_exception(NatsUnavailable(f"JetStream did not store it: {why}"))
+                answer = (
+                    f"JetStream has no quorum or stream leader (status {status}): nothing was "
+                    "accepted; retry later"
+                    if status == "503"
+                    else None
+                )
+                write.set_exception(NatsUnavailable(f"JetStream did not store it: {why}", answer))
             elif b'"duplicate"' in data:  # the server writes `"duplicate": true`
                 self.duplicates += 1
                 write.set_result(False)
@@ -872,8 +1126,8 @@ class NatsDelivery:
             if not ack.failed:
                 ack.failed = True
                 self.ack_failures += len(ack.ids)
-            ack.sent = now
-            if self.nc.is_connected:  # else the copy buffered for the reconnection goes out
+            if self.nc.is_connected:  # else at the first sweep once connected again
+                ack.sent = now
                 self._queue(ACKS, ack.data, None, token)
 
     def withdraw(
@@ -986,7 +1240,7 @@ class NatsDelivery:
                 out[contact_id] = (None, getattr(getattr(exc, "entry", None), "revision", 0) or 0)
                 continue
             except Exception as exc:
-                raise NatsUnavailable(f"contact state unreadable: {exc!r}") from exc
+                raise self._kv_failed("contact state unreadable", exc) from exc
             state = orjson.loads(entry.value) if entry.value else None
             out[contact_id] = (state, entry.revision or 0)
         return out
@@ -1014,8 +1268,26 @@ class NatsDelivery:
             except Exception as exc:
                 if "wrong last sequence" in str(exc) or "key exists" in str(exc):
                     return False
-                raise NatsUnavailable(f"contact state not stored: {exc!r}") from exc
+                raise self._kv_failed("contact state not stored", exc) from exc
         return True
+
+    def link(self) -> dict[str, Any]:
+        """The stream, its replicas, and the NATS node this hub is connected to (no
+        credentials), for the status and the health check."""
+        nc = self.nc
+        connected = bool(nc is not None and nc.is_connected)
+        url = nc.connected_url if connected else None
+        return {
+            "stream": self.stream,
+            "replicas": self.replicas,
+            "connected": connected,
+            "server": f"{url.scheme}://{url.netloc.rpartition('@')[2]}" if url else None,
+        }
+
+    def _kv_failed(self, what: str, exc: Exception) -> NatsUnavailable:
+        if not self.nc.is_connected:
+            return NatsUnavailable(f"{what}: not connected", NOT_CONNECTED)
+        return NatsUnavailable(f"{what}: {exc!r}")
 
     def counters(self) -> dict[str, int]:
         return {

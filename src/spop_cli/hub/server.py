@@ -896,6 +896,13 @@ class Hub:
         conn.write(orjson.dumps(frame) + b"\n")
 
     # -- status ---------------------------------------------------------------------------
+    def unavailable(self) -> str | None:
+        """Why this hub cannot accept pops now (its health check says so, and a load balancer
+        sends the sources elsewhere), or None."""
+        if self.clustered and not self.delivery.link()["connected"]:  # type: ignore[attr-defined]
+            return "not connected to NATS (reconnecting): pops and contact events get 503"
+        return None
+
     def status(self) -> dict[str, Any]:
         listeners = [
             {"media": media, "resource": resource, "connections": count}
@@ -913,6 +920,8 @@ class Hub:
             "port": self.port,
             "http_port": self.http_port,
             "journal": self.config.journal,
+            "backend": self.config.backend,
+            **({"nats": self.delivery.link()} if self.clustered else {}),  # type: ignore[attr-defined]
             "connections": len(self.connections),
             "registrations": sum(len(c.keys) for c in self.connections),
             "browser_streams": len(self.browser_streams),
