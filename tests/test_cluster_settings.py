@@ -264,9 +264,7 @@ def errors_of(result: subprocess.CompletedProcess) -> list[str]:
 def test_a_wrong_nats_token_is_named_at_once(tmp_path: Path) -> None:
     cluster = NatsCluster(tmp_path, 1, token="right")
     try:
-        result = serve_nats(
-            tmp_path, f'nats_servers = "{cluster.servers}"', 'nats_token = "wrong"'
-        )
+        result = serve_nats(tmp_path, f'nats_servers = "{cluster.servers}"', 'nats_token = "wrong"')
     finally:
         cluster.close()
     assert result.returncode == 12, result.stderr

@@ -289,8 +289,9 @@ class NatsDelivery:
 
         options = {**options, "error_cb": starting}
         connecting = asyncio.ensure_future(nats.connect(**options))
-        await asyncio.wait({connecting, refused}, timeout=2 * c.nats_timeout,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {connecting, refused}, timeout=2 * c.nats_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if connecting.done() and connecting.exception() is None:
             nc = connecting.result()
             nc._error_cb = self._error  # from now on, the hub's log
@@ -326,7 +327,9 @@ class NatsDelivery:
         from nats.js.errors import APIError, ServiceUnavailableError
 
         c = self.config
-        if isinstance(exc, NatsTimeout | NoRespondersError | ServiceUnavailableError | TimeoutError):
+        if isinstance(
+            exc, NatsTimeout | NoRespondersError | ServiceUnavailableError | TimeoutError
+        ):
             servers = [u.strip() for u in c.nats_servers.split(",") if u.strip()]
             up = 0
             for url in servers:
