@@ -89,3 +89,20 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> b
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@pytest.fixture
+def term_factory(tmp_path: Any) -> Iterator[Any]:
+    """`spop` commands in a pseudo-terminal (tests/terminal.py), closed after the test."""
+    from terminal import Terminal
+
+    terms: list[Terminal] = []
+
+    def make(*args: str, **kwargs: Any) -> Terminal:
+        term = Terminal(*args, tmp_path=tmp_path, **kwargs)
+        terms.append(term)
+        return term
+
+    yield make
+    for term in terms:
+        term.close()

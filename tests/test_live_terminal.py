@@ -8,32 +8,16 @@ two apart (issue 17, Broken 1).
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("pyte")
 from conftest import HubThread, wait_for  # noqa: E402
 from guide_pops import GUIDE_POP  # noqa: E402
-from terminal import Terminal  # noqa: E402
 
 
 def registered(hub: HubThread, resource: str) -> bool:
     return any(row["resource"] == resource for row in hub.status()["listeners"])
-
-
-@pytest.fixture
-def term_factory(tmp_path: Path):
-    terms: list[Terminal] = []
-
-    def make(*args: str, **kwargs) -> Terminal:
-        term = Terminal(*args, tmp_path=tmp_path, **kwargs)
-        terms.append(term)
-        return term
-
-    yield make
-    for term in terms:
-        term.close()
 
 
 def test_print_panels_stay_above_the_live_view(hub: HubThread, term_factory) -> None:

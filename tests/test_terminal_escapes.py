@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +21,6 @@ from spop_cli.actions.print import summary_line  # noqa: E402
 from spop_cli.dispatch import FAILED, Outcome  # noqa: E402
 from spop_cli.model import ContactChange, Media, ScreenPopEvent  # noqa: E402
 from spop_cli.textsafe import inert  # noqa: E402
-from terminal import Terminal  # noqa: E402
 
 TITLE = "Bob\x1b]0;HACKED\x07\x1b[2J\x1b[38;5;201mRED"  # set the title, clear, colour
 LINK = "\x1b]8;;http://evil.example/\x1b\\click\x1b]8;;\x1b\\"  # an OSC 8 hyperlink
@@ -94,20 +92,6 @@ def assert_aligned(box: list[str]) -> None:
     """Every line of a box ends on its right border: escape bytes took no width of their own."""
     assert {len(line) for line in box} == {len(box[0])}, "\n".join(box)
     assert all(line[-1] in "╮│╯" for line in box), "\n".join(box)
-
-
-@pytest.fixture
-def term_factory(tmp_path: Path):
-    terms: list[Terminal] = []
-
-    def make(*args: str, **kwargs) -> Terminal:
-        term = Terminal(*args, tmp_path=tmp_path, **kwargs)
-        terms.append(term)
-        return term
-
-    yield make
-    for term in terms:
-        term.close()
 
 
 def tracked_contact(hub: HubThread) -> None:
