@@ -274,7 +274,7 @@ async def _connect_one(
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         raise ScreenPopError(
             Error.SCREENPOP_Cannot_Find_HiPath_ProCenter,
-            f"cannot reach the hub at {addr}: {exc or 'timeout'}",
+            f"cannot reach the hub at {addr}: {str(exc) or 'no answer in time'}",
         ) from None
     # protocol 1 unless we want contact updates: a client that does not is what it always was
     hello: dict[str, Any] = {"version": 1, "role": role, "client": "spop-python"}
