@@ -16,7 +16,6 @@ import asyncio
 import gc
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -30,54 +29,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fake_ami import FakeAsterisk, headers, transcript_blocks  # noqa: E402
+from fake_ami import FakeAsterisk, scenarios, transcript_blocks, wave  # noqa: E402
+from spop_cli.client import fetch_status_async  # noqa: E402
 from spop_cli.listener.core import AsyncListener  # noqa: E402
 from spop_cli.sources.ami_parser import AmiParser  # noqa: E402
 from spop_cli.sources.asterisk_map import AsteriskMapper, MapConfig  # noqa: E402
 
 SETTLE = 10.0  # seconds from the start of the measured run after which the "after" figures count
 POP_EVENTS = {"routed", "consulted", "transferred", "redirected", "picked_up", "recalled"}
-
-
-def scenarios(blocks: list[bytes]) -> list[list[bytes]]:
-    """The recording cut into its six calls (each block goes with the call it names, in order)."""
-    calls: dict[str, list[bytes]] = {}
-    order: list[str] = []
-    current = ""
-    for block in blocks:
-        h = headers(block)
-        linkedid = (
-            h.get("Linkedid") or h.get("TransfereeLinkedid") or h.get("DestLinkedid") or current
-        )
-        if linkedid == "1796221507.32":  # the picker's own call belongs to scenario E
-            linkedid = "1796221506.28"
-        if linkedid not in calls:
-            calls[linkedid] = []
-            order.append(linkedid)
-        calls[linkedid].append(block)
-        current = linkedid
-    return [calls[k] for k in order if len(calls[k]) > 20]
-
-
-AGENT = re.compile(rb"(Local/[0-9a-z]+)@(agents|xfer)")
-
-
-def relabel(block: bytes, copy: int, groups: int) -> bytes:
-    """Copy n of a block: its Uniqueids/Linkedids and channel names made unique to the copy, and
-    its agents those of group n % groups (`Local/100@agents` -> `Local/100g017@agents`: 100g017)."""
-    block = block.replace(b"1796221", b"%07d" % (2_000_000 + copy)).replace(
-        b"-0000", b"-%04x" % copy
-    )
-    return AGENT.sub(rb"\1g%03d@\2" % (copy % groups), block)
-
-
-def wave(scenario: list[bytes], calls: int, groups: int = 100, first: int = 0) -> list[bytes]:
-    """`calls` copies of one call, all in progress at once: copy i starts i/calls of a call's
-    length after copy 0, so each moment mixes every step of the call (not 1,000 AgentCalled in a
-    row), spread over `groups` teams of agents (a PBX does not ring one agent 1,000 times at once)."""
-    length = len(scenario)
-    order = sorted((j + i * length / calls, i, j) for i in range(calls) for j in range(length))
-    return [relabel(scenario[j], first + i, groups) for _, i, j in order]
 
 
 # -- 1. parser + mapping on one core -------------------------------------------------------------
@@ -117,18 +76,25 @@ def bench_mapping(blocks: list[bytes], calls: int) -> dict[str, Any]:
 
 
 # -- 2. end to end ---------------------------------------------------------------------------------
-def causes(stream: list[bytes]) -> dict[tuple[str, str], deque[int]]:
-    """Which block of the stream causes each pop: (contact, resource) -> block indexes in order."""
+def causes(
+    stream: list[bytes], counted: list[int] | None = None
+) -> dict[tuple[str, str], deque[int]]:
+    """Which block of the stream causes each pop: (contact, resource) -> block indexes in order.
+    `counted` gets the number of lifecycle events the stream maps to."""
     mapper = AsteriskMapper(MapConfig())
     parser = AmiParser()
     parser.banner = ""
     found: dict[tuple[str, str], deque[int]] = defaultdict(deque)
     at = datetime(2026, 1, 1, tzinfo=UTC)
+    lifecycle = 0
     for index, block in enumerate(stream):
         for event in parser.feed(block):
             for out in mapper.feed(event, at):
+                lifecycle += 1
                 if out["event"] in POP_EVENTS:
                     found[(out["contact_id"], out["resource"])].append(index)
+    if counted is not None:
+        counted.append(lifecycle)
     return found
 
 
@@ -183,7 +149,8 @@ async def end_to_end(
     stream: list[bytes] = []
     for scenario in scenarios(blocks):
         stream.extend(wave(scenario, calls))
-    expected = causes(stream)
+    counted: list[int] = []
+    expected = causes(stream, counted)
     total = sum(len(v) for v in expected.values())
     unexplained = 0
     slow: list[Any] = []
@@ -295,9 +262,38 @@ async def end_to_end(
         # takes seconds, and the first seconds of the stream would then be written in one burst
         chosen = [(i, b) for i, b in enumerate(stream) if ami.wanted(session, b)]
         measured_at.append(time.monotonic())
+        full_speed: dict[str, Any] = {}
+        if rate <= 0:  # as fast as the socket takes it: how fast the hub gets through the stream
+            address = f"{hub_port}@127.0.0.1"
+            status = await fetch_status_async(address)
+            base = status["counters"].get("contact_events", 0)
+            refused_before = hub_refusals(tmp)
+        hub_cpu = hub_cpu_seconds(hub.pid) if not inprocess else 0.0
         start = time.perf_counter()
         sent = 0
-        for position in range(0, len(chosen), per_tick):
+        if rate <= 0:
+            data = b"".join(b for _, b in chosen)
+            for index, _ in chosen:
+                written[index] = start
+            for offset in range(0, len(data), 65536):
+                session.writer.write(data[offset : offset + 65536])
+                await session.writer.drain()
+            sent = len(chosen)
+            applied, last_change = 0, time.perf_counter()
+            while applied < counted[0] and time.perf_counter() - last_change < 3.0:
+                await asyncio.sleep(0.02)
+                status = await fetch_status_async(address)
+                now_applied = status["counters"].get("contact_events", 0) - base
+                if now_applied != applied:
+                    applied, last_change = now_applied, time.perf_counter()
+            took = last_change - start
+            full_speed = {
+                "lifecycle_expected": counted[0],
+                "lifecycle_applied": applied,
+                "full_speed_seconds": round(took, 3),
+                "full_speed_ami_events_per_s": round(sent / took),
+            }
+        for position in range(0, len(chosen) if rate > 0 else 0, per_tick):
             due = start + (position / per_tick) * tick
             delay = due - time.perf_counter()
             if delay > 0:
@@ -309,9 +305,13 @@ async def end_to_end(
             session.writer.write(b"".join(b for _, b in piece))
             sent += len(piece)
         write_seconds = time.perf_counter() - start
-        deadline = time.perf_counter() + 60
+        # at full speed the pops of calls that ended in the same batch are withdrawn, never sent
+        deadline = time.perf_counter() + (60 if rate > 0 else 1)
         while len(received) < total and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the last batches' commits and their log lines
+        hub_cpu = hub_cpu_seconds(hub.pid) - hub_cpu if not inprocess else 0.0
+        refusals = hub_refusals(tmp) - (refused_before if rate <= 0 else 0)
         latencies.sort()
         if sampler is not None:
             sampler.cancel()
@@ -359,6 +359,12 @@ async def end_to_end(
             "pops_expected": total,
             "pops_received": len(received),
             "unexplained_pops": unexplained,
+            # the hub's CPU (AMI parsing, the mapping, the hub) from the first event written
+            # until every pop was received, per AMI event written; and the events it refused
+            "hub_cpu_s": round(hub_cpu, 3),
+            "hub_cpu_us_per_ami_event": round(hub_cpu / sent * 1e6, 2) if sent else -1.0,
+            "hub_refusals": refusals,
+            **full_speed,
             "latency_ms_p50": pct(0.50),
             "latency_ms_p99": pct(0.99),
             "latency_ms_max": round(latencies[-1], 3) if latencies else -1.0,
@@ -413,6 +419,20 @@ async def end_to_end(
             print(f"hub log: {len(lines)} lines; last:", *lines[-15:], sep="\n  ", file=sys.stderr)
 
 
+def hub_refusals(tmp: Path) -> int:
+    """Events the hub refused the source (its log lines: stderr and the diagnostics files)."""
+    files = [tmp / "hub.log", *(tmp / "diag").glob("**/*")]
+    return sum(f.read_text(errors="replace").count("hub refused ") for f in files if f.is_file())
+
+
+def hub_cpu_seconds(pid: int) -> float:
+    """User + system CPU of the hub process so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def free_port_pair() -> int:
     import socket
 
@@ -438,7 +458,10 @@ def main() -> None:
         "--calls", type=int, default=1000, help="concurrent copies of each recorded call"
     )
     parser.add_argument(
-        "--rate", type=int, default=2000, help="AMI events/s written in the end-to-end run"
+        "--rate",
+        type=int,
+        default=2000,
+        help="AMI events/s written in the end-to-end run; 0: as fast as the socket takes them",
     )
     parser.add_argument(
         "--e2e-calls", type=int, default=None, help="copies in the end-to-end run (default --calls)"

@@ -54,6 +54,53 @@ def transcript_blocks() -> list[bytes]:
     return [b for b in blocks if b.startswith(b"Event: ")]
 
 
+def scenarios(blocks: list[bytes]) -> list[list[bytes]]:
+    """The recording cut into its six calls (each block goes with the call it names, in order)."""
+    calls: dict[str, list[bytes]] = {}
+    order: list[str] = []
+    current = ""
+    for block in blocks:
+        h = headers(block)
+        linkedid = (
+            h.get("Linkedid") or h.get("TransfereeLinkedid") or h.get("DestLinkedid") or current
+        )
+        if linkedid == "1796221507.32":  # the picker's own call belongs to scenario E
+            linkedid = "1796221506.28"
+        if linkedid not in calls:
+            calls[linkedid] = []
+            order.append(linkedid)
+        calls[linkedid].append(block)
+        current = linkedid
+    return [calls[k] for k in order if len(calls[k]) > 20]
+
+
+AGENT = re.compile(rb"(Local/[0-9a-z]+)@(agents|xfer)")
+
+
+def relabel(block: bytes, copy: int, groups: int) -> bytes:
+    """Copy n of a block: its Uniqueids/Linkedids and channel names made unique to the copy, and
+    its agents those of group n % groups (`Local/100@agents` -> `Local/100g017@agents`: 100g017)."""
+    block = block.replace(b"1796221", b"%07d" % (2_000_000 + copy)).replace(
+        b"-0000", b"-%04x" % copy
+    )
+    return AGENT.sub(rb"\1g%03d@\2" % (copy % groups), block)
+
+
+def wave(scenario: list[bytes], calls: int, groups: int = 100, first: int = 0) -> list[bytes]:
+    """`calls` copies of one call, all in progress at once: copy i starts i/calls of a call's
+    length after copy 0, so each moment mixes every step of the call (not 1,000 AgentCalled in a
+    row), spread over `groups` teams of agents (a PBX does not ring one agent 1,000 times at once)."""
+    length = len(scenario)
+    order = sorted((j + i * length / calls, i, j) for i in range(calls) for j in range(length))
+    return [relabel(scenario[j], first + i, groups) for _, i, j in order]
+
+
+def busy_pbx(calls: int, groups: int = 100) -> list[bytes]:
+    """The recording as `calls` copies of each of its six calls, each wave of copies in progress
+    at once (benchmarks/asterisk_replay.py, the tests of a source's batches in flight)."""
+    return [b for scenario in scenarios(transcript_blocks()) for b in wave(scenario, calls, groups)]
+
+
 def headers(block: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in block.decode("utf-8", "replace").split("\r\n"):
@@ -286,8 +333,11 @@ class FakeAsterisk:
         pace: float = 0.0,
         seed: int | None = None,
         max_piece: int = 4096,
+        burst: int | None = None,
     ) -> int:
-        """Send events to the newest session: `pace` seconds apart, or (0) at once in random pieces.
+        """Send events to the newest session: `pace` seconds apart, or (0) at once in random pieces,
+        or (`burst`) the first `burst` events in one write and then one event a turn of the loop:
+        a busy PBX's backlog, then its stream as fast as the reader takes it.
 
         Returns the number of events written (after read-class and filter selection)."""
         session = await self.session()
@@ -301,6 +351,13 @@ class FakeAsterisk:
                 session.writer.write(block)
                 await session.writer.drain()
                 await asyncio.sleep(pace)
+            return len(chosen)
+        if burst is not None:
+            session.writer.write(b"".join(chosen[:burst]))
+            for block in chosen[burst:]:
+                await asyncio.sleep(0)
+                session.writer.write(block)
+            await session.writer.drain()
             return len(chosen)
         rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(4), "big"))
         data = b"".join(chosen)

@@ -621,47 +621,58 @@ class Hub:
             )
         return self._contacts
 
-    async def apply_contacts(self, events: Any, shield: bool = True) -> dict[str, Any]:
+    async def apply_contacts(
+        self, events: Any, shield: bool = True, skip_refused: bool = False
+    ) -> dict[str, Any]:
         """Apply lifecycle events in order; their pops are accepted even if a later event fails.
 
         With a journal, the answer comes once everything the events changed is committed in one
         batch: their pops, the withdrawals of an `ended`, and each contact's new state. If that
         commit fails, none of it happened (JournalUnavailable). Requests about the same contact
-        take turns until their commit is done, so a refused commit is undone without undoing
-        anyone else's events, even when its caller has gone away. `shield=False`: the caller is
-        never cancelled (the HTTP front's answers), so the shared commit needs no shield."""
+        take turns, in the order they came, until their commit is done (`_line_up`), so a
+        refused commit is undone without undoing anyone else's events, even when its caller has
+        gone away. `shield=False`: the caller is never cancelled (the HTTP front's answers), so
+        the shared commit needs no shield. `skip_refused`: a refused event does not stop the
+        batch; the ones after it are applied at once, in order, and the answer's `refused`
+        lists each refusal (a source inside the hub whose later batches are already applied:
+        sent again, the rest would come after them)."""
         ids = _contact_ids(events)
         if self.clustered:
-            return await self._apply_contacts_clustered(events, ids)
+            return await self._apply_contacts_clustered(events, ids, skip_refused)
         turns = self._contact_turns
         if turns and not turns.keys().isdisjoint(ids):
-            await self._contact_turn(ids)
-        # staged at once (nothing else runs meanwhile); the commit is then these contacts' turn
-        commit, result, error = self._stage_contacts(events, ids, ContactEventError)
+            turn = await self._line_up(ids)
+            try:
+                commit, result, error = self._stage_contacts(
+                    events, ids, ContactEventError, turn, skip_refused
+                )
+            except BaseException:  # a rule we got wrong: the contacts must not stay locked
+                self._free_turn(turn, ids)
+                raise
+        else:
+            # staged at once (nothing else runs meanwhile); the commit is then these contacts' turn
+            commit, result, error = self._stage_contacts(
+                events, ids, ContactEventError, None, skip_refused
+            )
         if commit is not None:
             try:
                 await (asyncio.shield(commit) if shield else commit)
             except JournalUnavailable as exc:
-                # the batch's error is shared by all its sources: this request's own copy
-                refused = JournalUnavailable(exc.__cause__ or exc)
-                refused.applied_result = {"applied": 0, "pops": []}  # type: ignore[attr-defined]
-                raise refused from exc
-        if error is not None:
+                raise _unavailable(exc) from exc
+        if error is not None and not skip_refused:
             error.applied_result = result  # type: ignore[attr-defined]
             raise error
         return result
 
-    async def _apply_contacts_clustered(self, events: Any, ids: set[str]) -> dict[str, Any]:
+    async def _apply_contacts_clustered(
+        self, events: Any, ids: set[str], skip_refused: bool = False
+    ) -> dict[str, Any]:
         """Contact state in the JetStream KV bucket: read it, apply the events, write it back
         at the revision read; another hub's write in between means read again and retry. Then
         the pops (and withdrawals) go into the stream; the answer waits for JetStream."""
-        from .contacts import ContactEventError
-        from .journal import JournalUnavailable
-
-        await self._contact_turn(ids)  # this hub's own requests about a contact, in turn
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for contact_id in ids:
-            self._contact_turns[contact_id] = turn
+        turn = await self._line_up(ids)  # this hub's own requests about a contact, in turn
+        failure: Exception | None = None
+        refused: list[Exception] = []
         try:
             tracker = self.contacts
             for _attempt in range(50):
@@ -683,12 +694,12 @@ class Hub:
                             )  # a resend to this hub: a duplicate
                         tracker.restore(state)
                 before = tracker.snapshot(ids)
-                error: Exception | None = None
                 try:
-                    outcomes = tracker.apply_batch(events, now)
+                    outcomes, refused = tracker.apply_batch(events, now), []
                 except ContactEventError as exc:
-                    error = exc
-                    outcomes = getattr(exc, "applied", [])
+                    outcomes, refused = _past_refusal(
+                        tracker, events, exc, ContactEventError, skip_refused
+                    )
                 changed = {o.contact_id for o in outcomes if not o.duplicate}
                 states = {c: tracker.state(c) for c in changed}
                 for outcome in outcomes:
@@ -739,7 +750,9 @@ class Hub:
                     pop_ids.append(pop["id"])
                     writes.append(self.accept(pop, dedupe=outcome.event_id is not None))  # type: ignore[arg-type]
             self.counters["contact_events"] += len(outcomes)
-            result = {"applied": len(outcomes), "pops": pop_ids}
+            result: dict[str, Any] = {"applied": len(outcomes), "pops": pop_ids}
+            if skip_refused:
+                result["refused"] = refused
             if writes:
                 try:
                     await asyncio.gather(*writes)
@@ -748,32 +761,93 @@ class Hub:
                 except Exception as exc:  # an `end` JetStream did not store
                     self.counters["journal_refused"] += 1
                     raise JournalUnavailable(exc) from exc
+        except JournalUnavailable as exc:
+            failure = exc
+            raise
         finally:
-            for contact_id in ids:
-                if self._contact_turns.get(contact_id) is turn:
-                    del self._contact_turns[contact_id]
-            turn.set_result(None)
-        if error is not None:
+            self._free_turn(turn, ids, error=failure)
+        if refused and not skip_refused:
+            error = refused[0]
             error.applied_result = result  # type: ignore[attr-defined]
             raise error
         return result
 
-    async def _contact_turn(self, ids: set[str]) -> None:
-        """Wait until no other request is changing any of these contacts (embedded: until the
-        commit of the last one's changes is done and its outcome applied)."""
-        while True:
-            busy = {self._contact_turns[c] for c in ids if c in self._contact_turns}
-            if not busy:
-                return
-            await asyncio.wait(busy)
+    async def _line_up(self, ids: set[str]) -> asyncio.Future[None]:
+        """Take this request's place behind the requests about any of these contacts already in
+        line, then wait until they are done (embedded: their commits done and their outcomes
+        applied). Returns this request's turn; `_free_turn` ends it. The place is taken before
+        the wait, so a request that comes meanwhile lines up behind this one, never before it:
+        a source's batches in flight are applied in the order they were sent. If one of those
+        ahead was not committed, this one is refused too (503, nothing applied), and so is
+        whoever lined up behind it: applied now, it would come before that one's resend."""
+        turns = self._contact_turns
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ahead = {turns[c] for c in ids if c in turns}
+        for contact_id in ids:
+            turns[contact_id] = turn
+        if not ahead:
+            return turn
+        try:
+            await asyncio.wait(ahead)  # through callbacks: after the commit's own (`finish`)
+        except BaseException:  # cancelled: the turn passes on once those ahead are done
+            self._free_turn(turn, ids, ahead)
+            raise
+        failed = _failure(ahead)
+        if failed is not None:
+            self._free_turn(turn, ids, error=_unavailable(failed))
+            raise _unavailable(failed)
+        return turn
+
+    def _free_turn(
+        self,
+        turn: asyncio.Future[None],
+        ids: set[str],
+        ahead: Any = (),
+        error: Exception | None = None,
+    ) -> None:
+        """End a request's turn (failed with `error`: its commit was refused), once the turns
+        `ahead` of it are done too; whoever waits for it goes next."""
+        pending = [f for f in ahead if not f.done()]
+        if pending:
+            left = [len(pending)]
+
+            def one_done(_: asyncio.Future[Any]) -> None:
+                left[0] -= 1
+                if left[0] == 0:
+                    failed = _failure(ahead)
+                    if error is None and failed is not None:
+                        self._free_turn(turn, ids, error=_unavailable(failed))
+                    else:
+                        self._free_turn(turn, ids, error=error)
+
+            for future in pending:
+                future.add_done_callback(one_done)
+            return
+        turns = self._contact_turns
+        for contact_id in ids:
+            if turns.get(contact_id) is turn:
+                del turns[contact_id]
+        if turn.done():
+            return
+        if error is None:
+            turn.set_result(None)
+        else:
+            turn.set_exception(error)
+            turn.exception()  # retrieved: a turn nobody waits for is no leak
 
     def _stage_contacts(
-        self, events: Any, ids: set[str], refusal: type[Exception]
+        self,
+        events: Any,
+        ids: set[str],
+        refusal: type[Exception],
+        turn: asyncio.Future[None] | None = None,
+        skip_refused: bool = False,
     ) -> tuple[asyncio.Future[None] | None, dict[str, Any], Exception | None]:
         """Apply the events in memory and queue what they change in one journal batch; return
-        that batch's commit (None without a journal), the answer, and the refusal if any.
+        that batch's commit (None without a journal), the answer, and the (first) refusal if any.
         Until that commit's outcome is applied, it is the turn of the contacts `ids`: another
-        request about any of them waits for it (`_contact_turn`)."""
+        request about any of them waits for it (`_line_up`). `turn`: this request lined up for
+        it; else the commit itself is the turn (nobody was in line)."""
         tracker = self.contacts
         before = tracker.snapshot(ids) if self.journal is not None else {}
         error: Exception | None = None
@@ -781,7 +855,7 @@ class Hub:
             outcomes = tracker.apply_batch(events, datetime.now(UTC))
         except refusal as exc:
             error = exc
-            outcomes = getattr(exc, "applied", [])
+            outcomes, refused = _past_refusal(tracker, events, exc, refusal, skip_refused)
         pop_ids: list[str] = []
         held: dict[str, list[str]] = {}  # contact → pops of this request still waiting
         ended: list[str] = []
@@ -828,9 +902,13 @@ class Hub:
                 self.accept(pop, dedupe=outcome.event_id is not None, frame=frame)
                 held.setdefault(outcome.contact_id, []).append(pop["id"])
         self.counters["contact_events"] += len(outcomes)
-        result = {"applied": len(outcomes), "pops": pop_ids}
+        result: dict[str, Any] = {"applied": len(outcomes), "pops": pop_ids}
+        if skip_refused:
+            result["refused"] = refused if error is not None else []
         journal = self.journal
         if journal is None or not outcomes:
+            if turn is not None:
+                self._free_turn(turn, ids)
             return None, result, error
         for contact_id in {outcome.contact_id: None for outcome in outcomes}:
             state = tracker.state_json(contact_id)
@@ -840,14 +918,17 @@ class Hub:
                 journal.put_contact(contact_id, state)
         commit = journal.barrier()  # the batch holding the pops, the dones and the states
         turns = self._contact_turns
-        for contact_id in ids:
-            turns[contact_id] = commit
+        if turn is None:
+            for contact_id in ids:
+                turns[contact_id] = commit
 
         def finish(done: asyncio.Future[None]) -> None:
             # the commit's outcome applied, then the turn freed: before any request waiting
-            # for this turn wakes (it waits on `commit` too, its callback added after this one)
+            # for this turn wakes (it waits through a callback added after this one, or for
+            # `turn`, resolved below)
+            failed = done.cancelled() or done.exception() is not None
             try:
-                if done.cancelled() or done.exception() is not None:
+                if failed:
                     tracker.put_back(before)  # nothing of this request happened
                     for outcome in outcomes:  # so a resend of its events applies them
                         if outcome.event_id is not None and not outcome.duplicate:
@@ -861,9 +942,12 @@ class Hub:
                         if pending.id not in staged:
                             journal.done(pending.id)  # a pop that came after the `ended` was staged
             finally:
-                for contact_id in ids:
-                    if turns.get(contact_id) is commit:
-                        del turns[contact_id]
+                if turn is None:
+                    for contact_id in ids:
+                        if turns.get(contact_id) is commit:
+                            del turns[contact_id]
+                else:
+                    self._free_turn(turn, ids, error=_unavailable(done) if failed else None)
 
         commit.add_done_callback(finish)
         return commit, result, error
@@ -930,6 +1014,53 @@ class Hub:
             "contacts": len(self._contacts) if self._contacts is not None else 0,
             "counters": counters,
         }
+
+
+def _past_refusal(
+    tracker: Any, events: Any, exc: Exception, refusal: type[Exception], skip: bool
+) -> tuple[list[Any], list[Exception]]:
+    """The outcomes of a batch the tracker stopped at a refused event (`exc`), and the refusals:
+    with `skip`, the events after each refused one are applied too, in order (each refusal's
+    index made the batch's)."""
+    outcomes = list(getattr(exc, "applied", []))
+    refused = [exc]
+    start = getattr(exc, "index", None)
+    now = datetime.now(UTC)
+    while skip and isinstance(events, list) and start is not None and start + 1 < len(events):
+        start += 1
+        try:
+            outcomes += tracker.apply_batch(events[start:], now)
+            break
+        except refusal as more:
+            outcomes += getattr(more, "applied", [])
+            refused.append(more)
+            if getattr(more, "index", None) is None:
+                break
+            more.index += start  # type: ignore[attr-defined]
+            start = more.index  # type: ignore[attr-defined]
+    return outcomes, refused
+
+
+def _failure(futures: Any) -> BaseException | None:
+    """The first failure among done futures (a cancelled one counts), else None."""
+    for future in futures:
+        if future.cancelled():
+            return RuntimeError("an earlier request about the contact was cancelled")
+        if future.exception() is not None:
+            return future.exception()
+    return None
+
+
+def _unavailable(cause: Any) -> JournalUnavailable:
+    """A request's own JournalUnavailable (503), with nothing applied, from a failed commit (the
+    batch's error is shared by all its requests) or the exception itself."""
+    if isinstance(cause, asyncio.Future):
+        cause = _failure([cause])
+    root = getattr(cause, "__cause__", None) or cause  # what the journal said (the disk is full)
+    refused = JournalUnavailable(root)
+    refused.__cause__ = root
+    refused.applied_result = {"applied": 0, "pops": []}  # type: ignore[attr-defined]
+    return refused
 
 
 def _forget_events(tracker: Any, outcomes: list[Any]) -> None:

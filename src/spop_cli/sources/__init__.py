@@ -91,8 +91,13 @@ class HubSink:
     def __init__(self, hub: Any) -> None:
         self.hub = hub
 
-    async def send(self, events: list[dict[str, Any]]) -> dict[str, Any]:
-        return await self.hub.apply_contacts(events)
+    async def send(
+        self, events: list[dict[str, Any]], *, skip_refused: bool = False
+    ) -> dict[str, Any]:
+        """`skip_refused`: a refused event is skipped and the ones after it are applied at once,
+        in order; the answer's `refused` lists the refusals (`ContactEventError`, `index` in
+        `events`). For a source with batches in flight: sent again, they would come after those."""
+        return await self.hub.apply_contacts(events, skip_refused=skip_refused)
 
 
 class RemoteSink:

@@ -330,8 +330,11 @@ class Outbox:
 
     Inside the hub (HubSink) a batch is applied the moment it is sent and only its journal commit
     is awaited, so up to IN_FLIGHT batches are sent without waiting for the commits before them
-    (a pop is delivered on apply: waiting would add a commit to each pop's latency). Over the
-    network (RemoteSink) batches go one at a time."""
+    (a pop is delivered on apply: waiting would add a commit to each pop's latency). The hub
+    applies them in the order they were sent: a batch about a contact still in an earlier batch's
+    commit lines up behind it (`Hub._line_up`), and a refused event does not stop its batch (the
+    rest, sent again, would come after the later batches). Over the network (RemoteSink) batches
+    go one at a time."""
 
     IN_FLIGHT = 32
 
@@ -340,7 +343,8 @@ class Outbox:
         self.events: list[dict[str, Any]] = []
         self.wake = asyncio.Event()
         self.sent = 0
-        self.limit = self.IN_FLIGHT if isinstance(ctx.sink, HubSink) else 1
+        self.pipelined = isinstance(ctx.sink, HubSink)
+        self.limit = self.IN_FLIGHT if self.pipelined else 1
         self.in_flight: deque[tuple[asyncio.Task[Any], list[dict[str, Any]]]] = deque()
 
     def put(self, events: list[dict[str, Any]]) -> None:
@@ -350,6 +354,11 @@ class Outbox:
             del self.events[:dropped]
             self.ctx.log.error("hub unreachable: %d oldest contact events dropped", dropped)
         self.wake.set()
+
+    def _send(self, batch: list[dict[str, Any]]) -> Any:
+        if self.pipelined:
+            return self.ctx.sink.send(batch, skip_refused=True)  # type: ignore[call-arg]
+        return self.ctx.sink.send(batch)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -363,8 +372,8 @@ class Outbox:
                 if self.events and len(self.in_flight) < self.limit:
                     batch = self.events[:MAX_BATCH]
                     del self.events[: len(batch)]
-                    # tasks start in the order they are made: the hub applies the batches in order
-                    self.in_flight.append((loop.create_task(self.ctx.sink.send(batch)), batch))
+                    # tasks start in the order they are made: the hub lines the batches up in order
+                    self.in_flight.append((loop.create_task(self._send(batch)), batch))
                     await asyncio.sleep(0)
                     if not self.in_flight[0][0].done() and len(self.in_flight) < self.limit:
                         continue
@@ -382,11 +391,16 @@ class Outbox:
                     delay = 0.5
                     continue
                 # the hub was not reached: every batch not taken goes back, in order, and waits
+                # (a later one about the same contacts was refused with it: the hub keeps a
+                # contact's events in order)
                 for later, later_batch in self.in_flight:
                     try:
                         await later
                     except Exception:
-                        retry.extend(later_batch)
+                        pass
+                    again = self._outcome(later, later_batch)
+                    if again is not None:
+                        retry.extend(again)
                 self.in_flight.clear()
                 self.events[:0] = retry
                 self.ctx.log.warning(
@@ -407,30 +421,39 @@ class Outbox:
         """None when the batch is done with (taken, or refused and logged); else what to resend."""
         exc = task.exception()
         if exc is None:
-            self.sent += len(batch)
+            refused = task.result().get("refused", ())
+            for refusal in refused:
+                self._refused(batch, refusal.index, refusal)
+            self.sent += task.result().get("applied", 0)
             return None
         index = _refused_index(exc)
         if index is None:
             return list(batch)
-        bad = batch[index] if 0 <= index < len(batch) else {}
+        self._refused(batch, index, exc)
+        self.sent += index
+        self.events[:0] = batch[index + 1 :]  # the events after it were not applied
+        return None
+
+    def _refused(self, batch: list[dict[str, Any]], index: int | None, exc: Exception) -> None:
+        bad = batch[index] if index is not None and 0 <= index < len(batch) else {}
         self.ctx.log.error(
             "hub refused %s of contact %s: %s; skipping it",
             bad.get("event"),
             bad.get("contact_id"),
             exc,
         )
-        self.sent += index
-        self.events[:0] = batch[index + 1 :]  # the events after it were not applied
-        return None
 
 
 def _refused_index(exc: Exception) -> int | None:
-    """The index of the event the hub refused, or None when the hub was not reached."""
+    """The index of the event the hub refused, or None when the hub did not take the batch
+    (unreachable, or its journal could not commit: 503, nothing applied, to be sent again)."""
     index = getattr(exc, "index", None)
-    if index is None:
-        detail = getattr(exc, "detail", None)
-        if isinstance(detail, dict):
-            index = detail.get("index", 0 if detail.get("error") else None)
+    detail = getattr(exc, "detail", None)
+    error = detail.get("error") if isinstance(detail, dict) else getattr(exc, "error", None)
+    if error == "journal_unavailable":
+        return None
+    if index is None and isinstance(detail, dict):
+        index = detail.get("index", 0 if detail.get("error") else None)
     if index is None and getattr(exc, "error", None):
         index = 0
     return index
