@@ -469,7 +469,8 @@ def test_status_words_durations_and_zero_counters(monkeypatch) -> None:
 
 def test_status_shows_every_counter_the_docs_name_at_zero_on_a_fresh_hub() -> None:
     """docs/cli.md: "every counter shown, 0 included"; the counters are those reliability.md
-    lists (and cluster.md's `contact_conflicts`). Four were missing while at 0."""
+    lists (and cluster.md's `contact_conflicts` and `contact_writes_replayed`). Four were
+    missing while at 0."""
     import re
 
     from hubproc import inprocess_hub, run
@@ -481,8 +482,8 @@ def test_status_shows_every_counter_the_docs_name_at_zero_on_a_fresh_hub() -> No
         "browser_streams",
         "connections",
     }
-    named.add("contact_conflicts")
-    assert len(named) == 25
+    named |= {"contact_conflicts", "contact_writes_replayed"}
+    assert len(named) == 26
 
     async def body() -> Any:
         async with inprocess_hub() as hub:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .address import Address, parse_addresses
-from .model import Error, ScreenPopError
+from .model import Error, ScreenPopError, new_pop_id
 from .protocol import HEARTBEAT, MAX_FRAME, VERSION, FrameDecoder, FrameError, ack_frames, encode
 
 PING = encode({"op": "ping"})
@@ -325,25 +325,62 @@ def _positive(value: Any, default: int) -> int:
 async def publish(
     address: str, pops: list[dict[str, Any]] | dict[str, Any], **options: Any
 ) -> list[str]:
-    """Send pops as a source; return their ids once the hub has accepted (and journalled) them."""
-    link = await connect(address, role="source", **options)
-    try:
-        answer = await link.request("publish", pops=pops, timeout=options.get("timeout", 10.0))
-        return list(answer.get("ids", []))
-    finally:
-        link.close()
+    """Send pops as a source; return their ids once the hub has accepted (and journalled) them.
+    To a list of hubs, a pop without an id gets one here: sent again to the next hub, it is a
+    duplicate there, not a second pop."""
+    if isinstance(address, str) and len(parse_addresses(address)) > 1:
+        pops = _with_ids(pops)
+    answer = await _as_source(address, "publish", {"pops": pops}, options)
+    return list(answer.get("ids", []))
 
 
 async def send_contacts(
     address: str, events: list[dict[str, Any]], **options: Any
 ) -> dict[str, Any]:
-    """Send lifecycle events as a source; return what the hub applied (and the pops it made)."""
-    link = await connect(address, role="source", **options)
-    try:
-        answer = await link.request("contact", events=events, timeout=options.get("timeout", 10.0))
-        return {"applied": answer.get("applied", 0), "pops": answer.get("pops", [])}
-    finally:
-        link.close()
+    """Send lifecycle events as a source; return what the hub applied (and the pops it made).
+    To a list of hubs, an event without an id gets one here (as pops do in `publish`)."""
+    if isinstance(address, str) and len(parse_addresses(address)) > 1:
+        events = _with_ids(events)
+    answer = await _as_source(address, "contact", {"events": events}, options)
+    return {"applied": answer.get("applied", 0), "pops": answer.get("pops", [])}
+
+
+def _with_ids(pops: list[dict[str, Any]] | dict[str, Any]) -> Any:
+    """Pops (or contact events) each with an id: those without get a fresh one."""
+
+    def one(pop: Any) -> Any:
+        if isinstance(pop, dict) and pop.get("id") is None:
+            return {**pop, "id": new_pop_id()}
+        return pop
+
+    return [one(pop) for pop in pops] if isinstance(pops, list) else one(pops)
+
+
+async def _as_source(
+    address: str | Address, op: str, fields: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
+    """One request as a source. With a list of hubs (a cluster), the next hub is tried when one
+    cannot be reached or answers `journal_unavailable` (its link to NATS is down, say: nothing
+    was accepted, or a resend with the same ids is a duplicate); any other answer is final."""
+    addrs = parse_addresses(address) if isinstance(address, str) else [address]
+    for index, addr in enumerate(addrs):
+        last = index == len(addrs) - 1
+        try:
+            link = await connect(addr, role="source", **options)
+        except ScreenPopError as exc:
+            if exc.code is not Error.SCREENPOP_Cannot_Find_HiPath_ProCenter or last:
+                raise
+            continue
+        try:
+            return await link.request(op, timeout=options.get("timeout", 10.0), **fields)
+        except Rejected as exc:
+            if last or not isinstance(exc.detail, dict):
+                raise
+            if exc.detail.get("error") != "journal_unavailable":
+                raise
+        finally:
+            link.close()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def fetch_status_async(address: str, **options: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ COUNTERS = {
     "contact_events": "contact events applied",
     "duplicate_events": "duplicate contact events",
     "contact_conflicts": "contact updates retried (cluster)",
+    "contact_writes_replayed": "contact writes replayed (cluster)",
     "changes_accepted": "contact changes accepted",
     "changes_pending": "contact changes pending",
     "changes_delivered": "contact changes delivered",

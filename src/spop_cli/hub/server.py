@@ -683,11 +683,13 @@ class Hub:
                 now = datetime.now(UTC)
                 applied: dict[str, list[str]] = {}  # contact → its recent event ids (any hub's)
                 popped: dict[str, list[list[str]]] = {}  # contact → the keys it popped (any hub)
+                recorded: dict[str, dict[str, Any]] = {}  # contact → event id → [at, writes]
                 for contact_id, (state, _) in loaded.items():
                     tracker.put_back({contact_id: None})
                     if state is not None:
                         applied[contact_id] = list(state.get("event_ids", ()))
                         popped[contact_id] = list(state.get("pop_keys", ()))
+                        recorded[contact_id] = dict(state.get("writes") or {})
                         for event_id in applied[contact_id]:
                             tracker.event_ids.add(
                                 event_id, now
@@ -702,9 +704,14 @@ class Hub:
                     )
                 changed = {o.contact_id for o in outcomes if not o.duplicate}
                 states = {c: tracker.state(c) for c in changed}
+                moment = time.time()
                 for outcome in outcomes:
                     if outcome.event_id is not None and not outcome.duplicate:
                         applied.setdefault(outcome.contact_id, []).append(outcome.event_id)
+                        recorded.setdefault(outcome.contact_id, {})[outcome.event_id] = [
+                            moment,
+                            _stream_writes(outcome),
+                        ]
                     keys = popped.setdefault(outcome.contact_id, [])
                     for event in outcome.pops:
                         key = [event.media.value, event.resource]
@@ -714,6 +721,9 @@ class Hub:
                     if state is not None:  # these travel with the state, in the same write
                         state["event_ids"] = applied.get(contact_id, [])[-EVENT_IDS_KEPT:]
                         state["pop_keys"] = popped.get(contact_id, [])
+                        state["writes"] = _still_replayable(
+                            recorded.get(contact_id, {}), moment, self.config.dedupe_window
+                        )
                 revisions = {c: loaded.get(c, (None, 0))[1] for c in changed}
                 try:
                     stored = await self.delivery.store_contacts(states, revisions)
@@ -732,23 +742,33 @@ class Hub:
             writes: list[asyncio.Future[Any]] = []
             pop_ids: list[str] = []
             for outcome in outcomes:  # into the stream in the embedded hub's order
-                for change in outcome.changes:
-                    writes.append(
-                        self._accept_clustered(
-                            change.to_dict(),
-                            (change.media, change.resource),
-                            None,
-                            outcome.event_id is not None,
-                            takes_back=change.takes_back,
-                        )
+                contact_id, event_id = outcome.contact_id, outcome.event_id
+                if not outcome.duplicate:
+                    entries = _stream_writes(outcome)
+                else:  # a resend: what it wrote again (its first answer may have been lost)
+                    entries = _replayable(
+                        recorded.get(contact_id, {}).get(event_id or ""),
+                        time.time(),
+                        self.config.dedupe_window,
                     )
-                if outcome.ended:  # on every key it popped, whichever hub popped it
-                    keys = [(k[0], k[1]) for k in popped.get(outcome.contact_id, [])]
-                    self.delivery.withdraw(outcome.contact_id, keys, writes)
-                for event in outcome.pops:
-                    pop = event.to_dict()
-                    pop_ids.append(pop["id"])
-                    writes.append(self.accept(pop, dedupe=outcome.event_id is not None))  # type: ignore[arg-type]
+                    self.counters["contact_writes_replayed"] += len(entries)
+                for entry in entries:
+                    if entry[0] == "change":
+                        change = entry[1]
+                        key = (change["media"], change["resource"])
+                        writes.append(
+                            self._accept_clustered(
+                                change, key, None, event_id is not None, takes_back=entry[2]
+                            )
+                        )
+                    elif entry[0] == "end":  # on every key it popped, whichever hub popped it
+                        keys = [(k[0], k[1]) for k in popped.get(contact_id, [])]
+                        self.delivery.withdraw(contact_id, keys, writes)
+                    else:
+                        pop = entry[1]
+                        if not outcome.duplicate:
+                            pop_ids.append(pop["id"])
+                        writes.append(self.accept(pop, dedupe=event_id is not None))
             self.counters["contact_events"] += len(outcomes)
             result: dict[str, Any] = {"applied": len(outcomes), "pops": pop_ids}
             if skip_refused:
@@ -1039,6 +1059,45 @@ def _past_refusal(
             more.index += start  # type: ignore[attr-defined]
             start = more.index  # type: ignore[attr-defined]
     return outcomes, refused
+
+
+def _stream_writes(outcome: Any) -> list[list[Any]]:
+    """What an applied event writes to the stream, in order (its updates, the withdrawals of an
+    `ended`, its pops), as JSON for its contact's KV state: a resend of the event, to any hub,
+    writes them again (backend nats). The pops' ids are their message ids: stored twice within
+    the duplicate window, JetStream keeps one."""
+    entries: list[list[Any]] = [
+        ["change", change.to_dict(), change.takes_back] for change in outcome.changes
+    ]
+    if outcome.ended:
+        entries.append(["end"])
+    entries += [["pop", event.to_dict()] for event in outcome.pops]
+    return entries
+
+
+REPLAY_SHARE = 0.8  # of the duplicate window: a write older than this is not written again
+
+
+def _replayable(record: Any, now: float, window: float) -> list[list[Any]]:
+    """An event's recorded writes (`[at, writes]`), if they can still be written again without a
+    second copy: JetStream's duplicate window (on its own clock) must still hold the first."""
+    if not isinstance(record, list) or len(record) != 2:
+        return []
+    at, entries = record
+    if not isinstance(at, (int, float)) or now - at >= window * REPLAY_SHARE:
+        return []
+    return [e for e in entries if isinstance(e, list) and e and e[0] in ("change", "end", "pop")]
+
+
+def _still_replayable(recorded: dict[str, Any], now: float, window: float) -> dict[str, Any]:
+    """The recorded writes a resend could still replay (`_replayable`): the rest leave the
+    state; at most EVENT_IDS_KEPT events, the latest."""
+    kept = {
+        event_id: record
+        for event_id, record in recorded.items()
+        if isinstance(record, list) and record and now - record[0] < window * REPLAY_SHARE
+    }
+    return dict(list(kept.items())[-EVENT_IDS_KEPT:])
 
 
 def _failure(futures: Any) -> BaseException | None:
