@@ -136,6 +136,20 @@ def test_connected_to_agent_pops_the_agent_by_arn() -> None:
     }
 
 
+@pytest.mark.parametrize("length", [247, 248])
+def test_an_id_event_list_id_over_256_characters_becomes_its_digest(length: int) -> None:
+    """The connected rule makes `ID:routed` and `ID:answered`: 256 characters at most from an id
+    of 247 (kept), 257 from 248: the hub refused that `answered` (422 for the whole delivery),
+    so its id is now its digest. The pop's id is the digest of `ID:routed` either way (a pop id
+    longer than 128 characters is one, contacts.md)."""
+    connected = {**copy.deepcopy(CALL["CONNECTED_TO_AGENT"]), "id": "x" * length}
+    pops, answers, _ = plays(CALL["INITIATED"], CALL["QUEUED"], connected, count=1)
+    joined = "x" * length + ":routed"
+    pop_id = "sha256:" + hashlib.sha256(joined.encode()).hexdigest()[:32]
+    assert answers[2] == {"applied": 2, "pops": [pop_id], "matched": ["connected"]}
+    assert pops[0]["id"] == pop_id
+
+
 def test_disconnected_ends_the_contact_and_withdraws_an_undelivered_pop() -> None:
     async def body(hub: Any, desk: Desk, bridge: EventBridge) -> Any:
         await bridge.play(CALL["INITIATED"], CALL["QUEUED"], CALL["CONNECTED_TO_AGENT"])

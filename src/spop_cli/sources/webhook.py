@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from ..hookspecs import hookimpl
-from ..hub.contacts import CONTACT_FIELDS, EVENT_FIELDS, QUEUE_FIELDS
+from ..hub.contacts import CONTACT_FIELDS, EVENT_FIELDS, MAX_EVENT_ID_LEN, QUEUE_FIELDS
 from . import Source, SourceContext, SourceError
 from .http_common import WebhookError, deliver, problem, read_body
 
@@ -193,9 +193,18 @@ class Rule:
             if data and "contact_data" in takes:
                 event["contact_data"] = data
             if len(kinds) > 1 and "id" in event:
-                event["id"] = f"{event['id']}:{kind}"
+                event["id"] = _joined_id(event["id"], kind)
             out.append(event)
         return out
+
+
+def _joined_id(event_id: str, kind: str) -> str:
+    """`ID:EVENT`; past the hub's 256 characters, a digest of it (`sha256:` and 32 hex digits):
+    stable, so a retried delivery is still a duplicate, where the long id would be refused."""
+    joined = f"{event_id}:{kind}"
+    if len(joined) <= MAX_EVENT_ID_LEN:
+        return joined
+    return "sha256:" + hashlib.sha256(joined.encode()).hexdigest()[:32]
 
 
 def _takes(kind: str) -> set[str]:
