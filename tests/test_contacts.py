@@ -9,6 +9,7 @@ import pytest
 
 from spop_cli.hub.contacts import MAX_BATCH, ContactEventError, ContactTracker, Outcome
 from spop_cli.model import EVENT_CLASSES, MEDIA_FIELDS, TEXT_FIELDS, Media
+from spop_cli.pops import normalize_pop
 
 T0 = datetime(2024, 5, 14, 9, 0, 0, tzinfo=UTC)
 SALES = {
@@ -304,6 +305,26 @@ def test_time_forms_and_floor(routed_at, wait):
     routed = {"contact_id": "c", "event": "routed", "resource": "1", "at": routed_at}
     pop = tracker.apply(routed, T0).pops[0]
     assert pop.wait_time == wait
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"), [(10**9, 10**9), (10**9 + 1, 10**9), (10**11, 10**9)]
+)
+def test_waits_and_talk_times_years_apart_stop_at_a_pops_limit(seconds, expected):
+    """A pop's wait_time is at most 10⁹ (pops.py refuses more): absurd `at` values give that."""
+    start = datetime(1990, 1, 1, tzinfo=UTC)
+    queued = {"contact_id": "c", "event": "queued", "at": start.isoformat()}
+    later = (start + timedelta(seconds=seconds)).isoformat()
+    tracker = ContactTracker()
+    tracker.apply(queued, T0)
+    routed = {"contact_id": "c", "event": "routed", "resource": "1", "at": later}
+    pop = tracker.apply(routed, T0).pops[0]
+    assert pop.wait_time == expected
+    normalize_pop(pop.to_dict())  # a pop the hub would take from a source too
+    tracker.apply({"contact_id": "c", "event": "answered", "resource": "1", "at": later}, T0)
+    end = (start + timedelta(seconds=2 * seconds)).isoformat()
+    ended = tracker.apply({"contact_id": "c", "event": "ended", "at": end}, T0)
+    assert [c.talk_time for c in ended.changes] == [expected]
 
 
 def test_received_at_naive_is_utc_and_sets_created_at():

@@ -257,7 +257,7 @@ class _Contact:
         """Whole seconds (floored) from segment start to the first answer, or to `at` if none."""
         if self.segment_start is None:
             return 0
-        return ((self.answered_at or at) - self.segment_start) // ONE_SECOND
+        return min(((self.answered_at or at) - self.segment_start) // ONE_SECOND, MAX_SECONDS)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -375,6 +375,7 @@ def pop_id_for(event_id: str) -> str:
     return "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()[:32]
 
 
+MAX_SECONDS = 10**9  # a pop's wait_time at most (pops.py): times years apart give no more
 IDS_JOURNALLED = 64  # event ids kept with a contact's journalled state, at most
 
 
@@ -736,7 +737,7 @@ class ContactTracker:
                 add(
                     resource,
                     "ended",
-                    talk_time=max(talk, 0),
+                    talk_time=min(max(talk, 0), MAX_SECONDS),
                     reason="abandoned" if abandoned else "",
                     takes_back=True,
                 )
