@@ -237,3 +237,19 @@ def help_examples() -> list[Command]:
 @pytest.mark.parametrize("command", help_examples(), ids=str)
 def test_each_help_example_parses(command: Command) -> None:
     test_each_spop_command_parses_and_its_actions_exist(command)
+
+
+def test_the_python_source_example_prints_what_its_comment_says(hub_for_docs) -> None:
+    """python-api.md, "Sending pops and contact events": the example, run against a real hub."""
+    import contextlib
+    import io
+
+    text = (ROOT / "docs" / "python-api.md").read_text(encoding="utf-8")
+    section = text.split("## Sending pops and contact events", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    said = code.split("print(ids, answer)   # ", 1)[1].split("\n", 1)[0]
+    assert said == "['call-42'] {'applied': 1, 'pops': ['e-1']}"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code.replace("6000@localhost", hub_for_docs.address), {"__name__": "example"})
+    assert out.getvalue() == said + "\n"
