@@ -463,7 +463,7 @@ def test_status_words_durations_and_zero_counters(monkeypatch) -> None:
     assert "ports listeners 6000, no HTTP" in lines
     assert "journal off (pops in memory only)" in lines
     assert "│ pops accepted │ 2 │ pops_accepted │" in lines
-    assert "│ pops expired undelivered │ 0 │ expired │" in lines  # zero, still shown
+    assert "│ pops expired unacknowledged │ 0 │ expired │" in lines  # zero, still shown
     assert "│ wrong or missing tokens │ 0 │ auth_failures │" in lines
 
 

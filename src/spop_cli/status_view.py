@@ -11,7 +11,7 @@ COUNTERS = {
     "delivered": "pops delivered",
     "acked": "pops acknowledged",
     "pending": "pops pending",
-    "expired": "pops expired undelivered",
+    "expired": "pops expired unacknowledged",
     "withdrawn": "pops withdrawn",
     "duplicates": "duplicate pops ignored",
     "unknown_acks": "acks for unknown pops",
