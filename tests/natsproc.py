@@ -213,6 +213,7 @@ class CutProxy:
     def __init__(self, target: int) -> None:
         self.target = target
         self.cut_off = False
+        self.held = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -245,7 +246,8 @@ class CutProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self.held:
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
@@ -261,6 +263,10 @@ class CutProxy:
             pass
         sock.close()
 
+    def hold(self) -> None:
+        """A silent partition: the connections stay open, and what they carry is dropped."""
+        self.held = True
+
     def cut(self) -> None:
         self.cut_off = True
         with self._lock:
@@ -269,7 +275,7 @@ class CutProxy:
             self._drop(sock)
 
     def heal(self) -> None:
-        self.cut_off = False
+        self.cut_off = self.held = False
 
     def close(self) -> None:
         self.cut()

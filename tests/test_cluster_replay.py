@@ -4,6 +4,8 @@ source's resend is a duplicate event, and writes them again (docs/cluster.md, "C
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,6 +166,47 @@ def test_writes_are_replayed_only_within_eight_tenths_of_the_duplicate_window(
         proxy.close()
 
 
+def test_a_state_stored_late_has_its_writes_replayed_after_the_hubs_window(
+    nats1: NatsCluster,
+) -> None:
+    """The state write is sent, unanswered (the node frozen), and stored only when the node
+    comes back, after 0.8 x dedupe_window (2.4 s here) of the hub's clock: its writes are timed
+    from that store, JetStream's clock, so the resend still writes the pop (it was lost)."""
+    hub = HubThread(backend="nats", nats_servers=nats1.servers, nats_timeout=1, dedupe_window=3)
+    node = nats1.nodes[0].proc
+    assert node is not None
+    try:
+        listener, got = listen(hub, "6")
+        assert hub.hub is not None
+        delivery = hub.hub.delivery
+        real = delivery.store_contacts
+
+        async def freeze_then_store(states: Any, revisions: Any) -> bool:
+            delivery.store_contacts = real
+            os.kill(node.pid, signal.SIGSTOP)
+            return await real(states, revisions)
+
+        delivery.store_contacts = freeze_then_store
+        applied = time.time()
+        with pytest.raises(JournalUnavailable) as refused:
+            hub.call(hub.hub.apply_contacts(dict(ROUTED)))
+        assert refused.value.message == (
+            "JetStream did not answer in 1 s: the events may still be applied; resend them "
+            "with the same ids (applied once)"
+        )
+        time.sleep(max(0.0, applied + 2.8 - time.time()))
+        os.kill(node.pid, signal.SIGCONT)  # the state write is stored now
+        assert wait_for(lambda: counters(hub)["pending"] == 0)
+        again = hub.call(hub.hub.apply_contacts(dict(ROUTED)))
+        assert again == {"applied": 1, "pops": []}
+        assert wait_for(lambda: got == [("ev-routed", "+33 1 23")])
+        assert counters(hub)["contact_writes_replayed"] == 1
+        listener.shutdown()
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+        hub.close()
+
+
 def test_spop_send_to_a_list_moves_on_from_a_hub_cut_off_from_nats(nats1: NatsCluster) -> None:
     """`spop send --server a,b`: hub a answers 503 `journal_unavailable` (its link to NATS is
     down), so the pop goes to b, once. A refusal of the pop itself is not retried elsewhere."""
@@ -197,8 +240,8 @@ def test_spop_send_to_a_list_moves_on_from_a_hub_cut_off_from_nats(nats1: NatsCl
         assert wait_for(lambda: got == [(pop_id, "+33 9"), (answer["pops"][0], "+33 1 23")])
         only_cut = runner.invoke(cli, ["send", "telephone", "6", "--server", cut.address])
         assert (only_cut.exit_code, only_cut.output) == (  # the last hub's answer is final
-            13,
-            "spop: error: rejected by the hub (journal_unavailable): SCREENPOP_Framework_Error: "
+            16,
+            "spop: error: the hub cannot take it now (journal_unavailable): SCREENPOP_Framework_Error: "
             "this hub is not connected to NATS (reconnecting): nothing was accepted; retry later, "
             "or on another hub\n",
         )

@@ -367,6 +367,38 @@ def test_status_and_health_show_the_link_to_nats(nats1: NatsCluster) -> None:
         proxy.close()
 
 
+def test_a_silent_link_to_nats_is_found_by_its_pings(nats1: NatsCluster) -> None:
+    """A partition that drops packets without closing anything: the hub's pings to NATS (every
+    nats_timeout, two unanswered at most) find it, so the link counts as down (health 503, a
+    source told at once) within about 3 x nats_timeout, not after nats-py's default two
+    minutes; it comes back by itself."""
+    from spop_cli import __version__
+
+    proxy = CutProxy(nats1.nodes[0].port)
+    hub = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=1)
+    try:
+        assert hub.hub is not None
+        delivery = hub.hub.delivery
+        assert get_json(hub.http + "/v1/health")[0] == 200
+        proxy.hold()
+        assert wait_for(lambda: not delivery.nc.is_connected, timeout=10)
+        assert get_json(hub.http + "/v1/health")[0] == 503
+        assert post_pop(hub, "silent", "4242") == (
+            503,
+            {
+                "error": "journal_unavailable",
+                "message": "this hub is not connected to NATS (reconnecting): nothing was "
+                "accepted; retry later, or on another hub",
+            },
+        )
+        proxy.heal()
+        assert wait_for(lambda: delivery.nc.is_connected, timeout=15)
+        assert get_json(hub.http + "/v1/health") == (200, {"status": "ok", "version": __version__})
+    finally:
+        hub.close()
+        proxy.close()
+
+
 def test_an_embedded_hub_says_its_backend() -> None:
     hub = HubThread()
     try:

@@ -44,7 +44,7 @@ ROWS = documented_rows()
 def test_the_table_and_the_code_agree() -> None:
     for code, status in EXIT_CODES.items():
         assert f"`{code}`" in ROWS[status], (status, code)
-    assert sorted(ROWS) == list(range(16))
+    assert sorted(ROWS) == list(range(17))
     assert sorted(ROWS) == sorted(CASES)  # every row has its case below
 
 
@@ -229,6 +229,23 @@ def case_15(tmp_path: Path, real_hub: HubThread) -> tuple[int, str]:
     )
 
 
+def case_16(tmp_path: Path, real_hub: HubThread) -> tuple[int, str]:
+    hub = HubThread(journal=str(tmp_path / "journal.sqlite3"))
+    try:
+
+        async def fill() -> None:  # SQLite's own cap at the pages it has: a real SQLITE_FULL
+            assert hub.hub is not None
+            db = hub.hub.journal._db  # type: ignore[union-attr]
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {pages}")
+
+        hub.call(fill())
+        big = "big=" + "x" * 4000  # a row over a page: it needs new pages
+        return spop("send", "telephone", "13579", "--server", hub.address, "--data", big)
+    finally:
+        hub.close()
+
+
 CASES = {
     int(name.removeprefix("case_")): fn
     for name, fn in dict(globals()).items()
@@ -251,6 +268,8 @@ SAYS = {
     13: "spop: error: rejected by the hub",
     14: "spop: error: actions failed: 1 failure",
     15: "spop: error: timeout: 0 of 1 pop in 0.5 s",
+    16: "spop: error: the hub cannot take it now (journal_unavailable): SCREENPOP_Framework_Error: "
+    "the journal cannot be written (the disk is full): nothing was accepted; retry later\n",
 }
 
 

@@ -24,6 +24,7 @@ EXIT_CONFIG = 12  # configuration file invalid
 EXIT_REJECTED = 13  # the hub rejected input (HTTP 4xx / error frame on publish)
 EXIT_ACTION_FAILED = 14  # an action failed (spop listen --once / --count)
 EXIT_TIMEOUT = 15  # --timeout passed before the pops asked for arrived
+EXIT_NOT_NOW = 16  # the hub could not take it now (503 journal_unavailable): send it again later
 
 
 TLS_HINT = (
@@ -426,6 +427,12 @@ def _client_ssl(cafile: str | None):  # type: ignore[no-untyped-def]
 def _fail_send(exc: Exception, address: str | None = None) -> None:
     from .client import Rejected
 
+    if isinstance(exc, Rejected) and exc.detail.get("error") == "journal_unavailable":
+        # not a refusal of the input: the hub (its journal, its link to NATS) could not take it
+        click.echo(
+            f"spop: error: the hub cannot take it now (journal_unavailable): {exc}", err=True
+        )
+        raise SystemExit(EXIT_NOT_NOW)
     if isinstance(exc, Rejected):
         detail = exc.detail
         where = "".join(

@@ -249,6 +249,10 @@ class NatsDelivery:
             # nothing buffered while reconnecting: a write then fails at once (the source is
             # told nothing was accepted), never goes out later behind its 503
             "pending_size": 0,
+            # a link that goes silent (a partition that drops packets, no reset) is found by
+            # its unanswered pings within about 3 x nats_timeout, then reconnected elsewhere
+            "ping_interval": max(c.nats_timeout, 0.5),
+            "max_outstanding_pings": 2,
             "reconnected_cb": self._reconnected,
             "disconnected_cb": self._disconnected,
             "error_cb": self._error,
@@ -1231,21 +1235,30 @@ class NatsDelivery:
 
     # -- contacts in KV ---------------------------------------------------------------------
     async def load_contacts(self, ids: set[str]) -> dict[str, tuple[dict[str, Any] | None, int]]:
-        """Each contact's state and the KV revision it was read at (0: no such key)."""
-        from nats.js.errors import KeyNotFoundError
+        """Each contact's state and the KV revision it was read at (0: no such key). The state
+        carries `stored_at`: when JetStream stored that revision (its clock, epoch seconds), so
+        that what it records is timed from when it was really stored, however late."""
+        from nats.js.errors import NotFoundError
 
-        out: dict[str, tuple[dict[str, Any] | None, int]] = {}
+        kv, out = self.kv, {}
         for contact_id in ids:
-            try:
-                entry = await self.kv.get(kv_key(contact_id))
-            except KeyNotFoundError as exc:
-                # a deleted key still has a revision: the next write must name it
-                out[contact_id] = (None, getattr(getattr(exc, "entry", None), "revision", 0) or 0)
+            try:  # kv.get, with the message's time (nats-py's Entry leaves `created` empty)
+                msg = await self.js.get_msg(
+                    kv._stream, subject=f"{kv._pre}{kv_key(contact_id)}", direct=kv._direct
+                )
+            except NotFoundError:
+                out[contact_id] = (None, 0)
                 continue
             except Exception as exc:
                 raise self._kv_failed("contact state unreadable", exc) from exc
-            state = orjson.loads(entry.value) if entry.value else None
-            out[contact_id] = (state, entry.revision or 0)
+            revision = msg.seq or 0
+            if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                out[contact_id] = (None, revision)  # a deleted key: the next write names it
+                continue
+            state = orjson.loads(msg.data)
+            if msg.time is not None:
+                state["stored_at"] = msg.time.timestamp()
+            out[contact_id] = (state, revision)
         return out
 
     async def store_contacts(
@@ -1271,7 +1284,14 @@ class NatsDelivery:
             except Exception as exc:
                 if "wrong last sequence" in str(exc) or "key exists" in str(exc):
                     return False
-                raise self._kv_failed("contact state not stored", exc) from exc
+                failed = self._kv_failed("contact state not stored", exc)
+                if failed.answer is None and isinstance(exc, TimeoutError):
+                    failed.answer = (  # sent, unanswered: JetStream may store it late
+                        f"JetStream did not answer in {self.config.nats_timeout:g} s: the "
+                        "events may still be applied; resend them with the same ids (applied "
+                        "once)"
+                    )
+                raise failed from exc
         return True
 
     def link(self) -> dict[str, Any]:

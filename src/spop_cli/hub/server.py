@@ -689,7 +689,7 @@ class Hub:
                     if state is not None:
                         applied[contact_id] = list(state.get("event_ids", ()))
                         popped[contact_id] = list(state.get("pop_keys", ()))
-                        recorded[contact_id] = dict(state.get("writes") or {})
+                        recorded[contact_id] = _stamped(state)
                         for event_id in applied[contact_id]:
                             tracker.event_ids.add(
                                 event_id, now
@@ -711,6 +711,7 @@ class Hub:
                         recorded.setdefault(outcome.contact_id, {})[outcome.event_id] = [
                             moment,
                             _stream_writes(outcome),
+                            0,  # timed by this hub's clock until JetStream's is known
                         ]
                     keys = popped.setdefault(outcome.contact_id, [])
                     for event in outcome.pops:
@@ -1078,12 +1079,29 @@ def _stream_writes(outcome: Any) -> list[list[Any]]:
 REPLAY_SHARE = 0.8  # of the duplicate window: a write older than this is not written again
 
 
+def _stamped(state: dict[str, Any]) -> dict[str, Any]:
+    """The writes recorded in a contact's KV state (event id → `[at, writes, stamped]`), each
+    timed from when JetStream stored the revision that first held it: none of its writes went
+    to the stream before, even if that store came long after the hub applied the event (its
+    answer lost, a quorum back late). That revision is the one read when `stamped` is 0 (the
+    hub that next writes the state keeps the stamp)."""
+    recorded = dict(state.get("writes") or {})
+    stored_at = state.get("stored_at")
+    if not isinstance(stored_at, (int, float)):
+        return recorded
+    for event_id, record in recorded.items():
+        if isinstance(record, list) and len(record) == 3 and record[2] == 0:
+            recorded[event_id] = [stored_at, record[1], 1]
+    return recorded
+
+
 def _replayable(record: Any, now: float, window: float) -> list[list[Any]]:
-    """An event's recorded writes (`[at, writes]`), if they can still be written again without a
-    second copy: JetStream's duplicate window (on its own clock) must still hold the first."""
-    if not isinstance(record, list) or len(record) != 2:
+    """An event's recorded writes (`[at, writes, stamped]`), if they can still be written again
+    without a second copy: JetStream's duplicate window (on its own clock) must still hold the
+    first, which can only have been written after `at`."""
+    if not isinstance(record, list) or len(record) not in (2, 3):
         return []
-    at, entries = record
+    at, entries = record[0], record[1]
     if not isinstance(at, (int, float)) or now - at >= window * REPLAY_SHARE:
         return []
     return [e for e in entries if isinstance(e, list) and e and e[0] in ("change", "end", "pop")]
