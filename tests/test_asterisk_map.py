@@ -615,6 +615,76 @@ def test_resync_keeps_known_calls_ends_vanished_ones_and_learns_new_ones() -> No
     ]
 
 
+LEARNED = [  # a call in progress found at login: the caller's leg and 1003's, answered
+    {
+        "Channel": "PJSIP/trunk-00000009",
+        "Uniqueid": "9.1",
+        "Linkedid": "9.1",
+        "Context": "from-pstn",
+        "Exten": "5552000",
+        "CallerIDNum": "+331",
+        "Application": "Queue",
+    },
+    {
+        "Channel": "PJSIP/1003-0000000a",
+        "Uniqueid": "9.2",
+        "Linkedid": "9.1",
+        "Context": "from-internal",
+        "Application": "AppQueue",
+        "ChannelStateDesc": "Up",
+    },
+]
+
+
+def hub_state(**values: Any) -> dict[str, Any]:
+    """A contact as the hub's tracker gives it (`ContactTracker.state`), restored after a restart."""
+    return {
+        "contact_id": "9.1",
+        "last_at": "2026-01-05T09:00:50+00:00",
+        "segment_start": "2026-01-05T09:00:00+00:00",
+        "answered_at": None,
+        "holder": "",
+        "ended_seen": None,
+        "following": {},
+        **values,
+    }
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        # unknown to the hub too: popped where it is, as before
+        (None, [("routed", "1003", "09:01:00"), ("answered", "1003", "09:01:00")]),
+        # answered by 1003 before the restart: nothing to send
+        (hub_state(holder="1003", answered_at="2026-01-05T09:00:40+00:00"), []),
+        # popped at 1003, answered while the hub was down: its answer only
+        (hub_state(holder="1003", following={"1003": "p1"}), [("answered", "1003", "09:01:00")]),
+        # with 1001, transferred to 1003 meanwhile: 1003 is popped, then answers
+        (
+            hub_state(holder="1001", answered_at="2026-01-05T09:00:40+00:00"),
+            [("routed", "1003", "09:01:00"), ("answered", "1003", "09:01:00")],
+        ),
+        # the hub's last event is later than this clock (Asterisk's ran ahead): timed after it
+        (
+            hub_state(last_at="2026-01-05T09:01:07+00:00", following={"1003": "p1"}),
+            [("answered", "1003", "09:01:07")],
+        ),
+    ],
+    ids=["unknown", "answered", "ringing", "moved", "clock-ahead"],
+)
+def test_a_call_the_restarted_hub_knows_is_not_popped_again(
+    state: dict[str, Any] | None, expected: list[tuple[str, str, str]]
+) -> None:
+    """A hub restarted with its source inside: the new mapper knows no call, the hub's journal
+    does (`known`); what Asterisk lists is compared with it."""
+    mapper = AsteriskMapper(MapConfig())
+    mapper.known = lambda contact_id: state if contact_id == "9.1" else None
+    out = mapper.resync(LEARNED, [], T0 + timedelta(seconds=60))
+    assert [(e["event"], e["resource"], e["at"][11:19]) for e in out] == expected
+    if state is not None:
+        assert all("media" not in e for e in out)  # the hub has the contact: no new one
+
+
 def test_events_never_go_back_in_time_for_one_contact() -> None:
     pbx = Pbx()
     pbx.inbound()

@@ -49,6 +49,19 @@ class Recording:
         return answer
 
 
+class Restored(HubSink):
+    """The sink of a source inside `spop serve` (HubSink), keeping every event sent."""
+
+    def __init__(self, hub: Any) -> None:
+        super().__init__(hub)
+        self.events: list[dict[str, Any]] = []
+
+    async def send(self, events: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+        answer = await super().send(events, **options)
+        self.events.extend(events)
+        return answer
+
+
 class Captured(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
@@ -137,7 +150,7 @@ async def replay(
         return agents, sink, captured, source
 
 
-def lifecycle(sink: Recording) -> list[tuple[str, ...]]:
+def lifecycle(sink: Any) -> list[tuple[str, ...]]:
     return [
         (
             e["contact_id"],
@@ -335,6 +348,72 @@ def test_a_call_that_started_while_the_link_was_down_is_learned_and_popped_where
     ]
     assert agents["100"].pops == [(A, "", ""), (B, "", ""), (C, "", "")]
     assert agents["101"].pops.count((C, "", "")) == 0  # Bob's ring was over before we were back
+
+
+async def across_a_hub_restart(
+    first: list[bytes], outage: list[bytes], second: list[bytes], journal: Path
+) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """`spop serve` with the source inside: `first` is played, then the hub stops (its journal
+    kept), `outage` happens meanwhile, and a new hub on the same journal, with a new source (a
+    new process: no memory of the calls), logs in again and `second` is played, until the six
+    calls have ended. The lifecycle events each hub was sent."""
+    ami = FakeAsterisk()
+    await ami.start()
+
+    async def one_hub(blocks: list[bytes], done: Any) -> Restored:
+        async with inprocess_hub(journal=str(journal)) as hub:
+            sink = Restored(hub)
+            ctx, _ = context(sink)
+            source = source_for(ami, reconnect_max=0.3)
+            task = asyncio.get_running_loop().create_task(source.run(ctx))
+            try:
+                await asyncio.wait_for(source.connected.wait(), 10)
+                await ami.play(blocks, seed=7)
+                await until(lambda: done(sink), 20)
+                await asyncio.sleep(0.2)
+            finally:
+                ctx.stop.set()
+                await asyncio.wait_for(task, 10)
+            return sink
+
+    def ends(sink: Restored) -> set[str]:
+        return {e["contact_id"] for e in sink.events if e["event"] == "ended"}
+
+    before = await one_hub(first, lambda s: s.events and s.events[-1]["event"] == "answered")
+    await ami.stop()
+    ami.learn(outage)
+    await ami.start()
+    after = await one_hub(second, lambda s: len(ends(before) | ends(s)) == 6)
+    await ami.stop()
+    return lifecycle(before), lifecycle(after)
+
+
+def test_a_hub_restarted_mid_call_pops_nobody_twice_and_ends_the_calls(tmp_path: Path) -> None:
+    """Alice has answered B when `spop serve` restarts: the new source learns B from Asterisk,
+    the hub knows it from its journal, so nothing of B is sent again until its next step."""
+    cut = index_of("AgentConnect", B)
+    before, after = run(across_a_hub_restart(BLOCKS[:cut], [], BLOCKS[cut:], tmp_path / "j"))
+    assert before + after == RING
+
+
+def test_a_call_that_hung_up_while_the_hub_was_down_ends_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """B is transferred and hangs up while `spop serve` is down: the new source does not find
+    it in Asterisk, and the hub, from its journal, has it open from this source: it ends."""
+    cut = index_of("AgentConnect", B)
+    over = index_of("Hangup", B, nth=6)
+    outage = [b for b in BLOCKS[cut:over] if f"Linkedid: {B}".encode() in b]
+    second = [b for b in BLOCKS[cut:] if b not in outage]
+    before, after = run(across_a_hub_restart(BLOCKS[:cut], outage, second, tmp_path / "j"))
+    missed = [  # while nobody listened: Asterisk does not tell them again
+        (B, "requeued", "", "", ""),
+        (B, "transferred", "200", "100", ""),
+        (B, "answered", "200", "", ""),
+    ]
+    ended = (B, "ended", "", "", "")
+    assert after[0] == ended  # at the first list of calls, before anything else
+    assert before + after[1:] == [row for row in RING if row not in missed and row != ended]
 
 
 def lifecycle_of(contact: str, table: list[tuple[str, ...]]) -> list[tuple[str, ...]]:

@@ -446,14 +446,20 @@ class ContactTracker:
         self._contacts: dict[str, _Contact] = {}
         self.event_ids = EventIds(dedupe_window)
         self._ids_of: dict[str, list[str]] = {}  # contact → its event ids, newest last
+        # contact → the source inside the hub that started it (journalled with its state), so
+        # that source, restarted with the hub, can end the calls that ended meanwhile
+        self._origin_of: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._contacts)
 
-    def apply_batch(self, events: Any, received_at: datetime) -> list[Outcome]:
-        """Apply one event or an array in order; a refusal carries the outcomes before it."""
+    def apply_batch(
+        self, events: Any, received_at: datetime, origin: str | None = None
+    ) -> list[Outcome]:
+        """Apply one event or an array in order; a refusal carries the outcomes before it.
+        `origin`: the source inside the hub that sent them (kept for the contacts they start)."""
         if events.__class__ is dict or isinstance(events, Mapping):
-            return [self.apply(events, received_at)]
+            return [self.apply(events, received_at, origin)]
         if not isinstance(events, list | tuple):
             raise _malformed(
                 None, "expected an event object or an array of events", "not_an_object"
@@ -463,7 +469,7 @@ class ContactTracker:
         outcomes: list[Outcome] = []
         for index, event in enumerate(events):
             try:
-                outcomes.append(self.apply(event, received_at))
+                outcomes.append(self.apply(event, received_at, origin))
             except ContactEventError as exc:
                 exc.index = index
                 exc.applied = outcomes
@@ -477,7 +483,9 @@ class ContactTracker:
                 raise error from exc
         return outcomes
 
-    def apply(self, event: Mapping[str, Any], received_at: datetime) -> Outcome:
+    def apply(
+        self, event: Mapping[str, Any], received_at: datetime, origin: str | None = None
+    ) -> Outcome:
         """Apply one event; a refused event changes nothing."""
         parsed = _parse(event)
         seen = _utc(received_at)
@@ -517,6 +525,8 @@ class ContactTracker:
             outcome.ended = True
         contact.last_at = at
         contact.last_seen = seen
+        if origin is not None and parsed.contact_id not in self._contacts:
+            self._origin_of[parsed.contact_id] = origin
         self._contacts[parsed.contact_id] = contact
         if parsed.event_id is not None:
             self.event_ids.add(parsed.event_id, seen)
@@ -542,8 +552,20 @@ class ContactTracker:
         for contact_id in gone:
             del self._contacts[contact_id]
             self._ids_of.pop(contact_id, None)
+            self._origin_of.pop(contact_id, None)
         self.event_ids.expire(now)
         return gone
+
+    def open_from(self, origin: str) -> list[str]:
+        """The contacts not ended that the source `origin` (inside the hub) started."""
+        contacts = self._contacts
+        return [
+            contact_id
+            for contact_id, source in self._origin_of.items()
+            if source == origin
+            and (contact := contacts.get(contact_id)) is not None
+            and contact.ended_seen is None
+        ]
 
     # -- persistence: the journal keeps each contact's whole state, the hub restores it -------
     def state(self, contact_id: str) -> dict[str, Any] | None:
@@ -554,6 +576,8 @@ class ContactTracker:
         state = _state(contact)
         state["contact_data"] = dict(contact.contact_data)
         state["following"] = dict(contact.following)
+        if contact_id in self._origin_of:
+            state["origin"] = self._origin_of[contact_id]
         for name in _TIMES:
             moment = state[name]
             if moment is not None:
@@ -577,6 +601,8 @@ class ContactTracker:
         ]
         if recent:
             state["event_ids"] = recent
+        if contact_id in self._origin_of:
+            state["origin"] = self._origin_of[contact_id]
         return orjson.dumps(state)
 
     def restore_event_ids(self, states: Iterable[Mapping[str, Any]]) -> None:
@@ -605,6 +631,8 @@ class ContactTracker:
             values[item.name] = value
         contact = _Contact(**values)
         self._contacts[contact.contact_id] = contact
+        if isinstance(state.get("origin"), str):
+            self._origin_of[contact.contact_id] = state["origin"]
         return contact.contact_id
 
     def snapshot(self, contact_ids: Iterable[str]) -> dict[str, _Contact | None]:
@@ -618,6 +646,7 @@ class ContactTracker:
         for contact_id, contact in snapshot.items():
             if contact is None:
                 self._contacts.pop(contact_id, None)
+                self._origin_of.pop(contact_id, None)
             else:
                 self._contacts[contact_id] = contact
 

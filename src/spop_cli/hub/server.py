@@ -622,7 +622,11 @@ class Hub:
         return self._contacts
 
     async def apply_contacts(
-        self, events: Any, shield: bool = True, skip_refused: bool = False
+        self,
+        events: Any,
+        shield: bool = True,
+        skip_refused: bool = False,
+        origin: str | None = None,
     ) -> dict[str, Any]:
         """Apply lifecycle events in order; their pops are accepted even if a later event fails.
 
@@ -635,7 +639,8 @@ class Hub:
         the shared commit needs no shield. `skip_refused`: a refused event does not stop the
         batch; the ones after it are applied at once, in order, and the answer's `refused`
         lists each refusal (a source inside the hub whose later batches are already applied:
-        sent again, the rest would come after them)."""
+        sent again, the rest would come after them). `origin`: the source inside the hub that
+        sent them, kept with the contacts they start (`ContactTracker.open_from`)."""
         ids = _contact_ids(events)
         if self.clustered:
             return await self._apply_contacts_clustered(events, ids, skip_refused)
@@ -644,7 +649,7 @@ class Hub:
             turn = await self._line_up(ids)
             try:
                 commit, result, error = self._stage_contacts(
-                    events, ids, ContactEventError, turn, skip_refused
+                    events, ids, ContactEventError, turn, skip_refused, origin
                 )
             except BaseException:  # a rule we got wrong: the contacts must not stay locked
                 self._free_turn(turn, ids)
@@ -652,7 +657,7 @@ class Hub:
         else:
             # staged at once (nothing else runs meanwhile); the commit is then these contacts' turn
             commit, result, error = self._stage_contacts(
-                events, ids, ContactEventError, None, skip_refused
+                events, ids, ContactEventError, None, skip_refused, origin
             )
         if commit is not None:
             try:
@@ -863,6 +868,7 @@ class Hub:
         refusal: type[Exception],
         turn: asyncio.Future[None] | None = None,
         skip_refused: bool = False,
+        origin: str | None = None,
     ) -> tuple[asyncio.Future[None] | None, dict[str, Any], Exception | None]:
         """Apply the events in memory and queue what they change in one journal batch; return
         that batch's commit (None without a journal), the answer, and the (first) refusal if any.
@@ -873,10 +879,10 @@ class Hub:
         before = tracker.snapshot(ids) if self.journal is not None else {}
         error: Exception | None = None
         try:
-            outcomes = tracker.apply_batch(events, datetime.now(UTC))
+            outcomes = tracker.apply_batch(events, datetime.now(UTC), origin)
         except refusal as exc:
             error = exc
-            outcomes, refused = _past_refusal(tracker, events, exc, refusal, skip_refused)
+            outcomes, refused = _past_refusal(tracker, events, exc, refusal, skip_refused, origin)
         pop_ids: list[str] = []
         held: dict[str, list[str]] = {}  # contact → pops of this request still waiting
         ended: list[str] = []
@@ -1038,7 +1044,12 @@ class Hub:
 
 
 def _past_refusal(
-    tracker: Any, events: Any, exc: Exception, refusal: type[Exception], skip: bool
+    tracker: Any,
+    events: Any,
+    exc: Exception,
+    refusal: type[Exception],
+    skip: bool,
+    origin: str | None = None,
 ) -> tuple[list[Any], list[Exception]]:
     """The outcomes of a batch the tracker stopped at a refused event (`exc`), and the refusals:
     with `skip`, the events after each refused one are applied too, in order (each refusal's
@@ -1050,7 +1061,7 @@ def _past_refusal(
     while skip and isinstance(events, list) and start is not None and start + 1 < len(events):
         start += 1
         try:
-            outcomes += tracker.apply_batch(events[start:], now)
+            outcomes += tracker.apply_batch(events[start:], now, origin)
             break
         except refusal as more:
             outcomes += getattr(more, "applied", [])

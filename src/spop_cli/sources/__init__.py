@@ -92,12 +92,31 @@ class HubSink:
         self.hub = hub
 
     async def send(
-        self, events: list[dict[str, Any]], *, skip_refused: bool = False
+        self,
+        events: list[dict[str, Any]],
+        *,
+        skip_refused: bool = False,
+        origin: str | None = None,
     ) -> dict[str, Any]:
         """`skip_refused`: a refused event is skipped and the ones after it are applied at once,
         in order; the answer's `refused` lists the refusals (`ContactEventError`, `index` in
         `events`). For a source with batches in flight: sent again, they would come after those."""
-        return await self.hub.apply_contacts(events, skip_refused=skip_refused)
+        return await self.hub.apply_contacts(events, skip_refused=skip_refused, origin=origin)
+
+    def contact_state(self, contact_id: str) -> dict[str, Any] | None:
+        """The hub's state of a contact (`ContactTracker.state`), or None: what a source
+        restarted with the hub knows of the calls it was following. Embedded backend only (a
+        cluster's states are in NATS, read per request)."""
+        if self.hub.clustered:
+            return None
+        return self.hub.contacts.state(contact_id)
+
+    def open_from(self, origin: str) -> list[str]:
+        """The contacts not ended that the source named `origin` started (sent with `origin`),
+        restored from the journal after a restart. Embedded backend only."""
+        if self.hub.clustered:
+            return []
+        return self.hub.contacts.open_from(origin)
 
 
 class RemoteSink:

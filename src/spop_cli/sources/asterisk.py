@@ -129,6 +129,7 @@ class AsteriskSource(Source):
         self.watch = ClassWatch(self.username)
         self.connected = asyncio.Event()  # set while logged in (the tests wait on it)
         self.sessions = 0
+        self.restored = False  # the hub's open contacts of this source checked once, at start
 
     @property
     def secret(self) -> str:
@@ -197,7 +198,17 @@ class AsteriskSource(Source):
         ctx.log.info(
             "Asterisk: %d channels, %d callers waiting in queues", len(channels), len(entries)
         )
-        return self.mapper.resync(channels, entries, datetime.now(UTC))
+        # inside the hub: the calls the hub restored from its journal are known, not new
+        self.mapper.known = getattr(ctx.sink, "contact_state", None)
+        now = datetime.now(UTC)
+        learned = self.mapper.resync(channels, entries, now)
+        open_from = getattr(ctx.sink, "open_from", None)
+        if not self.restored and open_from is not None:
+            # the first list since this source started with the hub: the calls it had started
+            # that Asterisk no longer has ended while the hub was down
+            learned += self.mapper.end_vanished(open_from(ctx.name), now)
+        self.restored = True
+        return learned
 
     async def run(self, ctx: SourceContext) -> None:
         outbox = Outbox(ctx)
@@ -357,7 +368,7 @@ class Outbox:
 
     def _send(self, batch: list[dict[str, Any]]) -> Any:
         if self.pipelined:
-            return self.ctx.sink.send(batch, skip_refused=True)  # type: ignore[call-arg]
+            return self.ctx.sink.send(batch, skip_refused=True, origin=self.ctx.name)  # type: ignore[call-arg]
         return self.ctx.sink.send(batch)
 
     async def run(self) -> None:

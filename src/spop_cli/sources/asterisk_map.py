@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -158,6 +158,9 @@ class AsteriskMapper:
         # recently hung-up Uniqueids: late events (a NewCallerid after the Hangup) must not revive them
         self.gone: OrderedDict[str, None] = OrderedDict()
         self.direct: set[str] = set()  # legs dialled outside a queue (answered by their DialEnd)
+        # the hub's state of a contact, when this source restarts with it (in `spop serve`): a
+        # call in progress it does not know may be one the hub does (restored from its journal)
+        self.known: Callable[[str], Mapping[str, Any] | None] | None = None
         self._handlers = {name: getattr(self, f"_on_{name}") for name in EVENTS}
 
     # -- entry points -------------------------------------------------------------------------
@@ -213,6 +216,7 @@ class AsteriskMapper:
         for linkedid, legs in by_call.items():
             new = linkedid not in self.calls
             call = self._call(linkedid)
+            seeded = new and self._seed(call)
             for leg in legs:
                 uid = leg.get("Uniqueid", "")
                 call.channels.add(uid)
@@ -233,7 +237,10 @@ class AsteriskMapper:
                 )
             for leg in legs:
                 entry = waiting.get(leg.get("Uniqueid", "")) or waiting.get(leg.get("Channel", ""))
-                if entry is not None and not call.queue:
+                if entry is not None and seeded and not call.holder:  # the hub has it waiting
+                    call.queue = call.last_queue = entry.get("Queue", "")
+                    self._caller_id(call, entry)
+                elif entry is not None and not call.queue:
                     wait = _int(entry.get("Wait"))
                     self._caller_id(call, entry)
                     joined = at - timedelta(seconds=wait) if wait else at
@@ -251,12 +258,50 @@ class AsteriskMapper:
                         continue
                     self._caller_id(call, legs[0])
                     self._leg(call, leg.get("Channel", ""), resource)
+                    if resource == call.holder and not call.holder_leg:
+                        call.holder_leg = _base(leg.get("Channel", ""))  # the hub's holder
                     up = leg.get("ChannelStateDesc") == "Up"
                     if up or self.config.pop_on == "ring":
                         self._offer(call, resource, {"event": "routed"}, at, out, force=up)
                     if up:
                         self._answer(call, resource, leg.get("Channel", ""), at, out)
+            if seeded:  # what the hub has is the baseline: only later changes are sent
+                call.sent_fields = self._contact_fields(call)
         return out
+
+    def end_vanished(self, contact_ids: Iterable[str], at: datetime) -> list[dict[str, Any]]:
+        """Contacts this source started, restored by the hub from its journal, whose calls are
+        no longer in Asterisk (called after `resync`): they ended while the hub was down."""
+        out: list[dict[str, Any]] = []
+        for contact_id in contact_ids:
+            if contact_id in self.calls:
+                continue
+            call = Call(contact_id, started=True, ended=True)
+            state = self.known(contact_id) if self.known is not None else None
+            last = state.get("last_at") if state else None
+            call.last_at = datetime.fromisoformat(last) if isinstance(last, str) else None
+            self._emit(call, {"event": "ended"}, at, out)
+        return out
+
+    def _seed(self, call: Call) -> bool:
+        """A call in progress this mapper does not know, as the hub knows it (a restart of the
+        hub with this source inside: the journal restored the contact, this memory is new).
+        Whoever the hub popped is not popped again, the one who answered stays the holder, and
+        the next events are timed after the hub's last one. False: the hub does not know it."""
+        state = self.known(call.linkedid) if self.known is not None else None
+        if not state or state.get("ended_seen"):
+            return False
+        call.started = True
+        call.inbound = True  # the hub has it: it was popped or queued as an inbound call
+        last = state.get("last_at")
+        call.last_at = datetime.fromisoformat(last) if isinstance(last, str) else None
+        start = state.get("segment_start")
+        call.queued_at = datetime.fromisoformat(start) if isinstance(start, str) else None
+        call.rung = set(state.get("following") or ())  # popped in this round already
+        if state.get("answered_at") and state.get("holder"):
+            call.holder = str(state["holder"])
+            call.rung.add(call.holder)
+        return True
 
     def _agent_leg_resource(self, leg: Mapping[str, str]) -> str | None:
         if leg.get("Application", "") not in ("AppQueue", "AppDial", "Queue", "Dial"):
