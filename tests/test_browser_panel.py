@@ -364,6 +364,9 @@ def test_panel_card_popped_again_stops_ringing(browser: Any) -> None:
         newer = page.locator(f'li.card[data-pop-id="{second}"] .state')
         sync_api.expect(newer).to_have_text("Ringing", timeout=10_000)
         sync_api.expect(earlier).to_have_text(re.compile(r"^Popped again · at \S+"))
+        # both pops acked first: an `ended` takes back a pop still unacked (`withdrawn`), as
+        # it should; the page shows the card before its ack reaches the hub
+        assert wait_until(lambda: hub_thread.status()["pending"] == 0)
         post({"event": "ended"})
         sync_api.expect(newer).to_have_text("Ended · abandoned", timeout=10_000)
         sync_api.expect(earlier).to_have_text(re.compile(r"^Popped again · at \S+"))

@@ -469,7 +469,8 @@ def test_status_words_durations_and_zero_counters(monkeypatch) -> None:
 
 def test_status_shows_every_counter_the_docs_name_at_zero_on_a_fresh_hub() -> None:
     """docs/cli.md: "every counter shown, 0 included"; the counters are those reliability.md
-    lists (and cluster.md's `contact_conflicts` and `contact_writes_replayed`). Four were
+    lists (and cluster.md's `contact_conflicts`, `contact_writes_replayed` and
+    `contact_writes_settled`). Four were
     missing while at 0."""
     import re
 
@@ -482,8 +483,8 @@ def test_status_shows_every_counter_the_docs_name_at_zero_on_a_fresh_hub() -> No
         "browser_streams",
         "connections",
     }
-    named |= {"contact_conflicts", "contact_writes_replayed"}
-    assert len(named) == 26
+    named |= {"contact_conflicts", "contact_writes_replayed", "contact_writes_settled"}
+    assert len(named) == 27
 
     async def body() -> Any:
         async with inprocess_hub() as hub:

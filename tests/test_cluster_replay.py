@@ -172,7 +172,7 @@ def test_a_state_stored_late_has_its_writes_replayed_after_the_hubs_window(
     """The state write is sent, unanswered (the node frozen), and stored only when the node
     comes back, after 0.8 x dedupe_window (2.4 s here) of the hub's clock: its writes are timed
     from that store, JetStream's clock, so the resend still writes the pop (it was lost)."""
-    hub = HubThread(backend="nats", nats_servers=nats1.servers, nats_timeout=1, dedupe_window=3)
+    hub = HubThread(backend="nats", nats_servers=nats1.servers, nats_timeout=2, dedupe_window=3)
     node = nats1.nodes[0].proc
     assert node is not None
     try:
@@ -191,7 +191,7 @@ def test_a_state_stored_late_has_its_writes_replayed_after_the_hubs_window(
         with pytest.raises(JournalUnavailable) as refused:
             hub.call(hub.hub.apply_contacts(dict(ROUTED)))
         assert refused.value.message == (
-            "JetStream did not answer in 1 s: the events may still be applied; resend them "
+            "JetStream did not answer in 2 s: the events may still be applied; resend them "
             "with the same ids (applied once)"
         )
         time.sleep(max(0.0, applied + 2.8 - time.time()))
@@ -205,6 +205,70 @@ def test_a_state_stored_late_has_its_writes_replayed_after_the_hubs_window(
     finally:
         os.kill(node.pid, signal.SIGCONT)
         hub.close()
+
+
+def test_an_unanswered_state_write_stored_later_gets_its_pop_without_a_resend(
+    nats1: NatsCluster,
+) -> None:
+    """The state write is sent and unanswered (the node frozen: as a quorum lost), the source
+    told 503 and, here, never resending. The hub reads the state again until it can: stored,
+    with no later event, so it writes the pop itself."""
+    # frozen for less than the hub's pings take to drop the link (about 2 x nats_timeout):
+    # dropped, the write would never be stored
+    hub = HubThread(backend="nats", nats_servers=nats1.servers, nats_timeout=2)
+    node = nats1.nodes[0].proc
+    assert node is not None
+    try:
+        listener, got = listen(hub, "6")
+        assert hub.hub is not None
+        delivery = hub.hub.delivery
+        real = delivery.store_contacts
+
+        async def freeze_then_store(states: Any, revisions: Any) -> bool:
+            delivery.store_contacts = real
+            os.kill(node.pid, signal.SIGSTOP)
+            return await real(states, revisions)
+
+        delivery.store_contacts = freeze_then_store
+        with pytest.raises(JournalUnavailable):
+            hub.call(hub.hub.apply_contacts(dict(ROUTED)))
+        time.sleep(0.5)
+        assert got == []
+        os.kill(node.pid, signal.SIGCONT)  # the state write is stored now
+        assert wait_for(lambda: got == [("ev-routed", "+33 1 23")], timeout=20)
+        assert counters(hub)["contact_writes_settled"] == 1
+        assert counters(hub).get("contact_writes_replayed", 0) == 0
+        listener.shutdown()
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+        hub.close()
+
+
+def test_a_resend_of_an_earlier_event_of_a_call_over_writes_no_pop(nats1: NatsCluster) -> None:
+    """The pop of `routed` was lost, then the call ended (on another hub), then `routed` is
+    resent: writing its pop now would leave it on the agent's screen for a call that is over."""
+    proxy = CutProxy(nats1.nodes[0].port)
+    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=2)
+    other = HubThread(backend="nats", nats_servers=nats1.servers)
+    try:
+        listener, got = listen(other, "6")
+        lose_after_state(cut, proxy, answer=True)
+        with pytest.raises(JournalUnavailable):
+            cut.call(cut.hub.apply_contacts(dict(ROUTED)))  # type: ignore[union-attr]
+        ended = {"id": "ev-ended", "contact_id": "c-1", "event": "ended"}
+        assert other.call(other.hub.apply_contacts(ended)) == {"applied": 1, "pops": []}  # type: ignore[union-attr]
+        assert other.call(other.hub.apply_contacts(dict(ROUTED))) == {  # type: ignore[union-attr]
+            "applied": 1,
+            "pops": [],
+        }
+        time.sleep(1.0)
+        assert got == []
+        assert counters(other)["contact_writes_replayed"] == 0
+        listener.shutdown()
+    finally:
+        other.close()
+        cut.close()
+        proxy.close()
 
 
 def test_spop_send_to_a_list_moves_on_from_a_hub_cut_off_from_nats(nats1: NatsCluster) -> None:

@@ -21,6 +21,7 @@ COUNTERS = {
     "duplicate_events": "duplicate contact events",
     "contact_conflicts": "contact updates retried (cluster)",
     "contact_writes_replayed": "contact writes replayed (cluster)",
+    "contact_writes_settled": "contact writes settled (cluster)",
     "changes_accepted": "contact changes accepted",
     "changes_pending": "contact changes pending",
     "changes_delivered": "contact changes delivered",

@@ -1286,6 +1286,7 @@ class NatsDelivery:
                     return False
                 failed = self._kv_failed("contact state not stored", exc)
                 if failed.answer is None and isinstance(exc, TimeoutError):
+                    failed.ambiguous = True  # type: ignore[attr-defined]
                     failed.answer = (  # sent, unanswered: JetStream may store it late
                         f"JetStream did not answer in {self.config.nats_timeout:g} s: the "
                         "events may still be applied; resend them with the same ids (applied "

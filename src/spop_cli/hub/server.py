@@ -120,6 +120,7 @@ class Hub:
         self._batches: dict[asyncio.Future[None], list[_Held]] = {}  # the same, by commit
         # contact id → the turn of the contact request changing it: the next waits for it
         self._contact_turns: dict[str, asyncio.Future[None]] = {}
+        self._settling: set[asyncio.Task[None]] = set()  # unanswered state writes (NATS)
         self.browser_streams: set[Any] = set()  # open SSE streams (hub/browser.py)
         self.browser_sessions: Any = None  # signs their cookies; made at start
 
@@ -177,6 +178,8 @@ class Hub:
     async def stop(self) -> None:
         if self.sources is not None:
             await self.sources.stop()
+        for task in list(self._settling):
+            task.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -689,12 +692,14 @@ class Hub:
                 applied: dict[str, list[str]] = {}  # contact → its recent event ids (any hub's)
                 popped: dict[str, list[list[str]]] = {}  # contact → the keys it popped (any hub)
                 recorded: dict[str, dict[str, Any]] = {}  # contact → event id → [at, writes]
+                ended: dict[str, bool] = {}  # contact → it had ended when read
                 for contact_id, (state, _) in loaded.items():
                     tracker.put_back({contact_id: None})
                     if state is not None:
                         applied[contact_id] = list(state.get("event_ids", ()))
                         popped[contact_id] = list(state.get("pop_keys", ()))
                         recorded[contact_id] = _stamped(state)
+                        ended[contact_id] = bool(state.get("ended_seen"))
                         for event_id in applied[contact_id]:
                             tracker.event_ids.add(
                                 event_id, now
@@ -737,6 +742,8 @@ class Hub:
                     stored = False
                     tracker.put_back(before)
                     _forget_events(tracker, outcomes)
+                    if getattr(exc, "ambiguous", False):  # it may be stored all the same, later
+                        self._settle_later(applied, outcomes)
                     raise JournalUnavailable(exc) from exc
                 if stored:
                     break
@@ -757,24 +764,14 @@ class Hub:
                         time.time(),
                         self.config.dedupe_window,
                     )
+                    if ended.get(contact_id) and not any(e[0] == "end" for e in entries):
+                        entries = []  # an earlier event of a call over: its pop would outlive it
                     self.counters["contact_writes_replayed"] += len(entries)
-                for entry in entries:
-                    if entry[0] == "change":
-                        change = entry[1]
-                        key = (change["media"], change["resource"])
-                        writes.append(
-                            self._accept_clustered(
-                                change, key, None, event_id is not None, takes_back=entry[2]
-                            )
-                        )
-                    elif entry[0] == "end":  # on every key it popped, whichever hub popped it
-                        keys = [(k[0], k[1]) for k in popped.get(contact_id, [])]
-                        self.delivery.withdraw(contact_id, keys, writes)
-                    else:
-                        pop = entry[1]
-                        if not outcome.duplicate:
-                            pop_ids.append(pop["id"])
-                        writes.append(self.accept(pop, dedupe=event_id is not None))
+                made = self._write_entries(
+                    contact_id, entries, event_id is not None, popped.get(contact_id, []), writes
+                )
+                if not outcome.duplicate:
+                    pop_ids += made
             self.counters["contact_events"] += len(outcomes)
             result: dict[str, Any] = {"applied": len(outcomes), "pops": pop_ids}
             if skip_refused:
@@ -797,6 +794,92 @@ class Hub:
             error.applied_result = result  # type: ignore[attr-defined]
             raise error
         return result
+
+    def _write_entries(
+        self,
+        contact_id: str,
+        entries: list[list[Any]],
+        dedupe: bool,
+        popped: list[list[str]],
+        writes: list[asyncio.Future[Any]],
+    ) -> list[str]:
+        """Into the stream, an event's writes (`_stream_writes`, or as recorded in its contact's
+        KV state), each future added to `writes`; the ids of its pops."""
+        pop_ids: list[str] = []
+        for entry in entries:
+            if entry[0] == "change":
+                change = entry[1]
+                key = (change["media"], change["resource"])
+                writes.append(
+                    self._accept_clustered(change, key, None, dedupe, takes_back=entry[2])
+                )
+            elif entry[0] == "end":  # on every key it popped, whichever hub popped it
+                keys = [(k[0], k[1]) for k in popped]
+                self.delivery.withdraw(contact_id, keys, writes)
+            else:
+                pop = entry[1]
+                pop_ids.append(pop["id"])
+                writes.append(self.accept(pop, dedupe=dedupe))
+        return pop_ids
+
+    def _settle_later(self, applied: dict[str, list[str]], outcomes: list[Any]) -> None:
+        """A contact state write JetStream did not answer (a quorum lost as it was sent): it may
+        be stored when the quorum is back, with nothing of what its events write in the stream
+        (this hub stopped there), and the source, told to resend, may not. Read it again until
+        it can be read; if it was stored and no later event came, write what it recorded."""
+        mine = {
+            o.contact_id: [e for e in applied.get(o.contact_id, []) if e in _ids_of(outcomes)]
+            for o in outcomes
+            if o.event_id is not None and not o.duplicate
+        }
+        mine = {contact: ids for contact, ids in mine.items() if ids}
+        if mine:
+            task = asyncio.get_running_loop().create_task(self._settle(mine))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, mine: dict[str, list[str]]) -> None:
+        """`_settle_later`'s reads, until `pop_ttl` has passed: a write stuck in JetStream (a
+        proposal waiting for its quorum) may still be stored any time until then."""
+        delay, deadline = 0.5, time.monotonic() + max(self.config.pop_ttl, 1.0)
+        while mine and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            try:
+                loaded = await self.delivery.load_contacts(set(mine))
+            except Exception as exc:  # still no quorum, or no link: again later
+                self.log.debug("unanswered contact state write: still unreadable (%r)", exc)
+                continue
+            writes: list[asyncio.Future[Any]] = []
+            for contact_id, (state, _) in loaded.items():
+                ids = mine[contact_id]
+                applied = list(state.get("event_ids", ())) if state is not None else []
+                if not set(ids) <= set(applied):
+                    continue  # not stored (yet)
+                del mine[contact_id]
+                if applied[-len(ids) :] != ids:
+                    continue  # a later event came: its source went on, the resend was done
+                recorded = state.get("writes") or {}  # type: ignore[union-attr]
+                for event_id in ids:
+                    record = recorded.get(event_id)
+                    entries = record[1] if isinstance(record, list) and len(record) > 1 else []
+                    self.counters["contact_writes_settled"] += len(entries)
+                    self._write_entries(
+                        contact_id,
+                        entries,
+                        True,
+                        list(state.get("pop_keys", ())),
+                        writes,  # type: ignore[union-attr]
+                    )
+            if writes:
+                done = await asyncio.gather(*writes, return_exceptions=True)
+                failed = [r for r in done if isinstance(r, BaseException)]
+                self.log.warning(
+                    "contact state stored late (unanswered when written): %d of its stream "
+                    "writes sent now%s",
+                    len(done) - len(failed),
+                    f", {len(failed)} failed: {failed[0]!r}" if failed else "",
+                )
 
     async def _line_up(self, ids: set[str]) -> asyncio.Future[None]:
         """Take this request's place behind the requests about any of these contacts already in
@@ -1071,6 +1154,10 @@ def _past_refusal(
             more.index += start  # type: ignore[attr-defined]
             start = more.index  # type: ignore[attr-defined]
     return outcomes, refused
+
+
+def _ids_of(outcomes: list[Any]) -> set[str]:
+    return {o.event_id for o in outcomes if o.event_id is not None and not o.duplicate}
 
 
 def _stream_writes(outcome: Any) -> list[list[Any]]:
