@@ -129,7 +129,9 @@ class FakeAsterisk:
         read: frozenset[str] = ALL_CLASSES,
         allow_filter: bool = True,
         allow_channels: bool = True,
+        list_delay: float = 0.0,
     ) -> None:
+        self.list_delay = list_delay  # seconds before CoreShowChannels is answered (a busy PBX)
         self.username = username
         self.secret = secret
         self.read = read
@@ -144,6 +146,27 @@ class FakeAsterisk:
         # what Asterisk would list now: live channels and callers waiting, from the events played
         self.channels: dict[str, dict[str, str]] = {}
         self.waiting: dict[str, dict[str, str]] = {}
+
+    def _list_channels(self, session: Session, action_id: str) -> None:
+        self._answer(
+            session,
+            action_id,
+            ["Response: Success", "EventList: start", "Message: Channels will follow"],
+        )
+        for channel in self.channels.values():
+            lines = ["Event: CoreShowChannel"] + [
+                f"{k}: {v}" for k, v in channel.items() if k != "Event"
+            ]
+            self._answer(session, action_id, lines)
+        self._answer(
+            session,
+            action_id,
+            [
+                "Event: CoreShowChannelsComplete",
+                "EventList: Complete",
+                f"ListItems: {len(self.channels)}",
+            ],
+        )
 
     async def start(self, port: int = 0) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", port or self.port)
@@ -223,25 +246,12 @@ class FakeAsterisk:
             if not self.allow_channels:
                 self._answer(session, action_id, ["Response: Error", "Message: Permission denied"])
                 return True
-            self._answer(
-                session,
-                action_id,
-                ["Response: Success", "EventList: start", "Message: Channels will follow"],
-            )
-            for channel in self.channels.values():
-                lines = ["Event: CoreShowChannel"] + [
-                    f"{k}: {v}" for k, v in channel.items() if k != "Event"
-                ]
-                self._answer(session, action_id, lines)
-            self._answer(
-                session,
-                action_id,
-                [
-                    "Event: CoreShowChannelsComplete",
-                    "EventList: Complete",
-                    f"ListItems: {len(self.channels)}",
-                ],
-            )
+            if self.list_delay:
+                asyncio.get_running_loop().call_later(
+                    self.list_delay, self._list_channels, session, action_id
+                )
+            else:
+                self._list_channels(session, action_id)
         elif name == "QueueStatus":
             self._answer(
                 session,

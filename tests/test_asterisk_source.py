@@ -21,7 +21,7 @@ import pytest
 from fake_ami import ALL_CLASSES, FakeAsterisk, busy_pbx, transcript_blocks
 from hubproc import Counting, HubProcess, address_of, inprocess_hub, run, until
 from spop_cli.sources import HubSink, SourceContext
-from spop_cli.sources.asterisk import AsteriskSource, Outbox
+from spop_cli.sources.asterisk import AsteriskSource, ClassWatch, Outbox
 
 BLOCKS = transcript_blocks()
 AGENTS = ("100", "101", "200", "104", "3")
@@ -494,6 +494,62 @@ def test_a_missing_read_class_is_named_with_the_fix(missing: str) -> None:
         "pops will be missing. Fix: read = call,agent,user,dialplan in the [spop] section of "
         "Asterisk's manager.conf, then `asterisk -rx 'manager reload'`"
     )
+
+
+QUEUE_RAN = {
+    "Event": "Newexten",
+    "Application": "Queue",
+    "Uniqueid": "1.1",
+    "Privilege": "dialplan,all",
+}
+HUNG_UP = {"Event": "Hangup", "Uniqueid": "1.1", "Privilege": "call,all"}
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_a_queue_call_cut_by_a_link_drop_is_no_missing_read_class(dropped: bool) -> None:
+    """Queue() ran, then the link dropped before the queue events: they came while nobody read,
+    which says nothing of manager.conf. Without a drop, the same is the missing 'agent' class."""
+    watch = ClassWatch("spop")
+    assert watch.see(QUEUE_RAN) is None
+    if dropped:
+        watch.link_dropped()
+    said = watch.see(HUNG_UP)
+    if dropped:
+        assert said is None
+    else:
+        assert said == (
+            "AMI user 'spop' gets no 'agent' events (Queue() ran, but no queue event came): pops "
+            "will be missing. Fix: read = call,agent,user,dialplan in the [spop] section of "
+            "Asterisk's manager.conf, then `asterisk -rx 'manager reload'`"
+        )
+
+
+def test_a_slow_list_of_calls_keeps_the_link_and_names_the_setting() -> None:
+    """CoreShowChannels answered after connect_timeout: the list is given up, not the link (a
+    reconnect would lose the events of each gap and ask again), its late answer is no event,
+    and the calls still pop as they come."""
+
+    async def body() -> tuple[Recording, Captured, bool, AsteriskSource]:
+        ami = FakeAsterisk(list_delay=1.0)
+        await ami.start()
+        source = source_for(ami, connect_timeout=0.4, reconnect_max=0.3)
+        sink, captured, ok = await run_for(
+            ami,
+            source,
+            lambda _, sink: sum(e["event"] == "ended" for e in sink.events) == 6,
+            BLOCKS,
+        )
+        return sink, captured, ok, source
+
+    sink, captured, ok, source = run(body())
+    assert ok
+    assert source.sessions == 1
+    assert lifecycle(sink) == RING
+    assert [line for line in captured.lines if "list its calls" in line] == [
+        "WARNING Asterisk did not list its calls (CoreShowChannels, QueueStatus) within "
+        "connect_timeout (0.4 s): calls in progress are not learned this time (raise "
+        "connect_timeout for a PBX this busy); events are read on"
+    ]
 
 
 def test_all_read_classes_give_no_class_error() -> None:

@@ -55,6 +55,7 @@ class AmiConnection:
         self.banner = ""
         self._ids = itertools.count(1)
         self._pending: dict[str, tuple[asyncio.Future[Any], list[dict[str, str]]]] = {}
+        self._abandoned: set[str] = set()  # actions not answered in time: their late answers
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[Exception | None] | None = None
@@ -107,7 +108,14 @@ class AmiConnection:
             action_id = message.get("ActionID")
             waiting = self._pending.get(action_id) if action_id else None
             if waiting is None:
-                if "Event" in message:
+                if action_id and action_id in self._abandoned:
+                    if (
+                        message.get("EventList") == "Complete"
+                        or "Response" in message
+                        and (message.get("EventList") != "start")
+                    ):
+                        self._abandoned.discard(action_id)
+                elif "Event" in message:
                     self.on_event(message)
                 continue
             future, items = waiting
@@ -138,7 +146,8 @@ class AmiConnection:
         try:
             return await asyncio.wait_for(future, timeout)
         finally:
-            self._pending.pop(action_id, None)
+            if self._pending.pop(action_id, None) is not None:  # given up: its answer, if it
+                self._abandoned.add(action_id)  # comes, is no event of the stream
 
     async def login(
         self, username: str, secret: str, events: str = "on", timeout: float = 10.0

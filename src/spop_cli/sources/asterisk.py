@@ -181,7 +181,21 @@ class AsteriskSource(Source):
         return True
 
     async def _resync(self, ami: AmiConnection, ctx: SourceContext) -> list[dict[str, Any]] | None:
-        """The calls in progress now (CoreShowChannels, QueueStatus), for the mapper."""
+        """The calls in progress now (CoreShowChannels, QueueStatus), for the mapper. A list
+        that does not come within connect_timeout is given up, not the link: reconnecting would
+        lose the events of every gap, and ask the same slow list again."""
+        try:
+            return await self._lists(ami, ctx)
+        except TimeoutError:
+            ctx.log.warning(
+                "Asterisk did not list its calls (CoreShowChannels, QueueStatus) within "
+                "connect_timeout (%g s): calls in progress are not learned this time (raise "
+                "connect_timeout for a PBX this busy); events are read on",
+                self.connect_timeout,
+            )
+            return None
+
+    async def _lists(self, ami: AmiConnection, ctx: SourceContext) -> list[dict[str, Any]] | None:
         answer, channels = await ami.action("CoreShowChannels", {}, self.connect_timeout)
         if answer.get("Response") != "Success":
             ctx.log.error(
@@ -245,6 +259,7 @@ class AsteriskSource(Source):
     async def _session(self, ctx: SourceContext, outbox: Outbox) -> None:
         mapper = self.mapper
         mapper.mark_stale()
+        self.watch.link_dropped()
 
         def on_event(event: dict[str, str]) -> None:
             at = _event_time(event)
@@ -496,6 +511,12 @@ class ClassWatch:
         self.others = 0
         self.queue_app: dict[str, bool] = {}  # Uniqueid that ran Queue() -> a queue event came
         self.user_app: dict[str, bool] = {}
+
+    def link_dropped(self) -> None:
+        """A new session: what the calls in progress ran before it proves nothing now (their
+        queue or user events may have come while the link was down)."""
+        self.queue_app.clear()
+        self.user_app.clear()
 
     def _missing(self, klass: str, why: str) -> str | None:
         if klass in self.reported:
