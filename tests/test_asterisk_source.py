@@ -20,7 +20,7 @@ import pytest
 
 from fake_ami import ALL_CLASSES, FakeAsterisk, busy_pbx, transcript_blocks
 from hubproc import Counting, HubProcess, address_of, inprocess_hub, run, until
-from spop_cli.sources import HubSink, SourceContext
+from spop_cli.sources import HubSink, RemoteSink, SourceContext
 from spop_cli.sources.asterisk import AsteriskSource, ClassWatch, Outbox
 
 BLOCKS = transcript_blocks()
@@ -651,6 +651,37 @@ async def spop(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode()
+
+
+def test_beside_the_hub_each_event_has_an_id_so_a_resend_is_applied_once() -> None:
+    """`spop source` sends over the network: a batch whose answer was lost with the connection
+    is sent again, so each event gets an id of its own (this run's, then its number)."""
+
+    async def body() -> tuple[list[str], str, dict[str, Any], dict[str, Any], int]:
+        async with inprocess_hub() as hub:
+            sink = RemoteSink(address_of(hub))
+            ctx, _ = context(sink)
+            outbox = Outbox(ctx)
+            outbox.put([{"contact_id": "k", "event": "queued", "media": "telephone"}])
+            outbox.put([{"contact_id": "k", "event": "routed", "resource": "100"}])
+            batch = list(outbox.events)
+            first = await sink.send(batch)
+            again = await sink.send(batch)  # its answer lost: sent again on a new connection
+            await sink.close()
+            return (
+                [e["id"] for e in batch],
+                outbox.run_id,
+                first,
+                again,
+                hub.status()["counters"]["duplicate_events"],
+            )
+
+    ids, run_id, first, again, duplicates = run(body())
+    assert run_id.startswith("ami-") and len(run_id) == 12
+    assert ids == [f"{run_id}-1", f"{run_id}-2"]
+    assert first == {"applied": 2, "pops": [f"{run_id}-2"]}
+    assert again == {"applied": 2, "pops": []}
+    assert duplicates == 2
 
 
 @pytest.mark.parametrize("good", [True, False])

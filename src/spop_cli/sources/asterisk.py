@@ -9,6 +9,7 @@ import asyncio
 import os
 import random
 import re
+import secrets
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -370,10 +371,16 @@ class Outbox:
         self.wake = asyncio.Event()
         self.sent = 0
         self.pipelined = isinstance(ctx.sink, HubSink)
+        self.run_id = f"ami-{secrets.token_hex(4)}"  # this process's events: unique across runs
+        self.numbered = 0
         self.limit = self.IN_FLIGHT if self.pipelined else 1
         self.in_flight: deque[tuple[asyncio.Task[Any], list[dict[str, Any]]]] = deque()
 
     def put(self, events: list[dict[str, Any]]) -> None:
+        if not self.pipelined:  # over the network a batch whose answer was lost is sent again:
+            for event in events:  # ids make the hub apply it once (inside, nothing is lost)
+                self.numbered += 1
+                event["id"] = f"{self.run_id}-{self.numbered}"
         self.events.extend(events)
         if len(self.events) > MAX_BACKLOG:
             dropped = len(self.events) - MAX_BACKLOG
