@@ -70,6 +70,22 @@ def lose_after_state(hub: HubThread, proxy: CutProxy, answer: bool) -> None:
     delivery.store_contacts = store_then_cut
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP, and wait until every thread of the process has stopped: a request sent after
+    this waits for SIGCONT (a busy thread may otherwise answer it first)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        states = [
+            (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            for task in Path(f"/proc/{pid}/task").iterdir()
+        ]
+        if all(state == "T" for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def counters(hub: HubThread) -> dict[str, int]:
     return hub.status()["counters"]
 
@@ -183,7 +199,7 @@ def test_a_state_stored_late_has_its_writes_replayed_after_the_hubs_window(
 
         async def freeze_then_store(states: Any, revisions: Any) -> bool:
             delivery.store_contacts = real
-            os.kill(node.pid, signal.SIGSTOP)
+            freeze(node.pid)
             return await real(states, revisions)
 
         delivery.store_contacts = freeze_then_store
@@ -226,7 +242,7 @@ def test_an_unanswered_state_write_stored_later_gets_its_pop_without_a_resend(
 
         async def freeze_then_store(states: Any, revisions: Any) -> bool:
             delivery.store_contacts = real
-            os.kill(node.pid, signal.SIGSTOP)
+            freeze(node.pid)
             return await real(states, revisions)
 
         delivery.store_contacts = freeze_then_store
