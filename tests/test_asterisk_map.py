@@ -565,23 +565,7 @@ def test_resync_keeps_known_calls_ends_vanished_ones_and_learns_new_ones() -> No
             "Application": "Queue",
         },
         # a call that came in while the link was down, answered by 1003 meanwhile
-        {
-            "Channel": "PJSIP/trunk-00000009",
-            "Uniqueid": "9.1",
-            "Linkedid": "9.1",
-            "Context": "from-pstn",
-            "Exten": "5552000",
-            "CallerIDNum": "+331",
-            "Application": "Queue",
-        },
-        {
-            "Channel": "PJSIP/1003-0000000a",
-            "Uniqueid": "9.2",
-            "Linkedid": "9.1",
-            "Context": "from-internal",
-            "Application": "AppQueue",
-            "ChannelStateDesc": "Up",
-        },
+        *LEARNED,
         # and one still waiting in billing
         {
             "Channel": "PJSIP/trunk-0000000b",

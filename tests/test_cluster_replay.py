@@ -86,6 +86,21 @@ def freeze(pid: int) -> None:
     raise AssertionError(f"process {pid} did not stop")
 
 
+def freeze_at_next_state_write(hub: HubThread, pid: int) -> None:
+    """The hub's next contact state write is sent to a node frozen just before (`freeze`): it
+    waits, unanswered, until SIGCONT."""
+    assert hub.hub is not None
+    delivery = hub.hub.delivery
+    real = delivery.store_contacts
+
+    async def freeze_then_store(states: Any, revisions: Any) -> bool:
+        delivery.store_contacts = real
+        freeze(pid)
+        return await real(states, revisions)
+
+    delivery.store_contacts = freeze_then_store
+
+
 def counters(hub: HubThread) -> dict[str, int]:
     return hub.status()["counters"]
 
@@ -193,19 +208,10 @@ def test_a_state_stored_late_has_its_writes_replayed_after_the_hubs_window(
     assert node is not None
     try:
         listener, got = listen(hub, "6")
-        assert hub.hub is not None
-        delivery = hub.hub.delivery
-        real = delivery.store_contacts
-
-        async def freeze_then_store(states: Any, revisions: Any) -> bool:
-            delivery.store_contacts = real
-            freeze(node.pid)
-            return await real(states, revisions)
-
-        delivery.store_contacts = freeze_then_store
+        freeze_at_next_state_write(hub, node.pid)
         applied = time.time()
         with pytest.raises(JournalUnavailable) as refused:
-            hub.call(hub.hub.apply_contacts(dict(ROUTED)))
+            hub.call(hub.hub.apply_contacts(dict(ROUTED)))  # type: ignore[union-attr]
         assert refused.value.message == (
             "JetStream did not answer in 2 s: the events may still be applied; resend them "
             "with the same ids (applied once)"
@@ -213,7 +219,7 @@ def test_a_state_stored_late_has_its_writes_replayed_after_the_hubs_window(
         time.sleep(max(0.0, applied + 2.8 - time.time()))
         os.kill(node.pid, signal.SIGCONT)  # the state write is stored now
         assert wait_for(lambda: counters(hub)["pending"] == 0)
-        again = hub.call(hub.hub.apply_contacts(dict(ROUTED)))
+        again = hub.call(hub.hub.apply_contacts(dict(ROUTED)))  # type: ignore[union-attr]
         assert again == {"applied": 1, "pops": []}
         assert wait_for(lambda: got == [("ev-routed", "+33 1 23")])
         assert counters(hub)["contact_writes_replayed"] == 1
@@ -236,18 +242,9 @@ def test_an_unanswered_state_write_stored_later_gets_its_pop_without_a_resend(
     assert node is not None
     try:
         listener, got = listen(hub, "6")
-        assert hub.hub is not None
-        delivery = hub.hub.delivery
-        real = delivery.store_contacts
-
-        async def freeze_then_store(states: Any, revisions: Any) -> bool:
-            delivery.store_contacts = real
-            freeze(node.pid)
-            return await real(states, revisions)
-
-        delivery.store_contacts = freeze_then_store
+        freeze_at_next_state_write(hub, node.pid)
         with pytest.raises(JournalUnavailable):
-            hub.call(hub.hub.apply_contacts(dict(ROUTED)))
+            hub.call(hub.hub.apply_contacts(dict(ROUTED)))  # type: ignore[union-attr]
         time.sleep(0.5)
         assert got == []
         os.kill(node.pid, signal.SIGCONT)  # the state write is stored now
