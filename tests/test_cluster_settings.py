@@ -207,6 +207,16 @@ def post_pop(hub: HubThread, pop_id: str, resource: str) -> tuple[int, dict[str,
         return error.code, json.loads(error.read())
 
 
+NOT_CONNECTED = (  # a hub whose link to NATS is down, to a source
+    503,
+    {
+        "error": "journal_unavailable",
+        "message": "this hub is not connected to NATS (reconnecting): nothing was accepted; "
+        "retry later, or on another hub",
+    },
+)
+
+
 def test_a_pop_refused_while_cut_off_from_nats_is_never_stored(nats1: NatsCluster) -> None:
     """While its link to NATS is down a hub answers 503 at once, and nothing it refused goes
     out when the link comes back (nats-py would buffer it: the source, told to retry, would
@@ -223,14 +233,7 @@ def test_a_pop_refused_while_cut_off_from_nats_is_never_stored(nats1: NatsCluste
         assert cut.hub is not None
         delivery = cut.hub.delivery
         assert wait_for(lambda: not delivery.nc.is_connected)
-        assert post_pop(cut, "refused", "4242") == (
-            503,
-            {
-                "error": "journal_unavailable",
-                "message": "this hub is not connected to NATS (reconnecting): nothing was "
-                "accepted; retry later, or on another hub",
-            },
-        )
+        assert post_pop(cut, "refused", "4242") == NOT_CONNECTED
         proxy.heal()
         assert wait_for(lambda: delivery.nc.is_connected, timeout=15)
         assert post_pop(cut, "after", "4242")[0] == 200
@@ -383,14 +386,7 @@ def test_a_silent_link_to_nats_is_found_by_its_pings(nats1: NatsCluster) -> None
         proxy.hold()
         assert wait_for(lambda: not delivery.nc.is_connected, timeout=10)
         assert get_json(hub.http + "/v1/health")[0] == 503
-        assert post_pop(hub, "silent", "4242") == (
-            503,
-            {
-                "error": "journal_unavailable",
-                "message": "this hub is not connected to NATS (reconnecting): nothing was "
-                "accepted; retry later, or on another hub",
-            },
-        )
+        assert post_pop(hub, "silent", "4242") == NOT_CONNECTED
         proxy.heal()
         assert wait_for(lambda: delivery.nc.is_connected, timeout=15)
         assert get_json(hub.http + "/v1/health") == (200, {"status": "ok", "version": __version__})

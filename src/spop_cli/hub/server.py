@@ -756,8 +756,9 @@ class Hub:
             pop_ids: list[str] = []
             for outcome in outcomes:  # into the stream in the embedded hub's order
                 contact_id, event_id = outcome.contact_id, outcome.event_id
-                if not outcome.duplicate:
-                    entries = _stream_writes(outcome)
+                if not outcome.duplicate:  # made once, for the state's record and for here
+                    record = recorded.get(contact_id, {}).get(event_id or "")
+                    entries = record[1] if record is not None else _stream_writes(outcome)
                 else:  # a resend: what it wrote again (its first answer may have been lost)
                     entries = _replayable(
                         recorded.get(contact_id, {}).get(event_id or ""),
@@ -827,12 +828,9 @@ class Hub:
         be stored when the quorum is back, with nothing of what its events write in the stream
         (this hub stopped there), and the source, told to resend, may not. Read it again until
         it can be read; if it was stored and no later event came, write what it recorded."""
-        mine = {
-            o.contact_id: [e for e in applied.get(o.contact_id, []) if e in _ids_of(outcomes)]
-            for o in outcomes
-            if o.event_id is not None and not o.duplicate
-        }
-        mine = {contact: ids for contact, ids in mine.items() if ids}
+        new = {o.event_id for o in outcomes if o.event_id is not None and not o.duplicate}
+        contacts = {o.contact_id for o in outcomes if o.event_id in new}
+        mine = {c: [e for e in applied.get(c, []) if e in new] for c in contacts}
         if mine:
             task = asyncio.get_running_loop().create_task(self._settle(mine))
             self._settling.add(task)
@@ -854,23 +852,18 @@ class Hub:
             for contact_id, (state, _) in loaded.items():
                 ids = mine[contact_id]
                 applied = list(state.get("event_ids", ())) if state is not None else []
-                if not set(ids) <= set(applied):
+                if state is None or not set(ids) <= set(applied):
                     continue  # not stored (yet)
                 del mine[contact_id]
                 if applied[-len(ids) :] != ids:
                     continue  # a later event came: its source went on, the resend was done
-                recorded = state.get("writes") or {}  # type: ignore[union-attr]
+                recorded = state.get("writes") or {}
+                popped = list(state.get("pop_keys", ()))
                 for event_id in ids:
                     record = recorded.get(event_id)
                     entries = record[1] if isinstance(record, list) and len(record) > 1 else []
                     self.counters["contact_writes_settled"] += len(entries)
-                    self._write_entries(
-                        contact_id,
-                        entries,
-                        True,
-                        list(state.get("pop_keys", ())),
-                        writes,  # type: ignore[union-attr]
-                    )
+                    self._write_entries(contact_id, entries, True, popped, writes)
             if writes:
                 done = await asyncio.gather(*writes, return_exceptions=True)
                 failed = [r for r in done if isinstance(r, BaseException)]
@@ -1154,10 +1147,6 @@ def _past_refusal(
             more.index += start  # type: ignore[attr-defined]
             start = more.index  # type: ignore[attr-defined]
     return outcomes, refused
-
-
-def _ids_of(outcomes: list[Any]) -> set[str]:
-    return {o.event_id for o in outcomes if o.event_id is not None and not o.duplicate}
 
 
 def _stream_writes(outcome: Any) -> list[list[Any]]:

@@ -278,8 +278,7 @@ class AsteriskMapper:
                 continue
             call = Call(contact_id, started=True, ended=True)
             state = self.known(contact_id) if self.known is not None else None
-            last = state.get("last_at") if state else None
-            call.last_at = datetime.fromisoformat(last) if isinstance(last, str) else None
+            call.last_at = _moment(state.get("last_at") if state else None)
             self._emit(call, {"event": "ended"}, at, out)
         return out
 
@@ -293,10 +292,8 @@ class AsteriskMapper:
             return False
         call.started = True
         call.inbound = True  # the hub has it: it was popped or queued as an inbound call
-        last = state.get("last_at")
-        call.last_at = datetime.fromisoformat(last) if isinstance(last, str) else None
-        start = state.get("segment_start")
-        call.queued_at = datetime.fromisoformat(start) if isinstance(start, str) else None
+        call.last_at = _moment(state.get("last_at"))
+        call.queued_at = _moment(state.get("segment_start"))
         call.rung = set(state.get("following") or ())  # popped in this round already
         if state.get("answered_at") and state.get("holder"):
             call.holder = str(state["holder"])
@@ -761,6 +758,11 @@ class AsteriskMapper:
         if call is None and not event.get("Uniqueid"):
             return None
         return call if call is not None else self._call(linkedid)
+
+
+def _moment(value: Any) -> datetime | None:
+    """A time of the hub's contact state (ISO 8601), or None."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
 def _int(value: str | None) -> int:
