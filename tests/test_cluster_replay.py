@@ -108,7 +108,7 @@ def counters(hub: HubThread) -> dict[str, int]:
 @pytest.mark.parametrize("answer", [True, False], ids=["pops-lost", "state-answer-lost"])
 def test_the_resend_to_another_hub_writes_the_lost_pop(nats1: NatsCluster, answer: bool) -> None:
     proxy = CutProxy(nats1.nodes[0].port)
-    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=2)
+    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=1)
     other = HubThread(backend="nats", nats_servers=nats1.servers)
     try:
         listener, got = listen(other, "6")
@@ -144,7 +144,7 @@ def test_the_resend_to_the_same_hub_writes_updates_and_withdrawals_again(
     """An `answered` whose writes were lost: the resend writes its take-back update again, so
     the pop still pending on the other agent's desktop is withdrawn."""
     proxy = CutProxy(nats1.nodes[0].port)
-    hub = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=2)
+    hub = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=1)
     try:
         first = hub.call(hub.hub.apply_contacts(dict(ROUTED)))  # type: ignore[union-attr]
         assert first["pops"] == ["ev-routed"]
@@ -162,7 +162,7 @@ def test_the_resend_to_the_same_hub_writes_updates_and_withdrawals_again(
         assert after["contact_writes_replayed"] - before.get("contact_writes_replayed", 0) == 1
         assert after["changes_accepted"] - before.get("changes_accepted", 0) == 1
         listener, got = listen(hub, "6")
-        time.sleep(1.0)
+        time.sleep(0.5)
         assert got == []  # taken back: answered by 7 before anyone listened on 6
         listener.shutdown()
     finally:
@@ -170,16 +170,16 @@ def test_the_resend_to_the_same_hub_writes_updates_and_withdrawals_again(
         proxy.close()
 
 
-@pytest.mark.parametrize(("after", "replayed"), [(4.3, 1), (5.3, 0)])
+@pytest.mark.parametrize(("after", "replayed"), [(2.7, 1), (3.7, 0)])
 def test_writes_are_replayed_only_within_eight_tenths_of_the_duplicate_window(
     nats1: NatsCluster, after: float, replayed: int
 ) -> None:
-    """Past 0.8 × dedupe_window (6 s here: 4.8 s) the first copy may have left JetStream's
+    """Past 0.8 × dedupe_window (4 s here: 3.2 s) the first copy may have left JetStream's
     duplicate window: a second copy would pop twice, so the resend writes nothing (and the lost
     pop stays lost)."""
     proxy = CutProxy(nats1.nodes[0].port)
-    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=1, dedupe_window=6)
-    other = HubThread(backend="nats", nats_servers=nats1.servers, dedupe_window=6)
+    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=1, dedupe_window=4)
+    other = HubThread(backend="nats", nats_servers=nats1.servers, dedupe_window=4)
     try:
         lose_after_state(cut, proxy, answer=True)
         applied = time.time()
@@ -261,7 +261,7 @@ def test_a_resend_of_an_earlier_event_of_a_call_over_writes_no_pop(nats1: NatsCl
     """The pop of `routed` was lost, then the call ended (on another hub), then `routed` is
     resent: writing its pop now would leave it on the agent's screen for a call that is over."""
     proxy = CutProxy(nats1.nodes[0].port)
-    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=2)
+    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=1)
     other = HubThread(backend="nats", nats_servers=nats1.servers)
     try:
         listener, got = listen(other, "6")
@@ -274,7 +274,7 @@ def test_a_resend_of_an_earlier_event_of_a_call_over_writes_no_pop(nats1: NatsCl
             "applied": 1,
             "pops": [],
         }
-        time.sleep(1.0)
+        time.sleep(0.5)
         assert got == []
         assert counters(other)["contact_writes_replayed"] == 0
         listener.shutdown()
@@ -293,7 +293,7 @@ def test_spop_send_to_a_list_moves_on_from_a_hub_cut_off_from_nats(nats1: NatsCl
     from spop_cli.cli import cli
 
     proxy = CutProxy(nats1.nodes[0].port)
-    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=2)
+    cut = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=1)
     other = HubThread(backend="nats", nats_servers=nats1.servers)
     try:
         listener, got = listen(other, "6")
