@@ -6,6 +6,7 @@ read classes and malformed lines."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -43,8 +44,8 @@ class Recording:
         self.inner = HubSink(hub)
         self.events: list[dict[str, Any]] = []
 
-    async def send(self, events: list[dict[str, Any]]) -> dict[str, Any]:
-        answer = await self.inner.send(events)
+    async def send(self, events: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+        answer = await self.inner.send(events, **options)
         self.events.extend(events)
         return answer
 
@@ -350,62 +351,89 @@ def test_a_call_that_started_while_the_link_was_down_is_learned_and_popped_where
     assert agents["101"].pops.count((C, "", "")) == 0  # Bob's ring was over before we were back
 
 
-async def across_a_hub_restart(
-    first: list[bytes], outage: list[bytes], second: list[bytes], journal: Path
+class RemoteRestored(RemoteSink):
+    """The sink of `spop source` beside the hub (RemoteSink), keeping every event sent."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address, retry_for=5.0)
+        self.events: list[dict[str, Any]] = []
+
+    async def send(self, events: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+        answer = await super().send(events, **options)
+        self.events.extend(events)
+        return answer
+
+
+async def across_a_restart(
+    first: list[bytes], outage: list[bytes], second: list[bytes], journal: Path, what: str
 ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
-    """`spop serve` with the source inside: `first` is played, then the hub stops (its journal
-    kept), `outage` happens meanwhile, and a new hub on the same journal, with a new source (a
-    new process: no memory of the calls), logs in again and `second` is played, until the six
-    calls have ended. The lifecycle events each hub was sent."""
+    """`first` is played, then `what` restarts: `spop serve` with the source inside ("hub":
+    the hub stops, its journal kept, and a new hub on the same journal starts), or `spop
+    source` beside a hub that keeps running ("source"). `outage` happens meanwhile, and a new
+    source (a new process: no memory of the calls) logs in again and `second` is played, until
+    the six calls have ended. The lifecycle events each source sent."""
     ami = FakeAsterisk()
     await ami.start()
 
-    async def one_hub(blocks: list[bytes], done: Any) -> Restored:
-        async with inprocess_hub(journal=str(journal)) as hub:
-            sink = Restored(hub)
-            ctx, _ = context(sink)
-            source = source_for(ami, reconnect_max=0.3)
-            task = asyncio.get_running_loop().create_task(source.run(ctx))
-            try:
-                await asyncio.wait_for(source.connected.wait(), 10)
-                await ami.play(blocks, seed=7)
-                await until(lambda: done(sink), 20)
-                await asyncio.sleep(0.2)
-            finally:
-                ctx.stop.set()
-                await asyncio.wait_for(task, 10)
-            return sink
+    async def one_source(hub: Any, blocks: list[bytes], done: Any) -> Any:
+        sink = Restored(hub) if what == "hub" else RemoteRestored(address_of(hub))
+        ctx, _ = context(sink)
+        source = source_for(ami, reconnect_max=0.3)
+        task = asyncio.get_running_loop().create_task(source.run(ctx))
+        try:
+            await asyncio.wait_for(source.connected.wait(), 10)
+            await ami.play(blocks, seed=7)
+            await until(lambda: done(sink), 20)
+            await asyncio.sleep(0.2)
+        finally:
+            ctx.stop.set()
+            await asyncio.wait_for(task, 10)
+            if isinstance(sink, RemoteSink):
+                await sink.close()
+        return sink
 
-    def ends(sink: Restored) -> set[str]:
+    def ends(sink: Any) -> set[str]:
         return {e["contact_id"] for e in sink.events if e["event"] == "ended"}
 
-    before = await one_hub(first, lambda s: s.events and s.events[-1]["event"] == "answered")
-    await ami.stop()
-    ami.learn(outage)
-    await ami.start()
-    after = await one_hub(second, lambda s: len(ends(before) | ends(s)) == 6)
+    def answered(sink: Any) -> bool:
+        return bool(sink.events) and sink.events[-1]["event"] == "answered"
+
+    async with inprocess_hub(journal=str(journal)) as hub:
+        before = await one_source(hub, first, answered)
+        await ami.stop()
+        ami.learn(outage)
+        await ami.start()
+        if what == "source":
+            after = await one_source(hub, second, lambda s: len(ends(before) | ends(s)) == 6)
+    if what == "hub":
+        async with inprocess_hub(journal=str(journal)) as hub:
+            after = await one_source(hub, second, lambda s: len(ends(before) | ends(s)) == 6)
     await ami.stop()
     return lifecycle(before), lifecycle(after)
 
 
-def test_a_hub_restarted_mid_call_pops_nobody_twice_and_ends_the_calls(tmp_path: Path) -> None:
-    """Alice has answered B when `spop serve` restarts: the new source learns B from Asterisk,
-    the hub knows it from its journal, so nothing of B is sent again until its next step."""
+@pytest.mark.parametrize("what", ["hub", "source"])
+def test_a_restart_mid_call_pops_nobody_twice_and_ends_the_calls(tmp_path: Path, what: str) -> None:
+    """Alice has answered B when `spop serve` (the source inside) or `spop source` restarts:
+    the new source learns B from Asterisk, the hub knows it (from its journal, or still), so
+    nothing of B is sent again until its next step."""
     cut = index_of("AgentConnect", B)
-    before, after = run(across_a_hub_restart(BLOCKS[:cut], [], BLOCKS[cut:], tmp_path / "j"))
+    before, after = run(across_a_restart(BLOCKS[:cut], [], BLOCKS[cut:], tmp_path / "j", what))
     assert before + after == RING
 
 
-def test_a_call_that_hung_up_while_the_hub_was_down_ends_when_it_is_back(
-    tmp_path: Path,
+@pytest.mark.parametrize("what", ["hub", "source"])
+def test_a_call_that_hung_up_during_a_restart_ends_when_the_source_is_back(
+    tmp_path: Path, what: str
 ) -> None:
-    """B is transferred and hangs up while `spop serve` is down: the new source does not find
-    it in Asterisk, and the hub, from its journal, has it open from this source: it ends."""
+    """B is transferred and hangs up while `spop serve` (the source inside) or `spop source`
+    is down: the new source does not find it in Asterisk, and the hub has it open from this
+    source: it ends."""
     cut = index_of("AgentConnect", B)
     over = index_of("Hangup", B, nth=6)
     outage = [b for b in BLOCKS[cut:over] if f"Linkedid: {B}".encode() in b]
     second = [b for b in BLOCKS[cut:] if b not in outage]
-    before, after = run(across_a_hub_restart(BLOCKS[:cut], outage, second, tmp_path / "j"))
+    before, after = run(across_a_restart(BLOCKS[:cut], outage, second, tmp_path / "j", what))
     missed = [  # while nobody listened: Asterisk does not tell them again
         (B, "requeued", "", "", ""),
         (B, "transferred", "200", "100", ""),
@@ -414,6 +442,47 @@ def test_a_call_that_hung_up_while_the_hub_was_down_ends_when_it_is_back(
     ended = (B, "ended", "", "", "")
     assert after[0] == ended  # at the first list of calls, before anything else
     assert before + after[1:] == [row for row in RING if row not in missed and row != ended]
+
+
+@pytest.mark.parametrize("hub", ["down", "listener token"])
+def test_a_hub_that_cannot_say_its_open_calls_does_not_hold_the_login(hub: str) -> None:
+    """`spop source` starting while its hub is down (or with a token that may not read them):
+    one warning, then Asterisk's events are read as ever; the hub is asked again at the next
+    login."""
+
+    async def body() -> tuple[list[str], bool]:
+        ami = FakeAsterisk()
+        await ami.start()
+        async with contextlib.AsyncExitStack() as stack:
+            running = await stack.enter_async_context(
+                inprocess_hub(token="desk", source_token="secret")
+            )
+            address = address_of(running)
+            if hub == "down":  # the port of a hub that has stopped: refused
+                await stack.aclose()
+            sink = RemoteSink(address, token="desk", retry_for=30.0)
+            ctx, captured = context(sink)
+            source = source_for(ami, reconnect_max=0.3)
+            task = asyncio.get_running_loop().create_task(source.run(ctx))
+            try:
+                await asyncio.wait_for(source.connected.wait(), 5)
+            finally:
+                ctx.stop.set()
+                await asyncio.wait_for(task, 10)
+                await sink.close()
+                await ami.stop()
+        return [line for line in captured.lines if "open calls" in line], source.restored
+
+    lines, restored = run(body())
+    why = {
+        "down": "cannot reach the hub",
+        "listener token": "this token may not read a source's contacts",
+    }[hub]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("WARNING the hub's open calls of source 'pbx' are unknown (")
+    assert why in lines[0]
+    assert lines[0].endswith("): calls already with an agent are popped there again")
+    assert restored is False
 
 
 def lifecycle_of(contact: str, table: list[tuple[str, ...]]) -> list[tuple[str, ...]]:

@@ -335,14 +335,25 @@ async def publish(
 
 
 async def send_contacts(
-    address: str, events: list[dict[str, Any]], **options: Any
+    address: str, events: list[dict[str, Any]], origin: str | None = None, **options: Any
 ) -> dict[str, Any]:
     """Send lifecycle events as a source; return what the hub applied (and the pops it made).
-    To a list of hubs, an event without an id gets one here (as pops do in `publish`)."""
+    To a list of hubs, an event without an id gets one here (as pops do in `publish`).
+    `origin`: the source's name, kept with the contacts the events start (`open_contacts`)."""
     if isinstance(address, str) and len(parse_addresses(address)) > 1:
         events = _with_ids(events)
-    answer = await _as_source(address, "contact", {"events": events}, options)
+    fields: dict[str, Any] = {"events": events}
+    if origin is not None:
+        fields["origin"] = origin
+    answer = await _as_source(address, "contact", fields, options)
     return {"applied": answer.get("applied", 0), "pops": answer.get("pops", [])}
+
+
+async def open_contacts(address: str, origin: str, **options: Any) -> list[dict[str, Any]]:
+    """The hub's contacts not ended that the source `origin` started (sent with that
+    `origin`): what a source restarted goes on with, so that nobody is popped twice."""
+    answer = await _as_source(address, "open_contacts", {"origin": origin}, options)
+    return list(answer.get("contacts", []))
 
 
 def _with_ids(pops: list[dict[str, Any]] | dict[str, Any]) -> Any:

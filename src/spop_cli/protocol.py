@@ -16,6 +16,7 @@ VERSIONS = (1, 2)  # 2: contact updates (`change` frames) for clients that ask (
 MAX_FRAME = 64 * 1024  # bytes in one line, newline excluded
 HEARTBEAT = 10.0  # seconds between pings when a side has sent nothing else
 MAX_DEPTH = 64  # arrays and objects nested in one frame or body; a pop needs 4
+MAX_ORIGIN = 128  # a source's name in `contact` and `open_contacts` frames
 
 # Who may send what. A frame of the wrong direction is a protocol error.
 CLIENT_OPS = frozenset(
@@ -28,6 +29,7 @@ CLIENT_OPS = frozenset(
         "pong",
         "publish",
         "contact",
+        "open_contacts",
         "status",
         "bye",
     }
@@ -245,6 +247,16 @@ def check_client_frame(frame: dict[str, Any]) -> dict[str, Any]:
                 Error.SCREENPOP_Framework_Error, "ack needs 'id' or 'ids' strings", ref
             )
         frame["ids"] = ids
+    elif op in ("contact", "open_contacts"):
+        origin = frame.get("origin")
+        if (origin is not None or op == "open_contacts") and not (
+            isinstance(origin, str) and 0 < len(origin) <= MAX_ORIGIN
+        ):
+            raise FrameError(
+                Error.SCREENPOP_Framework_Error,
+                f"{op} needs 'origin': the source's name, 1 to {MAX_ORIGIN} characters",
+                ref,
+            )
     elif op == "hello":
         version = frame.get("version")
         if version is None:

@@ -318,15 +318,20 @@ class HubConnection(asyncio.Protocol):
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
-        elif op in ("publish", "contact"):
+        elif op in ("publish", "contact", "open_contacts"):
             if not self.can_publish:
-                self.error(Error.SCREENPOP_Initialization_Error, "this token may not publish", ref)
+                what = "read a source's contacts" if op == "open_contacts" else "publish"
+                self.error(Error.SCREENPOP_Initialization_Error, f"this token may not {what}", ref)
                 return
             if op == "publish":
                 self.hub.publish_frame(self, frame.get("pops"), ref)
+            elif op == "contact":
+                asyncio.get_running_loop().create_task(
+                    self.hub.ingest_frame(self, frame.get("events"), ref, frame.get("origin"))
+                )
             else:
                 asyncio.get_running_loop().create_task(
-                    self.hub.ingest_frame(self, frame.get("events"), ref)
+                    self.hub.open_contacts_frame(self, frame["origin"], ref)
                 )
 
     def hello(self, frame: dict[str, Any], ref: Any) -> None:

@@ -567,6 +567,11 @@ class ContactTracker:
             and contact.ended_seen is None
         ]
 
+    def open_states(self, origin: str) -> list[dict[str, Any]]:
+        """`state()` of each contact `open_from(origin)` names: what that source, restarted,
+        needs to go on with its calls (`source_view`)."""
+        return [s for c in self.open_from(origin) if (s := self.state(c)) is not None]
+
     # -- persistence: the journal keeps each contact's whole state, the hub restores it -------
     def state(self, contact_id: str) -> dict[str, Any] | None:
         """Everything known of one contact, as JSON-ready values; None if it is not tracked."""
@@ -810,6 +815,19 @@ class ContactTracker:
 
 
 _TIMES = ("last_at", "last_seen", "segment_start", "answered_at", "ended_seen")
+
+
+#: what a source learns of each of its open contacts (`open_contacts`): when the hub last
+#: heard of it, its queue segment, who it rang in this round and who answered (no contact data)
+SOURCE_VIEW = ("contact_id", "media", "last_at", "segment_start", "answered_at", "holder")
+
+
+def source_view(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A contact's state (`ContactTracker.state`, or a cluster's stored state) as the
+    `open_contacts` answer gives it: times as ISO text, `following` as a list of resources."""
+    view = {name: state.get(name) for name in SOURCE_VIEW}
+    view["following"] = sorted(state.get("following") or ())
+    return view
 
 
 def _state(contact: _Contact) -> dict[str, Any]:

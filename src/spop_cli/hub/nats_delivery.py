@@ -1261,6 +1261,38 @@ class NatsDelivery:
             out[contact_id] = (state, revision)
         return out
 
+    async def open_from(self, origin: str) -> list[dict[str, Any]]:
+        """The stored states of the contacts not ended that the source `origin` started: one
+        pass over the bucket's keys (an ordered consumer, last value of each), for a source
+        at its start; not a per-request path."""
+        why = f"the open contacts of {origin!r} cannot be read now; retry later"
+        try:
+            watcher = await self.kv.watchall(ignore_deletes=True)
+        except Exception as exc:
+            raise NatsUnavailable(f"open contacts unreadable: {exc!r}", why) from exc
+        found: list[dict[str, Any]] = []
+        try:
+            while True:
+                entry = await watcher.updates(timeout=self.config.nats_timeout * 4)
+                if entry is None:  # the end of what was stored when the pass began
+                    break
+                if not entry.value:
+                    continue
+                try:
+                    state = orjson.loads(entry.value)
+                except orjson.JSONDecodeError:
+                    continue
+                if state.get("origin") == origin and not state.get("ended_seen"):
+                    found.append(state)
+        except Exception as exc:
+            raise NatsUnavailable(f"open contacts unreadable: {exc!r}", why) from exc
+        finally:
+            try:
+                await watcher.stop()
+            except Exception:
+                pass
+        return found
+
     async def store_contacts(
         self, states: dict[str, dict[str, Any] | None], revisions: dict[str, int]
     ) -> bool:

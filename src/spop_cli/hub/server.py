@@ -21,7 +21,7 @@ from ..model import Error, utc_now_iso
 from ..pops import InputError, normalize_pop, normalize_pops
 from ..protocol import HEARTBEAT, MAX_FRAME, change_frame, is_change_frame, pop_frame, pop_too_large
 from .connection import PING, HubConnection
-from .contacts import ContactEventError
+from .contacts import ContactEventError, source_view
 from .delivery import InProcessDelivery, sent_phrase
 from .gcpolicy import FreezeOnGrowth
 from .journal import JournalUnavailable
@@ -646,7 +646,7 @@ class Hub:
         sent them, kept with the contacts they start (`ContactTracker.open_from`)."""
         ids = _contact_ids(events)
         if self.clustered:
-            return await self._apply_contacts_clustered(events, ids, skip_refused)
+            return await self._apply_contacts_clustered(events, ids, skip_refused, origin)
         turns = self._contact_turns
         if turns and not turns.keys().isdisjoint(ids):
             turn = await self._line_up(ids)
@@ -673,7 +673,7 @@ class Hub:
         return result
 
     async def _apply_contacts_clustered(
-        self, events: Any, ids: set[str], skip_refused: bool = False
+        self, events: Any, ids: set[str], skip_refused: bool = False, origin: str | None = None
     ) -> dict[str, Any]:
         """Contact state in the JetStream KV bucket: read it, apply the events, write it back
         at the revision read; another hub's write in between means read again and retry. Then
@@ -707,10 +707,10 @@ class Hub:
                         tracker.restore(state)
                 before = tracker.snapshot(ids)
                 try:
-                    outcomes, refused = tracker.apply_batch(events, now), []
+                    outcomes, refused = tracker.apply_batch(events, now, origin), []
                 except ContactEventError as exc:
                     outcomes, refused = _past_refusal(
-                        tracker, events, exc, ContactEventError, skip_refused
+                        tracker, events, exc, ContactEventError, skip_refused, origin
                     )
                 changed = {o.contact_id for o in outcomes if not o.duplicate}
                 states = {c: tracker.state(c) for c in changed}
@@ -1055,10 +1055,34 @@ class Hub:
         commit.add_done_callback(finish)
         return commit, result, error
 
-    async def ingest_frame(self, conn: HubConnection, body: Any, ref: Any) -> None:
-        """A `contact` frame from a source on the listener port."""
+    async def ingest_frame(
+        self, conn: HubConnection, body: Any, ref: Any, origin: str | None = None
+    ) -> None:
+        """A `contact` frame from a source on the listener port (`origin`: the source's name,
+        kept with the contacts it starts, for `open_contacts`)."""
         try:
-            conn.reply(ref, **await self.apply_contacts(body))
+            conn.reply(ref, **await self.apply_contacts(body, origin=origin))
+        except Exception as exc:
+            self._refuse(conn, exc, ref)
+
+    async def open_contacts(self, origin: str) -> list[dict[str, Any]]:
+        """The contacts not ended that the source named `origin` started, each as
+        `source_view` gives it, by contact id: what that source needs after a restart (its
+        own, or the hub's) to go on with its calls without popping anyone twice, and to end
+        the calls that ended while it was away. A cluster reads them from its KV bucket."""
+        if self.clustered:
+            try:
+                states = await self.delivery.open_from(origin)  # type: ignore[attr-defined]
+            except Exception as exc:
+                raise JournalUnavailable(exc) from exc
+        else:
+            states = self.contacts.open_states(origin)
+        return sorted((source_view(s) for s in states), key=lambda v: v["contact_id"])
+
+    async def open_contacts_frame(self, conn: HubConnection, origin: str, ref: Any) -> None:
+        """An `open_contacts` frame from a source on the listener port."""
+        try:
+            conn.reply(ref, contacts=await self.open_contacts(origin))
         except Exception as exc:
             self._refuse(conn, exc, ref)
 

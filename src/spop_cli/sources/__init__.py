@@ -50,10 +50,18 @@ class SourceError(Exception):
 class ContactSink(Protocol):
     """Where a source's lifecycle events go: the hub, in process or over its listener port."""
 
-    async def send(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+    async def send(
+        self, events: list[dict[str, Any]], *, origin: str | None = None
+    ) -> dict[str, Any]:
         """Apply events in order (bodies as for `POST /v1/contacts`); return `{"applied", "pops"}`
         once the hub has committed them. A refusal raises (`ContactEventError` in process,
-        `client.Rejected` remote) with the error code, field and index."""
+        `client.Rejected` remote) with the error code, field and index. `origin`: the source's
+        name, which the hub keeps with the contacts the events start (`open_contacts`)."""
+        ...
+
+    async def open_contacts(self, origin: str) -> list[dict[str, Any]]:
+        """The hub's contacts not ended that the source `origin` started (`source_view` of
+        each): what a restarted source goes on with."""
         ...
 
 
@@ -103,20 +111,10 @@ class HubSink:
         `events`). For a source with batches in flight: sent again, they would come after those."""
         return await self.hub.apply_contacts(events, skip_refused=skip_refused, origin=origin)
 
-    def contact_state(self, contact_id: str) -> dict[str, Any] | None:
-        """The hub's state of a contact (`ContactTracker.state`), or None: what a source
-        restarted with the hub knows of the calls it was following. Embedded backend only (a
-        cluster's states are in NATS, read per request)."""
-        if self.hub.clustered:
-            return None
-        return self.hub.contacts.state(contact_id)
-
-    def open_from(self, origin: str) -> list[str]:
-        """The contacts not ended that the source named `origin` started (sent with `origin`),
-        restored from the journal after a restart. Embedded backend only."""
-        if self.hub.clustered:
-            return []
-        return self.hub.contacts.open_from(origin)
+    async def open_contacts(self, origin: str) -> list[dict[str, Any]]:
+        """The hub's open contacts that the source `origin` started (`Hub.open_contacts`):
+        after a restart of the hub, what this source was following."""
+        return await self.hub.open_contacts(origin)
 
 
 class RemoteSink:
@@ -158,19 +156,38 @@ class RemoteSink:
             )
         return self._link
 
-    async def send(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+    async def send(
+        self, events: list[dict[str, Any]], *, origin: str | None = None
+    ) -> dict[str, Any]:
+        """`origin`: this source's name, kept by the hub with the contacts the events start
+        (`open_contacts`)."""
+        fields: dict[str, Any] = {"events": events}
+        if origin is not None:
+            fields["origin"] = origin
+        answer = await self._request("contact", fields)
+        return {"applied": answer.get("applied", 0), "pops": answer.get("pops", [])}
+
+    async def open_contacts(self, origin: str) -> list[dict[str, Any]]:
+        """The hub's open contacts that this source (`origin`) started: after a restart of this
+        process, what it was following (`open_contacts` in docs/protocol.md)."""
+        answer = await self._request("open_contacts", {"origin": origin}, retry_for=0.0)
+        contacts = answer.get("contacts")
+        return [c for c in contacts if isinstance(c, dict)] if isinstance(contacts, list) else []
+
+    async def _request(
+        self, op: str, fields: dict[str, Any], retry_for: float | None = None
+    ) -> dict[str, Any]:
         from ..client import Rejected
         from ..model import Error, ScreenPopError
 
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_for
+        deadline = loop.time() + (self.retry_for if retry_for is None else retry_for)
         delay = 0.2
         async with self._lock:  # one batch at a time keeps each contact's events in order
             while True:
                 try:
                     link = await self._connected()
-                    answer = await link.request("contact", events=events, timeout=self.timeout)
-                    return {"applied": answer.get("applied", 0), "pops": answer.get("pops", [])}
+                    return await link.request(op, timeout=self.timeout, **fields)
                 except Rejected:
                     raise
                 except ScreenPopError as exc:

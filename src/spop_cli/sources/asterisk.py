@@ -130,7 +130,8 @@ class AsteriskSource(Source):
         self.watch = ClassWatch(self.username)
         self.connected = asyncio.Event()  # set while logged in (the tests wait on it)
         self.sessions = 0
-        self.restored = False  # the hub's open contacts of this source checked once, at start
+        self.restored = False  # the hub's open contacts of this source read once, at start
+        self.hub_open: dict[str, dict[str, Any]] | None = None  # read, for the first list
 
     @property
     def secret(self) -> str:
@@ -213,17 +214,40 @@ class AsteriskSource(Source):
         ctx.log.info(
             "Asterisk: %d channels, %d callers waiting in queues", len(channels), len(entries)
         )
-        # inside the hub: the calls the hub restored from its journal are known, not new
-        self.mapper.known = getattr(ctx.sink, "contact_state", None)
+        # the first list since this source (or the hub with it) started: the calls the hub has
+        # from this source are known, not new, and those Asterisk no longer lists ended meanwhile
+        opened = self.hub_open
+        self.mapper.known = opened.get if opened is not None else None
         now = datetime.now(UTC)
         learned = self.mapper.resync(channels, entries, now)
-        open_from = getattr(ctx.sink, "open_from", None)
-        if not self.restored and open_from is not None:
-            # the first list since this source started with the hub: the calls it had started
-            # that Asterisk no longer has ended while the hub was down
-            learned += self.mapper.end_vanished(open_from(ctx.name), now)
-        self.restored = True
+        if opened is not None:
+            learned += self.mapper.end_vanished(opened, now)
+            self.hub_open = None
+            self.mapper.known = None  # a snapshot: later lists go by what this source saw
         return learned
+
+    async def _read_hub_open(self, ctx: SourceContext) -> None:
+        """Once, before the first login: the hub's open contacts that this source started (a
+        restart of `spop serve` with it inside, or of this `spop source`). A hub that cannot
+        say (unreachable, older) leaves the calls in progress to be learned as after a
+        reconnect: logged, never fatal."""
+        ask = getattr(ctx.sink, "open_contacts", None)
+        if self.restored or ask is None:
+            return
+        try:
+            contacts = await ask(ctx.name)
+        except Exception as exc:
+            ctx.log.warning(
+                "the hub's open calls of source %r are unknown (%s): calls already with an agent "
+                "are popped there again",
+                ctx.name,
+                getattr(exc, "message", None) or exc,
+            )
+            return
+        self.hub_open = {c["contact_id"]: c for c in contacts if c.get("contact_id")}
+        self.restored = True
+        if self.hub_open:
+            ctx.log.info("the hub has %d open calls of this source", len(self.hub_open))
 
     async def run(self, ctx: SourceContext) -> None:
         outbox = Outbox(ctx)
@@ -271,6 +295,7 @@ class AsteriskSource(Source):
             if events:
                 outbox.put(events)
 
+        await self._read_hub_open(ctx)
         ami = await self._open(on_event, ctx)
         try:
             self.sessions += 1
@@ -391,7 +416,7 @@ class Outbox:
     def _send(self, batch: list[dict[str, Any]]) -> Any:
         if self.pipelined:
             return self.ctx.sink.send(batch, skip_refused=True, origin=self.ctx.name)  # type: ignore[call-arg]
-        return self.ctx.sink.send(batch)
+        return self.ctx.sink.send(batch, origin=self.ctx.name)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
