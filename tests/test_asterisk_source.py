@@ -437,10 +437,22 @@ def test_a_restart_mid_call_pops_nobody_twice_and_ends_the_calls(tmp_path: Path,
     the new source learns B from Asterisk, the hub knows it (from its journal, or still), so
     nothing of B is sent again until its next step."""
     cut = index_of("AgentConnect", B)
-    before, after = run(across_a_restart(BLOCKS[:cut], [], BLOCKS[cut:], tmp_path / "j", what))
+    body = across_a_restart(BLOCKS[:cut], [], BLOCKS[cut:], tmp_path / "j", what)
+    before, after = run(body)
     assert calls(before + after) == calls(RING)
     if what != "nats hub":  # a cluster's batches about different calls may finish in any order
         assert before + after == RING
+
+
+def test_a_restart_of_spop_source_under_uvloop(tmp_path: Path) -> None:
+    """As above for `spop source`, on the loop the CLI runs."""
+    import uvloop
+
+    cut = index_of("AgentConnect", B)
+    body = across_a_restart(BLOCKS[:cut], [], BLOCKS[cut:], tmp_path / "j", "source")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        before, after = runner.run(asyncio.wait_for(body, 60))
+    assert before + after == RING
 
 
 @pytest.mark.parametrize("what", ["hub", "nats hub", "source"])
