@@ -4,7 +4,7 @@ JetStream cluster (replicas 3), in one run, with the same load.
     python benchmarks/cluster.py [--listeners 1000] [--rate 1000] [--duration 5]
                                  [--steps 1000,2000,3000,5000] [--json]
                                  [--only embedded,r1,r3[,r3-spread,r3-all-cores]]
-                                 [--py-spy DIR]
+                                 [--py-spy DIR] [--repeat N]
 
 For each configuration: 1,000 listeners (one connection each; with three hubs, connection i goes
 to hub i % 3), one source sending to the first hub; `r3-spread`: the source's pops go to the
@@ -23,6 +23,11 @@ nodes on two cores), as one would give co-located nodes; with their Go scheduler
 core, three nodes took 5–15 % more NATS CPU per pop in alternating runs (`--only
 r3,r3-all-cores` measures both in one run).
 
+`--repeat N` runs every configuration N times, alternating (embedded, r1, r3, embedded, …), and
+the table gives each figure's median over the rounds, with every round's p99 beside it: on a
+shared machine one run's p99 moves with the neighbours' load (1.4 to 46 ms for the same code on
+one day), their median much less.
+
 `--py-spy DIR` records every hub of each configuration during the latency run: collapsed
 stacks in DIR/<config>-hub<i>.txt (for flamegraph.pl or speedscope; needs py-spy and ptrace rights).
 
@@ -37,6 +42,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -249,6 +255,42 @@ def measure(
     return result
 
 
+def _median(values: list[Any]) -> Any:
+    """The median of the figures a round gave (None: a round that measured nothing)."""
+    given = [v for v in values if v is not None]
+    return round(statistics.median(given), 3) if given else None
+
+
+def medians(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each configuration's figures over the rounds: the median of each (a shared machine's
+    busy spell moves single runs), with every round's p99 and the counts of lost/duplicated
+    summed (any loss shows)."""
+    out = []
+    for runs in zip(*rounds, strict=True):
+        first = runs[0]
+        lat = {k: _median([r["latency"][k] for r in runs]) for k in ("p50_ms", "p99_ms", "max_ms")}
+        lat.update({k: sum(r["latency"][k] for r in runs) for k in ("sent", "lost", "duplicated")})
+        lat["rate"] = first["latency"]["rate"]
+        merged = {
+            **{k: first[k] for k in ("config", "hubs", "nats_nodes", "nats_gomaxprocs")},
+            "rounds": len(runs),
+            "latency": lat,
+            "p99_ms_each_round": [r["latency"]["p99_ms"] for r in runs],
+            "step_p99_ms_each_round": [
+                r["steps"][0]["p99_ms"] if r["steps"] else None for r in runs
+            ],
+            "max_rate_p99_under_10ms": round(
+                statistics.median(r["max_rate_p99_under_10ms"] for r in runs)
+            ),
+            "steps": min((r["steps"] for r in runs), key=len),
+        }
+        for k in ("hub_cpu_us_per_pop", "nats_cpu_us_per_pop"):
+            values = [r[k] for r in runs if r[k] is not None]
+            merged[k] = round(statistics.median(values)) if values else None
+        out.append(merged)
+    return out
+
+
 def table(results: list[dict[str, Any]], rate: float) -> str:
     rows = [
         f"| configuration | latency @{rate:g}/s p50 / p99 / max (ms) | lost / dup | sustained rate, p99 < 10 ms | hub CPU per pop | NATS CPU per pop |",
@@ -257,6 +299,9 @@ def table(results: list[dict[str, Any]], rate: float) -> str:
     for r in results:
         lat = r["latency"]
         capped = r["steps"] and r["steps"][-1]["ok"]
+        if "rounds" in r:  # medians over rounds: every round's p99 beside them
+            each = ", ".join(str(p) for p in r["p99_ms_each_round"])
+            lat = {**lat, "p99_ms": f"{lat['p99_ms']} (rounds: {each})"}
         rows.append(
             f"| {r['config']} | {lat['p50_ms']} / {lat['p99_ms']} / {lat['max_ms']} | {lat['lost']} / {lat['duplicated']} |"
             f" {r['max_rate_p99_under_10ms']}/s{'+' if capped else ''} | {r['hub_cpu_us_per_pop']} µs |"
@@ -279,6 +324,12 @@ def main() -> None:
         help="configurations to run (also r3-spread, r3-all-cores)",
     )
     parser.add_argument("--py-spy", default="", help="directory for flame graphs of the hubs")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every configuration, alternating; the table gives each figure's median",
+    )
     args = parser.parse_args()
     args.steps = [int(s) for s in args.steps.split(",") if s]
     raise_nofile()
@@ -288,6 +339,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         env["SPOP_DIAG_DIR"] = str(tmp / "diag")
         only = set(args.only.split(","))
+        configs: list[tuple[str, int, int, bool, bool]] = []
         for short, name, hubs_n, nodes, split, spread in (
             ("embedded", "embedded hub (SQLite journal)", 1, 0, True, False),
             ("r1", "1 hub, NATS 1 node (R1)", 1, 1, True, False),
@@ -302,10 +354,18 @@ def main() -> None:
                 False,
             ),
         ):
-            if short not in only:
-                continue
-            print(f"{name} …", file=sys.stderr)
-            results.append(measure(name, tmp, env, args, hubs_n, nodes, split, spread))
+            if short in only:
+                configs.append((name, hubs_n, nodes, split, spread))
+        rounds: list[list[dict[str, Any]]] = []
+        for round_ in range(args.repeat):  # the configurations alternate: a busy spell hits all
+            rounds.append([])
+            for name, hubs_n, nodes, split, spread in configs:
+                suffix = f" (round {round_ + 1} of {args.repeat})" if args.repeat > 1 else ""
+                print(f"{name}{suffix} …", file=sys.stderr)
+                folder = tmp / f"round{round_ + 1}"  # fresh journals and NATS stores
+                folder.mkdir(exist_ok=True)
+                rounds[-1].append(measure(name, folder, env, args, hubs_n, nodes, split, spread))
+        results = rounds[0] if args.repeat == 1 else medians(rounds)
     out = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
