@@ -23,7 +23,7 @@ from fake_ami import ALL_CLASSES, FakeAsterisk, busy_pbx, transcript_blocks
 from hubproc import Counting, HubProcess, address_of, inprocess_hub, run, until
 from natsproc import NatsCluster
 from spop_cli.sources import HubSink, RemoteSink, SourceContext
-from spop_cli.sources.asterisk import AsteriskSource, ClassWatch, Outbox
+from spop_cli.sources.asterisk import AsteriskSource, ClassWatch, EventClock, Outbox
 
 BLOCKS = transcript_blocks()
 AGENTS = ("100", "101", "200", "104", "3")
@@ -366,14 +366,21 @@ class RemoteRestored(RemoteSink):
 
 
 async def across_a_restart(
-    first: list[bytes], outage: list[bytes], second: list[bytes], journal: Path, what: str
+    first: list[bytes],
+    outage: list[bytes],
+    second: list[bytes],
+    journal: Path,
+    what: str,
+    early: bool = False,
+    last: str = "answered",
 ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
     """`first` is played, then `what` restarts: `spop serve` with the source inside ("hub":
     the hub stops, its journal kept, and a new hub on the same journal starts; "nats hub": the
     same with the contacts in a NATS KV bucket), or `spop source` beside a hub that keeps
     running ("source"). `outage` happens meanwhile, and a new source (a new process: no memory
-    of the calls) logs in again and `second` is played, until the six calls have ended. The
-    lifecycle events each source sent."""
+    of the calls) logs in again and `second` is played, until the six calls have ended
+    (`early`: as soon as it has logged in, before Asterisk lists its calls). `last`: the
+    event that `first` ends with. The lifecycle events each source sent."""
     ami = FakeAsterisk()
     await ami.start()
     options: dict[str, Any] = {"journal": str(journal)}
@@ -386,9 +393,14 @@ async def across_a_restart(
         sink = RemoteRestored(address_of(hub)) if what == "source" else Restored(hub)
         ctx, _ = context(sink)
         source = source_for(ami, reconnect_max=0.3)
+        logins = len(ami.logins)
         task = asyncio.get_running_loop().create_task(source.run(ctx))
         try:
-            await asyncio.wait_for(source.connected.wait(), 10)
+            if early and logins:  # the list comes 0.5 s late: the events are first
+                ami.list_delay = 0.5
+                await until(lambda: len(ami.logins) > logins, 10)
+            else:
+                await asyncio.wait_for(source.connected.wait(), 10)
             await ami.play(blocks, seed=7)
             await until(lambda: done(sink), 20)
             await asyncio.sleep(0.2)
@@ -403,7 +415,7 @@ async def across_a_restart(
         return {e["contact_id"] for e in sink.events if e["event"] == "ended"}
 
     def answered(sink: Any) -> bool:
-        return bool(sink.events) and sink.events[-1]["event"] == "answered"
+        return bool(sink.events) and sink.events[-1]["event"] == last
 
     try:
         async with inprocess_hub(**options) as hub:
@@ -442,6 +454,47 @@ def test_a_restart_mid_call_pops_nobody_twice_and_ends_the_calls(tmp_path: Path,
     assert calls(before + after) == calls(RING)
     if what != "nats hub":  # a cluster's batches about different calls may finish in any order
         assert before + after == RING
+
+
+@pytest.mark.parametrize("what", ["hub", "nats hub", "source"])
+def test_a_calls_events_before_the_list_go_on_from_the_hubs_state(
+    tmp_path: Path, what: str
+) -> None:
+    """Alice is rung for A when the restart comes; the new source's first events (Bob rung,
+    Alice answering, the hang-ups) come before Asterisk's list of calls: A is taken up from
+    the hub's state as it is met, so Bob is popped, Alice answers, and A ends."""
+    cut = index_of("AgentCalled", A)
+    body = across_a_restart(
+        BLOCKS[:cut], [], BLOCKS[cut:], tmp_path / "j", what, early=True, last="routed"
+    )
+    before, after = run(body)
+    assert calls(before + after) == calls(RING)
+
+
+def after_block(*parts: bytes) -> int:
+    """The position, in the recording, just after the first block holding all of `parts`."""
+    return next(i + 1 for i, block in enumerate(BLOCKS) if all(p in block for p in parts))
+
+
+@pytest.mark.parametrize("what", ["hub", "source"])
+@pytest.mark.parametrize(
+    ("moment", "last"),
+    [("consulting", "consulted"), ("transferred", "answered")],
+)
+def test_a_restart_during_a_consultation_pops_nobody_twice(
+    tmp_path: Path, what: str, moment: str, last: str
+) -> None:
+    """C: Alice holds the caller and consults 3 ("consulting": 3's leg is up), or has just
+    handed the call to 3 ("transferred": her leg still up for a moment) when the restart comes.
+    The hub's state says who was consulted and who has the call: 3 is not popped again, Alice
+    is not "transferred" away nor said to answer again, and both get their `ended`."""
+    cut = {
+        "consulting": after_block(b"Event: Newstate", b"Local/3@xfer", b"ChannelStateDesc: Up"),
+        "transferred": index_of("AttendedTransfer", C),
+    }[moment]
+    body = across_a_restart(BLOCKS[:cut], [], BLOCKS[cut:], tmp_path / "j", what, last=last)
+    before, after = run(body)
+    assert calls(before + after) == calls(RING)
 
 
 def test_a_restart_of_spop_source_under_uvloop(tmp_path: Path) -> None:
@@ -627,6 +680,53 @@ def test_a_queue_call_cut_by_a_link_drop_is_no_missing_read_class(dropped: bool)
             "will be missing. Fix: read = call,agent,user,dialplan in the [spop] section of "
             "Asterisk's manager.conf, then `asterisk -rx 'manager reload'`"
         )
+
+
+def dialplan(uid: str) -> dict[str, str]:
+    return {"Event": "Newexten", "Uniqueid": uid, "Privilege": "dialplan,all"}
+
+
+def test_the_calls_listed_at_login_are_no_missing_call_class() -> None:
+    """A restart in the middle of calls: their dialplan events come, their Newchannel came
+    before we read. Only the channels Asterisk did not list (new since) count, from the list
+    on: the 20th of their events without a 'call' class event names it, not the 19th."""
+    watch = ClassWatch("spop")
+    assert [watch.see(dialplan("1.1")) for _ in range(30)] == [None] * 30  # before the list
+    watch.listed({"1.1"})
+    assert [watch.see(dialplan("1.1")) for _ in range(30)] == [None] * 30  # a listed channel
+    assert [watch.see(dialplan("2.1")) for _ in range(ClassWatch.SAMPLE - 1)] == [None] * 19
+    assert watch.see(dialplan("2.1")) == (
+        "AMI user 'spop' gets no 'call' events (channel events came, but never Newchannel or "
+        "Hangup): pops will be missing. Fix: read = call,agent,user,dialplan in the [spop] "
+        "section of Asterisk's manager.conf, then `asterisk -rx 'manager reload'`"
+    )
+
+
+def test_a_call_class_event_clears_the_count() -> None:
+    watch = ClassWatch("spop")
+    watch.listed(set())
+    watch.see({"Event": "Newchannel", "Uniqueid": "2.1", "Privilege": "call,all"})
+    assert [watch.see(dialplan("2.1")) for _ in range(50)] == [None] * 50
+
+
+def test_asterisk_timestamps_keep_their_spacing_on_this_hosts_clock() -> None:
+    """Asterisk's clock 30 s ahead: each stamp is moved by the smallest lag seen (0.05 s), so
+    the events keep their spacing and agree with a list of calls timed here."""
+    clock = EventClock()
+    now = 1_800_000_000.0
+    seen = [
+        clock.at({"Timestamp": f"{now + 30 - 0.2:.6f}"}, now),  # read 0.2 s late: lag 29.8
+        clock.at({"Timestamp": f"{now + 30 + 0.95:.6f}"}, now + 1.0),  # lag 29.95: the best
+        clock.at({"Timestamp": f"{now + 30 + 1.5:.6f}"}, now + 1.6),  # read 0.1 s late
+    ]
+    # the first is timed when read (its lag is the best seen yet), the next ones by the best
+    assert [round(t.timestamp(), 3) for t in seen] == [now, now + 1.0, now + 1.55]
+    assert clock.at({}, now + 2).timestamp() == now + 2  # no stamp: when it is read
+    far = f"{now + EventClock.LIMIT + 1:.0f}"
+    assert clock.at({"Timestamp": far}, now + 2).timestamp() == now + 2  # not a clock
+    assert clock.at({"Timestamp": "soon"}, now + 2).timestamp() == now + 2
+    clock.reset()  # a new session: the lag is learned again
+    assert clock.at({"Timestamp": f"{now + 10:.6f}"}, now + 3).timestamp() == now + 3
 
 
 def test_a_slow_list_of_calls_keeps_the_link_and_names_the_setting() -> None:

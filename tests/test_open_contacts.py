@@ -96,6 +96,8 @@ def test_a_clustered_hub_reads_them_from_the_bucket(tmp_path: Path) -> None:
         ({"op": "open_contacts", "origin": ""}, "open_contacts needs 'origin'"),
         ({"op": "open_contacts", "origin": "p" * (MAX_ORIGIN + 1)}, "open_contacts needs"),
         ({"op": "open_contacts", "origin": 7}, "open_contacts needs 'origin'"),
+        ({"op": "open_contacts", "origin": "a\nb"}, "open_contacts needs 'origin'"),
+        ({"op": "open_contacts", "origin": "a\x9bb"}, "open_contacts needs 'origin'"),
         ({"op": "contact", "events": [], "origin": ["pbx"]}, "contact needs 'origin'"),
         ({"op": "contact", "events": [], "origin": "p" * (MAX_ORIGIN + 1)}, "contact needs"),
     ],
@@ -124,6 +126,18 @@ def test_the_longest_origin_is_taken() -> None:
             return await client.open_contacts(address_of(hub), origin)
 
     assert [c["contact_id"] for c in run(main())] == ["c"]
+
+
+def test_a_null_origin_on_contact_is_no_origin() -> None:
+    async def main() -> dict[str, Any]:
+        async with inprocess_hub() as hub:
+            raw = await RawClient.open(hub.port)
+            await raw.hello()
+            event = {"contact_id": "c", "event": "routed", "media": "email", "resource": "5"}
+            return await raw.request("contact", events=[event], origin=None)
+
+    answer = run(main())
+    assert (answer["op"], answer["applied"]) == ("ok", 1)
 
 
 def test_a_listener_token_may_not_read_them_and_the_connection_goes_on() -> None:

@@ -250,7 +250,9 @@ def check_client_frame(frame: dict[str, Any]) -> dict[str, Any]:
     elif op in ("contact", "open_contacts"):
         origin = frame.get("origin")
         if (origin is not None or op == "open_contacts") and not (
-            isinstance(origin, str) and 0 < len(origin) <= MAX_ORIGIN
+            isinstance(origin, str)
+            and 0 < len(origin) <= MAX_ORIGIN
+            and not any(c < " " or "\x7f" <= c <= "\x9f" for c in origin)
         ):
             raise FrameError(
                 Error.SCREENPOP_Framework_Error,

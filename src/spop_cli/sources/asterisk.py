@@ -6,10 +6,12 @@ reads `[sources.NAME]`, reconnects, and sends the events to the hub in order.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import re
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -132,6 +134,7 @@ class AsteriskSource(Source):
         self.sessions = 0
         self.restored = False  # the hub's open contacts of this source read once, at start
         self.hub_open: dict[str, dict[str, Any]] | None = None  # read, for the first list
+        self.clock = EventClock()
 
     @property
     def secret(self) -> str:
@@ -196,6 +199,9 @@ class AsteriskSource(Source):
                 self.connect_timeout,
             )
             return None
+        finally:
+            if self.watch.before is None:  # not listed: every channel's events count
+                self.watch.listed(set())
 
     async def _lists(self, ami: AmiConnection, ctx: SourceContext) -> list[dict[str, Any]] | None:
         answer, channels = await ami.action("CoreShowChannels", {}, self.connect_timeout)
@@ -217,13 +223,14 @@ class AsteriskSource(Source):
         # the first list since this source (or the hub with it) started: the calls the hub has
         # from this source are known, not new, and those Asterisk no longer lists ended meanwhile
         opened = self.hub_open
-        self.mapper.known = opened.get if opened is not None else None
-        now = datetime.now(UTC)
+        self.watch.listed({c.get("Uniqueid", "") for c in channels})
+        now = datetime.now(UTC)  # the events' times are on this clock too (EventClock)
         learned = self.mapper.resync(channels, entries, now)
         if opened is not None:
             learned += self.mapper.end_vanished(opened, now)
             self.hub_open = None
             self.mapper.known = None  # a snapshot: later lists go by what this source saw
+            self.mapper.taken_up.clear()
         return learned
 
     async def _read_hub_open(self, ctx: SourceContext) -> None:
@@ -245,9 +252,9 @@ class AsteriskSource(Source):
             )
             return
         self.hub_open = {c["contact_id"]: c for c in contacts if c.get("contact_id")}
+        self.mapper.known = self.hub_open.get  # the calls met before the list, too
         self.restored = True
-        if self.hub_open:
-            ctx.log.info("the hub has %d open calls of this source", len(self.hub_open))
+        ctx.log.info("the hub has %d open calls of source %r", len(self.hub_open), ctx.name)
 
     async def run(self, ctx: SourceContext) -> None:
         outbox = Outbox(ctx)
@@ -285,9 +292,10 @@ class AsteriskSource(Source):
         mapper = self.mapper
         mapper.mark_stale()
         self.watch.link_dropped()
+        self.clock.reset()
 
         def on_event(event: dict[str, str]) -> None:
-            at = _event_time(event)
+            at = self.clock.at(event)
             problem = self.watch.see(event)
             if problem:
                 ctx.log.error("%s", problem)
@@ -517,15 +525,36 @@ def _refused_index(exc: Exception) -> int | None:
     return index
 
 
-def _event_time(event: Mapping[str, str]) -> datetime:
-    """Asterisk's own time when it sends one (timestampevents=yes), else when we read it."""
-    stamp = event.get("Timestamp")
-    if stamp:
-        try:
-            return datetime.fromtimestamp(float(stamp), UTC)
-        except (ValueError, OverflowError):
-            pass
-    return datetime.now(UTC)
+class EventClock:
+    """Each AMI event's time, on this host's clock. Asterisk's `Timestamp` (timestampevents=yes)
+    keeps the events' spacing exact however late they are read; its clock may differ from ours,
+    so stamps are moved by the smallest lag seen in this session (stamp minus arrival, at most
+    Asterisk's lead): the calls learned from a list (timed here) and their events then agree.
+    Without a stamp (the default), the time an event is read."""
+
+    LIMIT = 86_400.0  # a stamp further than a day from our clock is no clock: ignored
+
+    def __init__(self) -> None:
+        self.ahead: float | None = None  # Asterisk's clock minus ours, as far as seen
+
+    def reset(self) -> None:
+        """A new session: Asterisk may have been restarted, its clock set."""
+        self.ahead = None
+
+    def at(self, event: Mapping[str, str], now: float | None = None) -> datetime:
+        now = time.time() if now is None else now
+        stamp = event.get("Timestamp")
+        if stamp:
+            try:
+                value = float(stamp)
+            except ValueError:
+                value = math.nan
+            if abs(value - now) <= self.LIMIT:  # false for nan and inf
+                ahead = value - now
+                if self.ahead is None or ahead > self.ahead:
+                    self.ahead = ahead
+                return datetime.fromtimestamp(value - self.ahead, UTC)
+        return datetime.fromtimestamp(now, UTC)
 
 
 class ClassWatch:
@@ -543,12 +572,21 @@ class ClassWatch:
         self.others = 0
         self.queue_app: dict[str, bool] = {}  # Uniqueid that ran Queue() -> a queue event came
         self.user_app: dict[str, bool] = {}
+        # the channels Asterisk listed at this session's start (None: not listed yet): their
+        # Newchannel came before we read, so their other events prove nothing of 'call'
+        self.before: set[str] | None = None
 
     def link_dropped(self) -> None:
         """A new session: what the calls in progress ran before it proves nothing now (their
         queue or user events may have come while the link was down)."""
         self.queue_app.clear()
         self.user_app.clear()
+        self.before = None
+
+    def listed(self, uids: set[str]) -> None:
+        """The channels in progress at this session's start (CoreShowChannels; an empty set
+        when Asterisk did not list them): only the others' events count for 'call'."""
+        self.before = uids
 
     def _missing(self, klass: str, why: str) -> str | None:
         if klass in self.reported:
@@ -565,7 +603,12 @@ class ClassWatch:
         self.classes.update(classes)
         name = event.get("Event", "")
         uid = event.get("Uniqueid", "")
-        if uid and "call" not in self.classes:
+        if (
+            uid
+            and "call" not in self.classes
+            and self.before is not None
+            and uid not in self.before
+        ):
             self.others += 1
             if self.others >= self.SAMPLE:
                 return self._missing("call", "channel events came, but never Newchannel or Hangup")

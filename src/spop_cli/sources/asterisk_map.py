@@ -144,6 +144,7 @@ class Call:
     sent_fields: dict[str, Any] = field(default_factory=dict)
     last_at: datetime | None = None
     queued_at: datetime | None = None
+    unlisted: bool = False  # seeded from the hub's state, not yet in a list of calls (resync)
 
 
 class AsteriskMapper:
@@ -161,6 +162,7 @@ class AsteriskMapper:
         # the hub's state of a contact, when this source restarts with it (in `spop serve`): a
         # call in progress it does not know may be one the hub does (restored from its journal)
         self.known: Callable[[str], Mapping[str, Any] | None] | None = None
+        self.taken_up: set[str] = set()  # contacts seeded from `known` (not vanished)
         self._handlers = {name: getattr(self, f"_on_{name}") for name in EVENTS}
 
     # -- entry points -------------------------------------------------------------------------
@@ -214,9 +216,11 @@ class AsteriskMapper:
                 by_call.setdefault(linkedid, []).append(channel)
         waiting = {e.get("Uniqueid") or e.get("Channel", ""): e for e in queue_entries}
         for linkedid, legs in by_call.items():
-            new = linkedid not in self.calls
-            call = self._call(linkedid)
-            seeded = new and self._seed(call)
+            met = self.calls.get(linkedid)
+            new = met is None or met.unlisted  # met only in events since a restart: learn it
+            call = self._call(linkedid)  # seeded from the hub's state, if it has the call
+            seeded = new and call.unlisted
+            call.unlisted = False
             for leg in legs:
                 uid = leg.get("Uniqueid", "")
                 call.channels.add(uid)
@@ -260,6 +264,8 @@ class AsteriskMapper:
                     self._leg(call, leg.get("Channel", ""), resource)
                     if resource == call.holder and not call.holder_leg:
                         call.holder_leg = _base(leg.get("Channel", ""))  # the hub's holder
+                    if seeded and call.holder and resource in call.rung:
+                        continue  # a party the hub has (consulted, or transferring away)
                     up = leg.get("ChannelStateDesc") == "Up"
                     if up or self.config.pop_on == "ring":
                         self._offer(call, resource, {"event": "routed"}, at, out, force=up)
@@ -274,7 +280,7 @@ class AsteriskMapper:
         no longer in Asterisk (called after `resync`): they ended while the hub was down."""
         out: list[dict[str, Any]] = []
         for contact_id in contact_ids:
-            if contact_id in self.calls:
+            if contact_id in self.calls or contact_id in self.taken_up:
                 continue
             call = Call(contact_id, started=True, ended=True)
             state = self.known(contact_id) if self.known is not None else None
@@ -298,6 +304,8 @@ class AsteriskMapper:
         if state.get("answered_at") and state.get("holder"):
             call.holder = str(state["holder"])
             call.rung.add(call.holder)
+            # the others still following an answered call were consulted (or conferenced)
+            call.consulted = call.rung - {call.holder}
         return True
 
     def _agent_leg_resource(self, leg: Mapping[str, str]) -> str | None:
@@ -310,6 +318,11 @@ class AsteriskMapper:
         call = self.calls.get(linkedid)
         if call is None:
             call = self.calls[linkedid] = Call(linkedid)
+            # after a restart the first events of a call in progress may come before the list
+            # of calls: seeded as it is met, it goes on from what the hub has
+            call.unlisted = self.known is not None and self._seed(call)
+            if call.unlisted:
+                self.taken_up.add(linkedid)  # followed from here: ended by its own events
         return call
 
     def _leg(self, call: Call, channel: str, resource: str) -> None:
