@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +12,13 @@ from typing import Any
 import pytest
 
 from spop_cli.hub.server import Hub, HubConfig
+
+# Byte-code files, even where the environment says not to write them (PYTHONDONTWRITEBYTECODE):
+# the suite starts a couple of hundred Python processes (hubs, listeners, sources), and each
+# compiled spop_cli from source again (0.05-0.1 s of every start); pytest rewrote every test
+# module's asserts again on each run (seconds of collection). `__pycache__/` is git-ignored.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 
 class HubThread:

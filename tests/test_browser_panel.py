@@ -75,7 +75,10 @@ class Site:
 
         self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
         self.origin = f"http://{LOOPBACK}:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # shutdown() waits for the serve loop's next poll: 0.5 s by default, per test
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        ).start()
 
     def close(self) -> None:
         self.server.shutdown()

@@ -378,7 +378,7 @@ def test_a_silent_link_to_nats_is_found_by_its_pings(nats1: NatsCluster) -> None
     from spop_cli import __version__
 
     proxy = CutProxy(nats1.nodes[0].port)
-    hub = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=1)
+    hub = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=0.5)
     try:
         assert hub.hub is not None
         delivery = hub.hub.delivery

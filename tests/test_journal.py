@@ -325,7 +325,7 @@ def test_a_batch_resent_after_a_sigkill_is_a_duplicate_inside_the_window_only(
     """A source that lost the answer in the crash resends the batch with the same ids: it is
     answered as applied (it was 422 contact_ended: the ids were in memory only), until the
     duplicate window has passed since the events were applied, as without a restart."""
-    window = 4.0
+    window = 3.0
     hub = HubProcess(tmp_path, "--dedupe-window", str(window)).start()
     try:
         batch = [

@@ -11,6 +11,8 @@ from typing import BinaryIO
 
 from .diagnostics import diag_files
 
+BUSY = 1.0  # seconds after a line during which `follow` looks again every `busy_poll`
+
 
 def last_lines(name: str, count: int, directory: Path | None = None) -> list[str]:
     """The last `count` lines of the set, oldest file first (the lines keep their newline)."""
@@ -48,6 +50,7 @@ def follow(
     directory: Path | None = None,
     *,
     poll: float = 0.2,
+    busy_poll: float = 0.02,
     from_end: bool = True,
     start: BinaryIO | None = None,
     stop: Callable[[], bool] = lambda: False,
@@ -58,10 +61,14 @@ def follow(
     lost); without it `.000` is opened at its end (`from_end`) or its start. When `.000` is
     rotated to `.001` we finish reading the old file through our open handle before we open the
     new `.000`, so no line written at the switch is missed.
+
+    An idle set is looked at every `poll` seconds; for a second after a line came, every
+    `busy_poll` (a log written in bursts shows each burst at once, an idle one costs the same).
     """
     current = diag_files(name, directory)[0]
     handle = start if start is not None else _open(current, at_end=from_end)
     partial = b""  # a line still being written
+    last_line = float("-inf")  # time.monotonic() of the last line read
     try:
         while not stop():
             if handle is None:
@@ -71,12 +78,14 @@ def follow(
                     continue
             chunk = handle.readline()
             if chunk:
+                last_line = time.monotonic()
                 partial += chunk
                 if partial.endswith(b"\n"):
                     yield partial.decode("utf-8", "replace")
                     partial = b""
                 continue
             if _rotated(handle, current):
+                last_line = time.monotonic()  # a rotation: lines are coming
                 rest = partial + handle.read()  # the old file does not grow any more
                 partial = b""
                 yield from rest.decode("utf-8", "replace").splitlines(keepends=True)
@@ -89,7 +98,7 @@ def follow(
                 for path in _rotated_since(name, directory, ours, newest):
                     yield from _whole(path)
                 continue
-            time.sleep(poll)
+            time.sleep(min(busy_poll, poll) if time.monotonic() - last_line < BUSY else poll)
     finally:
         if handle is not None:
             handle.close()
