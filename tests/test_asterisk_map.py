@@ -669,6 +669,22 @@ def test_a_call_the_restarted_hub_knows_is_not_popped_again(
         assert all("media" not in e for e in out)  # the hub has the contact: no new one
 
 
+def test_a_call_taken_up_from_the_hub_and_ended_is_not_taken_up_again() -> None:
+    """After a restart a call is seeded from the hub's state as it is met; once its events end
+    it, a late event of another of its channels (Local halves hang up one after the other)
+    meets a call the mapper no longer has: a fresh one, not the hub's again (a second `ended`,
+    refused by the hub as contact_ended)."""
+    mapper = AsteriskMapper(MapConfig())
+    mapper.known = lambda contact_id: hub_state() if contact_id == "9.1" else None
+    channel = {"Linkedid": "9.1", "Channel": "PJSIP/trunk-00000001", "Context": "from-pstn"}
+    out = mapper.feed({"Event": "Newexten", "Uniqueid": "9.1", **channel}, T0)
+    out += mapper.feed({"Event": "Hangup", "Uniqueid": "9.1", **channel}, T0)
+    late = {**channel, "Channel": "Local/1003@agents-00000002;2", "Uniqueid": "9.2"}
+    out += mapper.feed({"Event": "Newexten", **late}, T0 + timedelta(seconds=1))
+    out += mapper.feed({"Event": "Hangup", **late}, T0 + timedelta(seconds=1))
+    assert [(e["contact_id"], e["event"]) for e in out] == [("9.1", "ended")]
+
+
 def test_events_never_go_back_in_time_for_one_contact() -> None:
     pbx = Pbx()
     pbx.inbound()

@@ -320,7 +320,10 @@ class AsteriskMapper:
             call = self.calls[linkedid] = Call(linkedid)
             # after a restart the first events of a call in progress may come before the list
             # of calls: seeded as it is met, it goes on from what the hub has
-            call.unlisted = self.known is not None and self._seed(call)
+            # (once: a call taken up and since ended is over, whatever event comes late)
+            call.unlisted = (
+                self.known is not None and linkedid not in self.taken_up and self._seed(call)
+            )
             if call.unlisted:
                 self.taken_up.add(linkedid)  # followed from here: ended by its own events
         return call
