@@ -314,6 +314,17 @@ def get_json(url: str) -> tuple[int, dict[str, Any]]:
         return error.code, json.loads(error.read())
 
 
+def back_up(hub: HubThread, proxy: CutProxy) -> None:
+    """The link healed: the hub is connected again and its health check says ok."""
+    from spop_cli import __version__
+
+    assert hub.hub is not None
+    delivery = hub.hub.delivery
+    proxy.heal()
+    assert wait_for(lambda: delivery.nc.is_connected, timeout=15)
+    assert get_json(hub.http + "/v1/health") == (200, {"status": "ok", "version": __version__})
+
+
 def test_status_and_health_show_the_link_to_nats(nats1: NatsCluster) -> None:
     """`spop status` and /v1/status name the backend and the link; /v1/health answers 503 while
     the link is down, so the balancer's check (cluster.md) sends sources to another hub."""
@@ -362,9 +373,7 @@ def test_status_and_health_show_the_link_to_nats(nats1: NatsCluster) -> None:
             "backend NATS JetStream, stream SPOP (replicas 1), NOT CONNECTED (reconnecting: "
             "sources get 503)"
         ) in status_lines()
-        proxy.heal()
-        assert wait_for(lambda: delivery.nc.is_connected, timeout=15)
-        assert get_json(hub.http + "/v1/health") == (200, {"status": "ok", "version": __version__})
+        back_up(hub, proxy)
     finally:
         hub.close()
         proxy.close()
@@ -375,7 +384,6 @@ def test_a_silent_link_to_nats_is_found_by_its_pings(nats1: NatsCluster) -> None
     nats_timeout, two unanswered at most) find it, so the link counts as down (health 503, a
     source told at once) within about 3 x nats_timeout, not after nats-py's default two
     minutes; it comes back by itself."""
-    from spop_cli import __version__
 
     proxy = CutProxy(nats1.nodes[0].port)
     hub = HubThread(backend="nats", nats_servers=proxy.url, nats_timeout=0.5)
@@ -387,9 +395,7 @@ def test_a_silent_link_to_nats_is_found_by_its_pings(nats1: NatsCluster) -> None
         assert wait_for(lambda: not delivery.nc.is_connected, timeout=10)
         assert get_json(hub.http + "/v1/health")[0] == 503
         assert post_pop(hub, "silent", "4242") == NOT_CONNECTED
-        proxy.heal()
-        assert wait_for(lambda: delivery.nc.is_connected, timeout=15)
-        assert get_json(hub.http + "/v1/health") == (200, {"status": "ok", "version": __version__})
+        back_up(hub, proxy)
     finally:
         hub.close()
         proxy.close()
