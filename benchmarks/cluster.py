@@ -3,7 +3,7 @@ JetStream cluster (replicas 3), in one run, with the same load.
 
     python benchmarks/cluster.py [--listeners 1000] [--rate 1000] [--duration 5]
                                  [--steps 1000,2000,3000,5000] [--json]
-                                 [--only embedded,r1,r3[,r3-spread,r3-all-cores]]
+                                 [--only embedded,r1,r3,floor[,r3-spread,r3-all-cores]]
                                  [--py-spy DIR] [--repeat N]
 
 For each configuration: 1,000 listeners (one connection each; with three hubs, connection i goes
@@ -17,6 +17,12 @@ three hubs in turn (one connection to each), as the load balancer of docs/cluste
 - messages stored in the stream per pop during the latency run (the pop, its ack's share).
 - messages the NATS nodes sent to the hubs' connections per pop (their `/connz`): live pops and
   acks, JetStream's answers to writes, history reads.
+
+`floor`: NATS alone on the same three-node cluster, with the same load and no spop
+(benchmarks/_nats_floor.py): one publisher writing each pop to a stream made like the hubs', three
+readers following it as the three hubs do, latency from the pop's intended time to its reader.
+It is the floor under the three hubs' latency: when its p99 is over 5 ms, the host is too slow
+at that moment for any hub code to meet the 5 ms target.
 
 The NATS nodes share this machine's cores: each gets GOMAXPROCS = cores / nodes (1 for three
 nodes on two cores), as one would give co-located nodes; with their Go schedulers each on every
@@ -224,26 +230,7 @@ def measure(
             f" {result['each_node_cpu_us_per_pop']} µs",
             file=sys.stderr,
         )
-        best, steps = 0, []
-        for rate in args.steps:
-            step = run.open_loop(rate, args.step_seconds)
-            ok = (
-                step["p99_ms"] is not None
-                and step["p99_ms"] < P99_LIMIT_MS
-                and step["lost"] == 0
-                and step["duplicated"] == 0
-                and step["drained"]
-            )
-            steps.append({"rate": rate, "p99_ms": step["p99_ms"], "lost": step["lost"], "ok": ok})
-            print(
-                f"  {name}: step {rate}/s p99 {step['p99_ms']} ms {'ok' if ok else 'FAIL'}",
-                file=sys.stderr,
-            )
-            if not ok:
-                break
-            best = rate
-        result["steps"] = steps
-        result["max_rate_p99_under_10ms"] = best
+        result["steps"], result["max_rate_p99_under_10ms"] = steps(name, args, run.open_loop)
     finally:
         for worker in (lst, pub):
             if worker is not None:
@@ -253,6 +240,88 @@ def measure(
         if nats is not None:
             nats.close()
     return result
+
+
+def measure_floor(
+    name: str, tmp: Path, env: dict[str, str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """NATS alone (benchmarks/_nats_floor.py): the same load on the same three-node cluster,
+    without spop; its latency is the floor under the three hubs' (see that file)."""
+    cores = node_cores(3, True)
+    nats = NatsCluster(tmp / f"{name}-nats", 3, gomaxprocs=cores, monitor=True)
+    result: dict[str, Any] = {"config": name, "hubs": 0, "nats_nodes": 3, "nats_gomaxprocs": cores}
+    floor = None
+    try:
+        floor = Worker(
+            f"{name}-floor",
+            ["_nats_floor.py", "--servers", nats.servers, "--n", str(args.listeners)],
+            tmp,
+            env,
+        )
+        floor.read(60)
+        runs = iter(range(1, 1_000_000))
+
+        def open_loop(rate: float, duration: float) -> dict[str, Any]:
+            run = f"o{next(runs)}"
+            got = floor.call(wait=duration + 60, cmd="open", run=run, rate=rate, duration=duration)
+            return {**got, "rate": rate}
+
+        open_loop(min(args.rate, 1000), 0.5)  # warm-up, not reported
+        pids = [node.proc.pid for node in nats.nodes]
+        client0, nodes0 = cpu_seconds(floor.pid), [cpu_seconds(p) for p in pids]
+        lat = open_loop(args.rate, args.duration)
+        client = cpu_seconds(floor.pid) - client0
+        per_node = [cpu_seconds(p) - t for p, t in zip(pids, nodes0, strict=True)]
+        sent = max(lat["sent"], 1)
+        result["latency"] = {
+            k: lat[k] for k in ("rate", "sent", "lost", "duplicated", "p50_ms", "p99_ms", "max_ms")
+        }
+        result["stored_p50_ms"], result["stored_p99_ms"] = (
+            lat["stored_p50_ms"],
+            lat["stored_p99_ms"],
+        )
+        result["hub_cpu_us_per_pop"] = None
+        result["client_cpu_us_per_pop"] = round(1e6 * client / sent)
+        result["nats_cpu_us_per_pop"] = round(1e6 * sum(per_node) / sent)
+        result["each_node_cpu_us_per_pop"] = [round(1e6 * c / sent) for c in per_node]
+        print(
+            f"  {name}: @{args.rate:g}/s p50 {lat['p50_ms']} p99 {lat['p99_ms']} max"
+            f" {lat['max_ms']} ms (JetStream's answer to the writer: p50 {lat['stored_p50_ms']}"
+            f" p99 {lat['stored_p99_ms']} ms), lost {lat['lost']} dup {lat['duplicated']}; NATS CPU"
+            f" {result['nats_cpu_us_per_pop']} µs/pop (each node"
+            f" {result['each_node_cpu_us_per_pop']}), publisher and readers"
+            f" {result['client_cpu_us_per_pop']} µs/pop",
+            file=sys.stderr,
+        )
+        result["steps"], result["max_rate_p99_under_10ms"] = steps(name, args, open_loop)
+    finally:
+        if floor is not None:
+            floor.stop()
+        nats.close()
+    return result
+
+
+def steps(name: str, args: argparse.Namespace, open_loop: Any) -> tuple[list[dict[str, Any]], int]:
+    """The rates of --steps in turn, until one's p99 reaches P99_LIMIT_MS (or loses a pop)."""
+    best, done = 0, []
+    for rate in args.steps:
+        step = open_loop(rate, args.step_seconds)
+        ok = (
+            step["p99_ms"] is not None
+            and step["p99_ms"] < P99_LIMIT_MS
+            and step["lost"] == 0
+            and step["duplicated"] == 0
+            and step["drained"]
+        )
+        done.append({"rate": rate, "p99_ms": step["p99_ms"], "lost": step["lost"], "ok": ok})
+        print(
+            f"  {name}: step {rate}/s p99 {step['p99_ms']} ms {'ok' if ok else 'FAIL'}",
+            file=sys.stderr,
+        )
+        if not ok:
+            break
+        best = rate
+    return done, best
 
 
 def _median(values: list[Any]) -> Any:
@@ -287,6 +356,9 @@ def medians(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         for k in ("hub_cpu_us_per_pop", "nats_cpu_us_per_pop"):
             values = [r[k] for r in runs if r[k] is not None]
             merged[k] = round(statistics.median(values)) if values else None
+        if "stored_p99_ms" in first:  # the floor: JetStream's answers to its writer
+            for k in ("stored_p50_ms", "stored_p99_ms"):
+                merged[k] = _median([r[k] for r in runs])
         out.append(merged)
     return out
 
@@ -302,9 +374,15 @@ def table(results: list[dict[str, Any]], rate: float) -> str:
         if "rounds" in r:  # medians over rounds: every round's p99 beside them
             each = ", ".join(str(p) for p in r["p99_ms_each_round"])
             lat = {**lat, "p99_ms": f"{lat['p99_ms']} (rounds: {each})"}
+        if "stored_p99_ms" in r:  # the floor: its writer's answers too
+            lat = {
+                **lat,
+                "max_ms": f"{lat['max_ms']} (stored: {r['stored_p50_ms']} / {r['stored_p99_ms']})",
+            }
         rows.append(
             f"| {r['config']} | {lat['p50_ms']} / {lat['p99_ms']} / {lat['max_ms']} | {lat['lost']} / {lat['duplicated']} |"
-            f" {r['max_rate_p99_under_10ms']}/s{'+' if capped else ''} | {r['hub_cpu_us_per_pop']} µs |"
+            f" {r['max_rate_p99_under_10ms']}/s{'+' if capped else ''} |"
+            f" {'-' if r['hub_cpu_us_per_pop'] is None else str(r['hub_cpu_us_per_pop']) + ' µs'} |"
             f" {'-' if r['nats_cpu_us_per_pop'] is None else str(r['nats_cpu_us_per_pop']) + ' µs'} |"
         )
     return "\n".join(rows)
@@ -320,7 +398,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--only",
-        default="embedded,r1,r3",
+        default="embedded,r1,r3,floor",
         help="configurations to run (also r3-spread, r3-all-cores)",
     )
     parser.add_argument("--py-spy", default="", help="directory for flame graphs of the hubs")
@@ -344,6 +422,7 @@ def main() -> None:
             ("embedded", "embedded hub (SQLite journal)", 1, 0, True, False),
             ("r1", "1 hub, NATS 1 node (R1)", 1, 1, True, False),
             ("r3", "3 hubs, NATS 3 nodes (R3)", 3, 3, True, False),
+            ("floor", "NATS alone, 3 nodes (R3), no spop", 0, 3, True, False),
             ("r3-spread", "3 hubs, NATS 3 nodes (R3), source spread", 3, 3, True, True),
             (
                 "r3-all-cores",
@@ -364,7 +443,11 @@ def main() -> None:
                 print(f"{name}{suffix} …", file=sys.stderr)
                 folder = tmp / f"round{round_ + 1}"  # fresh journals and NATS stores
                 folder.mkdir(exist_ok=True)
-                rounds[-1].append(measure(name, folder, env, args, hubs_n, nodes, split, spread))
+                rounds[-1].append(
+                    measure_floor(name, folder, env, args)
+                    if not hubs_n
+                    else measure(name, folder, env, args, hubs_n, nodes, split, spread)
+                )
         results = rounds[0] if args.repeat == 1 else medians(rounds)
     out = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
