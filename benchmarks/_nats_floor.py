@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 import orjson
-from _common import Recorder, answer, resource_name, split_id, wire_pop
+from _common import Recorder, answer, resource_name, run_fast, split_id, wire_pop
 
 STREAM = "SPOPFLOOR"
 READERS = 3
@@ -172,12 +172,7 @@ def main() -> None:
     parser.add_argument("--servers", required=True)
     parser.add_argument("--n", type=int, default=1000)
     args = parser.parse_args()
-    try:
-        import uvloop  # type: ignore[import-not-found]
-
-        uvloop.run(serve(args))
-    except ImportError:
-        asyncio.run(serve(args))
+    run_fast(serve(args))
 
 
 if __name__ == "__main__":

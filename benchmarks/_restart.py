@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any
 
 import orjson
-from _common import answer, raise_nofile, resource_name
+from _common import answer, raise_nofile, resource_name, run_fast
 
 from spop_cli.listener.core import AsyncListener
 from spop_cli.model import ListenerStatus
@@ -105,12 +105,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=2.0)
     args = parser.parse_args()
     raise_nofile()
-    try:
-        import uvloop  # type: ignore[import-not-found]
-
-        uvloop.run(run(args))
-    except ImportError:
-        asyncio.run(run(args))
+    run_fast(run(args))
 
 
 if __name__ == "__main__":

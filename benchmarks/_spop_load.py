@@ -33,6 +33,7 @@ from _common import (
     answer,
     load_args,
     resource_name,
+    run_fast,
     source_pop,
     split_id,
     wait_count,
@@ -406,12 +407,7 @@ def main() -> None:
     if args.role == "publisher":
         run_publisher(args)
         return
-    try:
-        import uvloop  # type: ignore[import-not-found]
-
-        uvloop.run(run_listeners(args))
-    except ImportError:
-        asyncio.run(run_listeners(args))
+    run_fast(run_listeners(args))
 
 
 if __name__ == "__main__":

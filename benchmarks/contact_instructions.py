@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import callgrind_child
+from _common import callgrind_child, run_fast
 
 HERE = Path(__file__).resolve().parent
 CONNS = 16
@@ -173,12 +173,7 @@ async def _work(rounds: int) -> None:
 
 
 def _child(rounds: int) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(_work(rounds))
-    except ImportError:
-        asyncio.run(_work(rounds))
+    run_fast(_work(rounds))
 
 
 def _count(src: str | None, rounds: int) -> int:
