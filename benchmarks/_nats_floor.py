@@ -82,6 +82,8 @@ class Floor:
             return
         self.oks += 1
         run, seq = msg.subject.rsplit(".", 2)[1:]
+        if run not in self.times:  # an answer later than its run's report: not counted
+            return
         start, period = self.times[run]
         intended = start + int(int(seq) * period)
         self.stored[run].hit(int(seq), now - intended, now, 0)
