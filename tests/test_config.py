@@ -218,7 +218,7 @@ PROBLEMS = [
     ),
     (
         '[server]\nadress = "x"\n',
-        'server.adress = "x": unknown key (expected one of address, reconnecting_interval, token, tls, cafile)',
+        'server.adress = "x": unknown key (expected one of address, reconnecting_interval, token, tls, cafile, spread)',
     ),
     ('[server]\ntoken = ""\n', 'server.token = "": must be a non-empty string'),
     ('[server]\ncafile = "/no/such/ca.pem"\n', 'server.cafile = "/no/such/ca.pem": file not found'),

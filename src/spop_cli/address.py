@@ -3,6 +3,11 @@ names several hubs of one cluster (a listener fails over from one to the next)."
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import os
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .model import Error, ScreenPopError
@@ -70,3 +75,26 @@ def parse_addresses(text: str, default_port: int = DEFAULT_PORT) -> list[Address
             Error.SCREENPOP_Initialization_Error, f"empty item in the address list {raw!r}"
         )
     return [parse_address(item, default_port) for item in items]
+
+
+def desk_identity() -> str:
+    """What names this desktop among a site's: host and user (agents sharing a terminal server
+    have one host and their own users). It decides the order of the hubs when spreading."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no USER/LOGNAME and no password entry (a container's bare uid)
+        user = str(os.getuid()) if hasattr(os, "getuid") else ""
+    return f"{socket.gethostname()}/{user}"
+
+
+def spread_order(addresses: Sequence[Address | str], identity: str) -> list[int]:
+    """The hubs in this desktop's order of preference (rendezvous hashing: each hub ranked by a
+    hash of the identity and its address). Desktops are spread evenly over the hubs; when one
+    hub is lost, its desktops spread evenly over the others, and no other desktop moves. The
+    order depends on the addresses, not on their place in the list."""
+
+    def weight(index: int) -> bytes:
+        text = f"{identity}\n{addresses[index]}".encode(errors="replace")
+        return hashlib.blake2b(text, digest_size=8).digest()
+
+    return sorted(range(len(addresses)), key=weight, reverse=True)

@@ -940,6 +940,13 @@ def status_command(
     default=None,
     help="Seconds between reconnect attempts, at most (default 30).",
 )
+@click.option(
+    "--spread",
+    is_flag=True,
+    default=None,
+    help="Several hubs in --server: start at this desktop's own hub (by host and user), "
+    "not the first, so a site's desktops share the hubs.",
+)
 @_plugins_dir_option
 @click.option(
     "--connect-timeout",
@@ -962,6 +969,7 @@ def listen(
     timeout: float | None,
     token: str | None,
     reconnecting_interval: float | None,
+    spread: bool | None,
     plugin_dirs: tuple[str, ...],
     connect_timeout: float,
     cafile: str | None,
@@ -988,6 +996,7 @@ def listen(
             "token": token,
             "reconnecting_interval": reconnecting_interval,
             "cafile": cafile,
+            "spread": spread,
         },
         "plugins": {"dirs": list(plugin_dirs)},
     }
@@ -1019,6 +1028,7 @@ def listen(
         address=settings.server.address,
         token=settings.server.token,
         reconnecting_interval=settings.server.reconnecting_interval,
+        spread=settings.server.spread,
         ssl_context=settings.server.ssl_context(),
         connect_timeout=connect_timeout,
         count=target,

@@ -102,6 +102,7 @@ class ServerSettings:
     token: str | None = None
     tls: bool = False
     cafile: str | None = None
+    spread: bool = False  # several hubs: each desktop its own order (listener/core.py)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """TLS to the hub when `tls` or `cafile` is set; `cafile` names the CA to trust."""
@@ -168,6 +169,7 @@ def settings_from_document(
             token=server.get("token") or None,
             tls=bool(server.get("tls", False)),
             cafile=server.get("cafile"),
+            spread=bool(server.get("spread", False)),
         ),
         hub=HubSettings(**{k: v for k, v in hub.items() if k in HUB_FIELDS}, options=dict(hub)),
         plugin_dirs=[Path(d) for d in doc["plugins"]["dirs"]],
@@ -466,6 +468,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "token": _nonempty_string,
         "tls": _bool,
         "cafile": _existing_file,
+        "spread": _bool,
     },
     "plugins": {"dirs": _dirs},
     "diagnostics": {"dir": _nonempty_string},

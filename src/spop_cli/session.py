@@ -106,6 +106,7 @@ class ListenSession:
         address: str,
         token: str | None = None,
         reconnecting_interval: float = 30.0,
+        spread: bool = False,
         ssl_context: Any = None,
         connect_timeout: float = 10.0,
         count: int | None = None,
@@ -122,6 +123,7 @@ class ListenSession:
         self.address = address
         self.token = token
         self.reconnecting_interval = reconnecting_interval
+        self.spread = spread
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
         self.count = count
@@ -157,7 +159,7 @@ class ListenSession:
     async def start(self) -> None:
         """Initialize and start every listener; on the first error shut the others down and raise."""
         factory = self.listener_factory
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"spread": True} if self.spread else {}
         if factory is None:
             from .listener.core import AsyncListener
             from .listener.shared import LinkPool

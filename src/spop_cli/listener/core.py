@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import client
-from ..address import Address, parse_addresses
+from ..address import Address, desk_identity, parse_addresses, spread_order
 from ..diagnostics import flush_diagnostics, log_line, open_diagnostics
 from ..model import (
     ContactChange,
@@ -41,8 +41,11 @@ class AsyncListener:
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 10.0,
         pool: LinkPool | None = None,
+        spread: bool = False,
     ) -> None:
         self.media = media if isinstance(media, Media) else Media.parse(media)
+        # several hubs: tried in this desktop's own order (spread_order), not the list's
+        self.spread = spread
         self.reconnecting_interval = reconnecting_interval
         self.token = token
         self.ssl_context = ssl_context
@@ -58,6 +61,7 @@ class AsyncListener:
         self.log: logging.Logger = logging.getLogger("spop.listener")
         self._address = ""
         self._addresses: list[Address] = []  # the hubs of a cluster, in the order given
+        self._order: list[int] = []  # the order they are tried in: the list's, or spread
         self._current = 0  # the index of the hub we are (or were last) connected to
         self._link: client.HubLink | Member | None = None
         self._pop_callbacks: list[Callable[..., Any]] = []
@@ -138,6 +142,11 @@ class AsyncListener:
             )
         # a malformed address is an Initialization_Error, before any I/O
         self._addresses = parse_addresses(address)
+        self._order = (
+            spread_order(self._addresses, desk_identity())
+            if self.spread
+            else list(range(len(self._addresses)))
+        )
         self.log = open_diagnostics("listener")
         self.log.info("%s initialize %s", self.media, address)
         try:
@@ -237,11 +246,12 @@ class AsyncListener:
 
     # -- wiring ---------------------------------------------------------------------------
     async def _connect_any(self, start: int) -> client.HubLink | Member:
-        """Try the hubs in turn from `start` (wrapping round); the first that answers is ours.
-        A refusal (bad token) is raised at once; if none can be reached, the last failure."""
+        """Try the hubs in our order from its place `start` (wrapping round); the first that
+        answers is ours. A refusal (bad token) is raised at once; if none can be reached, the
+        last failure."""
         count = len(self._addresses)
         for step in range(count):
-            index = (start + step) % count
+            index = self._order[(start + step) % count]
             try:
                 link = await self._connect(str(self._addresses[index]))
             except ScreenPopError as exc:
@@ -439,8 +449,8 @@ class AsyncListener:
             delay = min(delay * 2, self.reconnecting_interval)
             link: client.HubLink | Member | None = None
             try:
-                # the next hub first: the one we lost is tried last
-                link = await self._connect_any(self._current + 1)
+                # the next hub in our order first: the one we lost is tried last
+                link = await self._connect_any(self._order.index(self._current) + 1)
                 if self._resume is S.Status_Up:
                     self._early = []
                     link = await self._bound(link, self.resource)
