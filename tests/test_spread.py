@@ -63,7 +63,7 @@ def test_the_identity_is_host_and_user(monkeypatch: pytest.MonkeyPatch) -> None:
     assert desk_identity() == f"{socket.gethostname()}/agent-42"
 
 
-def user_first_on(addresses: list[str], index: int, not_first: bool = False) -> str:
+def user_first_on(addresses: list[str], index: int) -> str:
     """A user name whose desktop (this host) ranks hub `index` first."""
     import socket
 
