@@ -375,7 +375,7 @@ def test_hook_calls_share_one_thread_and_one_past_its_time_leaves_it_to_a_new_on
 ) -> None:
     """Plugin hooks run on one kept daemon thread (not one started per call); a call past
     HOOK_TIMEOUT keeps that thread, left to finish alone, and the calls after it get a new one."""
-    monkeypatch.setattr("spop_cli.dispatch.HOOK_TIMEOUT", 0.5)
+    monkeypatch.setattr("spop_cli.dispatch.HOOK_TIMEOUT", 0.2)
     pm = build_plugin_manager(entry_points=False)
     plugin = HookThreads(hang_on="src2")
     pm.add_plugin(plugin, "threads", "test")
@@ -402,4 +402,4 @@ def test_hook_calls_share_one_thread_and_one_past_its_time_leaves_it_to_a_new_on
 
     with caplog.at_level(logging.ERROR, logger="spop.listener"):
         run(scenario())
-    assert "hook spop_screen_pop of threads timed out after 0.5 s" in caplog.text
+    assert "hook spop_screen_pop of threads timed out after 0.2 s" in caplog.text
