@@ -42,7 +42,7 @@ class Recorder:
 class Hanging:
     """Never returns by itself (until released), like a stuck HTTP call."""
 
-    def __init__(self, name: str = "hanging", timeout: float = 0.5) -> None:
+    def __init__(self, name: str = "hanging", timeout: float = 0.4) -> None:
         self.name = name
         self.timeout = timeout
         self.release = threading.Event()
@@ -53,7 +53,7 @@ class Hanging:
 
 class AsyncHanging:
     name = "async-hanging"
-    timeout = 0.5
+    timeout = 0.4
 
     async def run(self, event: Any) -> None:
         await asyncio.sleep(30)
@@ -95,7 +95,7 @@ def test_a_hanging_action_does_not_delay_another(stuck: type) -> None:
         assert await dispatcher.drain(10)
         failed = results.of(hanging.name)
         assert [o.status for o in failed] == [FAILED] * 3
-        assert failed[0].error == "timed out after 0.5 s"
+        assert failed[0].error == "timed out after 0.4 s"
         assert dispatcher.failures == 3
         assert [o.status for o in results.of("quick")] == [OK] * 3
         if isinstance(hanging, Hanging):
