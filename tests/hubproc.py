@@ -53,7 +53,7 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
 
 
 async def until(
-    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.002
+    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01
 ) -> bool:
     """Poll (without blocking the loop) until predicate() is true or the timeout passes."""
     deadline = time.monotonic() + timeout
