@@ -88,7 +88,7 @@ def hub() -> Iterator[HubThread]:
     running.close()
 
 
-def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> bool:
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.002) -> bool:
     """Poll until predicate() is true; the timeout only bounds a failing test."""
     import time
 

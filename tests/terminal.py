@@ -81,7 +81,7 @@ class Terminal:
         """Until the screen satisfies `predicate` (True), or the time is up (False)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.pump(0.1)
+            self.pump(0.02)  # a frame is one write: whole once read; 0.1 s made each wait end late
             if predicate(self.text()):
                 return True
         return predicate(self.text())

@@ -267,7 +267,7 @@ def wait_until(predicate: Any, timeout: float = 15.0) -> bool:
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.05)
+        time.sleep(0.01)
     return bool(predicate())
 
 

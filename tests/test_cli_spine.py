@@ -21,8 +21,10 @@ from spop_cli.cli import EXIT_CODES, EXIT_REJECTED, cli
 SPOP = [sys.executable, "-m", "spop_cli"]
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[dict]:
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One `spop serve` for the module's tests: none changes what another sees of it."""
+    tmp_path = tmp_path_factory.mktemp("served")
     ready = tmp_path / "ready.json"
     env = {**os.environ, "SPOP_DIAG_DIR": str(tmp_path / "diag")}
     process = subprocess.Popen(
@@ -46,7 +48,7 @@ def served(tmp_path: Path) -> Iterator[dict]:
     while not ready.exists():
         assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
         assert time.monotonic() < deadline, "hub did not start"
-        time.sleep(0.05)
+        time.sleep(0.005)
     info = json.loads(ready.read_text())
     info["address"] = f"{info['port']}@127.0.0.1"
     info["process"] = process

@@ -322,7 +322,7 @@ def test_serve_without_a_reachable_nats_says_so_and_exits(tmp_path: Path) -> Non
     config = tmp_path / "hub.toml"
     port = free_ports(1)[0]  # nothing listens there
     config.write_text(
-        f'[hub]\nbackend = "nats"\nnats_servers = "nats://127.0.0.1:{port}"\nnats_timeout = 0.5\n'
+        f'[hub]\nbackend = "nats"\nnats_servers = "nats://127.0.0.1:{port}"\nnats_timeout = 0.25\n'
     )
     done = subprocess.run(
         [sys.executable, "-m", "spop_cli", "serve", "--config", str(config), "--port", "0"]
@@ -335,5 +335,5 @@ def test_serve_without_a_reachable_nats_says_so_and_exits(tmp_path: Path) -> Non
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
         f"spop: error: hub.nats_servers: no NATS server answers at nats://127.0.0.1:{port}"
-        " within 1 s (last error: connection refused)"
+        " within 0.5 s (last error: connection refused)"
     )

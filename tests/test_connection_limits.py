@@ -17,7 +17,7 @@ import pytest
 from hubproc import LOOPBACK, Counting, HubProcess, inprocess_hub, pop, run, until
 from spop_cli.model import ScreenPopError
 
-IDLE = 1.0  # seconds: short, so both sides of the limit are cheap to pin
+IDLE = 0.5  # seconds: short, so both sides of the limit are cheap to pin
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # the CLI runs uvloop
 
 

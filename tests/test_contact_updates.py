@@ -23,6 +23,7 @@ from hubproc import (
     run,
     until,
 )
+from spop_cli import client
 from spop_cli.hub.contacts import ContactTracker
 from spop_cli.listener.core import AsyncListener
 from spop_cli.model import ContactChange, ListenerStatus
@@ -539,7 +540,9 @@ def test_hub_killed_between_pop_and_end_updates_keep_coming(tmp_path):
             },
         )
         assert await until(lambda: agent.seen == [("pop", "1001")])
-        await asyncio.sleep(0.2)  # its ack reaches the hub
+        async with asyncio.timeout(10):  # its ack reaches the hub
+            while (await client.fetch_status_async(hub.address))["pending"]:
+                await asyncio.sleep(0.01)
         await agent.down()
         await asyncio.to_thread(
             post,

@@ -423,9 +423,9 @@ def test_welcome_is_as_documented(heartbeat: float, shown: int | float) -> None:
 
 
 def test_a_client_that_never_says_hello_gets_no_hello_in_time_not_dead_peer() -> None:
-    # three heartbeats (0.6 s) pass well before the handshake timeout (1.5 s)
+    # three heartbeats (0.3 s) pass well before the handshake timeout (0.75 s)
     async def body() -> None:
-        async with inprocess_hub(heartbeat=0.2, handshake_timeout=1.5) as hub:
+        async with inprocess_hub(heartbeat=0.1, handshake_timeout=0.75) as hub:
             raw = await RawClient.open(hub.port)
             started = time.monotonic()
             frames = []
@@ -440,7 +440,7 @@ def test_a_client_that_never_says_hello_gets_no_hello_in_time_not_dead_peer() ->
                     "fatal": True,
                 }
             ]
-            assert waited >= 1.5 - 0.05
+            assert waited >= 0.75 - 0.05
             assert hub.status()["counters"].get("dead_peers", 0) == 0
             raw.close()
 

@@ -42,7 +42,7 @@ class Recorder:
 class Hanging:
     """Never returns by itself (until released), like a stuck HTTP call."""
 
-    def __init__(self, name: str = "hanging", timeout: float = 0.5) -> None:
+    def __init__(self, name: str = "hanging", timeout: float = 0.4) -> None:
         self.name = name
         self.timeout = timeout
         self.release = threading.Event()
@@ -53,7 +53,7 @@ class Hanging:
 
 class AsyncHanging:
     name = "async-hanging"
-    timeout = 0.5
+    timeout = 0.4
 
     async def run(self, event: Any) -> None:
         await asyncio.sleep(30)
@@ -95,7 +95,7 @@ def test_a_hanging_action_does_not_delay_another(stuck: type) -> None:
         assert await dispatcher.drain(10)
         failed = results.of(hanging.name)
         assert [o.status for o in failed] == [FAILED] * 3
-        assert failed[0].error == "timed out after 0.5 s"
+        assert failed[0].error == "timed out after 0.4 s"
         assert dispatcher.failures == 3
         assert [o.status for o in results.of("quick")] == [OK] * 3
         if isinstance(hanging, Hanging):
@@ -352,3 +352,54 @@ def test_a_run_past_its_time_keeps_its_thread_and_the_next_run_gets_a_new_one() 
         dispatcher.close()
 
     run(scenario())
+
+
+class HookThreads:
+    """A plugin that records the thread of each `spop_screen_pop` call; `hang_on` names a pop
+    it hangs on until released."""
+
+    def __init__(self, hang_on: str | None = None) -> None:
+        self.hang_on = hang_on
+        self.release = threading.Event()
+        self.ran: list[tuple[str, int]] = []
+
+    @hookimpl
+    def spop_screen_pop(self, pop: Any, listener: Any) -> None:
+        self.ran.append((pop.source, threading.get_ident()))
+        if pop.source == self.hang_on:
+            self.release.wait(30)
+
+
+def test_hook_calls_share_one_thread_and_one_past_its_time_leaves_it_to_a_new_one(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plugin hooks run on one kept daemon thread (not one started per call); a call past
+    HOOK_TIMEOUT keeps that thread, left to finish alone, and the calls after it get a new one."""
+    monkeypatch.setattr("spop_cli.dispatch.HOOK_TIMEOUT", 0.2)
+    pm = build_plugin_manager(entry_points=False)
+    plugin = HookThreads(hang_on="src2")
+    pm.add_plugin(plugin, "threads", "test")
+
+    async def scenario() -> None:
+        dispatcher = ActionDispatcher([], logging.getLogger("spop.listener"), plugin_manager=pm)
+        for n in range(5):
+            dispatcher.submit(pop(n))
+        assert await dispatcher.drain(10)
+        assert [source for source, _ in plugin.ran] == [f"src{n}" for n in range(5)]
+        idents = [ident for _, ident in plugin.ran]
+        assert idents[0] == idents[1] == idents[2] != threading.get_ident()  # one kept thread
+        assert idents[3] == idents[4] != idents[2]  # the calls after the hung one: a new one
+        stuck = next(t for t in threading.enumerate() if t.ident == idents[2])
+        assert stuck.daemon and stuck.name == "spop-hooks"
+        assert stuck.is_alive()  # left to finish alone
+        plugin.release.set()
+        await asyncio.to_thread(stuck.join, 5)
+        assert not stuck.is_alive()  # it ended once its call returned
+        (worker,) = [t for t in threading.enumerate() if t.ident == idents[3]]
+        dispatcher.close()
+        await asyncio.to_thread(worker.join, 5)
+        assert not worker.is_alive()  # and the kept thread ends at close
+
+    with caplog.at_level(logging.ERROR, logger="spop.listener"):
+        run(scenario())
+    assert "hook spop_screen_pop of threads timed out after 0.2 s" in caplog.text

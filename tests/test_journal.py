@@ -341,7 +341,7 @@ def test_a_batch_resent_after_a_sigkill_is_a_duplicate_inside_the_window_only(
         assert contacts_post(hub, batch) == (200, {"applied": 3, "pops": []})  # as without a crash
         with urllib.request.urlopen(f"{hub.http}/v1/status", timeout=10) as answer:
             assert json.loads(answer.read())["counters"]["duplicate_events"] == 3
-        time.sleep(max(0.0, applied_at + window + 0.5 - time.monotonic()))
+        time.sleep(max(0.0, applied_at + window + 0.2 - time.monotonic()))
         status, answer = contacts_post(hub, batch)  # outside it: new, and the contact is over
         assert (status, answer["error"], answer["index"]) == (422, "contact_ended", 0)
     finally:

@@ -146,11 +146,18 @@ def test_a_failed_action_makes_once_exit_14(hub: HubThread, tmp_path: Path) -> N
 
 def test_timeout_without_pops_exits_15(hub: HubThread, tmp_path: Path) -> None:
     process = listen(
-        "callback", "agent1", "--server", hub.address, "--once", "--timeout", "1", tmp_path=tmp_path
+        "callback",
+        "agent1",
+        "--server",
+        hub.address,
+        "--once",
+        "--timeout",
+        "0.5",
+        tmp_path=tmp_path,
     )
     code, _, err = finish(process)
     assert code == EXIT_TIMEOUT, err
-    assert "spop: error: timeout: 0 of 1 pop in 1 s" in err
+    assert "spop: error: timeout: 0 of 1 pop in 0.5 s" in err
 
 
 def test_timeout_alone_listens_that_long_and_exits_0(hub: HubThread, tmp_path: Path) -> None:

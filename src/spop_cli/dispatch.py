@@ -4,7 +4,8 @@ A failing, slow or hanging action delays nobody: every action has its own asynci
 `run` goes to a daemon thread of that queue's own (a hung one cannot hold the process at exit, as a
 thread-pool worker would), and each run has a time limit: a run past it keeps its thread, left to
 finish alone, and the next run gets a new one. Results go to `on_result` and to the
-diagnostics logger; plugin hooks (`spop_screen_pop`, `spop_status_changed`) run on a worker too.
+diagnostics logger; plugin hooks (`spop_screen_pop`, `spop_status_changed`) run on a worker too,
+their calls on one kept daemon thread in the same way.
 
 No pop is turned away. Past MAX_QUEUED waiting for one action (or hook), `submit` returns a
 future that completes once the queue is back within it: the listener acks the pop then, so the
@@ -97,6 +98,7 @@ class ActionDispatcher:
         self._hooks: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self._hooks_held: deque[_Hold] = deque()
         self._hook_worker: asyncio.Task[None] | None = None
+        self._hook_runner = ThreadRunner("hooks")
         self._closed = False
 
     # -- in -------------------------------------------------------------------------------
@@ -180,6 +182,7 @@ class ActionDispatcher:
                 task.cancel()
         for slot in self._slots:
             slot.runner.close()
+        self._hook_runner.close()
         for configured in self.actions:
             close = getattr(configured.action, "close", None)
             if callable(close):
@@ -302,8 +305,9 @@ class ActionDispatcher:
                         impl.function, **{k: v for k, v in kwargs.items() if k in impl.argnames}
                     )
                     try:
-                        await asyncio.wait_for(run_in_thread(call, name=hook_name), HOOK_TIMEOUT)
+                        await asyncio.wait_for(self._hook_runner.run(call), HOOK_TIMEOUT)
                     except TimeoutError:
+                        self._hook_runner.abandon()  # it goes on alone; the next call gets a new thread
                         self.log.error(
                             "hook %s of %s timed out after %g s",
                             hook_name,
