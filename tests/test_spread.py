@@ -113,6 +113,38 @@ def test_a_spread_listener_starts_at_its_own_hub_and_fails_over_to_its_second(
         listener.shutdown()
 
 
+def test_a_spread_listener_goes_back_to_its_first_hub_at_its_next_reconnect(
+    three_hubs: list[HubThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its first hub lost, then back: the listener stays on its second while that serves, and
+    when it loses that one it goes back to its first, not on to its third (a rolling restart
+    leaves every desktop where it began)."""
+    addresses = [hub.address for hub in three_hubs]
+    monkeypatch.setenv("LOGNAME", user_first_on(addresses, 0))
+    first, second, third = (three_hubs[i] for i in spread_order(addresses, desk_identity()))
+    listener = ScreenPopTelephoneListener(reconnecting_interval=0.3, spread=True)
+    try:
+        listener.initialize(",".join(addresses))
+        listener.start_listening("13579")
+        first.stop()
+        assert wait_for(lambda: second.status()["registrations"] == 1)
+        first.start()  # the same ports
+        second.stop()
+        assert wait_for(
+            lambda: listener.status is S.Status_Up and first.status()["registrations"] == 1
+        )
+        assert third.status()["registrations"] == 0
+    finally:
+        listener.shutdown()
+
+
+def test_a_hub_spelt_differently_ranks_alike() -> None:
+    for desk in DESKS[:200]:
+        assert spread_order(["hub-a:6000", "HUB-B:6000", "6000@hub-c"], desk) == spread_order(
+            HUBS, desk
+        )
+
+
 def test_without_spread_every_desktop_starts_at_the_first_hub(
     three_hubs: list[HubThread], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,21 +159,28 @@ def test_without_spread_every_desktop_starts_at_the_first_hub(
         listener.shutdown()
 
 
+@pytest.mark.parametrize(
+    "option, in_file, on",
+    [("--spread", "", 1), ("--no-spread", "spread = true\n", 0)],
+)
 def test_spop_listen_spread_pops_from_its_own_hub(
-    three_hubs: list[HubThread], tmp_path: Path
+    three_hubs: list[HubThread], tmp_path: Path, option: str, in_file: str, on: int
 ) -> None:
     """`spop listen --spread`: a pop waiting on this desktop's first hub (not the list's first)
-    reaches it; without the option it would wait on the first hub and time out."""
+    reaches it; `--no-spread` over a file's `spread = true`: the list's first hub's."""
     addresses = [hub.address for hub in three_hubs]
     user = user_first_on(addresses, 1)
-    (pop_id,) = three_hubs[1].publish({"media": "telephone", "resource": "2468"})
+    (pop_id,) = three_hubs[on].publish({"media": "telephone", "resource": "2468"})
+    config = tmp_path / "spop.toml"
+    config.write_text(f'[server]\naddress = "{",".join(addresses)}"\n{in_file}')
     env = {**os.environ, "SPOP_DIAG_DIR": str(tmp_path / "diag"), "LOGNAME": user}
     env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
-    for name in ("SPOP_CONFIG", "SPOP_SERVER", "SPOP_TOKEN"):
+    for name in ("SPOP_SERVER", "SPOP_TOKEN"):
         env.pop(name, None)
+    env["SPOP_CONFIG"] = str(config)
     done = subprocess.run(
         [sys.executable, "-m", "spop_cli", "listen", "telephone", "2468", "--json", "--once"]
-        + ["--server", ",".join(addresses), "--spread", "--timeout", "20"],
+        + [option, "--timeout", "20"],
         env=env,
         capture_output=True,
         text=True,
@@ -149,15 +188,17 @@ def test_spop_listen_spread_pops_from_its_own_hub(
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["id"] == pop_id
-    assert three_hubs[1].status()["counters"]["acked"] == 1
-    assert [three_hubs[i].status()["counters"].get("acked", 0) for i in (0, 2)] == [0, 0]
+    acked = [hub.status()["counters"].get("acked", 0) for hub in three_hubs]
+    assert acked == [int(i == on) for i in range(3)]
 
 
 def test_spread_in_the_configuration(tmp_path: Path) -> None:
     config = tmp_path / "spop.toml"
-    config.write_text('[server]\naddress = "6000@a,6000@b"\nspread = true\n')
-    assert load_settings(config, environ={}).server.spread is True
     config.write_text('[server]\naddress = "6000@a,6000@b"\n')
     assert load_settings(config, environ={}).server.spread is False
+    config.write_text('[server]\naddress = "6000@a,6000@b"\nspread = true\n')
+    assert load_settings(config, environ={}).server.spread is True
+    overridden = load_settings(config, {"server": {"spread": False}}, environ={})
+    assert overridden.server.spread is False  # `spop listen --no-spread` over the file
     problems = validate({"server": {"spread": "yes"}})
     assert [(p.path, p.message) for p in problems] == [("server.spread", "must be true or false")]

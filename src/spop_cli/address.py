@@ -77,6 +77,14 @@ def parse_addresses(text: str, default_port: int = DEFAULT_PORT) -> list[Address
     return [parse_address(item, default_port) for item in items]
 
 
+def _canonical(address: Address | str) -> str:
+    """One spelling per hub (`6000@hub-a` for `hub-a:6000`, `HUB-A:6000`): desktops whose
+    lists spell a hub differently still rank it alike."""
+    if isinstance(address, str):
+        address = parse_address(address)
+    return f"{address.port}@{address.host.lower()}"
+
+
 def desk_identity() -> str:
     """What names this desktop among a site's: host and user (agents sharing a terminal server
     have one host and their own users). It decides the order of the hubs when spreading."""
@@ -93,8 +101,10 @@ def spread_order(addresses: Sequence[Address | str], identity: str) -> list[int]
     hub is lost, its desktops spread evenly over the others, and no other desktop moves. The
     order depends on the addresses, not on their place in the list."""
 
+    names = [_canonical(a) for a in addresses]
+
     def weight(index: int) -> bytes:
-        text = f"{identity}\n{addresses[index]}".encode(errors="replace")
+        text = f"{identity}\n{names[index]}".encode(errors="replace")
         return hashlib.blake2b(text, digest_size=8).digest()
 
     return sorted(range(len(addresses)), key=weight, reverse=True)

@@ -941,8 +941,7 @@ def status_command(
     help="Seconds between reconnect attempts, at most (default 30).",
 )
 @click.option(
-    "--spread",
-    is_flag=True,
+    "--spread/--no-spread",
     default=None,
     help="Several hubs in --server: start at this desktop's own hub (by host and user), "
     "not the first, so a site's desktops share the hubs.",

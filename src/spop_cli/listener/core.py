@@ -150,7 +150,7 @@ class AsyncListener:
         self.log = open_diagnostics("listener")
         self.log.info("%s initialize %s", self.media, address)
         try:
-            self._link = await self._connect_any(0)
+            self._link = await self._connect_any()
         except ScreenPopError as exc:
             self.log.error("initialize %s failed: %s", address, exc)
             raise
@@ -245,13 +245,19 @@ class AsyncListener:
         await asyncio.to_thread(flush_diagnostics, self.log)
 
     # -- wiring ---------------------------------------------------------------------------
-    async def _connect_any(self, start: int) -> client.HubLink | Member:
-        """Try the hubs in our order from its place `start` (wrapping round); the first that
-        answers is ours. A refusal (bad token) is raised at once; if none can be reached, the
-        last failure."""
+    async def _connect_any(self, lost: int | None = None) -> client.HubLink | Member:
+        """Try the hubs in our order; the first that answers is ours. `lost`: the hub we lost,
+        tried last; in the list's order the ones after it come first (a standby stays in use),
+        with `spread` our order from the top (a preferred hub back up gets us back). A refusal
+        (bad token) is raised at once; if none can be reached, the last failure."""
         count = len(self._addresses)
-        for step in range(count):
-            index = self._order[(start + step) % count]
+        order = self._order
+        if lost is not None:
+            if self.spread:
+                order = [i for i in order if i != lost] + [lost]
+            else:
+                order = order[lost + 1 :] + order[: lost + 1]
+        for step, index in enumerate(order):
             try:
                 link = await self._connect(str(self._addresses[index]))
             except ScreenPopError as exc:
@@ -449,8 +455,7 @@ class AsyncListener:
             delay = min(delay * 2, self.reconnecting_interval)
             link: client.HubLink | Member | None = None
             try:
-                # the next hub in our order first: the one we lost is tried last
-                link = await self._connect_any(self._order.index(self._current) + 1)
+                link = await self._connect_any(lost=self._current)  # it is tried last
                 if self._resume is S.Status_Up:
                     self._early = []
                     link = await self._bound(link, self.resource)
