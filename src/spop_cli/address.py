@@ -3,10 +3,6 @@ names several hubs of one cluster (a listener fails over from one to the next)."
 
 from __future__ import annotations
 
-import getpass
-import hashlib
-import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,6 +84,10 @@ def _canonical(address: Address | str) -> str:
 def desk_identity() -> str:
     """What names this desktop among a site's: host and user (agents sharing a terminal server
     have one host and their own users). It decides the order of the hubs when spreading."""
+    import getpass  # here, not at start-up: only a listener with `spread` asks
+    import os
+    import socket
+
     try:
         user = getpass.getuser()
     except Exception:  # no USER/LOGNAME and no password entry (a container's bare uid)
@@ -100,6 +100,7 @@ def spread_order(addresses: Sequence[Address | str], identity: str) -> list[int]
     hash of the identity and its address). Desktops are spread evenly over the hubs; when one
     hub is lost, its desktops spread evenly over the others, and no other desktop moves. The
     order depends on the addresses, not on their place in the list."""
+    import hashlib  # here, not at start-up: only a listener with `spread` asks
 
     names = [_canonical(a) for a in addresses]
 
